@@ -1,0 +1,142 @@
+"""The model adapter: the one place that knows where a VLM family keeps its parts.
+
+An adapter answers: where are the decoder layers, the final norm, the unembedding and
+the vision parts; how is a prompt built; which LM input positions are image tokens and
+how they map onto the patch grid. Nothing outside `collector.adapters` special-cases a
+model family.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ImageTokenLayout:
+    """Where an image's tokens sit in the LM input and which patch each one is.
+
+    positions: (n_image_tokens,) int64, ascending LM input positions of image tokens.
+    patch_rows, patch_cols: (n_image_tokens,) int64, the grid cell of each token
+        (row-major: token k is cell (k // grid_cols, k % grid_cols)).
+    """
+
+    positions: torch.Tensor
+    patch_rows: torch.Tensor
+    patch_cols: torch.Tensor
+    grid_rows: int
+    grid_cols: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.numel())
+
+    def position_of(self, row: int, col: int) -> int:
+        """The LM input position of grid cell (row, col)."""
+        if not (0 <= row < self.grid_rows and 0 <= col < self.grid_cols):
+            raise IndexError(f"cell ({row}, {col}) outside the {self.grid_rows}x{self.grid_cols} grid")
+        return int(self.positions[row * self.grid_cols + col])
+
+    def positions_of_cells(self, cell_indices: list[int]) -> list[int]:
+        """LM input positions of row-major flat cell indices (r * grid_cols + c)."""
+        return [int(self.positions[i]) for i in cell_indices]
+
+
+class ModelAdapter(ABC):
+    """Where a VLM family keeps its parts. Subclasses declare one family each."""
+
+    family: ClassVar[str]
+    default_prompt_template: ClassVar[str]
+    # transformers applies the final norm to the last entry of `hidden_states` already.
+    last_hidden_state_is_normed: ClassVar[bool] = True
+
+    def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.prompt_template = prompt_template or self.default_prompt_template
+        if "{question}" not in self.prompt_template:
+            raise ValueError("a prompt template must contain '{question}'")
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, config: Any) -> bool:
+        """Whether this adapter handles a model with this config."""
+
+    # -- where the parts are -----------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The LM's decoder layers, in order."""
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> torch.nn.Module:
+        """The norm applied to the last decoder layer's output before the unembedding."""
+
+    @property
+    @abstractmethod
+    def unembedding(self) -> torch.nn.Module:
+        """hidden (..., d_model) -> logits (..., vocab)."""
+
+    @property
+    @abstractmethod
+    def input_embeddings(self) -> torch.nn.Module:
+        """token ids -> LM input embeddings."""
+
+    @property
+    @abstractmethod
+    def vision_tower(self) -> torch.nn.Module: ...
+
+    @property
+    @abstractmethod
+    def projector(self) -> torch.nn.Module: ...
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.unembedding.weight.shape[-1])
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_embeddings.weight.device
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def format_prompt(self, question: str) -> str:
+        return self.prompt_template.format(question=question)
+
+    def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        """Processor inputs for one image and one question, on the model's device.
+
+        Returns input_ids (1, T), attention_mask (1, T), pixel_values (1, 3, H, W), ...
+        """
+        batch = self.processor(images=image, text=self.format_prompt(question), return_tensors="pt")
+        dtype = self.input_embeddings.weight.dtype
+        out: dict[str, torch.Tensor] = {}
+        for name, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device)
+                if value.is_floating_point():
+                    value = value.to(dtype)
+            out[name] = value
+        return out
+
+    @abstractmethod
+    def image_token_layout(self, input_ids: torch.Tensor) -> ImageTokenLayout:
+        """Image positions of one sequence, input_ids (T,), and their grid cells."""
+
+    @abstractmethod
+    def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
+        """The image as the model sees it, from pixel_values (3, H, W)."""

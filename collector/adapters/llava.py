@@ -1,0 +1,112 @@
+"""LLaVA (`LlavaForConditionalGeneration`): CLIP vision tower, MLP projector, decoder LM.
+
+LLaVA-1.5 (`llava-hf/llava-1.5-7b-hf`, Llama/Vicuna LM) and LLaVA-Phi
+(`xtuner/llava-phi-3-mini-hf`, Phi-3 LM) share the architecture and the image-token
+layout (one contiguous run of `<image>` tokens, one per CLIP patch after dropping CLS,
+row-major over the patch grid); they differ only in the prompt format.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from collector.adapters.base import ImageTokenLayout, ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    """Shared LLaVA layout; subclasses fix the LM family and prompt format."""
+
+    text_model_types: tuple[str, ...] = ()
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        text_type = getattr(getattr(config, "text_config", None), "model_type", None)
+        return getattr(config, "model_type", None) == "llava" and text_type in cls.text_model_types
+
+    @property
+    def _language_model(self) -> torch.nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self._language_model.layers
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self._language_model.norm
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return side, side
+
+    def image_token_layout(self, input_ids: torch.Tensor) -> ImageTokenLayout:
+        if input_ids.dim() != 1:
+            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
+        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
+        rows, cols = self.patch_grid
+        if positions.numel() != rows * cols:
+            raise ValueError(
+                f"expected {rows * cols} image tokens for a {rows}x{cols} patch grid, "
+                f"found {positions.numel()} (one image per prompt is supported)"
+            )
+        if positions.numel() and int(positions[-1] - positions[0]) != positions.numel() - 1:
+            raise ValueError("image tokens are not one contiguous run")
+        flat = torch.arange(rows * cols)
+        return ImageTokenLayout(
+            positions=positions,
+            patch_rows=flat // cols,
+            patch_cols=flat % cols,
+            grid_rows=rows,
+            grid_cols=cols,
+        )
+
+    def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
+        image_processor = self.processor.image_processor
+        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
+        rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+        values = pixel_values.detach().float().cpu()
+        if getattr(image_processor, "do_normalize", True):
+            values = values * std + mean
+        if getattr(image_processor, "do_rescale", True):
+            values = values / rescale
+        array = values.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+
+class Llava15Adapter(LlavaAdapter):
+    family = "llava-1.5"
+    text_model_types = ("llama",)
+    default_prompt_template = "USER: <image>\n{question} ASSISTANT:"
+
+
+class LlavaPhiAdapter(LlavaAdapter):
+    family = "llava-phi"
+    text_model_types = ("phi3",)
+    default_prompt_template = "<|user|>\n<image>{question}<|end|>\n<|assistant|>\n"

@@ -1,0 +1,98 @@
+"""The offline demo: tiny random model, synthetic COCO-style images, every experiment, a site."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+DEMO_CATEGORIES = ({"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"})
+# (width, height, [(category_id, centre_x, centre_y, radius, colour)]): sizes chosen so the
+# processor's resize + centre crop is exercised in both orientations.
+DEMO_SCENES = (
+    (640, 480, [(1, 200, 240, 60, (220, 40, 40)), (2, 470, 150, 45, (40, 90, 220))]),
+    (480, 640, [(3, 240, 420, 80, (40, 160, 60))]),
+    (500, 500, [(1, 120, 380, 40, (230, 200, 30)), (3, 350, 140, 70, (150, 40, 160))]),
+    (800, 400, [(2, 400, 200, 90, (20, 20, 20))]),
+)
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    db_path: Path
+    site_dir: Path
+    model_dir: Path
+
+
+def _polygon(category_id: int, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if category_id == 1:
+        return [(cx + r * math.cos(2 * math.pi * i / 32), cy + r * math.sin(2 * math.pi * i / 32)) for i in range(32)]
+    if category_id == 2:
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    return [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+
+
+def _polygon_area(points: list[tuple[float, float]]) -> float:
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
+
+
+def write_demo_images(folder: Path) -> Path:
+    """Synthetic images with polygon annotations in COCO format; returns the annotations file."""
+    image_dir = folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index, (width, height, shapes) in enumerate(DEMO_SCENES, start=1):
+        image = Image.new("RGB", (width, height), (245, 243, 236))
+        draw = ImageDraw.Draw(image)
+        for category_id, cx, cy, r, colour in shapes:
+            points = _polygon(category_id, cx, cy, r)
+            draw.polygon(points, fill=colour)
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index,
+                    "category_id": category_id,
+                    "segmentation": [[round(v, 2) for point in points for v in point]],
+                    "area": round(_polygon_area(points), 2),
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "iscrowd": 0,
+                }
+            )
+        file_name = f"demo_{index:03d}.png"
+        image.save(image_dir / file_name)
+        images.append({"id": index, "file_name": file_name, "width": width, "height": height})
+    annotation_file = folder / "annotations.json"
+    annotation_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": list(DEMO_CATEGORIES)}, indent=1)
+    )
+    return annotation_file
+
+
+def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
+    """Build the tiny model and images, run the experiments, build the site."""
+    from collector.collect_lens import collect_lens
+    from collector.images import folder_images
+    from collector.loading import load_model
+    from collector.tiny import build_tiny_llava
+    from db.store import ResultsDB
+    from report.build import build_site
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = out / "tiny-llava-1.5"
+    if not (model_dir / "config.json").is_file():
+        build_tiny_llava(model_dir, "llava-1.5")
+    annotation_file = write_demo_images(out)
+    records = folder_images(out / "images", annotation_file)
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    db_path = out / "results.duckdb"
+    demo_config = {"demo": True, "images": str(out / "images"), "annotations": str(annotation_file)}
+    with ResultsDB(db_path) as db:
+        collect_lens(loaded, records, db, extra_config=demo_config, progress=progress)
+    site_dir = out / "site"
+    build_site(db_path, site_dir)
+    return DemoSummary(db_path=db_path, site_dir=site_dir, model_dir=model_dir)

@@ -1,0 +1,139 @@
+"""Loading a VLM and its processor the way real checkpoints load: `from_pretrained`."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from collector.adapters import ModelAdapter, UnsupportedModelError, adapter_class_for
+from collector.errors import UserError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its processor and adapter, and the provenance of how it was loaded."""
+
+    model: Any
+    processor: Any
+    adapter: ModelAdapter
+    model_id: str
+    revision: str | None
+    dtype: str
+    device: str
+    quantization: str
+    attn_implementation: str | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _device_map(device: str) -> Any:
+    # "auto" lets accelerate spread a model larger than one GPU across devices.
+    if device == "auto":
+        return "auto"
+    return {"": device}
+
+
+def load_model(
+    model_id: str,
+    device: str | None = None,
+    dtype: str = "float32",
+    quantization: str = "none",
+    prompt_template: str | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a hub id or local folder with `from_pretrained`, plus its adapter.
+
+    Raises UserError (one line) for an unknown or unreachable model, an unsupported
+    family, a bad dtype/device, or missing bitsandbytes.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if quantization not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+
+    try:
+        config = AutoConfig.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load model {model_id!r}: {first_line}") from None
+    try:
+        adapter_class = adapter_class_for(config)
+    except UnsupportedModelError as error:
+        raise UserError(f"{model_id}: {error}") from None
+
+    kwargs: dict[str, Any] = {"revision": revision, "dtype": DTYPES[dtype]}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization != "none":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "quantized loading needs bitsandbytes: pip install 'llava-interp[quantization]'"
+            ) from None
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit",
+            load_in_4bit=quantization == "4bit",
+            bnb_4bit_compute_dtype=DTYPES[dtype],
+        )
+        kwargs["device_map"] = _device_map(device if device != "cpu" else "auto")
+    elif device != "cpu":
+        kwargs["device_map"] = _device_map(device)
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load model {model_id!r}: {first_line}") from None
+    model.eval()
+    try:
+        adapter = adapter_class(model, processor, prompt_template)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    commit = getattr(model.config, "_commit_hash", None)
+    resolved_revision = commit or revision
+    provenance = {
+        "model_id": model_id,
+        "revision": resolved_revision,
+        "family": adapter.family,
+        "dtype": dtype,
+        "device": device,
+        "quantization": quantization,
+        "attn_implementation": getattr(model.config, "_attn_implementation", attn_implementation),
+        "prompt_template": adapter.prompt_template,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+    }
+    return LoadedModel(
+        model=model,
+        processor=processor,
+        adapter=adapter,
+        model_id=model_id,
+        revision=resolved_revision,
+        dtype=dtype,
+        device=device,
+        quantization=quantization,
+        attn_implementation=provenance["attn_implementation"],
+        provenance=provenance,
+    )

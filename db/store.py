@@ -1,0 +1,251 @@
+"""Typed access to a results database: runs, images, and per-image bulk writes.
+
+The collector writes through `ResultsDB`; the report reads through it (read-only).
+Bulk rows go through DuckDB's native Arrow path, one transaction per image, so an
+image is either completely written or absent, and a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import pyarrow as pa
+import sqlalchemy as sa
+
+from db import schema
+from db.errors import DatabaseError
+from db.migrations import LATEST_VERSION, applied_versions, migrate
+from db.version import TOOL_VERSION
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def run_key(experiment: str, identity: Mapping[str, Any]) -> str:
+    """A stable key for a run's identity: the settings that change its results."""
+    canonical = json.dumps({"experiment": experiment, **identity}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class ResultsDB:
+    """A DuckDB results file.
+
+    Open writable to migrate and write (one writer at a time: DuckDB locks the file),
+    or `read_only=True` to query it while nothing writes.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise DatabaseError(f"database not found: {self.path}")
+        if not read_only and not self.path.parent.exists():
+            raise DatabaseError(f"folder for the database does not exist: {self.path.parent}")
+        self.engine = sa.create_engine(
+            f"duckdb:///{self.path}",
+            connect_args={"read_only": read_only},
+            poolclass=sa.pool.StaticPool,
+        )
+        try:
+            self.conn = self.engine.connect()
+        except sa.exc.DBAPIError as error:
+            self.engine.dispose()
+            message = str(error.orig).splitlines()[0] if error.orig else str(error)
+            raise DatabaseError(f"cannot open database {self.path}: {message}") from None
+        try:
+            with self.transaction():
+                if read_only:
+                    self._check_readable()
+                else:
+                    migrate(self.conn)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_readable(self) -> None:
+        versions = applied_versions(self.conn)
+        if not versions:
+            raise DatabaseError(f"{self.path} is not a llava-interp results database")
+        if max(versions) > LATEST_VERSION:
+            raise DatabaseError(
+                f"database schema version {max(versions)} is newer than this "
+                f"llava-interp ({TOOL_VERSION}); upgrade llava-interp to read it"
+            )
+        if max(versions) < LATEST_VERSION:
+            raise DatabaseError(
+                f"database schema version {max(versions)} is older than this "
+                f"llava-interp's ({LATEST_VERSION}); open it once for writing "
+                "(any collect command) to migrate it"
+            )
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+    def __enter__(self) -> ResultsDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def duck(self) -> Any:
+        """The underlying DuckDB connection, for Arrow inserts and ad-hoc SQL."""
+        return self.conn.connection.driver_connection
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A transaction that commits on success, or joins the one already open."""
+        if self.conn.in_transaction():
+            yield self.conn
+            return
+        with self.conn.begin():
+            yield self.conn
+
+    def sql(self, query: str, params: Iterable[Any] | None = None) -> list[tuple]:
+        """Run raw SQL (committed) and return all rows (empty for statements without rows)."""
+        with self.transaction() as conn:
+            result = conn.exec_driver_sql(query, tuple(params or ()))
+            return result.fetchall() if result.returns_rows else []
+
+    # -- runs ------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        experiment: str,
+        model_id: str,
+        identity: Mapping[str, Any],
+        config: Mapping[str, Any],
+    ) -> str:
+        """Create a run, or reopen the run with the same identity (resume).
+
+        `identity` holds the settings that change results (model, revision, dtype, prompt,
+        top-k ...); `config` is everything recorded for provenance (a superset).
+        Returns the run id.
+        """
+        key = run_key(experiment, identity)
+        runs = schema.runs
+        with self.transaction():
+            existing = self.conn.execute(
+                sa.select(runs.c.run_id).where(runs.c.run_key == key)
+            ).scalar_one_or_none()
+            if existing is not None:
+                self.conn.execute(
+                    runs.update()
+                    .where(runs.c.run_id == existing)
+                    .values(status="running", finished_at=None, config=dict(config))
+                )
+                return existing
+            run_id = f"{experiment}-{key[:10]}"
+            self.conn.execute(
+                runs.insert().values(
+                    run_id=run_id,
+                    experiment=experiment,
+                    model_id=model_id,
+                    config=dict(config),
+                    status="running",
+                    started_at=_now(),
+                    finished_at=None,
+                    tool_version=TOOL_VERSION,
+                    run_key=key,
+                )
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str = "complete") -> None:
+        with self.transaction():
+            self.conn.execute(
+                schema.runs.update()
+                .where(schema.runs.c.run_id == run_id)
+                .values(status=status, finished_at=_now())
+            )
+
+    def runs(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(schema.runs).order_by(schema.runs.c.started_at, schema.runs.c.run_id)
+        if experiment is not None:
+            query = query.where(schema.runs.c.experiment == experiment)
+        with self.transaction() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def completed_images(self, run_id: str) -> set[int]:
+        """Image ids whose results for this run are completely written."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                sa.select(schema.run_images.c.image_id).where(schema.run_images.c.run_id == run_id)
+            ).scalars()
+            return set(rows)
+
+    # -- images ----------------------------------------------------------------------
+
+    def add_image(
+        self,
+        image_id: int,
+        file_name: str,
+        width: int,
+        height: int,
+        source: str,
+        annotations: Iterable[Mapping[str, Any]] = (),
+    ) -> None:
+        """Record an image and its annotations once (later calls leave them as they are)."""
+        with self.transaction():
+            self.conn.exec_driver_sql(
+                "INSERT OR IGNORE INTO images (image_id, file_name, width, height, source) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (image_id, file_name, width, height, source),
+            )
+            for ann in annotations:
+                self.conn.exec_driver_sql(
+                    "INSERT OR IGNORE INTO annotations (image_id, annotation_id, category_id, "
+                    "category, area, bbox, iscrowd, segmentation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        image_id,
+                        int(ann["id"]),
+                        int(ann["category_id"]),
+                        str(ann["category"]),
+                        float(ann["area"]),
+                        [float(v) for v in ann["bbox"]],
+                        bool(ann.get("iscrowd", 0)),
+                        json.dumps(ann["segmentation"]),
+                    ),
+                )
+
+    # -- per-image results -------------------------------------------------------------
+
+    def write_image_results(
+        self,
+        run_id: str,
+        image_id: int,
+        tables: Mapping[str, pa.Table],
+        tables_to_clear: Iterable[str] = (),
+    ) -> None:
+        """Write every row of one image of one run in a single transaction.
+
+        `tables` maps table name to an Arrow table whose columns are a subset of that
+        table's columns (inserted by name). Rows of (run, image) already present in those
+        tables and in `tables_to_clear` are deleted first, so a rerun never duplicates.
+        Must include the resume marker table `run_images` (or the experiment's own).
+        """
+        known = set(schema.metadata.tables)
+        names = list(tables) + [t for t in tables_to_clear if t not in tables]
+        for name in names:
+            if name not in known:
+                raise ValueError(f"unknown table {name!r}")
+        duck = self.duck
+        with self.transaction():
+            for name in names:
+                duck.execute(f"DELETE FROM {name} WHERE run_id = ? AND image_id = ?", [run_id, image_id])
+            for name, table in tables.items():
+                view_name = f"_incoming_{name}"
+                duck.register(view_name, table)
+                try:
+                    duck.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {view_name}")
+                finally:
+                    duck.unregister(view_name)

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny random checkpoints built once per session, real shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_LLAVA15 = SHARED_DATA / "real_configs" / "llava-hf__llava-1.5-7b-hf"
+COCO_SAMPLE = SHARED_DATA / "coco_sample"
+
+
+def require_shared(path: Path) -> Path:
+    """Skip (with the reason) where this clone has no ../shared data beside it."""
+    if not path.exists():
+        pytest.skip(f"needs the project's shared data at {path} (not present in this clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Folders of tiny random checkpoints, keyed by family, saved with save_pretrained."""
+    from collector.tiny import build_tiny_llava
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny_llava(root / family, family, seed=1) for family in ("llava-1.5", "llava-phi")}
+
+
+@pytest.fixture(scope="session")
+def loaded_models(tiny_checkpoints, real_config_checkpoint_or_none) -> dict:
+    """Every test model loaded through load_model (the real from_pretrained path)."""
+    from collector.loading import load_model
+
+    paths = dict(tiny_checkpoints)
+    if real_config_checkpoint_or_none is not None:
+        paths["llava-1.5-real-config"] = real_config_checkpoint_or_none
+    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in paths.items()}
+
+
+@pytest.fixture(scope="session")
+def real_config_checkpoint_or_none(tmp_path_factory):
+    from collector.tiny import shrink_real_config
+
+    if not REAL_LLAVA15.exists():
+        return None
+    return shrink_real_config(REAL_LLAVA15, tmp_path_factory.mktemp("real15b") / "model", seed=2)
+
+
+MODEL_NAMES = ("llava-1.5", "llava-phi", "llava-1.5-real-config")
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def loaded(request, loaded_models):
+    if request.param not in loaded_models:
+        pytest.skip(f"{request.param}: needs ../shared/data/real_configs (not present in this clone)")
+    return loaded_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """The demo's synthetic images and their COCO annotations file."""
+    from collector.demo import write_demo_images
+
+    folder = tmp_path_factory.mktemp("demo_images")
+    annotation_file = write_demo_images(folder)
+    return folder / "images", annotation_file
