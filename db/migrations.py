@@ -53,6 +53,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(2, "logit lens views", _lens_views),
+    Migration(
+        3,
+        "skipped, mean_vectors, ablations, blocking",
+        _create(schema.skipped, schema.mean_vectors, schema.ablations, schema.blocking),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

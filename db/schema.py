@@ -126,5 +126,72 @@ logit_lens = sa.Table(
     sa.Column("prob", sa.Float, nullable=False),
 )
 
-# Per-image tables written in one transaction; deleting a (run, image) clears these.
-PER_IMAGE_TABLES = (positions, logit_lens, image_views, run_images)
+
+# Why an image was left out of an experiment (curation, cut away by the crop, ...), so
+# users can count what was dropped. Written in the image's transaction, with its marker.
+skipped = sa.Table(
+    "skipped",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String, nullable=False),  # short code, e.g. 'baseline_incorrect'
+    sa.Column("detail", sa.String),
+    sa.PrimaryKeyConstraint("run_id", "image_id", "reason"),
+)
+
+# Mean post-projector image-token embeddings, the replacement vector of token ablation.
+mean_vectors = sa.Table(
+    "mean_vectors",
+    metadata,
+    _pk("vector_id", sa.String),
+    sa.Column("model_id", sa.String, nullable=False),
+    sa.Column("hidden_size", sa.Integer, nullable=False),
+    sa.Column("n_images", sa.Integer, nullable=False),
+    sa.Column("n_tokens", sa.BigInteger, nullable=False),
+    sa.Column("vector", sa.ARRAY(sa.Float), nullable=False),
+    sa.Column("source", sa.String, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+
+ablations = sa.Table(
+    "ablations",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("category", sa.String, nullable=False),
+    sa.Column("condition", sa.String, nullable=False),  # none, object_0, register, random_10, ...
+    sa.Column("setting", sa.String, nullable=False),  # generative | polling | vqa
+    sa.Column("positions", sa.ARRAY(sa.Integer), nullable=False),  # LM input positions replaced
+    sa.Column("n_ablated", sa.Integer, nullable=False),
+    sa.Column("correct", sa.Boolean, nullable=False),
+    sa.Column("answer", sa.String),  # generated text (generative, polling)
+    sa.Column("question", sa.String),
+    sa.Column("predicted_token", sa.String),  # vqa: next-token prediction
+    sa.Column("predicted_prob", sa.Float),
+    sa.Column("target_token", sa.String),  # vqa: first token of the class name
+    sa.Column("target_prob", sa.Float),
+    sa.Column("seed", sa.BigInteger),  # random_k draws
+)
+
+blocking = sa.Table(
+    "blocking",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("category", sa.String, nullable=False),
+    sa.Column("source", sa.String, nullable=False),  # blocked key positions: object_1, ... ('none' = baseline)
+    sa.Column("target", sa.String, nullable=False),  # blocked query positions: last, last_row
+    sa.Column("layer_start", sa.Integer),  # 0-based inclusive window; null for the baseline
+    sa.Column("layer_end", sa.Integer),
+    sa.Column("window_kind", sa.String, nullable=False),  # baseline | preset | sliding
+    sa.Column("preset", sa.String),  # early, early_mid, mid, mid_late, late, all
+    sa.Column("correct", sa.Boolean, nullable=False),
+    sa.Column("question", sa.String),
+    sa.Column("predicted_token", sa.String),
+    sa.Column("predicted_prob", sa.Float),
+    sa.Column("target_token", sa.String),
+    sa.Column("target_prob", sa.Float),
+    sa.Column("source_positions", sa.ARRAY(sa.Integer)),
+    sa.Column("target_positions", sa.ARRAY(sa.Integer)),
+)

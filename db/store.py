@@ -219,29 +219,23 @@ class ResultsDB:
 
     # -- per-image results -------------------------------------------------------------
 
-    def write_image_results(
-        self,
-        run_id: str,
-        image_id: int,
-        tables: Mapping[str, pa.Table],
-        tables_to_clear: Iterable[str] = (),
-    ) -> None:
+    def write_image_results(self, run_id: str, image_id: int, tables: Mapping[str, pa.Table]) -> None:
         """Write every row of one image of one run in a single transaction.
 
         `tables` maps table name to an Arrow table whose columns are a subset of that
-        table's columns (inserted by name). Rows of (run, image) already present in those
-        tables and in `tables_to_clear` are deleted first, so a rerun never duplicates.
-        Must include the resume marker table `run_images` (or the experiment's own).
+        table's columns (inserted by name); it must include the `run_images` marker row.
+        Atomicity is what makes resume exact: an image is either complete (marker
+        present, all rows present) or absent, so a rerun never finds partial rows.
         """
-        known = set(schema.metadata.tables)
-        names = list(tables) + [t for t in tables_to_clear if t not in tables]
-        for name in names:
-            if name not in known:
-                raise ValueError(f"unknown table {name!r}")
+        if "run_images" not in tables:
+            raise ValueError("per-image results must include their run_images marker row")
+        unknown = set(tables) - set(schema.metadata.tables)
+        if unknown:
+            raise ValueError(f"unknown tables {sorted(unknown)}")
         duck = self.duck
         with self.transaction():
-            for name in names:
-                duck.execute(f"DELETE FROM {name} WHERE run_id = ? AND image_id = ?", [run_id, image_id])
+            if image_id in self.completed_images(run_id):
+                raise DatabaseError(f"image {image_id} of run {run_id} is already complete")
             for name, table in tables.items():
                 view_name = f"_incoming_{name}"
                 duck.register(view_name, table)

@@ -70,6 +70,14 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
+    def decoder(self) -> torch.nn.Module:
+        """The language model: forward(inputs_embeds=(B, T, d_model), ...) runs every layer.
+
+        A forward pre-hook here sees the LM input embeddings after image features are merged.
+        """
+
+    @property
+    @abstractmethod
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The LM's decoder layers, in order."""
 
@@ -95,6 +103,10 @@ class ModelAdapter(ABC):
     @property
     @abstractmethod
     def projector(self) -> torch.nn.Module: ...
+
+    def attention_module(self, layer: int) -> torch.nn.Module:
+        """The self-attention module of decoder layer `layer` (its forward gets `attention_mask`)."""
+        return self.decoder_layers[layer].self_attn
 
     @property
     def n_layers(self) -> int:

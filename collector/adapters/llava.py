@@ -28,16 +28,16 @@ class LlavaAdapter(ModelAdapter):
         return getattr(config, "model_type", None) == "llava" and text_type in cls.text_model_types
 
     @property
-    def _language_model(self) -> torch.nn.Module:
+    def decoder(self) -> torch.nn.Module:
         return self.model.get_decoder()
 
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
-        return self._language_model.layers
+        return self.decoder.layers
 
     @property
     def final_norm(self) -> torch.nn.Module:
-        return self._language_model.norm
+        return self.decoder.norm
 
     @property
     def unembedding(self) -> torch.nn.Module:
