@@ -190,13 +190,18 @@ def demo_command(out_dir: Path, quiet: bool) -> None:
     click.echo(f"demo written: {summary.db_path} and {summary.site_dir / 'index.html'}")
 
 
-def _add_report_commands() -> None:
+def _add_commands() -> None:
+    from collector.ablation.cli import ablation_command, mean_vector_command
+    from collector.blocking.cli import blocking_command
     from report.cli import report
 
+    collect.add_command(ablation_command)
+    collect.add_command(mean_vector_command)
+    collect.add_command(blocking_command)
     cli.add_command(report)
 
 
-_add_report_commands()
+_add_commands()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Ablation experiments (work in progress)."""

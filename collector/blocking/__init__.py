@@ -1,0 +1,1 @@
+"""Blocking experiments (work in progress)."""
