@@ -50,7 +50,7 @@ def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt
     adapter = loaded.adapter
     inputs = adapter.build_inputs(record.load(), prompt)
     input_ids = inputs["input_ids"][0]
-    layout = adapter.image_token_layout(input_ids)
+    layout = adapter.image_token_layout(input_ids, inputs)
     outputs = loaded.model(**inputs, output_hidden_states=True, use_cache=False)
     readout = LogitLens(adapter).top_k(outputs.hidden_states, top_k)
     del outputs
@@ -59,7 +59,7 @@ def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt
     return {
         "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text),
         "logit_lens": lens_table(run_id, record.image_id, token_ids, readout.probs.numpy(), token_text),
-        "image_views": image_view_table(run_id, record, adapter, inputs["pixel_values"][0]),
+        "image_views": image_view_table(run_id, record, adapter, adapter.view_pixels(inputs)),
         "run_images": run_image_marker(
             run_id, record.image_id, int(input_ids.numel()), layout, readout.n_layers
         ),

@@ -19,6 +19,11 @@ Segmentation = Union[Sequence[Sequence[float]], Mapping[str, Any]]
 # a subclass or another model's processor may pad/crop differently.
 _CLIP_LIKE = {"CLIPImageProcessor", "CLIPImageProcessorPil"}
 _LLAVA = {"LlavaImageProcessor", "LlavaImageProcessorPil"}
+# Qwen2-VL / Qwen2.5-VL: smart_resize to multiples of patch_size * merge_size, no crop.
+# LLaVA-NeXT: the base view (the whole image resized to size x size, then the usual resize
+# and crop, both no-ops on the real settings); the high-resolution tiles are not a view.
+_LLAVA_NEXT = {"LlavaNextImageProcessor", "LlavaNextImageProcessorPil"}
+_QWEN2_VL = {"Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"}
 _SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
 
 
@@ -68,12 +73,22 @@ class ViewGeometry:
           ``ceil(pad / 2)`` (i.e. the same floor formula) while the torchvision backend
           places it at ``floor(pad / 2)``.
 
+        * ``LlavaNextImageProcessor[Pil]``: the geometry of the *base view* (tile 0 of
+          ``pixel_values``): the whole image resized to exactly ``size`` (height/width, or
+          a square of ``shortest_edge``), then the steps above; ``do_pad`` pads only the
+          high-resolution tiles.
+        * ``Qwen2VLImageProcessor[Pil]``: ``smart_resize`` to multiples of
+          ``patch_size * merge_size`` within the pixel budget, no crop or pad.
+
         CLIP processors with ``do_pad`` (bottom/right padding after the crop) are
         rejected. Raises ``ValueError`` for processors or settings not covered above.
         """
         name = type(image_processor).__name__
-        if name not in _CLIP_LIKE | _LLAVA:
-            raise ValueError(f"unsupported image processor {name!r}; expected one of {sorted(_CLIP_LIKE | _LLAVA)}")
+        if name in _QWEN2_VL:
+            return cls._from_qwen2_vl(image_processor, width, height)
+        supported = _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _QWEN2_VL
+        if name not in _CLIP_LIKE | _LLAVA | _LLAVA_NEXT:
+            raise ValueError(f"unsupported image processor {name!r}; expected one of {sorted(supported)}")
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")
         backend = getattr(image_processor, "backend", None)
@@ -84,6 +99,16 @@ class ViewGeometry:
         offset_x = offset_y = 0.0
         cur_w, cur_h = width, height
         do_pad = bool(getattr(image_processor, "do_pad", False))
+
+        if name in _LLAVA_NEXT:
+            # get_image_patches: the base view is the image resized to exactly (h, w) of
+            # size, or a square of shortest_edge; do_pad only concerns the tiles.
+            base = _size_fields(image_processor.size, "size")
+            side_h = base.get("height") or base.get("shortest_edge")
+            side_w = base.get("width") or base.get("shortest_edge")
+            scale_x, scale_y = int(side_w) / cur_w, int(side_h) / cur_h
+            cur_w, cur_h = int(side_w), int(side_h)
+            do_pad = False
 
         if name in _LLAVA and do_pad and cur_w != cur_h:
             side = max(cur_w, cur_h)
@@ -122,6 +147,50 @@ class ViewGeometry:
             offset_x=float(offset_x),
             offset_y=float(offset_y),
         )
+
+
+    @classmethod
+    def _from_qwen2_vl(cls, image_processor: Any, width: int, height: int) -> "ViewGeometry":
+        """Qwen2-VL: ``smart_resize`` (both sides to multiples of ``patch_size * merge_size``,
+        pixel count kept within [shortest_edge, longest_edge]), then patchify; no crop or pad."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        new_w, new_h = width, height
+        if getattr(image_processor, "do_resize", True):
+            size = _size_fields(image_processor.size, "size")
+            if not size.get("shortest_edge") or not size.get("longest_edge"):
+                raise ValueError(f"Qwen2-VL size needs shortest_edge and longest_edge (pixel counts), got {size}")
+            factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+            new_h, new_w = qwen_smart_resize(height, width, factor, int(size["shortest_edge"]), int(size["longest_edge"]))
+        return cls(
+            image_width=int(width),
+            image_height=int(height),
+            view_width=int(new_w),
+            view_height=int(new_h),
+            scale_x=new_w / width,
+            scale_y=new_h / height,
+            offset_x=0.0,
+            offset_y=0.0,
+        )
+
+
+def qwen_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' Qwen2-VL ``smart_resize``, restated: (height, width) after resizing."""
+    import math
+
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def _size_fields(size: Any, what: str) -> dict[str, int]:

@@ -61,7 +61,7 @@ def load_model(
     family, a bad dtype/device, or missing bitsandbytes.
     """
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -100,7 +100,7 @@ def load_model(
     elif device != "cpu":
         kwargs["device_map"] = _device_map(device)
     try:
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        processor = adapter_class.load_processor(model_id, revision=revision)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

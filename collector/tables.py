@@ -49,6 +49,14 @@ def positions_table(
         patch_row[position] = int(layout.patch_rows[k])
         patch_col[position] = int(layout.patch_cols[k])
         label[position] = image_label(k, layout.n_tokens)
+    extra = getattr(layout, "extra", None)
+    if extra is not None:  # image-derived positions outside the grid (e.g. LLaVA-NeXT tiles)
+        for k, position in enumerate(extra.positions.tolist()):
+            kind[position] = extra.kinds[k]
+            row, col = int(extra.rows[k]), int(extra.cols[k])
+            patch_row[position] = row if row >= 0 else None
+            patch_col[position] = col if col >= 0 else None
+            label[position] = extra.labels[k]
     return pa.table(
         {
             "run_id": pa.array([run_id] * n, pa.string()),

@@ -38,6 +38,21 @@ def _lens_views(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _quant_views(conn: sa.Connection) -> None:
+    for statement in views.QUANT_VIEWS:
+        conn.exec_driver_sql(statement)
+
+
+def _ablation_views(conn: sa.Connection) -> None:
+    for statement in views.ABLATION_VIEWS:
+        conn.exec_driver_sql(statement)
+
+
+def _blocking_views(conn: sa.Connection) -> None:
+    for statement in views.BLOCKING_VIEWS:
+        conn.exec_driver_sql(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -58,6 +73,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         "skipped, mean_vectors, ablations, blocking",
         _create(schema.skipped, schema.mean_vectors, schema.ablations, schema.blocking),
     ),
+    Migration(4, "blocking views", _blocking_views),
+    Migration(5, "ablation views", _ablation_views),
+    Migration(6, "quantitative logit lens view", _quant_views),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

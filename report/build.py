@@ -5,27 +5,39 @@ Data flows collector -> db -> report: this module reads the database only, read-
 and never imports torch or the collector. Every URL it writes is relative, so the site
 works from file:// and under a GitHub Pages project path.
 
-Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/1")
+Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/2")
 -----------------------------------------------------------------------------------
 The file is exactly ``window.LENS_DATA = <json>;`` (a classic script, because browsers
 block fetch() on file://). The JSON object holds:
 
 - ``run_id``, ``image_id``, ``n_layers`` (layer 0 = embeddings), ``top_k``,
-  ``grid_rows``, ``grid_cols``.
+  ``grid_rows``, ``grid_cols``, ``n_cells`` (= n_layers * n_positions * top_k).
 - ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text'), ``label``,
   ``patch_row``, ``patch_col`` (null for text), sorted by LM input position. The index
   into these arrays is the table row ("row" below); the overlay maps patch
   (patch_row, patch_col) to its row through these arrays, never through row order.
-- ``tokens``: the distinct token strings of this image's lens cells.
-- ``token_index``: ``{"dtype": "uint16"|"uint32", "missing": <sentinel>, "b64": ...}``,
-  base64 of little-endian unsigned integers indexing ``tokens``; uint16 unless the
-  dictionary needs more. ``missing`` would mark a (layer, row, rank) without a database
-  row; the build refuses such images today, so readers only need it for robustness.
-- ``prob``: ``{"dtype": "uint16", "scale": 65535, "b64": ...}``, probabilities quantised
-  as round(p * 65535), so decoded values are within 1/131070 of the stored ones.
+- ``view``: ``{"width", "height"}`` of the model's input view in pixels, or null.
+- ``objects``: one entry per annotated category of the image: ``category``,
+  ``cells`` (flat patch indices ``patch_row * grid_cols + patch_col`` overlapping the
+  category's non-crowd masks, see report/quantitative.py) and ``outlines`` (per
+  annotation: ``annotation_id``, ``polygons`` as flat [u0, v0, u1, v1, ...] lists in view
+  pixels, or ``bbox`` [u, v, w, h] for RLE masks).
+- ``packed``: ``{"encoding": "deflate-raw", "b64", "tokens_bytes", "index_bytes",
+  "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
+  ``DecompressionStream("deflate-raw")``) whose inflated bytes are, in order:
 
-Both arrays are flat with the cell (layer l, row r, rank k >= 1) at
-``(l * n_positions + r) * top_k + (k - 1)``.
+  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the distinct token strings, most
+     frequent first (so frequent tokens get small indices);
+  2. ``n_cells * index_bytes`` bytes: the token index (into that array) of every cell,
+     little-endian unsigned integers of ``index_bytes`` (1, 2 or 4) bytes stored
+     byte-planar (all low bytes, then all next bytes, ...), which deflates better;
+  3. ``n_cells`` bytes: probability codes. Code ``c`` >= 1 means
+     ``p = exp((c - 255) / prob_log_scale)`` (relative error at most
+     ``exp(0.5 / prob_log_scale) - 1``, 2.5 % for the scale 20 used); code 0 means
+     ``p < exp(-254.5 / prob_log_scale)`` (about 3e-6) and decodes to 0.
+
+  Cell (layer l, row r, rank k >= 1) is at ``(l * n_positions + r) * top_k + (k - 1)``.
+  The build refuses images with missing cells, so every cell is present.
 
 The JSON is escaped so no string can end the script or the line: ``<``, ``>``, ``&``,
 U+2028 and U+2029 are written as \\uXXXX escapes.
@@ -36,11 +48,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import importlib
 import json
 import re
 import shutil
 import tempfile
 import urllib.parse
+import zlib
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -49,18 +63,34 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import numpy as np
 
+from db.migrations import LATEST_VERSION
 from db.store import ResultsDB
+from db.version import TOOL_VERSION
+from report import quantitative
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 LENS_EXPERIMENT = "lens"
-DATA_FORMAT = "llava-interp-lens/1"
-PROB_SCALE = 65535
+DATA_FORMAT = "llava-interp-lens/2"
+# Probability code c >= 1 <-> p = exp((c - 255) / PROB_LOG_SCALE); 0 <-> below the floor.
+PROB_LOG_SCALE = 20.0
 DEMO_WARNING = "weights are random: demo output, not results"
+SITE_DB_NAME = "results.duckdb"
+# DuckDB-WASM 1.x reads storage format v1.4.0 and older, not the newest.
+SITE_DB_STORAGE_VERSION = "v1.4.0"
+# Tables exported as CSV per run (those with a run_id column) and once (those without).
+RUN_TABLES = ("runs", "run_images", "skipped", "positions", "logit_lens", "image_views", "ablations", "blocking")
+SHARED_TABLES = ("images", "annotations", "mean_vectors", "schema_migrations")
+# Optional experiment pages: module name -> (page file, title). Each module, when it
+# exists, exposes `<name>_page_data(db, run_id) -> dict` (see _experiment_pages).
+EXPERIMENT_PAGES = {"ablation": ("ablation", "Token ablation"), "blocking": ("blocking", "Attention blocking")}
 
 # What the build owns inside out_dir; everything else there is left alone.
-OWNED_PATHS = ("index.html", "lens", "static", ".nojekyll")
+OWNED_PATHS = (
+    "index.html", "quantitative.html", "downloads.html", "sql.html", "experiments",
+    "lens", "static", "downloads", "data", "vendor", ".nojekyll",
+)
 
 # Config keys worth a glance in the index; the full config is on each lens page.
 CONFIG_SUMMARY_KEYS = ("revision", "dtype", "device", "top_k", "prompt")
@@ -251,13 +281,14 @@ def _load_lens_entries(db: ResultsDB, runs: list[_RunInfo]) -> list[_LensEntry]:
     return entries
 
 
-def _encode_uint(values: np.ndarray, dtype: str) -> str:
-    return base64.b64encode(values.astype(f"<{'u2' if dtype == 'uint16' else 'u4'}").tobytes()).decode(
-        "ascii"
-    )
-
-
-def lens_data(db: ResultsDB, run_id: str, image_id: int) -> dict[str, Any]:
+def lens_data(
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    *,
+    geometries: dict[tuple[str, int], quantitative.ViewGeometry] | None = None,
+    annotations: dict[int, list[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
     Raises ReportError when the rows cannot be mapped faithfully (patches outside the
@@ -346,12 +377,22 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int) -> dict[str, Any]:
             f"{context}: lens rows cover {len(flat)} of {n_layers} layers x {n_rows} positions "
             f"x top-{top_k} = {n_cells} cells"
         )
-    index_dtype = "uint16" if len(tokens) < 0xFFFF else "uint32"
-    missing = 0xFFFF if index_dtype == "uint16" else 0xFFFFFFFF
-    token_index = np.full(n_cells, missing, dtype=np.uint64)
-    token_index[flat] = token_codes
-    quantised = np.zeros(n_cells, dtype=np.uint64)
-    quantised[flat] = np.rint(np.clip(np.nan_to_num(prob), 0.0, 1.0) * PROB_SCALE).astype(np.uint64)
+    # Frequency order: the most common tokens get the smallest indices (fewer high bytes).
+    counts = np.bincount(token_codes, minlength=len(tokens))
+    order = np.argsort(-counts, kind="stable")
+    new_code = np.empty_like(order)
+    new_code[order] = np.arange(len(order))
+    tokens = [tokens[i] for i in order]
+    index_bytes = 1 if len(tokens) <= 0x100 else 2 if len(tokens) <= 0x10000 else 4
+    token_index = np.zeros(n_cells, dtype=np.uint64)
+    token_index[flat] = new_code[token_codes]
+    codes = np.zeros(n_cells, dtype=np.uint8)
+    codes[flat] = encode_probs(prob)
+    planes = np.frombuffer(token_index.astype(f"<u{index_bytes}").tobytes(), dtype=np.uint8)
+    planes = planes.reshape(n_cells, index_bytes).T.tobytes()
+    tokens_json = json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = compressor.compress(tokens_json + planes + codes.tobytes()) + compressor.flush()
 
     return {
         "format": DATA_FORMAT,
@@ -361,6 +402,7 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int) -> dict[str, Any]:
         "top_k": top_k,
         "grid_rows": grid_rows,
         "grid_cols": grid_cols,
+        "n_cells": n_cells,
         "positions": {
             "position": position_numbers,
             "kind": kinds,
@@ -368,10 +410,79 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int) -> dict[str, Any]:
             "patch_row": patch_rows,
             "patch_col": patch_cols,
         },
-        "tokens": tokens,
-        "token_index": {"dtype": index_dtype, "missing": missing, "b64": _encode_uint(token_index, index_dtype)},
-        "prob": {"dtype": "uint16", "scale": PROB_SCALE, "b64": _encode_uint(quantised, "uint16")},
+        "view": _view_size(db, run_id, image_id),
+        "objects": _objects(db, run_id, image_id, grid_rows, grid_cols, geometries, annotations),
+        "packed": {
+            "encoding": "deflate-raw",
+            "tokens_bytes": len(tokens_json),
+            "index_bytes": index_bytes,
+            "prob_log_scale": PROB_LOG_SCALE,
+            "b64": base64.b64encode(packed).decode("ascii"),
+        },
     }
+
+
+def encode_probs(prob: np.ndarray) -> np.ndarray:
+    """Log-quantised uint8 probability codes (see the module docstring)."""
+    prob = np.clip(np.nan_to_num(np.asarray(prob, dtype=np.float64)), 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        codes = np.rint(255.0 + PROB_LOG_SCALE * np.log(prob))
+    return np.clip(np.nan_to_num(codes, neginf=0.0), 0, 255).astype(np.uint8)
+
+
+def decode_probs(codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes, dtype=np.float64)
+    return np.where(codes > 0, np.exp((codes - 255.0) / PROB_LOG_SCALE), 0.0)
+
+
+def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(tokens, token index per cell, probability per cell) of a lens data object."""
+    packed = data["packed"]
+    raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
+    n_cells, nb, nt = data["n_cells"], packed["index_bytes"], packed["tokens_bytes"]
+    tokens = json.loads(raw[:nt].decode("utf-8"))
+    planes = np.frombuffer(raw[nt : nt + n_cells * nb], dtype=np.uint8).reshape(nb, n_cells)
+    index = np.zeros(n_cells, dtype=np.int64)
+    for b in range(nb):
+        index |= planes[b].astype(np.int64) << (8 * b)
+    codes = np.frombuffer(raw[nt + n_cells * nb :], dtype=np.uint8)
+    if len(codes) != n_cells:
+        raise ValueError("packed lens data has the wrong length")
+    return tokens, index, decode_probs(codes)
+
+
+def _view_size(db: ResultsDB, run_id: str, image_id: int) -> dict[str, int] | None:
+    rows = db.sql("SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    return {"width": int(rows[0][0]), "height": int(rows[0][1])} if rows else None
+
+
+def _objects(
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    grid_rows: int,
+    grid_cols: int,
+    geometries: dict[tuple[str, int], quantitative.ViewGeometry] | None,
+    annotations: dict[int, list[dict[str, Any]]] | None,
+) -> list[dict[str, Any]]:
+    """Annotated objects of the image in view coordinates and patch cells, per category."""
+    geometries = quantitative.load_geometries(db) if geometries is None else geometries
+    annotations = quantitative.load_annotations(db) if annotations is None else annotations
+    geometry = geometries.get((run_id, image_id))
+    image_annotations = annotations.get(image_id, [])
+    if geometry is None or not image_annotations:
+        return []
+    cells = quantitative.object_cells_by_category(image_annotations, geometry, grid_rows, grid_cols)
+    out: dict[str, dict[str, Any]] = {}
+    for ann in image_annotations:
+        entry = out.setdefault(ann["category"], {"category": ann["category"], "cells": [], "outlines": []})
+        outline = quantitative.view_outline(ann["segmentation"], ann["bbox"], geometry)
+        entry["outlines"].append({"annotation_id": ann["annotation_id"], "iscrowd": ann["iscrowd"], **outline})
+    for category, entry in out.items():
+        if category in cells:
+            rows, cols = np.nonzero(cells[category])
+            entry["cells"] = (rows * grid_cols + cols).astype(int).tolist()
+    return list(out.values())
 
 
 def _template_root() -> Traversable:
@@ -409,6 +520,18 @@ class _Writer:
         self.files += 1
         self.bytes += len(data)
 
+    def path(self, relative: str) -> Path:
+        """A path for a file written by someone else (DuckDB COPY); call `account` after."""
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def account(self, relative: str) -> int:
+        size = (self.root / relative).stat().st_size
+        self.files += 1
+        self.bytes += size
+        return size
+
 
 def _copy_static(writer: _Writer) -> None:
     static = _template_root().joinpath("static")
@@ -429,14 +552,165 @@ def _replace_owned(stage: Path, out_dir: Path) -> None:
             staged.rename(target)
 
 
-def build_site(db_path: Path, out_dir: Path) -> SiteSummary:
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _provenance(db: ResultsDB, db_path: Path, generated_at: str) -> dict[str, Any]:
+    versions = db.sql("SELECT max(version) FROM schema_migrations")
+    return {
+        "tool_version": TOOL_VERSION,
+        "db_name": db_path.name,
+        "db_sha256": _sha256(db_path),
+        "db_bytes": db_path.stat().st_size,
+        "schema_version": versions[0][0] if versions else None,
+        "generated_at": generated_at,
+    }
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def _existing_tables(db: ResultsDB) -> dict[str, set[str]]:
+    columns: dict[str, set[str]] = {}
+    for table, column in db.sql(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()"
+    ):
+        columns.setdefault(table, set()).add(column)
+    return columns
+
+
+def _write_downloads(db: ResultsDB, writer: _Writer, runs: list[_RunInfo]) -> dict[str, Any]:
+    """Gzipped CSV of every table (per run where the table has a run_id) and the
+    database itself in a storage format DuckDB-WASM 1.x reads."""
+    tables = _existing_tables(db)
+    downloads: dict[str, Any] = {"runs": {}, "shared": [], "database": None}
+
+    def copy(query: str, relative: str) -> dict[str, Any]:
+        path = writer.path(relative)
+        db.duck.execute(f"COPY ({query}) TO {_sql_literal(str(path))} (HEADER, DELIMITER ',', COMPRESSION gzip)")
+        size = writer.account(relative)
+        return {"href": relative, "size": _human_size(size)}
+
+    for run in runs:
+        files = []
+        for table in RUN_TABLES:
+            if table not in tables or "run_id" not in tables[table]:
+                continue
+            select = "* EXCLUDE (png)" if table == "image_views" else "*"
+            if table == "runs":
+                select = "* EXCLUDE (run_key)" if "run_key" in tables[table] else "*"
+            query = f"SELECT {select} FROM {table} WHERE run_id = {_sql_literal(run.run_id)}"
+            count = db.sql(f"SELECT count(*) FROM {table} WHERE run_id = ?", (run.run_id,))[0][0]
+            if count == 0 and table != "runs":
+                continue
+            files.append({"table": table, "rows": count, **copy(query, f"downloads/{run.dir_name}/{table}.csv.gz")})
+        downloads["runs"][run.run_id] = files
+    for table in SHARED_TABLES:
+        if table in tables:
+            count = db.sql(f"SELECT count(*) FROM {table}")[0][0]
+            downloads["shared"].append({"table": table, "rows": count, **copy(f"SELECT * FROM {table}", f"downloads/{table}.csv.gz")})
+
+    relative = f"data/{SITE_DB_NAME}"
+    target = writer.path(relative)
+    alias = "llava_interp_site_copy"
+    source = db.sql("SELECT current_database()")[0][0]
+    db.duck.execute(
+        f"ATTACH {_sql_literal(str(target))} AS {alias} "
+        f"(STORAGE_VERSION {_sql_literal(SITE_DB_STORAGE_VERSION)}, READ_ONLY false)"
+    )
+    try:
+        db.duck.execute(f'COPY FROM DATABASE "{source}" TO {alias}')
+    finally:
+        db.duck.execute(f"DETACH {alias}")
+    downloads["database"] = {"href": relative, "size": _human_size(writer.account(relative)),
+                             "storage_version": SITE_DB_STORAGE_VERSION}
+    return downloads
+
+
+def _experiment_pages(db: ResultsDB, runs: list[_RunInfo]) -> list[dict[str, Any]]:
+    """Seam for the ablation and blocking reports (report/ablation.py, report/blocking.py).
+
+    When `report.<name>` exists and defines `<name>_page_data(db, run_id)`, each run of
+    that experiment gets a page (templates/experiment.html.j2) rendering the returned dict
+    generically (`_generic_sections`): scalars as a summary, lists of dicts as tables.
+    All values are autoescaped.
+    """
+    pages = []
+    for experiment, (module_name, title) in EXPERIMENT_PAGES.items():
+        try:
+            module = importlib.import_module(f"report.{module_name}")
+        except ModuleNotFoundError:
+            continue
+        page_data = getattr(module, f"{module_name}_page_data", None)
+        if page_data is None:
+            continue
+        for run in runs:
+            if run.experiment != experiment:
+                continue
+            data = page_data(db, run.run_id)
+            if not isinstance(data, dict):
+                continue
+            pages.append({"run": run, "title": title, "href": f"experiments/{experiment}-{run.dir_name}.html",
+                          **_generic_sections(data)})
+    return pages
+
+
+def _cell_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return _summary_value(value, 120)
+    return str(value)
+
+
+def _generic_sections(data: dict[str, Any]) -> dict[str, Any]:
+    """A page dict as summary pairs (scalar values) and tables (lists of dicts); nested
+    values are shown as shortened JSON. Until report/build.py gets dedicated ablation and
+    blocking pages, this renders whatever those modules return, faithfully if plainly."""
+    summary, tables = [], []
+    for key, value in data.items():
+        if key == "run":
+            continue
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            summary.append((key.replace("_", " "), _cell_text(value)))
+        elif isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            summary += [(f"{key.replace('_', ' ')}: {k}", _cell_text(v)) for k, v in value.items()]
+        elif isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            columns: list[str] = []
+            for row in value:
+                columns += [c for c in row if c not in columns]
+            tables.append({"title": key.replace("_", " "), "columns": columns,
+                           "rows": [[_cell_text(row.get(c)) for c in columns] for row in value]})
+        elif isinstance(value, list) and not value:
+            summary.append((key.replace("_", " "), "none"))
+    return {"summary": summary, "tables": tables}
+
+
+def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
     The site is rendered into a staging folder inside `out_dir` first, so a failed build
-    leaves the previous site in place; on success the generated paths (`index.html`,
-    `lens/`, `static/`, `.nojekyll`) are replaced and nothing else in `out_dir` is touched.
-    Raises db.errors.DatabaseError for an unusable database file and ReportError for
-    results that cannot be rendered faithfully.
+    leaves the previous site in place; on success the generated paths (OWNED_PATHS) are
+    replaced and nothing else in `out_dir` is touched. `downloads=False` leaves out the
+    CSV files and the database copy. Raises db.errors.DatabaseError for an unusable
+    database file and ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -445,18 +719,27 @@ def build_site(db_path: Path, out_dir: Path) -> SiteSummary:
     generated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with ResultsDB(db_path, read_only=True) as db:
+        provenance = _provenance(db, db_path, generated_at)
         runs = _load_runs(db)
         entries = _load_lens_entries(db, runs)
+        geometries = quantitative.load_geometries(db)
+        annotations = quantitative.load_annotations(db)
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".report-build-", dir=out_dir))
         try:
             writer = _Writer(stage)
             _copy_static(writer)
             writer.write(".nojekyll", "")
+            common = {"demo_warning": DEMO_WARNING, "generated_at": generated_at, "provenance": provenance,
+                      "schema_latest": LATEST_VERSION}
             lens_template = env.get_template("lens.html.j2")
+            run_entries: dict[str, list[tuple[int, int, int, int]]] = {}
             for entry in entries:
                 run = entry.run
-                data = lens_data(db, run.run_id, entry.image_id)
+                data = lens_data(db, run.run_id, entry.image_id, geometries=geometries, annotations=annotations)
+                run_entries.setdefault(run.run_id, []).append(
+                    (entry.image_id, data["n_layers"], data["grid_rows"], data["grid_cols"])
+                )
                 base = f"lens/{run.dir_name}/{entry.image_id}"
                 if entry.has_view:
                     (png,) = db.sql(
@@ -470,6 +753,7 @@ def build_site(db_path: Path, out_dir: Path) -> SiteSummary:
                     lens_template.render(
                         entry=entry,
                         run=run,
+                        runs_here=[run],
                         data_src=f"{entry.image_id}.data.js",
                         png_src=f"{entry.image_id}.png" if entry.has_view else "",
                         root="../../",
@@ -477,8 +761,45 @@ def build_site(db_path: Path, out_dir: Path) -> SiteSummary:
                         n_positions=len(data["positions"]["position"]),
                         grid=(data["grid_rows"], data["grid_cols"]),
                         top_k=data["top_k"],
-                        demo_warning=DEMO_WARNING,
-                        generated_at=generated_at,
+                        has_objects=bool(data["objects"]),
+                        **common,
+                    ),
+                )
+
+            quant_runs = []
+            for run in runs:
+                if run.experiment != LENS_EXPERIMENT or run.run_id not in run_entries:
+                    continue
+                result = quantitative.quantitative_lens(db, run.run_id, run.model_id, run_entries[run.run_id])
+                if result is None:
+                    continue
+                chart = quantitative.line_chart_svg(
+                    [("top-1", result.top1, "series-top1"), (f"top-{result.top_k}", result.topk, "series-topk")],
+                    result.n_layers,
+                )
+                pages_by_image = {e.image_id: e.page_href for e in entries if e.run.run_id == run.run_id}
+                quant_runs.append({"run": run, "result": result, "chart": chart, "pages": pages_by_image})
+
+            download_info = _write_downloads(db, writer, runs) if downloads else None
+            if download_info is not None:
+                writer.write(
+                    "downloads.html",
+                    env.get_template("downloads.html.j2").render(
+                        runs=runs, downloads=download_info, root="", runs_here=runs, **common
+                    ),
+                )
+            writer.write(
+                "quantitative.html",
+                env.get_template("quantitative.html.j2").render(
+                    quant_runs=quant_runs, root="", runs_here=[q["run"] for q in quant_runs], **common
+                ),
+            )
+            experiment_pages = _experiment_pages(db, runs)
+            for page in experiment_pages:
+                writer.write(
+                    page["href"],
+                    env.get_template("experiment.html.j2").render(
+                        page=page, run=page["run"], root="../", runs_here=[page["run"]], **common
                     ),
                 )
             writer.write(
@@ -487,9 +808,12 @@ def build_site(db_path: Path, out_dir: Path) -> SiteSummary:
                     runs=runs,
                     entries=entries,
                     root="",
-                    demo_warning=DEMO_WARNING,
-                    generated_at=generated_at,
+                    runs_here=runs,
                     db_name=db_path.name,
+                    has_downloads=download_info is not None,
+                    quant_count=len(quant_runs),
+                    experiment_pages=experiment_pages,
+                    **common,
                 ),
             )
             _replace_owned(stage, out_dir)

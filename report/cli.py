@@ -34,10 +34,17 @@ def report() -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="Output folder. Its index.html, lens/, static/ and .nojekyll are replaced; other files are kept.",
 )
-def build(db_path: Path, out_dir: Path) -> None:
+@click.option(
+    "--downloads/--no-downloads",
+    default=True,
+    show_default=True,
+    help="Write downloads/ (gzipped CSV of every table, per run) and data/results.duckdb (the database, "
+    "in a storage format DuckDB-WASM 1.x reads).",
+)
+def build(db_path: Path, out_dir: Path, downloads: bool) -> None:
     """Build the site and print what was written."""
     try:
-        summary = build_site(db_path, out_dir)
+        summary = build_site(db_path, out_dir, downloads=downloads)
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
@@ -47,3 +54,40 @@ def build(db_path: Path, out_dir: Path) -> None:
         f"({summary.files_written} files, {summary.bytes_written / 1e6:.1f} MB) to {summary.out_dir}"
     )
     click.echo(f"Open {summary.out_dir / 'index.html'}")
+
+
+@report.command("serve", help="Serve a built site on 127.0.0.1 (only this machine can reach it) until Ctrl-C.")
+@click.option(
+    "--dir",
+    "site_dir",
+    default=Path("site"),
+    show_default=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Folder of a built site (the --out of `report build`).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one.")
+def serve(site_dir: Path, port: int) -> None:
+    """Serve the folder with the standard library's threaded HTTP server."""
+    import functools
+    import http.server
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
+                          ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+            click.echo(f"{self.address_string()} {format % args}", err=True)
+
+    if not (site_dir / "index.html").is_file():
+        raise click.ClickException(f"{site_dir} has no index.html; build it first with `llava-interp report build`")
+    try:
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=str(site_dir)))
+    except OSError as error:
+        raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}") from None
+    click.echo(f"Serving {site_dir} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C to stop)")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()

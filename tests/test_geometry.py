@@ -80,7 +80,13 @@ def _render(width: int, height: int) -> Image.Image:
 
 def _view_pixels(processor, image: Image.Image) -> np.ndarray:
     """Run the real processor and undo normalisation; returns (H, W, 3) in 0..255."""
-    pv = np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], dtype=np.float64)
+    out = processor(images=image, return_tensors="np")
+    if "image_grid_thw" in out:  # Qwen2-VL: patchified, see _qwen_unpatchify
+        pv = _qwen_unpatchify(np.asarray(out["pixel_values"], dtype=np.float64), out["image_grid_thw"][0], processor)
+    else:
+        pv = np.asarray(out["pixel_values"][0], dtype=np.float64)
+        if pv.ndim == 4:  # LLaVA-NeXT: (tiles, 3, H, W); tile 0 is the base view
+            pv = pv[0]
     mean = np.asarray(processor.image_mean, dtype=np.float64)[:, None, None]
     std = np.asarray(processor.image_std, dtype=np.float64)[:, None, None]
     return np.moveaxis((pv * std + mean) * 255.0, 0, -1)
@@ -529,3 +535,79 @@ def test_torchvision_backend_pads_with_floor():
     )()
     g = ViewGeometry.from_image_processor(fake, 301, 201)
     assert (g.offset_x, g.offset_y) == (22, -27)
+
+
+# --- Qwen2-VL / Qwen2.5-VL (smart_resize, no crop) ----------------------------------------
+
+
+def _qwen_unpatchify(patches: np.ndarray, grid_thw, processor) -> np.ndarray:
+    """(t*h*w, 3*tp*p*p) patches, laid out (h/m, w/m, m, m, 3, tp, p, p), back to (3, h*p, w*p)."""
+    t, h, w = (int(v) for v in grid_thw)
+    p, m, tp = processor.patch_size, processor.merge_size, processor.temporal_patch_size
+    x = patches.reshape(t, h // m, w // m, m, m, 3, tp, p, p)[0, :, :, :, :, :, 0]
+    return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+
+
+def _qwen_processor(**overrides):
+    # The real Qwen2-VL / Qwen2.5-VL preprocessor settings (min_pixels 3136, max_pixels 12845056).
+    settings = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2)
+    return transformers.Qwen2VLImageProcessorPil(**{**settings, **overrides})
+
+
+# (width, height) -> (view width, view height), by hand: each side round(side / 28) * 28 unless
+# the pixel count leaves [min_pixels, max_pixels].
+QWEN_EXPECTED = {
+    (640, 480): (644, 476),  # 640/28 = 22.86 -> 23; 480/28 = 17.14 -> 17
+    (480, 640): (476, 644),
+    (500, 333): (504, 336),  # 17.86 -> 18; 11.89 -> 12
+    (337, 1000): (336, 1008),  # 12.04 -> 12; 35.71 -> 36
+    (100, 50): (112, 56),  # 3.57 -> 4; 1.79 -> 2
+}
+
+
+@pytest.mark.parametrize("size", list(QWEN_EXPECTED), ids=[f"{w}x{h}" for w, h in QWEN_EXPECTED])
+def test_qwen2_vl_geometry_hand_values_and_markers(size):
+    processor = _qwen_processor()
+    g = ViewGeometry.from_image_processor(processor, *size)
+    assert (g.view_width, g.view_height) == QWEN_EXPECTED[size]
+    assert (g.offset_x, g.offset_y) == (0.0, 0.0)
+    assert g.scale_x == pytest.approx(g.view_width / size[0]) and g.scale_y == pytest.approx(g.view_height / size[1])
+    assert _check_markers(processor, g, *size) >= 4
+
+
+def test_qwen2_vl_geometry_max_and_min_pixels():
+    # Too many pixels: beta = sqrt(1200*900 / 200704) = 2.3197; floor(900/2.3197/28)*28 = 364,
+    # floor(1200/2.3197/28)*28 = 504.
+    processor = _qwen_processor(max_pixels=448 * 448)
+    g = ViewGeometry.from_image_processor(processor, 1200, 900)
+    assert (g.view_width, g.view_height) == (504, 364)
+    assert _check_markers(processor, g, 1200, 900) >= 4
+    # Too few: 60x40 rounds to 56x28 = 1568 < 3136; beta = sqrt(3136/2400) = 1.1431;
+    # ceil(40*1.1431/28)*28 = 56, ceil(60*1.1431/28)*28 = 84.
+    processor = _qwen_processor()
+    g = ViewGeometry.from_image_processor(processor, 60, 40)
+    assert (g.view_width, g.view_height) == (84, 56)
+    view = _view_pixels(processor, _render(60, 40))
+    assert view.shape == (56, 84, 3)
+
+
+# --- LLaVA-NeXT base view (the whole image resized to 336x336) ------------------------------
+
+
+def _llava_next_processor():
+    # llava-v1.6 settings: shortest_edge 336, crop 336, the five grid pinpoints, do_pad.
+    return transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        do_pad=True,
+    )
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 337), (336, 336)])
+def test_llava_next_base_view_markers(size):
+    processor = _llava_next_processor()
+    g = ViewGeometry.from_image_processor(processor, *size)
+    assert (g.view_width, g.view_height, g.offset_x, g.offset_y) == (336, 336, 0, 0)
+    assert g.scale_x == pytest.approx(336 / size[0]) and g.scale_y == pytest.approx(336 / size[1])
+    assert _check_markers(processor, g, *size) >= 4

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from db.store import ResultsDB
-from report.build import PROB_SCALE, ReportError, build_site, run_dir_name
+from report.build import PROB_LOG_SCALE, ReportError, build_site, decode_probs, encode_probs, run_dir_name, unpack_lens_data
 from report.cli import report
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
@@ -198,9 +198,15 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return db_path, out, run_ids
 
 
-def _decode(spec: dict) -> np.ndarray:
-    dtype = {"uint16": "<u2", "uint32": "<u4"}[spec["dtype"]]
-    return np.frombuffer(base64.b64decode(spec["b64"]), dtype=dtype)
+# Decoded probabilities are within this relative error (log-quantised, see report/build.py).
+PROB_REL = float(np.expm1(0.5 / PROB_LOG_SCALE)) + 1e-9
+PROB_FLOOR = float(np.exp(-254.5 / PROB_LOG_SCALE))
+
+
+def _close(decoded: float, stored: float) -> bool:
+    if stored < PROB_FLOOR:
+        return decoded == 0.0 or abs(decoded - stored) <= stored * PROB_REL + 1e-12
+    return abs(decoded - stored) <= stored * PROB_REL
 
 
 def _load_data(path: Path) -> dict:
@@ -248,7 +254,8 @@ def test_a_page_per_completely_written_image(built: tuple[Path, Path, dict[str, 
 def test_every_link_resolves_and_is_relative(built: tuple[Path, Path, dict[str, str]]) -> None:
     _, out, _ = built
     html_files = list(out.rglob("*.html"))
-    assert len(html_files) == 4
+    names = {p.relative_to(out).as_posix() for p in html_files if not p.parent.name == "experiments"}
+    assert len(names) == 6 and {"index.html", "quantitative.html", "downloads.html"} <= names
     for page in html_files:
         parser = _Links()
         parser.feed(page.read_text(encoding="utf-8"))
@@ -293,9 +300,9 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
                 tuple(row) for row in db_positions
             ]
             n_rows = len(pos["position"])
-            tokens, index, prob = data["tokens"], _decode(data["token_index"]), _decode(data["prob"])
-            assert len(index) == len(prob) == N_LAYERS * n_rows * TOP_K
-            assert data["prob"]["scale"] == PROB_SCALE
+            tokens, index, prob = unpack_lens_data(data)
+            assert len(index) == len(prob) == data["n_cells"] == N_LAYERS * n_rows * TOP_K
+            assert data["format"] == "llava-interp-lens/2" and data["packed"]["encoding"] == "deflate-raw"
             row_of = {p: r for r, p in enumerate(pos["position"])}
             lens = db.sql(
                 "SELECT layer, position, rank, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",
@@ -305,7 +312,7 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
             for layer, position, rank, token, p in lens:
                 at = (layer * n_rows + row_of[position]) * TOP_K + rank - 1
                 assert tokens[index[at]] == token
-                assert abs(prob[at] / PROB_SCALE - p) <= 0.5 / PROB_SCALE + 1e-12
+                assert _close(prob[at], p), (prob[at], p)
             top1 = db.sql(
                 "SELECT layer, position, token FROM lens_top1 WHERE run_id = ? AND image_id = ?",
                 (run_id, image_id),
@@ -322,15 +329,16 @@ def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path,
     data_js = out / "lens" / run_dir_name(run_id) / "102.data.js"  # the column-major image
     script = (
         "const vm = require('vm'), fs = require('fs');"
-        "const ctx = {atob: (s) => Buffer.from(s, 'base64').toString('latin1')};"
+        "const ctx = {atob: (s) => Buffer.from(s, 'base64').toString('latin1'), Blob, Response,"
+        " DecompressionStream, TextDecoder, Uint8Array, Uint32Array, Int32Array, Float64Array, JSON, Math, Promise, Error};"
         "ctx.window = ctx; vm.createContext(ctx);"
         f"vm.runInContext(fs.readFileSync({json.dumps(str(data_js))}, 'utf8'), ctx);"
         f"vm.runInContext(fs.readFileSync({json.dumps(str(out / 'static' / 'lens.js'))}, 'utf8'), ctx);"
-        "const m = new ctx.LensModel(ctx.LENS_DATA); const result = {};"
+        "ctx.LensModel.load(ctx.LENS_DATA).then((m) => { const result = {};"
         "for (let l = 0; l < m.nLayers; l++) for (let r = 0; r < m.gridRows; r++) for (let c = 0; c < m.gridCols; c++) {"
         "  const row = m.rowOfPatch[r * m.gridCols + c]; const cell = m.top1(l, row);"
         "  result[l + ',' + r + ',' + c] = [cell.token, cell.prob]; }"
-        "process.stdout.write(JSON.stringify(result));"
+        "process.stdout.write(JSON.stringify(result)); });"
     )
     completed = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30, check=True)
     from_js = json.loads(completed.stdout)
@@ -344,7 +352,7 @@ def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path,
     for layer, r, c, token, prob in expected:
         js_token, js_prob = from_js[f"{layer},{r},{c}"]
         assert js_token == token
-        assert abs(js_prob - prob) <= 0.5 / PROB_SCALE + 1e-12
+        assert _close(js_prob, prob), (js_prob, prob)
 
 
 def test_demo_warning_only_on_demo_runs(built: tuple[Path, Path, dict[str, str]]) -> None:
@@ -459,3 +467,261 @@ def test_report_imports_neither_torch_nor_the_collector() -> None:
     root = Path(__file__).resolve().parents[1]
     completed = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def _llava_sized_db(path: Path, *, uniform: bool) -> tuple[str, int]:
+    """One LLaVA-1.5-7b-shaped image: 576 patches + 10 text positions, 33 layers, top-5.
+
+    Tokens come from a 32000-word vocabulary. `uniform=False` draws them the way a real
+    lens table looks (Zipf-distributed, top-1 persisting across layers 60 % of the time);
+    `uniform=True` is the worst case (every cell an independent uniform draw).
+    """
+    rng = np.random.default_rng(7)
+    n_layers, grid, n_text, top_k, vocab = 33, 24, 10, 5, 32000
+    words = [f"\u2581w{i}" if i % 3 else f"p{i}" for i in range(vocab)]
+    n_pos = grid * grid + n_text
+
+    def zipf(n: int) -> np.ndarray:
+        return np.minimum(rng.zipf(1.3, n), vocab) - 1
+
+    tok = np.zeros((n_layers, n_pos, top_k), dtype=np.int64)
+    if uniform:
+        tok[:] = rng.integers(0, vocab, tok.shape)
+    else:
+        previous = zipf(n_pos)
+        for layer in range(n_layers):
+            keep = rng.random(n_pos) < 0.6
+            tok[layer, :, 0] = previous = np.where(keep, previous, zipf(n_pos))
+            tok[layer, :, 1:] = zipf(n_pos * (top_k - 1)).reshape(n_pos, top_k - 1)
+    prob = np.sort(rng.dirichlet(np.ones(top_k + 20) * 0.3, (n_layers, n_pos)), axis=-1)[:, :, ::-1][:, :, :top_k]
+    layer, position, rank = (a.ravel() for a in np.meshgrid(np.arange(n_layers), np.arange(n_pos), np.arange(1, top_k + 1), indexing="ij"))
+    run_id_holder = {}
+    with ResultsDB(path) as db:
+        db.add_image(1, "1.jpg", 640, 480, "coco")
+        run = db.start_run("lens", "m", {"model_id": "m"}, {"model_id": "m"})
+        run_id_holder["run"] = run
+        kinds = ["text"] * 5 + ["image"] * (grid * grid) + ["text"] * 5
+        patch = [None] * 5 + list(range(grid * grid)) + [None] * 5
+        n = len(layer)
+        db.write_image_results(run, 1, {
+            "positions": pa.table({
+                "run_id": [run] * n_pos, "image_id": pa.array([1] * n_pos, pa.int64()),
+                "position": pa.array(range(n_pos), pa.int32()), "kind": kinds,
+                "patch_row": pa.array([None if p is None else p // grid for p in patch], pa.int32()),
+                "patch_col": pa.array([None if p is None else p % grid for p in patch], pa.int32()),
+                "label": [f"<IMG{p + 1:03d}>" if p is not None else "USER" for p in patch],
+                "token_id": pa.array(range(n_pos), pa.int32()),
+            }),
+            "logit_lens": pa.table({
+                "run_id": [run] * n, "image_id": pa.array(np.ones(n, dtype=np.int64)),
+                "layer": pa.array(layer.astype(np.int16)), "position": pa.array(position.astype(np.int32)),
+                "rank": pa.array(rank.astype(np.int16)), "token_id": pa.array(tok.ravel().astype(np.int32)),
+                "token": [words[i] for i in tok.ravel()], "prob": pa.array(prob.ravel()),
+            }),
+            "run_images": pa.table({
+                "run_id": [run], "image_id": pa.array([1], pa.int64()), "n_positions": [n_pos],
+                "n_layers": [n_layers], "grid_rows": [grid], "grid_cols": [grid],
+                "written_at": [dt.datetime(2025, 1, 1)],
+            }),
+        })
+    return run_id_holder["run"], n_pos
+
+
+@pytest.mark.parametrize("uniform, limit", [(False, 300_000), (True, 560_000)])
+def test_llava_sized_lens_data_is_compact(tmp_path: Path, uniform: bool, limit: int) -> None:
+    db_path = tmp_path / "big.duckdb"
+    run_id, n_pos = _llava_sized_db(db_path, uniform=uniform)
+    out = tmp_path / "site"
+    build_site(db_path, out, downloads=False)
+    data_file = out / "lens" / run_dir_name(run_id) / "1.data.js"
+    size = data_file.stat().st_size
+    print(f"lens data, {'uniform' if uniform else 'realistic'} tokens: {size} bytes")
+    assert size < limit
+    data = _load_data(data_file)
+    tokens, index, prob = unpack_lens_data(data)
+    assert len(index) == 33 * n_pos * 5
+    with ResultsDB(db_path, read_only=True) as db:
+        sample = db.sql(
+            "SELECT layer, position, rank, token, prob FROM logit_lens USING SAMPLE 2000 ROWS (reservoir, 1)"
+        )
+    for layer, position, rank, token, p in sample:
+        at = (layer * n_pos + position) * 5 + rank - 1
+        assert tokens[index[at]] == token and _close(prob[at], p)
+
+
+def test_probability_codes_round_trip() -> None:
+    p = np.array([1.0, 0.5, 1e-3, 1e-5, 3.1e-6, 1e-7, 0.0])
+    decoded = decode_probs(encode_probs(p))
+    for d, v in zip(decoded, p):
+        assert _close(d, v), (d, v)
+    assert decoded[-1] == 0.0 and decoded[0] == 1.0
+
+
+def test_downloads_csv_and_database_copy(built: tuple[Path, Path, dict[str, str]]) -> None:
+    import csv
+    import gzip
+
+    import duckdb
+
+    db_path, out, run_ids = built
+    hostile = run_dir_name(run_ids["hostile"])
+    with gzip.open(out / "downloads" / hostile / "logit_lens.csv.gz", "rt", encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with ResultsDB(db_path, read_only=True) as db:
+        expected = db.sql("SELECT count(*) FROM logit_lens WHERE run_id = ?", (run_ids["hostile"],))[0][0]
+        tables = {name for (name,) in db.sql("SELECT table_name FROM information_schema.tables")}
+    assert len(rows) == expected and {r["run_id"] for r in rows} == {run_ids["hostile"]}
+    assert HOSTILE in {r["token"] for r in rows}  # CSV keeps the text as it is
+    for name in ("positions", "run_images", "image_views", "runs", "skipped"):
+        assert (out / "downloads" / hostile / f"{name}.csv.gz").is_file(), name
+    for name in ("images", "annotations", "schema_migrations"):
+        assert (out / "downloads" / f"{name}.csv.gz").is_file(), name
+    with gzip.open(out / "downloads" / hostile / "image_views.csv.gz", "rt") as handle:
+        assert "png" not in handle.readline().split(",")
+    downloads = (out / "downloads.html").read_text(encoding="utf-8")
+    assert 'href="data/results.duckdb"' in downloads and f"downloads/{hostile}/logit_lens.csv.gz" in downloads
+
+    copy = duckdb.connect(str(out / "data" / "results.duckdb"), read_only=True)
+    try:
+        copy.execute("SELECT tags FROM duckdb_databases() WHERE database_name = current_database()")
+        assert copy.fetchall()[0][0]["storage_version"].startswith("v1.4.0")
+        copy.execute("SELECT table_name FROM information_schema.tables")
+        assert {name for (name,) in copy.fetchall()} == tables
+        copy.execute("SELECT count(*) FROM logit_lens WHERE run_id = ?", [run_ids["hostile"]])
+        assert copy.fetchall()[0][0] == expected
+    finally:
+        copy.close()
+    with ResultsDB(out / "data" / "results.duckdb", read_only=True) as again:
+        assert len(again.runs()) == 3
+
+
+def test_every_page_has_provenance_and_theme(built: tuple[Path, Path, dict[str, str]]) -> None:
+    db_path, out, _ = built
+    import hashlib
+
+    digest = hashlib.sha256(db_path.read_bytes()).hexdigest()
+    for page in out.rglob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        assert "Generated by llava-interp" in text and digest[:16] in text, page
+        assert "schema version" in text and 'id="theme-toggle"' in text and "static/theme.js" in text, page
+    assert (out / ".nojekyll").is_file()
+    css = (out / "static" / "site.css").read_text()
+    assert '[data-theme="dark"]' in css and "prefers-color-scheme: dark" in css
+
+
+def _quant_db(path: Path) -> str:
+    """A 4x4 grid over a 28x28 view of a 56x56 image (scale 0.5, no offset); the object is
+    the square (0, 0)-(28, 28) in the image, i.e. view (0, 0)-(14, 14): patches (0..1, 0..1)."""
+    with ResultsDB(path) as db:
+        db.add_image(5, "5.jpg", 56, 56, "coco", annotations=[
+            {"id": 1, "category_id": 1, "category": "hot dog", "area": 784.0, "bbox": [0, 0, 28, 28],
+             "segmentation": [[0, 0, 28, 0, 28, 28, 0, 28]]},
+            {"id": 2, "category_id": 1, "category": "hot dog", "area": 1.0, "bbox": [50, 50, 6, 6],
+             "iscrowd": 1, "segmentation": {"size": [56, 56], "counts": [3130, 6]}},
+        ])
+        run = db.start_run("lens", "m", {"model_id": "m"}, {"model_id": "m"})
+        positions = _positions(run, 5, column_major=False)  # patch (r, c) at position 2 + 4r + c
+        n_pos = positions.num_rows
+        object_positions = {2 + 4 * r + c for r in (0, 1) for c in (0, 1)}
+        cols: dict[str, list] = {k: [] for k in ("layer", "position", "rank", "token_id", "token", "prob")}
+        for layer in range(N_LAYERS):
+            for position in range(n_pos):
+                tokens = ["x", "y", "z"]
+                if position in object_positions:
+                    obj = sorted(object_positions).index(position)
+                    if layer == 1 and obj < 3:
+                        tokens = ["\u2581Hot", "y", "z"]  # a word of the name, top-1
+                    if layer == 2:
+                        tokens = ["x", "dog", "z"] if obj < 2 else ["hotdog", "y", "z"]
+                elif position == 2 + 4 * 3 + 3 and layer == 1:
+                    tokens = ["hot", "y", "z"]  # outside the object: never counted
+                for rank, token in enumerate(tokens, start=1):
+                    cols["layer"].append(layer)
+                    cols["position"].append(position)
+                    cols["rank"].append(rank)
+                    cols["token_id"].append(rank)
+                    cols["token"].append(token)
+                    cols["prob"].append(0.5 / rank)
+        n = len(cols["layer"])
+        tables = {
+            "positions": positions,
+            "logit_lens": pa.table({
+                "run_id": [run] * n, "image_id": pa.array([5] * n, pa.int64()),
+                "layer": pa.array(cols["layer"], pa.int16()), "position": pa.array(cols["position"], pa.int32()),
+                "rank": pa.array(cols["rank"], pa.int16()), "token_id": pa.array(cols["token_id"], pa.int32()),
+                "token": cols["token"], "prob": pa.array(cols["prob"], pa.float64()),
+            }),
+            "image_views": pa.table({
+                "run_id": [run], "image_id": pa.array([5], pa.int64()), "png": pa.array([_png(28, 28)], pa.binary()),
+                "view_width": [28], "view_height": [28], "scale_x": [0.5], "scale_y": [0.5],
+                "offset_x": [0.0], "offset_y": [0.0],
+            }),
+            "run_images": pa.table({
+                "run_id": [run], "image_id": pa.array([5], pa.int64()), "n_positions": [n_pos],
+                "n_layers": [N_LAYERS], "grid_rows": [GRID], "grid_cols": [GRID],
+                "written_at": [dt.datetime(2025, 1, 2)],
+            }),
+        }
+        db.write_image_results(run, 5, tables)
+        db.finish_run(run)
+    return run
+
+
+def test_quantitative_logit_lens(tmp_path: Path) -> None:
+    from report.quantitative import quantitative_lens
+
+    db_path = tmp_path / "quant.duckdb"
+    run = _quant_db(db_path)
+    with ResultsDB(db_path, read_only=True) as db:
+        result = quantitative_lens(db, run, "m", [(5, N_LAYERS, GRID, GRID)])
+        hits = db.sql("SELECT layer, position, category, best_rank FROM lens_object_hits ORDER BY ALL")
+    assert result is not None
+    assert (result.n_images, result.n_objects, result.n_positions) == (1, 1, 4)
+    assert result.top1 == [0.0, 0.75, 0.5]
+    assert result.topk == [0.0, 0.75, 1.0]
+    assert (result.peak_top1, result.peak_topk) == (1, 2)
+    assert (1, 2 + 4 * 3 + 3, "hot dog", 1) in hits  # the view itself does not know about patches
+    out = tmp_path / "site"
+    build_site(db_path, out)
+    page = (out / "quantitative.html").read_text(encoding="utf-8")
+    assert "<svg" in page and "75.0%" in page and "at layer <strong>1</strong>" in page
+    data = _load_data(out / "lens" / run_dir_name(run) / "5.data.js")
+    (obj,) = data["objects"]
+    assert obj["category"] == "hot dog" and obj["cells"] == [0, 1, 4, 5]
+    polygon = obj["outlines"][0]["polygons"][0]
+    assert polygon == [0, 0, 14, 0, 14, 14, 0, 14]
+    assert obj["outlines"][1]["iscrowd"] and obj["outlines"][1]["bbox"] == [25, 25, 3, 3]
+    index = (out / "index.html").read_text(encoding="utf-8")
+    assert 'href="quantitative.html"' in index
+
+
+def test_cli_serve_serves_the_site(tmp_path: Path, built: tuple[Path, Path, dict[str, str]]) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    _, out, _ = built
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from report.cli import report; report()", "serve", "--dir", str(out), "--port", str(port)],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=2) as response:
+                    assert response.status == 200 and b"llava-interp" in response.read()
+                break
+            except OSError:
+                if time.time() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    missing = CliRunner().invoke(report, ["serve", "--dir", str(tmp_path)])
+    assert missing.exit_code != 0 and "build it first" in missing.output

@@ -1,17 +1,159 @@
-"""`llava-interp collect ablation` and `collect mean-vector` (being built)."""
+"""`llava-interp collect ablation` and `collect mean-vector`."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from collector.errors import UserError
 
+K_DEFAULT = "5,10,20,40,60,100,250"
+
+
+def _parse_k(value: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--k must be comma-separated integers, got {value!r}") from None
+    if not ks or any(k < 1 for k in ks):
+        raise UserError(f"--k needs positive integers, got {value!r}")
+    return ks
+
+
+def _parse_area(value: str) -> tuple[float, float]:
+    parts = value.split(":")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--object-area must be MIN:MAX (e.g. 1000:2000), got {value!r}") from None
+    if not 0 <= low < high:
+        raise UserError(f"--object-area must have 0 <= MIN < MAX, got {value!r}")
+    return low, high
+
+
+def _annotation_file(annotations: Path | None, coco_root: Path | None, split: str | None) -> Path:
+    if coco_root is not None and split is not None:
+        return coco_root / "annotations" / f"instances_{split}.json"
+    if annotations is None:
+        raise UserError("ablation needs COCO annotations: give --annotations FILE with --images")
+    return annotations
+
+
+def _model_and_input_options(command):
+    from collector.cli import input_options, model_options
+
+    return model_options(input_options(command))
+
 
 @click.command("ablation")
-def ablation_command() -> None:
-    """Token ablation: not available yet."""
-    raise UserError("collect ablation is not available yet")
+@_model_and_input_options
+@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
+@click.option("--settings", "settings_text", default="generative,polling", show_default=True,
+              help="Comma-separated settings: generative (describe the image), polling (is there a CLASS?), "
+              "vqa (a question + ' It is a'; needs --questions).")
+@click.option("--questions", type=click.Path(path_type=Path), default=None,
+              help='VQA questions, {"<coco id>": ["question", ...]}; the first question of each image is asked.')
+@click.option("--replacement", default="zero", show_default=True,
+              help="Replacement vector: a .pt file with a 1-D tensor of the model's hidden size (e.g. from "
+              "`collect mean-vector`), 'zero', or db:<vector_id> from the mean_vectors table.")
+@click.option("--no-curate", is_flag=True,
+              help="Keep every selected image (default: keep one only if the unablated model names the class "
+              "and stops naming it under image noise).")
+@click.option("--max-annotations", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Select images with at most N annotations.")
+@click.option("--object-area", default="1000:2000", show_default=True,
+              help="MIN:MAX area (original pixels², exclusive) of the single-instance target object.")
+@click.option("--k", "k_text", default=K_DEFAULT, show_default=True,
+              help="Comma-separated token counts for the random_k and gradient_k conditions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random_k draws and the image noise.")
+@click.option("--ig-steps", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Integrated-gradients quadrature nodes for gradient_k.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Conditions per forward/generate batch (speed only; results do not change).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Greedy tokens generated in the generative setting.")
+@click.option("--noise-std", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Std of the image_noise Gaussian, in normalised pixel units.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def ablation_command(
+    model_id: str, revision: str | None, device: str | None, dtype: str, quantization: str,
+    prompt_template: str | None, images_dir: Path | None, annotations: Path | None, coco_root: Path | None,
+    split: str | None, limit: int | None, db_path: Path, settings_text: str, questions: Path | None,
+    replacement: str, no_curate: bool, max_annotations: int, object_area: str, k_text: str, seed: int,
+    ig_steps: int, batch_size: int, max_new_tokens: int, noise_std: float, quiet: bool,
+) -> None:
+    """Token ablation: replace image-token embeddings (object patches, register tokens, random,
+    top-gradient) at the LM input and check whether the model still identifies the object.
+    --limit counts kept images. Rerunning the same command resumes."""
+    from collector.ablation.experiment import AblationOptions, collect_ablation, load_questions
+    from collector.ablation.replacement import load_replacement
+    from collector.cli import input_config, resolve_images
+    from collector.loading import load_model
+    from db.store import ResultsDB
+
+    settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
+    options = AblationOptions(
+        settings=settings,
+        questions=load_questions(questions) if questions is not None else None,
+        k_values=_parse_k(k_text),
+        seed=seed,
+        curate=not no_curate,
+        max_annotations=max_annotations,
+        area_range=_parse_area(object_area),
+        ig_steps=ig_steps,
+        max_new_tokens=max_new_tokens,
+        noise_std=noise_std,
+        batch_size=batch_size,
+    )
+    annotation_file = _annotation_file(annotations, coco_root, split)
+    # --limit counts kept images, so every listed image is a candidate.
+    records = resolve_images(images_dir, annotations, coco_root, split, None)
+    with ResultsDB(db_path) as db:
+        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
+        vector = load_replacement(replacement, loaded.adapter.hidden_size, db)
+        summary = collect_ablation(
+            loaded, records, db, annotation_file, options, vector, limit=limit,
+            extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
+            | {"questions": str(questions) if questions else None},
+            progress=not quiet,
+        )
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skip_reasons.items()))
+    click.echo(
+        f"run {summary.run_id}: {summary.images_kept} images ablated, {summary.images_skipped} skipped"
+        f"{f' ({reasons})' if reasons else ''}, {summary.images_already_complete} already complete -> {db_path}"
+    )
 
 
 @click.command("mean-vector")
-def mean_vector_command() -> None:
-    """Mean image-token embedding: not available yet."""
-    raise UserError("collect mean-vector is not available yet")
+@_model_and_input_options
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="Output .pt file: the mean as a 1-D float tensor (usable as --replacement FILE).")
+@click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
+              help="Also store the vector in this DuckDB file's mean_vectors table (use as --replacement db:<id>).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def mean_vector_command(
+    model_id: str, revision: str | None, device: str | None, dtype: str, quantization: str,
+    prompt_template: str | None, images_dir: Path | None, annotations: Path | None, coco_root: Path | None,
+    split: str | None, limit: int | None, out_path: Path, db_path: Path | None, quiet: bool,
+) -> None:
+    """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
+    memory): the replacement vector for `collect ablation --replacement`."""
+    from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
+    from collector.cli import input_config, resolve_images
+    from collector.loading import load_model
+    from db.store import ResultsDB
+
+    if not out_path.parent.exists():
+        raise UserError(f"folder for --out does not exist: {out_path.parent}")
+    records = resolve_images(images_dir, annotations, coco_root, split, limit)
+    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
+    mean = compute_mean_vector(loaded, records, progress=not quiet)
+    save_mean_vector(out_path, mean)
+    message = f"mean of {mean.n_tokens} image tokens over {mean.n_images} images -> {out_path}"
+    if db_path is not None:
+        with ResultsDB(db_path) as db:
+            config = input_config(images_dir, annotations, coco_root, split, limit, model_id)
+            vector_id = store_mean_vector(db, loaded, mean, str(out_path), config)
+        message += f" and {db_path} (--replacement db:{vector_id})"
+    click.echo(message)

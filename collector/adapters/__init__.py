@@ -4,18 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from collector.adapters.base import ImageTokenLayout, ModelAdapter
+from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, ModelAdapter
 from collector.adapters.llava import Llava15Adapter, LlavaPhiAdapter
+from collector.adapters.llava_next import LlavaNextAdapter
+from collector.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (Llava15Adapter, LlavaPhiAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    Llava15Adapter,
+    LlavaPhiAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+)
 
 # Families users ask for that are not supported yet, with what is missing.
 UNSUPPORTED: dict[str, str] = {
-    "llava_next": "LLaVA-NeXT (anyres tiles with image_newline tokens) is not supported yet",
-    "qwen2_vl": "Qwen2-VL (dynamic resolution, M-RoPE) is not supported yet",
-    "qwen2_5_vl": "Qwen2.5-VL (dynamic resolution, M-RoPE) is not supported yet",
-    "gemma3": "Gemma 3 (bidirectional image attention) is not supported yet",
-    "paligemma": "PaliGemma (prefix-LM attention) is not supported yet",
+    "gemma3": (
+        "Gemma 3 is not supported yet: no adapter verified for its 256 pooled image tokens between "
+        "<start_of_image> and <end_of_image>, bidirectional image attention (token_type_ids), "
+        "mixed sliding/full layers and final logit softcapping"
+    ),
+    "paligemma": (
+        "PaliGemma is not supported yet: no adapter verified for its image-first prefix-LM "
+        "attention (token_type_ids) and SigLIP 224/14 grid"
+    ),
 }
 
 
@@ -39,6 +51,7 @@ def adapter_class_for(config: Any) -> type[ModelAdapter]:
 
 __all__ = [
     "ADAPTERS",
+    "ExtraImageTokens",
     "UNSUPPORTED",
     "ImageTokenLayout",
     "ModelAdapter",

@@ -10,19 +10,44 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
+import numpy as np
 import torch
 from PIL import Image
+
+
+@dataclass(frozen=True)
+class ExtraImageTokens:
+    """Image-derived LM positions that are not cells of the layout's grid.
+
+    E.g. LLaVA-NeXT's high-resolution tile tokens and its `image_newline` tokens. Each
+    entry has a `kind` (written to `positions.kind`), a cell of its own grid (`rows`,
+    `cols`; -1 where there is none, written as NULL) and a `label`.
+    """
+
+    positions: torch.Tensor
+    kinds: tuple[str, ...]
+    rows: torch.Tensor
+    cols: torch.Tensor
+    labels: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = int(self.positions.numel())
+        if not (len(self.kinds) == len(self.labels) == self.rows.numel() == self.cols.numel() == n):
+            raise ValueError("extra image tokens: positions, kinds, rows, cols and labels differ in length")
 
 
 @dataclass(frozen=True)
 class ImageTokenLayout:
     """Where an image's tokens sit in the LM input and which patch each one is.
 
-    positions: (n_image_tokens,) int64, ascending LM input positions of image tokens.
+    positions: (n_image_tokens,) int64, LM input positions of the grid's image tokens,
+        in row-major cell order (ascending for every family whose tokens are row-major).
     patch_rows, patch_cols: (n_image_tokens,) int64, the grid cell of each token
         (row-major: token k is cell (k // grid_cols, k % grid_cols)).
+    extra: image-derived positions outside the grid (None for most families); see
+        `ExtraImageTokens`. `all_image_positions` covers both.
     """
 
     positions: torch.Tensor
@@ -30,10 +55,18 @@ class ImageTokenLayout:
     patch_cols: torch.Tensor
     grid_rows: int
     grid_cols: int
+    extra: ExtraImageTokens | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.positions.numel())
+
+    @property
+    def all_image_positions(self) -> torch.Tensor:
+        """Every LM position that carries image features (grid + extra), ascending."""
+        if self.extra is None or self.extra.positions.numel() == 0:
+            return self.positions.sort().values
+        return torch.cat([self.positions, self.extra.positions]).sort().values
 
     def position_of(self, row: int, col: int) -> int:
         """The LM input position of grid cell (row, col)."""
@@ -65,6 +98,13 @@ class ModelAdapter(ABC):
     @abstractmethod
     def matches(cls, config: Any) -> bool:
         """Whether this adapter handles a model with this config."""
+
+    @classmethod
+    def load_processor(cls, model_id: str, revision: str | None = None) -> Any:
+        """The checkpoint's processor (`AutoProcessor.from_pretrained` unless a family needs more)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_id, revision=revision)
 
     # -- where the parts are -----------------------------------------------------------
 
@@ -135,6 +175,10 @@ class ModelAdapter(ABC):
         Returns input_ids (1, T), attention_mask (1, T), pixel_values (1, 3, H, W), ...
         """
         batch = self.processor(images=image, text=self.format_prompt(question), return_tensors="pt")
+        return self._to_model(batch)
+
+    def _to_model(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors moved to the model's device; floating ones cast to its dtype."""
         dtype = self.input_embeddings.weight.dtype
         out: dict[str, torch.Tensor] = {}
         for name, value in batch.items():
@@ -146,9 +190,37 @@ class ModelAdapter(ABC):
         return out
 
     @abstractmethod
-    def image_token_layout(self, input_ids: torch.Tensor) -> ImageTokenLayout:
-        """Image positions of one sequence, input_ids (T,), and their grid cells."""
+    def image_token_layout(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
+    ) -> ImageTokenLayout:
+        """Image positions of one sequence, input_ids (T,), and their grid cells.
+
+        `inputs` (what `build_inputs` returned) is needed by families whose grid depends on
+        the image (Qwen2-VL: `image_grid_thw`); without it such adapters use the grid of the
+        most recent `build_inputs` call that produced these input_ids.
+        """
+
+    def view_pixels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The (3, H, W) pixel tensor of the model's view, from `build_inputs`' output.
+
+        Default: `pixel_values[0]`; families with patchified or tiled pixel values override.
+        """
+        return inputs["pixel_values"][0]
 
     @abstractmethod
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         """The image as the model sees it, from pixel_values (3, H, W)."""
+
+
+def denormalise_to_image(pixel_values: torch.Tensor, image_processor: Any) -> Image.Image:
+    """Undo an image processor's normalisation and rescaling of (3, H, W) pixel values."""
+    mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
+    rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
+    values = pixel_values.detach().float().cpu()
+    if getattr(image_processor, "do_normalize", True):
+        values = values * std + mean
+    if getattr(image_processor, "do_rescale", True):
+        values = values / rescale
+    array = values.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array), mode="RGB")

@@ -8,13 +8,12 @@ row-major over the patch grid); they differ only in the prompt format.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-import numpy as np
 import torch
 from PIL import Image
 
-from collector.adapters.base import ImageTokenLayout, ModelAdapter
+from collector.adapters.base import ImageTokenLayout, ModelAdapter, denormalise_to_image
 
 
 class LlavaAdapter(ModelAdapter):
@@ -65,7 +64,9 @@ class LlavaAdapter(ModelAdapter):
         side = int(vision.image_size) // int(vision.patch_size)
         return side, side
 
-    def image_token_layout(self, input_ids: torch.Tensor) -> ImageTokenLayout:
+    def image_token_layout(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
+    ) -> ImageTokenLayout:
         if input_ids.dim() != 1:
             raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
         positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
@@ -87,17 +88,7 @@ class LlavaAdapter(ModelAdapter):
         )
 
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
-        image_processor = self.processor.image_processor
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32).view(3, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32).view(3, 1, 1)
-        rescale = float(getattr(image_processor, "rescale_factor", 1 / 255))
-        values = pixel_values.detach().float().cpu()
-        if getattr(image_processor, "do_normalize", True):
-            values = values * std + mean
-        if getattr(image_processor, "do_rescale", True):
-            values = values / rescale
-        array = values.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+        return denormalise_to_image(pixel_values, self.processor.image_processor)
 
 
 class Llava15Adapter(LlavaAdapter):

@@ -1,0 +1,422 @@
+"""The token-ablation experiment: select images, curate, ablate token sets, score, write DuckDB rows.
+
+Per kept image, every condition (none, object_0/1/2, register, random_k, gradient_k,
+image_noise) is run in every requested setting (generative, polling, vqa). An image is
+either kept (every requested setting ran) or skipped with a recorded reason; both get a
+`run_images` marker so a rerun resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from collector.ablation.replacement import Replacement, lm_input_embeddings
+from collector.ablation.settings import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GENERATIVE_QUESTION,
+    POLLING_MAX_NEW_TOKENS,
+    POLLING_QUESTION,
+    SETTINGS,
+    VQA_SUFFIX,
+    Condition,
+    generate_answers,
+    mentions_class,
+    next_token_predictions,
+    says_yes,
+)
+from collector.ablation.token_sets import (
+    DEFAULT_IG_STEPS,
+    DEFAULT_K,
+    DEFAULT_NOISE_STD,
+    TokenSet,
+    first_word_token_id,
+    integrated_gradients,
+    noised_pixel_values,
+    token_sets,
+    yes_token_id,
+)
+from collector.coco import AblationTarget, load_coco, select_targets
+from collector.errors import UserError
+from collector.images import ImageRecord
+from collector.loading import LoadedModel
+from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
+from collector.targets import object_cells
+from db.store import ResultsDB
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+@dataclass(frozen=True)
+class AblationOptions:
+    """What defines an ablation run besides the model and the replacement vector."""
+
+    settings: tuple[str, ...] = ("generative", "polling")
+    questions: dict[str, list[str]] | None = None
+    k_values: tuple[int, ...] = DEFAULT_K
+    seed: int = 0
+    curate: bool = True
+    max_annotations: int = 3
+    area_range: tuple[float, float] = (1000.0, 2000.0)
+    ig_steps: int = DEFAULT_IG_STEPS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    noise_std: float = DEFAULT_NOISE_STD
+    batch_size: int = 16  # speed only: batched answers equal one-at-a-time answers
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown or not self.settings:
+            raise UserError(f"unknown setting(s) {unknown or '(none)'}; choose from {', '.join(SETTINGS)}")
+        if "vqa" in self.settings and self.questions is None:
+            raise UserError("the vqa setting needs --questions FILE")
+        if any(k < 1 for k in self.k_values):
+            raise UserError("every k must be at least 1")
+        if self.ig_steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError("--ig-steps, --batch-size and --max-new-tokens must be at least 1")
+        low, high = self.area_range
+        if not 0 <= low < high:
+            raise UserError(f"object area range must be 0 <= MIN < MAX, got {low}:{high}")
+
+    def identity(self) -> dict[str, Any]:
+        questions_sha = None
+        if "vqa" in self.settings and self.questions is not None:
+            questions_sha = hashlib.sha256(json.dumps(self.questions, sort_keys=True).encode()).hexdigest()
+        return {
+            "settings": list(self.settings),
+            "questions_sha256": questions_sha,
+            "k": list(self.k_values),
+            "seed": self.seed,
+            "curate": self.curate,
+            "max_annotations": self.max_annotations,
+            "area_range": list(self.area_range),
+            "ig_steps": self.ig_steps,
+            "ig_rule": "gauss-legendre",
+            "max_new_tokens": self.max_new_tokens,
+            "polling_max_new_tokens": POLLING_MAX_NEW_TOKENS,
+            "noise_std": self.noise_std,
+        }
+
+
+def load_questions(path: str | Path) -> dict[str, list[str]]:
+    """A `{"<coco id>": ["question", ...]}` file (the original clean_questions.json format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"questions file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read questions {path}: {error}".replace("\n", " ")) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(v, list) and all(isinstance(q, str) for q in v) for v in data.values()
+    ):
+        raise UserError(f'{path} must map COCO ids to lists of questions: {{"<id>": ["question", ...]}}')
+    return {str(k): list(v) for k, v in data.items()}
+
+
+@dataclass(frozen=True)
+class AblationSummary:
+    run_id: str
+    images_selected: int  # images with a target after COCO selection
+    images_already_complete: int
+    images_kept: int  # kept (ablated) in this invocation
+    images_skipped: int  # skipped with a recorded reason in this invocation
+    skip_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def run_identity(loaded: LoadedModel, replacement: Replacement, options: AblationOptions) -> dict[str, Any]:
+    """The settings that change ablation results; a rerun with the same identity resumes."""
+    return {
+        "model_id": loaded.model_id,
+        "revision": loaded.revision,
+        "dtype": loaded.dtype,
+        "quantization": loaded.quantization,
+        "prompt_template": loaded.adapter.prompt_template,
+        "replacement_sha256": replacement.sha256,
+        **options.identity(),
+    }
+
+
+def _is_grayscale(record: ImageRecord) -> bool:
+    with Image.open(record.path) as image:
+        return image.mode in GRAYSCALE_MODES or (image.mode == "P" and image.palette.mode in GRAYSCALE_MODES)
+
+
+def _skip_tables(run_id: str, record: ImageRecord, layout: Any, n_positions: int, reason: str, detail: str) -> dict:
+    return {
+        "skipped": pa.table(
+            {
+                "run_id": [run_id],
+                "image_id": pa.array([record.image_id], pa.int64()),
+                "reason": [reason],
+                "detail": [detail],
+            }
+        ),
+        "run_images": run_image_marker(run_id, record.image_id, n_positions, layout, None),
+    }
+
+
+def _short(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class _Outcome:
+    tables: dict[str, pa.Table]
+    kept: bool
+    reason: str | None = None
+
+
+def ablate_one_image(
+    loaded: LoadedModel,
+    run_id: str,
+    record: ImageRecord,
+    target: AblationTarget,
+    replacement: Replacement,
+    options: AblationOptions,
+) -> _Outcome:
+    """Every row of one image (ablations, positions, image view, marker), or its skip rows."""
+    adapter = loaded.adapter
+    tokenizer = adapter.tokenizer
+    category = target.category
+    image = record.load()
+    generative_inputs = adapter.build_inputs(image, GENERATIVE_QUESTION)
+    layout = adapter.image_token_layout(generative_inputs["input_ids"][0])
+    n_positions = int(generative_inputs["input_ids"].shape[1])
+
+    def skip(reason: str, detail: str) -> _Outcome:
+        return _Outcome(_skip_tables(run_id, record, layout, n_positions, reason, detail), False, reason)
+
+    if _is_grayscale(record):
+        return skip("grayscale", "grayscale image")
+    cells = object_cells(
+        target.segmentation, adapter.processor.image_processor, record.width, record.height,
+        layout.grid_rows, layout.grid_cols,
+    )
+    if not cells.any():
+        return skip("object_cropped", f"annotation {target.annotation_id} ({category}) lies outside the model's view")
+    vqa_question = vqa_token = None
+    if "vqa" in options.settings:
+        questions = (options.questions or {}).get(str(record.image_id)) or []
+        if not questions:
+            return skip("no_question", "no VQA question for this image")
+        vqa_question = questions[0]
+        vqa_token = first_word_token_id(tokenizer, " " + category)
+        if vqa_token is None:
+            return skip("class_token_unknown", f"the first token of {category!r} is not in the vocabulary")
+
+    vector = replacement.vector
+    image_embeddings = lm_input_embeddings(loaded, generative_inputs)[0, layout.positions].float().cpu()
+    noise_pixels = noised_pixel_values(
+        generative_inputs["pixel_values"][0], cells, options.noise_std, options.seed, record.image_id
+    )
+    none_condition = Condition("none", ())
+    noise_condition = Condition("image_noise", (), noise_pixels)
+
+    curation_answers: list[str] | None = None
+    if options.curate:
+        curation_answers = generate_answers(
+            loaded, generative_inputs, [none_condition, noise_condition], vector,
+            options.max_new_tokens, options.batch_size,
+        )
+        baseline_answer, noise_answer = curation_answers
+        if not mentions_class(baseline_answer, category):
+            return skip("baseline_incorrect", f"description does not name {category!r}: {_short(baseline_answer)}")
+        if mentions_class(noise_answer, category):
+            return skip("noise_still_correct", f"still names {category!r} under image noise: {_short(noise_answer)}")
+
+    polling_question = POLLING_QUESTION.format(category=category)
+    polling_inputs = adapter.build_inputs(image, polling_question)
+    polling_layout = adapter.image_token_layout(polling_inputs["input_ids"][0])
+    ig = integrated_gradients(
+        loaded, polling_inputs, polling_layout, vector, yes_token_id(tokenizer),
+        steps=options.ig_steps, batch_size=options.batch_size,
+    )
+    sets: list[TokenSet] = token_sets(
+        cells, image_embeddings, record.image_id, options.seed, options.k_values, ig.token_attribution
+    )
+
+    rows: list[dict[str, Any]] = []
+    first_inputs: dict[str, torch.Tensor] | None = None
+    for setting in options.settings:
+        if setting == "generative":
+            question, inputs = GENERATIVE_QUESTION, generative_inputs
+        elif setting == "polling":
+            question, inputs = polling_question, polling_inputs
+        else:
+            question = vqa_question
+            inputs = _vqa_inputs(loaded, image, vqa_question)
+        first_inputs = first_inputs or inputs
+        setting_layout = adapter.image_token_layout(inputs["input_ids"][0])
+        conditions = [none_condition]
+        conditions += [Condition(s.name, tuple(setting_layout.positions_of_cells(list(s.token_indices)))) for s in sets]
+        conditions.append(noise_condition)
+        seeds = {s.name: s.seed for s in sets} | {"image_noise": options.seed}
+        base = {"category": category, "setting": setting, "question": question}
+
+        if setting in ("generative", "polling"):
+            todo = conditions
+            reused: dict[str, str] = {}
+            if setting == "generative" and curation_answers is not None:
+                # batched answers equal one-at-a-time answers (tested), so curation's are reused
+                reused = {"none": curation_answers[0], "image_noise": curation_answers[1]}
+                todo = [c for c in conditions if c.name not in reused]
+            max_new = options.max_new_tokens if setting == "generative" else POLLING_MAX_NEW_TOKENS
+            answers = dict(zip([c.name for c in todo], generate_answers(
+                loaded, inputs, todo, vector, max_new, options.batch_size
+            )))
+            answers.update(reused)
+            for condition in conditions:
+                answer = answers[condition.name]
+                correct = mentions_class(answer, category) if setting == "generative" else says_yes(answer)
+                rows.append({**base, "condition": condition.name, "positions": list(condition.positions),
+                             "correct": correct, "answer": answer, "seed": seeds.get(condition.name)})
+        else:
+            predictions = next_token_predictions(loaded, inputs, conditions, vector, vqa_token, options.batch_size)
+            target_text = tokenizer.decode([vqa_token])
+            for condition, prediction in zip(conditions, predictions):
+                rows.append({
+                    **base, "condition": condition.name, "positions": list(condition.positions),
+                    "correct": prediction.predicted_id == vqa_token, "answer": None,
+                    "predicted_token": prediction.predicted_token, "predicted_prob": prediction.predicted_prob,
+                    "target_token": target_text, "target_prob": prediction.target_prob,
+                    "seed": seeds.get(condition.name),
+                })
+
+    assert first_inputs is not None
+    input_ids = first_inputs["input_ids"][0]
+    first_layout = adapter.image_token_layout(input_ids)
+    tables = {
+        "ablations": _ablation_table(run_id, record.image_id, rows),
+        "positions": positions_table(run_id, record.image_id, input_ids, first_layout,
+                                     decode_tokens(tokenizer, input_ids.tolist())),
+        "image_views": image_view_table(run_id, record, adapter, generative_inputs["pixel_values"][0]),
+        "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), first_layout, None),
+    }
+    return _Outcome(tables, True)
+
+
+def _vqa_inputs(loaded: LoadedModel, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+    """Processor inputs for `format_prompt(question) + " It is a"` (the answer's opening is forced)."""
+    adapter = loaded.adapter
+    batch = adapter.processor(images=image, text=adapter.format_prompt(question) + VQA_SUFFIX, return_tensors="pt")
+    dtype = adapter.input_embeddings.weight.dtype
+    out: dict[str, torch.Tensor] = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(adapter.device)
+            out[name] = value.to(dtype) if value.is_floating_point() else value
+    return out
+
+
+def _ablation_table(run_id: str, image_id: int, rows: list[dict[str, Any]]) -> pa.Table:
+    n = len(rows)
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "image_id": pa.array([image_id] * n, pa.int64()),
+            "category": pa.array([r["category"] for r in rows], pa.string()),
+            "condition": pa.array([r["condition"] for r in rows], pa.string()),
+            "setting": pa.array([r["setting"] for r in rows], pa.string()),
+            "positions": pa.array([r["positions"] for r in rows], pa.list_(pa.int32())),
+            "n_ablated": pa.array([len(r["positions"]) for r in rows], pa.int32()),
+            "correct": pa.array([bool(r["correct"]) for r in rows], pa.bool_()),
+            "answer": pa.array([r.get("answer") for r in rows], pa.string()),
+            "question": pa.array([r.get("question") for r in rows], pa.string()),
+            "predicted_token": pa.array([r.get("predicted_token") for r in rows], pa.string()),
+            "predicted_prob": pa.array([r.get("predicted_prob") for r in rows], pa.float64()),
+            "target_token": pa.array([r.get("target_token") for r in rows], pa.string()),
+            "target_prob": pa.array([r.get("target_prob") for r in rows], pa.float64()),
+            "seed": pa.array([r.get("seed") for r in rows], pa.int64()),
+        }
+    )
+
+
+def select_records(
+    records: Sequence[ImageRecord], annotation_file: str | Path, options: AblationOptions
+) -> list[tuple[ImageRecord, AblationTarget]]:
+    """Records with a single-instance target object (collector.coco.select_targets), in input order."""
+    try:
+        coco = load_coco(annotation_file)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    targets = {t.image_id: t for t in select_targets(coco, options.max_annotations, options.area_range)}
+    return [(record, targets[record.image_id]) for record in records if record.image_id in targets]
+
+
+def collect_ablation(
+    loaded: LoadedModel,
+    records: Sequence[ImageRecord],
+    db: ResultsDB,
+    annotation_file: str | Path,
+    options: AblationOptions,
+    replacement: Replacement,
+    limit: int | None = None,
+    extra_config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> AblationSummary:
+    """Run token ablation over the selected images into `db`, resuming a matching earlier run.
+
+    `limit` counts kept images (earlier invocations' included): selection and curation
+    drop images, so the loop stops after `limit` images were ablated, not listed.
+    """
+    if replacement.hidden_size != loaded.adapter.hidden_size:
+        raise UserError(
+            f"replacement vector has size {replacement.hidden_size} but the model's hidden size is "
+            f"{loaded.adapter.hidden_size}"
+        )
+    identity = run_identity(loaded, replacement, options)
+    config = {
+        **loaded.provenance,
+        **identity,
+        "replacement": replacement.source,
+        "batch_size": options.batch_size,
+        "limit": limit,
+        "annotation_file": str(annotation_file),
+        **(extra_config or {}),
+    }
+    run_id = db.start_run("ablation", loaded.model_id, identity, config)
+    selected = select_records(records, annotation_file, options)
+    done = db.completed_images(run_id)
+    kept_total = len({row[0] for row in db.sql("SELECT DISTINCT image_id FROM ablations WHERE run_id = ?", [run_id])})
+    already = sum(1 for record, _ in selected if record.image_id in done)
+    kept = skipped = 0
+    reasons: dict[str, int] = {}
+    status = "failed"
+    bar = tqdm(total=limit if limit is not None else len(selected) - already, desc="ablation",
+               unit="image", disable=not progress, initial=min(kept_total, limit) if limit else 0)
+    try:
+        for record, target in selected:
+            if limit is not None and kept_total >= limit:
+                break
+            if record.image_id in done:
+                continue
+            db.add_image(record.image_id, record.file_name, record.width, record.height, record.source,
+                         record.annotations)
+            outcome = ablate_one_image(loaded, run_id, record, target, replacement, options)
+            db.write_image_results(run_id, record.image_id, outcome.tables)
+            if outcome.kept:
+                kept += 1
+                kept_total += 1
+                bar.update(1)
+            else:
+                skipped += 1
+                reasons[outcome.reason or "?"] = reasons.get(outcome.reason or "?", 0) + 1
+                if limit is None:
+                    bar.update(1)
+            bar.set_postfix(kept=kept_total, skipped=skipped)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        bar.close()
+        db.finish_run(run_id, status)
+    return AblationSummary(run_id, len(selected), already, kept, skipped, reasons)

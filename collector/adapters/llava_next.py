@@ -1,0 +1,156 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`, e.g. `llava-hf/llava-v1.6-mistral-7b-hf`).
+
+AnyRes: the processor makes a *base* view (the whole image resized to 336x336) plus the
+image resized and padded to the best `image_grid_pinpoints` resolution, cut into 336x336
+tiles. The LM input holds one contiguous run of `<image>` tokens, in this order:
+
+1. the base view's 24x24 patch tokens, row-major: these are the layout's grid
+   (`positions`, `patch_rows`, `patch_cols`, kind 'image', label `<IMG001>`...), the
+   grid the site draws over the base view;
+2. the tiles' tokens stitched into one high-resolution (HR) grid of
+   (tiles_high*24) x (tiles_wide*24) patches, with the rows (or columns) that only cover
+   padding removed (`unpad_image`); row by row, each HR row followed by one
+   `image_newline` token. These are `layout.extra`: kind 'image_hr' with the cell of
+   the unpadded HR grid in patch_row/patch_col and label `<HR r,c>`; kind
+   'image_newline' with patch_row = the HR row it ends, patch_col NULL, label `<NL r>`.
+
+The number of image tokens therefore depends on the image size (`image_sizes`).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from PIL import Image
+
+from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, denormalise_to_image
+from collector.adapters.llava import LlavaAdapter
+
+
+def hr_grid(image_size: tuple[int, int], pinpoints: list, tile: int, patches_per_side: int) -> dict[str, int]:
+    """The unpadded high-resolution grid of an (height, width) image, as LLaVA-NeXT builds it.
+
+    Returns tiles_high, tiles_wide, the full stitched grid (full_rows, full_cols), and the
+    kept window (row0, rows, col0, cols) after `unpad_image`.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = (int(v) for v in image_size)
+    best_h, best_w = select_best_resolution((height, width), pinpoints)
+    tiles_high, tiles_wide = best_h // tile, best_w // tile
+    full_rows, full_cols = tiles_high * patches_per_side, tiles_wide * patches_per_side
+    row0, rows, col0, cols = 0, full_rows, 0, full_cols
+    if width / height > full_cols / full_rows:
+        new_height = int(round(height * (full_cols / width), 7))
+        padding = (full_rows - new_height) // 2
+        row0, rows = padding, full_rows - 2 * padding
+    else:
+        new_width = int(round(width * (full_rows / height), 7))
+        padding = (full_cols - new_width) // 2
+        col0, cols = padding, full_cols - 2 * padding
+    return dict(
+        tiles_high=tiles_high, tiles_wide=tiles_wide, full_rows=full_rows, full_cols=full_cols,
+        row0=row0, rows=rows, col0=col0, cols=cols,
+    )
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava-next"
+    default_prompt_template = "[INST] <image>\n{question} [/INST]"
+
+    def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
+        super().__init__(model, processor, prompt_template)
+        self._recent_sizes: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported")
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) == "llava_next"
+
+    @property
+    def image_newline(self) -> torch.Tensor:
+        return self.model.model.image_newline
+
+    def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        out = super().build_inputs(image, question)
+        key = tuple(out["input_ids"][0].tolist())
+        self._recent_sizes[key] = out["image_sizes"].cpu()
+        self._recent_sizes.move_to_end(key)
+        while len(self._recent_sizes) > 8:
+            self._recent_sizes.popitem(last=False)
+        return out
+
+    def _image_size(self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None) -> tuple[int, int]:
+        sizes = inputs.get("image_sizes") if inputs is not None else None
+        if sizes is None:
+            sizes = self._recent_sizes.get(tuple(input_ids.tolist()))
+        if sizes is None:
+            raise ValueError(
+                "LLaVA-NeXT's token layout depends on the image size: pass inputs=(build_inputs output) "
+                "to image_token_layout, or call build_inputs for these input_ids first"
+            )
+        sizes = torch.as_tensor(sizes).reshape(-1, 2)
+        if sizes.shape[0] != 1:
+            raise ValueError(f"one image per prompt is supported, got {sizes.shape[0]}")
+        return int(sizes[0, 0]), int(sizes[0, 1])
+
+    def hr_grid(self, image_size: tuple[int, int]) -> dict[str, int]:
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return hr_grid(image_size, self.model.config.image_grid_pinpoints, int(vision.image_size), side)
+
+    def image_token_layout(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
+    ) -> ImageTokenLayout:
+        if input_ids.dim() != 1:
+            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
+        base_rows, base_cols = self.patch_grid
+        grid = self.hr_grid(self._image_size(input_ids, inputs))
+        rows, cols = grid["rows"], grid["cols"]
+        n_base, n_hr = base_rows * base_cols, rows * (cols + 1)
+        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
+        if positions.numel() != n_base + n_hr:
+            raise ValueError(
+                f"expected {n_base} base + {n_hr} high-resolution image tokens, found {positions.numel()} "
+                "(one image per prompt is supported)"
+            )
+        if int(positions[-1] - positions[0]) != positions.numel() - 1:
+            raise ValueError("image tokens are not one contiguous run")
+        flat = torch.arange(n_base)
+        hr = torch.arange(n_hr)
+        hr_rows, hr_cols = hr // (cols + 1), hr % (cols + 1)
+        newline = hr_cols == cols
+        kinds = tuple("image_newline" if nl else "image_hr" for nl in newline.tolist())
+        labels = tuple(
+            f"<NL {r}>" if nl else f"<HR {r},{c}>" for r, c, nl in zip(hr_rows.tolist(), hr_cols.tolist(), newline.tolist())
+        )
+        extra = ExtraImageTokens(
+            positions=positions[n_base:],
+            kinds=kinds,
+            rows=hr_rows,
+            cols=torch.where(newline, torch.full_like(hr_cols, -1), hr_cols),
+            labels=labels,
+        )
+        return ImageTokenLayout(
+            positions=positions[:n_base], patch_rows=flat // base_cols, patch_cols=flat % base_cols,
+            grid_rows=base_rows, grid_cols=base_cols, extra=extra,
+        )
+
+    def hr_cell_source(self, image_size: tuple[int, int], row: int, col: int) -> tuple[int, int, int]:
+        """(tile index in pixel_values[0], patch row, patch col in that tile) of HR cell (row, col)."""
+        grid = self.hr_grid(image_size)
+        side = self.patch_grid[0]
+        full_r, full_c = row + grid["row0"], col + grid["col0"]
+        return 1 + (full_r // side) * grid["tiles_wide"] + full_c // side, full_r % side, full_c % side
+
+    def view_pixels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The base view (the whole image at 336x336): tile 0 of pixel_values (1, tiles, 3, H, W)."""
+        return inputs["pixel_values"][0][0]
+
+    def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
+        if pixel_values.dim() == 4:  # all tiles of one image given: show the base view
+            pixel_values = pixel_values[0]
+        return denormalise_to_image(pixel_values, self.processor.image_processor)

@@ -1,0 +1,260 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`).
+
+- Dynamic resolution: the image is resized to multiples of 28 (`smart_resize`), cut into
+  14x14 patches, and every 2x2 block of patches is merged into one LM token. The image's
+  span in the LM input is `<|vision_start|>` + `<|image_pad|>` x (t*h*w/4) + `<|vision_end|>`;
+  its grid is (h/2) x (w/2) cells, row-major, from `image_grid_thw` = (t, h, w) patches.
+- `pixel_values` are patchified, (t*h*w, 3*2*14*14), in 2x2-merge-block order; the adapter
+  de-patchifies them for the view.
+- M-RoPE: the model derives 3-D position ids from `input_ids`, `image_grid_thw` and
+  `mm_token_type_ids`. Without `mm_token_type_ids` it silently falls back to 1-D positions,
+  so `build_inputs` always returns it.
+- The real processor (`Qwen2VLProcessor`) cannot be built without torchvision (its video
+  part needs it). `load_processor` tries it first and otherwise builds
+  `QwenImageTextProcessor`: the checkpoint's image processor and tokenizer, expanding
+  `<|image_pad|>` exactly as the real processor does.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping
+
+import torch
+from PIL import Image
+
+from collector.adapters.base import ImageTokenLayout, ModelAdapter, denormalise_to_image
+
+QWEN_CHAT_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+class QwenImageTextProcessor:
+    """Image + text processing of Qwen2-VL without the video part (no torchvision needed).
+
+    Mirrors `Qwen2VLProcessor.__call__` for images: each `<|image_pad|>` in the text
+    becomes t*h*w / merge_size**2 copies; returns input_ids, attention_mask,
+    mm_token_type_ids (text 0, image 1, video 2), pixel_values and image_grid_thw.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, chat_template: str | None = None) -> None:
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, revision: str | None = None) -> "QwenImageTextProcessor":
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        return cls(
+            AutoImageProcessor.from_pretrained(model_id, revision=revision),
+            AutoTokenizer.from_pretrained(model_id, revision=revision),
+        )
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None, return_tensors: str = "pt", **kwargs):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text or [])
+        data: dict[str, Any] = {}
+        if images is not None:
+            image_inputs = self.image_processor(images=images, return_tensors="pt")
+            grids = image_inputs["image_grid_thw"]
+            merge = int(self.image_processor.merge_size) ** 2
+            index = 0
+            expanded = []
+            for sample in texts:
+                pieces = sample.split(self.image_token)
+                out = pieces[0]
+                for piece in pieces[1:]:
+                    # A placeholder keeps expanded tokens from being re-expanded.
+                    out += "<|placeholder|>" * (int(grids[index].prod()) // merge) + piece
+                    index += 1
+                expanded.append(out.replace("<|placeholder|>", self.image_token))
+            if index != len(grids):
+                raise ValueError(f"{len(grids)} images but {index} {self.image_token} tokens in the text")
+            texts = expanded
+            data.update(image_inputs)
+        encoded = self.tokenizer(texts, return_tensors=return_tensors, **kwargs)
+        data.update(encoded)
+        ids = encoded["input_ids"]
+        token_type = torch.zeros_like(ids)
+        token_type[ids == self.image_token_id] = 1
+        token_type[ids == self.video_token_id] = 2
+        data["mm_token_type_ids"] = token_type
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2-vl"
+    model_types: tuple[str, ...] = ("qwen2_vl",)
+    default_prompt_template = QWEN_CHAT_PROMPT
+
+    def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
+        super().__init__(model, processor, prompt_template)
+        # image_grid_thw of recent build_inputs calls, keyed by their input_ids (see
+        # image_token_layout); a few entries so interleaved callers still find theirs.
+        self._recent_grids: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    @classmethod
+    def load_processor(cls, model_id: str, revision: str | None = None) -> Any:
+        try:
+            return super().load_processor(model_id, revision)
+        except (ImportError, AttributeError, ValueError, TypeError):
+            # Without torchvision the video processor cannot be built; images do not need it.
+            return QwenImageTextProcessor.from_pretrained(model_id, revision)
+
+    # -- parts ----------------------------------------------------------------------------
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.decoder.norm
+
+    @property
+    def unembedding(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        # The patch merger: 2x2 neighbouring patch features -> one LM-sized token.
+        return self.model.model.visual.merger
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.config.vision_config.patch_size)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
+        batch = dict(self.processor(images=image, text=self.format_prompt(question), return_tensors="pt"))
+        ids = batch["input_ids"]
+        if "mm_token_type_ids" not in batch:
+            token_type = torch.zeros_like(ids)
+            token_type[ids == self.image_token_id] = 1
+            token_type[ids == self.video_token_id] = 2
+            batch["mm_token_type_ids"] = token_type
+        out = self._to_model(batch)
+        key = tuple(ids[0].tolist())
+        self._recent_grids[key] = batch["image_grid_thw"].cpu()
+        self._recent_grids.move_to_end(key)
+        while len(self._recent_grids) > 8:
+            self._recent_grids.popitem(last=False)
+        return out
+
+    def _grid_thw(self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None) -> torch.Tensor:
+        if inputs is not None and inputs.get("image_grid_thw") is not None:
+            grids = inputs["image_grid_thw"]
+        else:
+            grids = self._recent_grids.get(tuple(input_ids.tolist()))
+            if grids is None:
+                raise ValueError(
+                    "Qwen2-VL's image grid depends on the image: pass inputs=(build_inputs output) "
+                    "to image_token_layout, or call build_inputs for these input_ids first"
+                )
+        grids = torch.as_tensor(grids).cpu().reshape(-1, 3)
+        if grids.shape[0] != 1:
+            raise ValueError(f"one image per prompt is supported, got {grids.shape[0]} image grids")
+        return grids[0]
+
+    def image_token_layout(
+        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
+    ) -> ImageTokenLayout:
+        if input_ids.dim() != 1:
+            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
+        t, h, w = (int(v) for v in self._grid_thw(input_ids, inputs))
+        if t != 1:
+            raise ValueError(f"an image has temporal grid 1, got {t}")
+        rows, cols = h // self.merge_size, w // self.merge_size
+        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
+        if positions.numel() != rows * cols:
+            raise ValueError(
+                f"expected {rows * cols} image tokens for a {rows}x{cols} merged grid "
+                f"(image_grid_thw {t}x{h}x{w}), found {positions.numel()}"
+            )
+        if int(positions[-1] - positions[0]) != positions.numel() - 1:
+            raise ValueError("image tokens are not one contiguous run")
+        start, end = int(positions[0]), int(positions[-1])
+        config = self.model.config
+        if start == 0 or int(input_ids[start - 1]) != int(config.vision_start_token_id):
+            raise ValueError("the image token run does not follow <|vision_start|>")
+        if end + 1 >= input_ids.numel() or int(input_ids[end + 1]) != int(config.vision_end_token_id):
+            raise ValueError("the image token run is not followed by <|vision_end|>")
+        flat = torch.arange(rows * cols)
+        return ImageTokenLayout(
+            positions=positions, patch_rows=flat // cols, patch_cols=flat % cols, grid_rows=rows, grid_cols=cols
+        )
+
+    # -- the view -------------------------------------------------------------------------
+
+    def view_pixels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """De-patchify `pixel_values` (t*h*w, 3*tp*p*p) into the (3, h*p, w*p) view."""
+        t, h, w = (int(v) for v in self._grid_thw(inputs["input_ids"][0], inputs))
+        return depatchify(inputs["pixel_values"], t, h, w, self.patch_size, self.merge_size)
+
+    def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
+        return denormalise_to_image(pixel_values, self.processor.image_processor)
+
+
+def depatchify(pixel_values: torch.Tensor, t: int, h: int, w: int, patch: int, merge: int) -> torch.Tensor:
+    """Invert `Qwen2VLImageProcessor.patchify` for one image: (t*h*w, C*tp*p*p) -> (C, h*p, w*p).
+
+    The processor lays out patches as (h/m, w/m, m, m, C, tp, p, p); the temporal copies of
+    a still image are identical, the first is taken.
+    """
+    n, dim = pixel_values.shape
+    if n != t * h * w:
+        raise ValueError(f"pixel_values has {n} patches, image_grid_thw says {t}x{h}x{w}")
+    temporal = dim // (3 * patch * patch)
+    x = pixel_values.detach().reshape(t, h // merge, w // merge, merge, merge, 3, temporal, patch, patch)
+    x = x[0, :, :, :, :, :, 0]  # (h/m, w/m, m, m, C, p, p)
+    x = x.permute(4, 0, 2, 5, 1, 3, 6)  # (C, h/m, m, p, w/m, m, p)
+    return x.reshape(3, h * patch, w * patch)
+
+
+class Qwen2_5_VLAdapter(Qwen2VLAdapter):
+    family = "qwen2.5-vl"
+    model_types = ("qwen2_5_vl",)
