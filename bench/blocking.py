@@ -22,13 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from collector.vqa import class_first_token, vqa_prompt
 from collector.blocking.experiment import (  # noqa: E402
     baseline_forward,
-    build_prompt_inputs,
-    class_first_token,
     conditions_for,
     preset_windows,
-    prompt_text,
     run_conditions,
     select_blocking_images,
     sliding_windows,
@@ -63,8 +61,8 @@ def main() -> None:
 
     prepared = []
     for record, target in selected:
-        text = prompt_text(adapter, "What is the shape?")
-        inputs = build_prompt_inputs(adapter, record.load(), text)
+        text = vqa_prompt(adapter, "What is the shape?")
+        inputs = adapter.build_inputs_for_text(record.load(), text)
         layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
         cells = object_cells(target.segmentation, adapter.processor.image_processor, record.width, record.height,
                              layout.grid_rows, layout.grid_cols)

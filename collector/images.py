@@ -145,12 +145,12 @@ def coco_images(root: str | Path, split: str, limit: int | None = None) -> list[
     if limit is not None:
         entries = entries[:limit]
     records = []
-    for file_name, (image_id, annotations) in entries:
+    for file_name, (image_id, image_annotations) in entries:
         path = image_dir / file_name
         if not path.is_file():
             raise UserError(f"image listed in the annotations is missing: {path}")
         width, height = _image_size(path)
-        records.append(ImageRecord(image_id, file_name, path, width, height, f"coco:{split}", annotations))
+        records.append(ImageRecord(image_id, file_name, path, width, height, f"coco:{split}", image_annotations))
     return records
 
 

@@ -65,7 +65,7 @@ def _ablation_rows(db):
 def test_rows_of_an_uncurated_run(tmp_path, loaded_models, demo_images):
     loaded = loaded_models["llava-1.5"]
     records, annotation_file = _records(demo_images)
-    questions = {str(r.image_id): ["What is the shape?"] for r in records}
+    questions = {r.image_id: ["What is the shape?"] for r in records}
     options = AblationOptions(settings=("generative", "polling", "vqa"), questions=questions, curate=False, **FAST)
     zero = load_replacement("zero", 64)
     with ResultsDB(tmp_path / "r.duckdb") as db:
@@ -215,7 +215,7 @@ def test_grayscale_cropped_and_unknown_class_are_recorded_skips(tmp_path, loaded
     loaded = loaded_models["llava-1.5"]
     folder, annotation_file = _write_case(tmp_path)
     records = folder_images(folder, annotation_file)
-    options = AblationOptions(settings=("vqa",), questions={"1": ["q?"], "2": ["q?"], "3": ["What is it?"]},
+    options = AblationOptions(settings=("vqa",), questions={1: ["q?"], 2: ["q?"], 3: ["What is it?"]},
                               curate=False, **{**FAST, "area_range": (3000.0, 4000.0)})
     with ResultsDB(tmp_path / "r.duckdb") as db:
         summary = collect_ablation(loaded, records, db, annotation_file, options, load_replacement("zero", 64),

@@ -11,23 +11,20 @@ import torch
 from PIL import Image
 
 from collector.adapters import ImageTokenLayout
+from collector.vqa import class_first_token, vqa_prompt
 from collector.blocking.experiment import (
-    NO_BLOCK,
     baseline_forward,
-    build_prompt_inputs,
-    class_first_token,
     collect_blocking,
     conditions_for,
     predict_blocked,
     preset_windows,
-    prompt_text,
     run_conditions,
     scale_window,
     sliding_windows,
     source_sets,
     target_sets,
 )
-from collector.blocking.mechanism import block_attention
+from collector.blocking.mechanism import NO_BLOCK, block_attention
 from collector.images import folder_images
 from db.store import ResultsDB
 
@@ -87,7 +84,7 @@ def test_position_sets():
 
 def test_class_token_is_the_first_token_the_answer_adds(loaded_models):
     tiny = loaded_models["llava-1.5"].adapter
-    prompt = prompt_text(tiny, "What is it?")
+    prompt = vqa_prompt(tiny, "What is it?")
     assert prompt.endswith("ASSISTANT: It is a")
     token = class_first_token(tiny.tokenizer, prompt, "circle")
     assert tiny.tokenizer.convert_ids_to_tokens(token) == "▁circle"
@@ -104,7 +101,7 @@ def _prepared(loaded, question="What is the shape?"):
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (336, 448, 3), dtype=np.uint8))
     adapter = loaded.adapter
-    inputs = build_prompt_inputs(adapter, image, prompt_text(adapter, question))
+    inputs = adapter.build_inputs_for_text(image, vqa_prompt(adapter, question))
     layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     cells = np.zeros((layout.grid_rows, layout.grid_cols), dtype=bool)
     cells[10:14, 8:12] = True
@@ -115,7 +112,7 @@ def test_batched_conditions_equal_one_at_a_time_and_the_full_model(loaded):
     adapter = loaded.adapter
     inputs, layout, cells = _prepared(loaded)
     n_positions = inputs["input_ids"].shape[1]
-    class_token = class_first_token(adapter.tokenizer, prompt_text(adapter, "What is the shape?"), "circle")
+    class_token = class_first_token(adapter.tokenizer, vqa_prompt(adapter, "What is the shape?"), "circle")
     decoder_inputs, baseline = baseline_forward(loaded, inputs, class_token)
     windows = preset_windows(adapter.n_layers) + sliding_windows(adapter.n_layers, 2)
     conditions = conditions_for(source_sets(cells, layout), target_sets(layout, n_positions), windows)

@@ -6,7 +6,6 @@ including hostile strings in tokens, labels, file names, model id and config.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import io
 import json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import duckdb
-import pyarrow as pa
 import pytest
 
 from collector.collect_lens import collect_lens

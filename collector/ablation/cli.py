@@ -41,7 +41,7 @@ def _annotation_file(annotations: Path | None, coco_root: Path | None, split: st
 
 
 def _model_and_input_options(command):
-    from collector.cli import input_options, model_options
+    from collector.options import input_options, model_options
 
     return model_options(input_options(command))
 
@@ -86,9 +86,10 @@ def ablation_command(
     """Token ablation: replace image-token embeddings (object patches, register tokens, random,
     top-gradient) at the LM input and check whether the model still identifies the object.
     --limit counts kept images. Rerunning the same command resumes."""
-    from collector.ablation.experiment import AblationOptions, collect_ablation, load_questions
+    from collector.ablation.experiment import AblationOptions, collect_ablation
+    from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
-    from collector.cli import input_config, resolve_images
+    from collector.options import input_config, resolve_images
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -140,7 +141,7 @@ def mean_vector_command(
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
     memory): the replacement vector for `collect ablation --replacement`."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
-    from collector.cli import input_config, resolve_images
+    from collector.options import input_config, resolve_images
     from collector.loading import load_model
     from db.store import ResultsDB
 

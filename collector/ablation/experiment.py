@@ -26,7 +26,6 @@ from collector.ablation.settings import (
     POLLING_MAX_NEW_TOKENS,
     POLLING_QUESTION,
     SETTINGS,
-    VQA_SUFFIX,
     Condition,
     generate_answers,
     mentions_class,
@@ -38,7 +37,6 @@ from collector.ablation.token_sets import (
     DEFAULT_K,
     DEFAULT_NOISE_STD,
     TokenSet,
-    first_word_token_id,
     integrated_gradients,
     noised_pixel_values,
     token_sets,
@@ -50,6 +48,7 @@ from collector.images import ImageRecord
 from collector.loading import LoadedModel
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells
+from collector.vqa import class_first_token, vqa_prompt
 from db.store import ResultsDB
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -60,7 +59,7 @@ class AblationOptions:
     """What defines an ablation run besides the model and the replacement vector."""
 
     settings: tuple[str, ...] = ("generative", "polling")
-    questions: dict[str, list[str]] | None = None
+    questions: dict[int, list[str]] | None = None
     k_values: tuple[int, ...] = DEFAULT_K
     seed: int = 0
     curate: bool = True
@@ -88,7 +87,8 @@ class AblationOptions:
     def identity(self) -> dict[str, Any]:
         questions_sha = None
         if "vqa" in self.settings and self.questions is not None:
-            questions_sha = hashlib.sha256(json.dumps(self.questions, sort_keys=True).encode()).hexdigest()
+            canonical = {str(image_id): list(q) for image_id, q in sorted(self.questions.items())}
+            questions_sha = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
         return {
             "settings": list(self.settings),
             "questions_sha256": questions_sha,
@@ -103,22 +103,6 @@ class AblationOptions:
             "polling_max_new_tokens": POLLING_MAX_NEW_TOKENS,
             "noise_std": self.noise_std,
         }
-
-
-def load_questions(path: str | Path) -> dict[str, list[str]]:
-    """A `{"<coco id>": ["question", ...]}` file (the original clean_questions.json format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"questions file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read questions {path}: {error}".replace("\n", " ")) from None
-    if not isinstance(data, dict) or not all(
-        isinstance(v, list) and all(isinstance(q, str) for q in v) for v in data.values()
-    ):
-        raise UserError(f'{path} must map COCO ids to lists of questions: {{"<id>": ["question", ...]}}')
-    return {str(k): list(v) for k, v in data.items()}
 
 
 @dataclass(frozen=True)
@@ -204,11 +188,11 @@ def ablate_one_image(
         return skip("object_cropped", f"annotation {target.annotation_id} ({category}) lies outside the model's view")
     vqa_question = vqa_token = None
     if "vqa" in options.settings:
-        questions = (options.questions or {}).get(str(record.image_id)) or []
+        questions = (options.questions or {}).get(record.image_id) or []
         if not questions:
             return skip("no_question", "no VQA question for this image")
         vqa_question = questions[0]
-        vqa_token = first_word_token_id(tokenizer, " " + category)
+        vqa_token = class_first_token(tokenizer, vqa_prompt(adapter, vqa_question), category)
         if vqa_token is None:
             return skip("class_token_unknown", f"the first token of {category!r} is not in the vocabulary")
 
@@ -252,7 +236,7 @@ def ablate_one_image(
             question, inputs = polling_question, polling_inputs
         else:
             question = vqa_question
-            inputs = _vqa_inputs(loaded, image, vqa_question)
+            inputs = adapter.build_inputs_for_text(image, vqa_prompt(adapter, vqa_question))
         first_inputs = first_inputs or inputs
         setting_layout = adapter.image_token_layout(inputs["input_ids"][0])
         conditions = [none_condition]
@@ -301,19 +285,6 @@ def ablate_one_image(
         "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), first_layout, None),
     }
     return _Outcome(tables, True)
-
-
-def _vqa_inputs(loaded: LoadedModel, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-    """Processor inputs for `format_prompt(question) + " It is a"` (the answer's opening is forced)."""
-    adapter = loaded.adapter
-    batch = adapter.processor(images=image, text=adapter.format_prompt(question) + VQA_SUFFIX, return_tensors="pt")
-    dtype = adapter.input_embeddings.weight.dtype
-    out: dict[str, torch.Tensor] = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(adapter.device)
-            out[name] = value.to(dtype) if value.is_floating_point() else value
-    return out
 
 
 def _ablation_table(run_id: str, image_id: int, rows: list[dict[str, Any]]) -> pa.Table:

@@ -23,7 +23,6 @@ from collector.loading import LoadedModel
 SETTINGS = ("generative", "polling", "vqa")
 GENERATIVE_QUESTION = "Describe this image."
 POLLING_QUESTION = "Is there a {category} in this image?"
-VQA_SUFFIX = " It is a"
 DEFAULT_MAX_NEW_TOKENS = 200
 POLLING_MAX_NEW_TOKENS = 10
 

@@ -170,11 +170,14 @@ class ModelAdapter(ABC):
         return self.prompt_template.format(question=question)
 
     def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-        """Processor inputs for one image and one question, on the model's device.
+        """Processor inputs for one image and one question placed into the prompt template,
+        on the model's device: input_ids (1, T), attention_mask (1, T), pixel_values, ..."""
+        return self.build_inputs_for_text(image, self.format_prompt(question))
 
-        Returns input_ids (1, T), attention_mask (1, T), pixel_values (1, 3, H, W), ...
-        """
-        batch = self.processor(images=image, text=self.format_prompt(question), return_tensors="pt")
+    def build_inputs_for_text(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
+        """Processor inputs for one image and a complete prompt text (template already
+        applied, e.g. with a forced answer prefix), on the model's device."""
+        batch = self.processor(images=image, text=text, return_tensors="pt")
         return self._to_model(batch)
 
     def _to_model(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -74,8 +74,8 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_newline(self) -> torch.Tensor:
         return self.model.model.image_newline
 
-    def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-        out = super().build_inputs(image, question)
+    def build_inputs_for_text(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
+        out = super().build_inputs_for_text(image, text)
         key = tuple(out["input_ids"][0].tolist())
         self._recent_sizes[key] = out["image_sizes"].cpu()
         self._recent_sizes.move_to_end(key)

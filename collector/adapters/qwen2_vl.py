@@ -169,8 +169,8 @@ class Qwen2VLAdapter(ModelAdapter):
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def build_inputs(self, image: Image.Image, question: str) -> dict[str, torch.Tensor]:
-        batch = dict(self.processor(images=image, text=self.format_prompt(question), return_tensors="pt"))
+    def build_inputs_for_text(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
+        batch = dict(self.processor(images=image, text=text, return_tensors="pt"))
         ids = batch["input_ids"]
         if "mm_token_type_ids" not in batch:
             token_type = torch.zeros_like(ids)

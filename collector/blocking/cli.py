@@ -13,7 +13,7 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
-from collector.cli import input_config, input_options, model_options, resolve_images
+from collector.options import input_config, input_options, model_options, resolve_images
 from collector.errors import UserError
 
 
@@ -124,7 +124,8 @@ def blocking_command(
     whether the model still names the object ("... It is a <class>"). Needs COCO
     annotations. --limit counts images kept after selection and curation. Rerunning the
     same command resumes."""
-    from collector.blocking.experiment import collect_blocking, load_questions
+    from collector.blocking.experiment import collect_blocking
+    from collector.vqa import load_questions
     from collector.loading import load_model
     from db.store import ResultsDB
 

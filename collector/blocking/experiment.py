@@ -38,18 +38,18 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from collector.adapters import ImageTokenLayout, ModelAdapter
-from collector.blocking.mechanism import NO_BLOCK, AttentionBlock, block_attention
+from collector.adapters import ImageTokenLayout
+from collector.blocking.mechanism import AttentionBlock, block_attention
 from collector.coco import AblationTarget, load_coco, select_targets
 from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells, object_positions
+from collector.vqa import ASSISTANT_PREFIX, class_first_token, load_questions, vqa_prompt
 from db.store import ResultsDB
 
 from collector.blocking.settings import (  # noqa: E402  (re-exported)
-    ASSISTANT_PREFIX,
     DEFAULT_AREA_RANGE,
     DEFAULT_BATCH_SIZE,
     DEFAULT_MAX_ANNOTATIONS,
@@ -183,53 +183,6 @@ def conditions_for(
 # -- prompts and answers ----------------------------------------------------------------------
 
 
-def prompt_text(adapter: ModelAdapter, question: str) -> str:
-    """The family template with the question, then the assistant prefix the answer continues."""
-    return adapter.format_prompt(question) + ASSISTANT_PREFIX
-
-
-def class_first_token(tokenizer: Any, prompt: str, class_name: str) -> int | None:
-    """Id of the first token the class name adds after the prompt; None when it is unknown.
-
-    The continuation is tokenized in context (prompt + " " + name versus the prompt alone):
-    tokenizing " " + name on its own starts with a bare "▁" (id 29871) with LLaVA-1.5's
-    Llama tokenizer, and with BOS when special tokens are added, neither of which the model
-    predicts after "It is a". Falls back to " " + name alone (skipping bare-space tokens)
-    when the prompt's tokens are not a prefix of the longer text's. None when that token is
-    the unknown token or only whitespace.
-    """
-    prefix = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    full = tokenizer(prompt + " " + class_name, add_special_tokens=False)["input_ids"]
-    if len(full) > len(prefix) and full[: len(prefix)] == prefix:
-        candidates = full[len(prefix) :]
-    else:
-        candidates = tokenizer(" " + class_name, add_special_tokens=False)["input_ids"]
-    for token_id in candidates:
-        text = tokenizer.decode([token_id])
-        if text.strip() or token_id == tokenizer.unk_token_id:
-            return None if token_id == tokenizer.unk_token_id else int(token_id)
-    return None
-
-
-def load_questions(path: str | Path) -> dict[int, list[str]]:
-    """A questions file in the original format {"<coco id>": ["question", ...]}; UserError if malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"questions file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"questions file {path} is not valid JSON: {error}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise UserError(f"questions file {path} must map COCO image ids to lists of questions")
-    questions: dict[int, list[str]] = {}
-    for key, value in data.items():
-        if not str(key).strip().isdigit() or not isinstance(value, list) or not all(isinstance(q, str) for q in value):
-            raise UserError(f"questions file {path}: entry {key!r} must be \"<image id>\": [\"question\", ...]")
-        questions[int(key)] = list(value)
-    return questions
-
-
 # -- forwards ---------------------------------------------------------------------------------
 
 
@@ -240,12 +193,6 @@ class Prediction:
     token_id: int
     prob: float
     target_prob: float  # probability of the class's first token
-
-
-def build_prompt_inputs(adapter: ModelAdapter, image: Any, text: str) -> dict[str, torch.Tensor]:
-    """Processor inputs for an image and a full prompt text (not a question), on the model's device."""
-    batch = adapter.processor(images=image, text=text, return_tensors="pt")
-    return adapter._to_model(batch)
 
 
 def _prediction(logits: torch.Tensor, class_token_id: int) -> list[Prediction]:
@@ -416,7 +363,7 @@ def blocking_one_image(
         tables = dict(tables or {})
         if layout is None:
             # Nothing ran: the marker still needs the grid, so take it from a processed prompt.
-            probe = build_prompt_inputs(adapter, image, prompt_text(adapter, ""))
+            probe = adapter.build_inputs_for_text(image, vqa_prompt(adapter, ""))
             layout = adapter.image_token_layout(probe["input_ids"][0], probe)
         tables["skipped"] = _skipped_table(run_id, record.image_id, reason, detail)
         tables["run_images"] = run_image_marker(
@@ -429,8 +376,8 @@ def blocking_one_image(
     if not questions:
         return skip(EMPTY_QUESTION_LIST, "the questions file lists no question for this image")
     question = questions[0]
-    text = prompt_text(adapter, question)
-    inputs = build_prompt_inputs(adapter, image, text)
+    text = vqa_prompt(adapter, question)
+    inputs = adapter.build_inputs_for_text(image, text)
     input_ids = inputs["input_ids"][0]
     n_positions = int(input_ids.numel())
     layout = adapter.image_token_layout(input_ids, inputs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-ASSISTANT_PREFIX = " It is a"
 REFERENCE_DEPTH = 32
 # The paper's windows on 32-layer models, 0-based inclusive.
 PRESETS_32: dict[str, tuple[int, int]] = {
