@@ -69,15 +69,27 @@ def write_demo_images(folder: Path) -> Path:
     annotation_file.write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": list(DEMO_CATEGORIES)}, indent=1)
     )
+    # VQA questions in the original clean_questions.json format, for ablation and blocking.
+    questions = {str(image["id"]): ["What shape is in the picture?"] for image in images}
+    (folder / "questions.json").write_text(json.dumps(questions, indent=1))
     return annotation_file
 
 
+# The demo's shapes are far larger than the paper's 1000-2000 px² objects, and random
+# weights never pass curation: select by a wider area range and keep every image.
+DEMO_AREA_RANGE = (1000.0, 40000.0)
+
+
 def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
-    """Build the tiny model and images, run the experiments, build the site."""
+    """Build the tiny model and images, run every experiment, build the site."""
+    from collector.ablation.experiment import AblationOptions, collect_ablation
+    from collector.ablation.replacement import compute_mean_vector, load_replacement, store_mean_vector
+    from collector.blocking.experiment import collect_blocking
     from collector.collect_lens import collect_lens
     from collector.images import folder_images
     from collector.loading import load_model
     from collector.tiny import build_tiny_llava
+    from collector.vqa import load_questions
     from db.store import ResultsDB
     from report.build import build_site
 
@@ -87,12 +99,35 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
     if not (model_dir / "config.json").is_file():
         build_tiny_llava(model_dir, "llava-1.5")
     annotation_file = write_demo_images(out)
+    questions = load_questions(out / "questions.json")
     records = folder_images(out / "images", annotation_file)
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     db_path = out / "results.duckdb"
     demo_config = {"demo": True, "images": str(out / "images"), "annotations": str(annotation_file)}
     with ResultsDB(db_path) as db:
         collect_lens(loaded, records, db, extra_config=demo_config, progress=progress)
+
+        mean = compute_mean_vector(loaded, records, progress=progress)
+        vector_id = store_mean_vector(db, loaded, mean, source=str(out / "images"), config=demo_config)
+        replacement = load_replacement(f"db:{vector_id}", loaded.adapter.hidden_size, db)
+        options = AblationOptions(
+            settings=("generative", "polling", "vqa"),
+            questions=questions,
+            k_values=(5, 20, 60),
+            curate=False,
+            area_range=DEMO_AREA_RANGE,
+            ig_steps=8,
+            max_new_tokens=12,
+        )
+        collect_ablation(
+            loaded, records, db, annotation_file, options, replacement,
+            extra_config=demo_config, progress=progress,
+        )
+        collect_blocking(
+            loaded, records, db, annotation_file, questions,
+            area_range=DEMO_AREA_RANGE, curate=False, window=2,
+            extra_config=demo_config, progress=progress,
+        )
     site_dir = out / "site"
     build_site(db_path, site_dir)
     return DemoSummary(db_path=db_path, site_dir=site_dir, model_dir=model_dir)
