@@ -24,6 +24,8 @@ _LLAVA = {"LlavaImageProcessor", "LlavaImageProcessorPil"}
 # and crop, both no-ops on the real settings); the high-resolution tiles are not a view.
 _LLAVA_NEXT = {"LlavaNextImageProcessor", "LlavaNextImageProcessorPil"}
 _QWEN2_VL = {"Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"}
+# Gemma 3 (pan-and-scan off) and SigLIP (PaliGemma): resize to exactly size, no crop or pad.
+_RESIZE_ONLY = {"Gemma3ImageProcessor", "Gemma3ImageProcessorPil", "SiglipImageProcessor", "SiglipImageProcessorPil"}
 _SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
 
 
@@ -77,6 +79,8 @@ class ViewGeometry:
           ``pixel_values``): the whole image resized to exactly ``size`` (height/width, or
           a square of ``shortest_edge``), then the steps above; ``do_pad`` pads only the
           high-resolution tiles.
+        * ``Gemma3ImageProcessor[Pil]`` (pan-and-scan off), ``SiglipImageProcessor[Pil]``:
+          resize to exactly ``size`` (height/width), no crop or pad.
         * ``Qwen2VLImageProcessor[Pil]``: ``smart_resize`` to multiples of
           ``patch_size * merge_size`` within the pixel budget, no crop or pad.
 
@@ -86,8 +90,10 @@ class ViewGeometry:
         name = type(image_processor).__name__
         if name in _QWEN2_VL:
             return cls._from_qwen2_vl(image_processor, width, height)
-        supported = _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _QWEN2_VL
-        if name not in _CLIP_LIKE | _LLAVA | _LLAVA_NEXT:
+        supported = _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _QWEN2_VL | _RESIZE_ONLY
+        if name in _RESIZE_ONLY and getattr(image_processor, "do_pan_and_scan", False):
+            raise ValueError(f"{name} with do_pan_and_scan=True (extra crops) is not supported")
+        if name not in _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _RESIZE_ONLY:
             raise ValueError(f"unsupported image processor {name!r}; expected one of {sorted(supported)}")
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")

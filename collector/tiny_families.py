@@ -274,3 +274,120 @@ def build_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     ).save_pretrained(out)
     return _finish(model, out, "llava-next", seed, "llava-v1.6-mistral-7b structure, sizes shrunk")
+
+
+# Gemma's special tokens (real ids in google/gemma-3-4b-it: <pad> 0, <eos> 1, <bos> 2,
+# <unk> 3, <start_of_turn> 105, <end_of_turn> 106, <start_of_image> 255999,
+# <end_of_image> 256000, <image_soft_token> 262144; vocab 262208). The tiny tokenizer keeps
+# the names, roles and order (pad, eos, bos, unk first) but a small vocabulary: a 262k-row
+# unembedding would make every lens test read 262k logits per cell.
+GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
+GEMMA3_EXTRA_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def build_gemma_tokenizer(extra_tokens: tuple[str, ...] = GEMMA3_EXTRA_TOKENS, vocab_size: int = 1200, image_tokens: dict | None = None):
+    """A SentencePiece-style (Metaspace) BPE tokenizer with Gemma's special tokens.
+
+    Like Gemma's: ids 0..3 are <pad>, <eos>, <bos>, <unk>; BOS is prepended; `image_tokens`
+    names the processor's attributes (Gemma 3: image_token, boi_token, eoi_token).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = _corpus() + ["user model Describe the image. What is in the image?"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(GEMMA_SPECIAL_TOKENS),
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:?!'\"-<>/\n"),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.add_special_tokens(list(extra_tokens))
+    bos_id = tokenizer.token_to_id("<bos>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens=dict(image_tokens or {}),
+    )
+    for expected, token in enumerate(GEMMA_SPECIAL_TOKENS):
+        if fast.convert_tokens_to_ids(token) != expected:
+            raise RuntimeError(f"tokenizer put {token} at {fast.convert_tokens_to_ids(token)}, expected {expected}")
+    return fast
+
+
+def build_tiny_gemma3(
+    out_dir: str | Path, seed: int = 0, final_logit_softcapping: float | None = 3.0, sliding_window: int = 48
+) -> Path:
+    """Tiny Gemma 3 with the published google/gemma-3-4b-it structure, sizes shrunk.
+
+    Kept (no real config file was available offline): SigLIP 896/14 vision tower (64x64
+    patches), 256 image tokens per image (4x4 average pooling to a 16x16 grid), image
+    span `\\n\\n<start_of_image>` + `<image_soft_token>` x 256 + `<end_of_image>\\n\\n`,
+    bidirectional attention inside the image (token_type_ids), a 5:1 mix of sliding-window
+    and full-attention layers (here sliding, sliding, full, sliding), q/k norms,
+    `(1 + weight)` RMSNorm, embeddings scaled by sqrt(hidden_size), tied embeddings.
+    Changed for the tests: `final_logit_softcapping` is ENABLED (gemma-3 ships None; a low
+    cap makes it visible on random logits) and the sliding window is shorter than the
+    prompt (real: 1024), so the mixed layers actually differ.
+    """
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_gemma_tokenizer(
+        image_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    )
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_EXTRA_TOKENS}
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            sliding_window=sliding_window,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=final_logit_softcapping, attn_logit_softcapping=None,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+            pad_token_id=0, eos_token_id=[1, ids["<end_of_turn>"]], bos_token_id=2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        ),
+        vision_config=SiglipVisionConfig(
+            image_size=896, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, layer_norm_eps=1e-6, vision_use_head=False,
+        ),
+        mm_tokens_per_image=256,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        tie_word_embeddings=True,
+    )
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the projector is initialised to zeros: image features would vanish
+        weight = model.model.multi_modal_projector.mm_input_projection_weight
+        weight.copy_(torch.randn(weight.shape) * 0.5)
+    image_processor = Gemma3ImageProcessorPil(
+        size={"height": 896, "width": 896}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False, resample=2,
+    )
+    Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=256).save_pretrained(out)
+    return _finish(model, out, "gemma3", seed, "gemma-3-4b-it structure, sizes shrunk, softcapping enabled")

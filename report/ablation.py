@@ -9,6 +9,14 @@
   ``conditions``: every (setting, condition) row with positions, patch cells, answer and
   correctness.
 - ``skipped``: every skipped image with its reason and detail; ``skip_counts`` per reason.
+- ``settings``: the settings present, in reading order (generative, polling, vqa, others).
+- ``baseline``: per setting, the images with a ``none`` row (``n_images``) and how many of
+  them it answered correctly (``n_correct``): the denominators of ``summary``.
+
+Each condition of ``images`` also carries ``n_unmapped``: its positions that are not image
+positions of the ``positions`` table (so have no patch cell; 0 for a faithful run).
+
+`bar_chart(rows, y_max)` gives the geometry of one setting's flip-rate bar chart.
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ from db.store import ResultsDB
 
 # Conditions in reading order; others (future ones) follow alphabetically.
 _CONDITION_ORDER = ("none", "object_0", "object_1", "object_2", "register", "random", "gradient", "image_noise")
+_SETTING_ORDER = ("generative", "polling", "vqa")
+
+
+def setting_sort_key(setting: str) -> tuple[int, str]:
+    """generative, polling, vqa, then the rest alphabetically."""
+    return (_SETTING_ORDER.index(setting) if setting in _SETTING_ORDER else len(_SETTING_ORDER), setting)
 
 
 def condition_sort_key(condition: str) -> tuple[int, int, str]:
@@ -59,7 +73,7 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
             [run_id],
         )
     ]
-    summary.sort(key=lambda row: (row["setting"], condition_sort_key(row["condition"])))
+    summary.sort(key=lambda row: (setting_sort_key(row["setting"]), condition_sort_key(row["condition"])))
 
     cells: dict[tuple[int, int], tuple[int | None, int | None]] = {
         (image_id, position): (row, col)
@@ -100,6 +114,7 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
                 "condition": condition,
                 "positions": positions,
                 "cells": [list(cells[(image_id, p)]) for p in positions if (image_id, p) in cells],
+                "n_unmapped": sum(1 for p in positions if (image_id, p) not in cells),
                 "n_ablated": int(n_ablated),
                 "correct": bool(correct),
                 "answer": answer,
@@ -112,7 +127,7 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
             }
         )
     for entry in images.values():
-        entry["conditions"].sort(key=lambda c: (c["setting"], condition_sort_key(c["condition"])))
+        entry["conditions"].sort(key=lambda c: (setting_sort_key(c["setting"]), condition_sort_key(c["condition"])))
 
     skipped = [
         {"image_id": int(image_id), "reason": reason, "detail": detail}
@@ -123,10 +138,60 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
     skip_counts: dict[str, int] = {}
     for row in skipped:
         skip_counts[row["reason"]] = skip_counts.get(row["reason"], 0) + 1
+    baseline = [
+        {"setting": setting, "n_images": int(n_images), "n_correct": int(n_correct)}
+        for setting, n_images, n_correct in db.sql(
+            "SELECT setting, count(*), count(*) FILTER (WHERE correct) FROM ablations "
+            "WHERE run_id = ? AND condition = 'none' GROUP BY setting",
+            [run_id],
+        )
+    ]
+    baseline.sort(key=lambda row: setting_sort_key(row["setting"]))
+    settings = sorted(
+        {c["setting"] for entry in images.values() for c in entry["conditions"]} | {row["setting"] for row in summary},
+        key=setting_sort_key,
+    )
     return {
         "run": {"run_id": run_id_, "model_id": model_id, "status": status, "config": config},
         "summary": summary,
         "images": [images[k] for k in sorted(images)],
         "skipped": skipped,
         "skip_counts": skip_counts,
+        "settings": settings,
+        "baseline": baseline,
     }
+
+
+def bar_chart(rows: list[dict[str, Any]], y_max: float, *, width: int = 640, height: int = 300) -> dict[str, Any]:
+    """Geometry of one setting's bar chart: one bar per `ablation_summary` row (% flipped).
+
+    `y_max` (percent) is shared by the charts of a run so their bars compare. Every text
+    is rendered by the template (autoescaped); the SVG carries its own colours and fonts
+    so it can be saved and used as a figure on its own.
+    """
+    left, right, top, bottom = 52, 12, 22, 92
+    plot_w, plot_h = width - left - right, height - top - bottom
+    slot = plot_w / max(1, len(rows))
+    bar_w = min(44.0, slot * 0.7)
+    bars = []
+    for i, row in enumerate(rows):
+        pct = row["pct_flipped"]
+        h = plot_h * min(pct, y_max) / y_max
+        cx = left + slot * (i + 0.5)
+        bars.append({
+            "x": round(cx - bar_w / 2, 2), "y": round(top + plot_h - h, 2), "w": round(bar_w, 2), "h": round(h, 2),
+            "cx": round(cx, 2), "label_y": round(top + plot_h - h - 4, 2), "value": f"{pct:.1f}",
+            "condition": row["condition"],
+            "title": (f"{row['setting']} / {row['condition']}: {row['n_flipped']} of {row['n_baseline_correct']} "
+                      f"baseline-correct answers flipped ({pct:.2f}%); mean {row['mean_tokens_ablated']:.2f} "
+                      "tokens ablated"),
+        })
+    ticks = [{"y": round(top + plot_h * (1 - f), 2), "label": f"{y_max * f:g}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
+    return {"width": width, "height": height, "left": left, "top": top, "plot_w": plot_w, "plot_h": plot_h,
+            "bottom_y": top + plot_h, "bars": bars, "y_ticks": ticks}
+
+
+def chart_y_max(summary: list[dict[str, Any]]) -> float:
+    """A shared y range for a run's charts: the largest % flipped rounded up to 10, at least 10."""
+    top = max([row["pct_flipped"] for row in summary if row["condition"] != "none"], default=0.0)
+    return float(min(100, max(10, -(-top // 10) * 10)))

@@ -66,7 +66,7 @@ import numpy as np
 from db.migrations import LATEST_VERSION
 from db.store import ResultsDB
 from db.version import TOOL_VERSION
-from report import quantitative
+from report import quantitative, sql_console
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -85,6 +85,8 @@ SHARED_TABLES = ("images", "annotations", "mean_vectors", "schema_migrations")
 # Optional experiment pages: module name -> (page file, title). Each module, when it
 # exists, exposes `<name>_page_data(db, run_id) -> dict` (see _experiment_pages).
 EXPERIMENT_PAGES = {"ablation": ("ablation", "Token ablation"), "blocking": ("blocking", "Attention blocking")}
+# Experiments with a dedicated run page and per-image drill-down pages (the rest: generic).
+DEDICATED_EXPERIMENT_TEMPLATES = {"ablation": "ablation.html.j2", "blocking": "blocking.html.j2"}
 
 # What the build owns inside out_dir; everything else there is left alone.
 OWNED_PATHS = (
@@ -646,9 +648,11 @@ def _experiment_pages(db: ResultsDB, runs: list[_RunInfo]) -> list[dict[str, Any
     """Seam for the ablation and blocking reports (report/ablation.py, report/blocking.py).
 
     When `report.<name>` exists and defines `<name>_page_data(db, run_id)`, each run of
-    that experiment gets a page (templates/experiment.html.j2) rendering the returned dict
-    generically (`_generic_sections`): scalars as a summary, lists of dicts as tables.
-    All values are autoescaped.
+    that experiment gets a page. Experiments in DEDICATED_EXPERIMENT_TEMPLATES get their
+    own template (summary tables, charts, one drill-down page per image, see
+    `_write_experiment_pages`); any other renders the returned dict generically
+    (templates/experiment.html.j2, `_generic_sections`): scalars as a summary, lists of
+    dicts as tables. All values are autoescaped.
     """
     pages = []
     for experiment, (module_name, title) in EXPERIMENT_PAGES.items():
@@ -665,9 +669,142 @@ def _experiment_pages(db: ResultsDB, runs: list[_RunInfo]) -> list[dict[str, Any
             data = page_data(db, run.run_id)
             if not isinstance(data, dict):
                 continue
-            pages.append({"run": run, "title": title, "href": f"experiments/{experiment}-{run.dir_name}.html",
-                          **_generic_sections(data)})
+            page = {"run": run, "title": title, "experiment": experiment, "module": module,
+                    "href": f"experiments/{experiment}-{run.dir_name}.html"}
+            if experiment in DEDICATED_EXPERIMENT_TEMPLATES:
+                page.update(template=DEDICATED_EXPERIMENT_TEMPLATES[experiment], data=data,
+                            folder=f"{experiment}-{run.dir_name}")
+            else:
+                page.update(template="experiment.html.j2", **_generic_sections(data))
+            pages.append(page)
     return pages
+
+
+def _experiment_nav(pages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Nav entries (href relative to the site root) for the experiment pages: the title
+    alone where an experiment has one run, the title and run id where it has several."""
+    counts: dict[str, int] = {}
+    for page in pages:
+        counts[page["experiment"]] = counts.get(page["experiment"], 0) + 1
+    return [{"href": page["href"], "run_id": page["run"].run_id,
+             "label": page["title"] if counts[page["experiment"]] == 1 else f"{page['title']} ({page['run'].run_id})"}
+            for page in pages]
+
+
+def _overlay_json(grid_rows: Any, grid_cols: Any, overlays: list[dict[str, Any]]) -> str:
+    """The drill-down overlay data (read by static/experiments.js), safe inside <script>."""
+    return script_json({"grid_rows": grid_rows, "grid_cols": grid_cols, "overlays": overlays})
+
+
+def _ablation_context(page: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Template context of an ablation run page, and one context per image page."""
+    module, data = page["module"], page["data"]
+    y_max = module.chart_y_max(data["summary"])
+    by_setting = []
+    for setting in data["settings"]:
+        rows = [row for row in data["summary"] if row["setting"] == setting]
+        bars = [row for row in rows if row["condition"] != "none"]
+        baseline = next((b for b in data["baseline"] if b["setting"] == setting), None)
+        by_setting.append({"setting": setting, "rows": rows, "baseline": baseline,
+                           "chart": module.bar_chart(bars, y_max) if bars else None})
+    images = []
+    for image in data["images"]:
+        conditions = sorted({c["condition"] for c in image["conditions"]}, key=module.condition_sort_key)
+        settings = [s for s in data["settings"] if any(c["setting"] == s for c in image["conditions"])]
+        cell = {(c["setting"], c["condition"]): c for c in image["conditions"]}
+        overlays = [
+            {"key": [c["setting"], c["condition"]], "cells": c["cells"],
+             "caption": f"{c['setting']} / {c['condition']}: {len(c['cells'])} patch"
+                        f"{'' if len(c['cells']) == 1 else 'es'} ablated"
+                        + (f" ({c['n_unmapped']} positions without a patch cell)" if c["n_unmapped"] else "")}
+            for c in image["conditions"]
+        ]
+        first = next((c for c in image["conditions"] if c["cells"]), image["conditions"][0])
+        per_setting = []
+        for s in data["settings"]:
+            base = cell.get((s, "none"))
+            rest = [c for c in image["conditions"] if c["setting"] == s and c["condition"] != "none"]
+            per_setting.append({"setting": s, "baseline": base, "n_conditions": len(rest),
+                                "n_incorrect": sum(1 for c in rest if not c["correct"])})
+        questions = []
+        for s in settings:
+            c0 = cell.get((s, "none")) or next(c for c in image["conditions"] if c["setting"] == s)
+            questions.append({"setting": s, "question": c0["question"], "target_token": c0["target_token"]})
+        images.append({"image": image, "conditions": conditions, "settings": settings, "cell": cell,
+                       "overlay_json": _overlay_json(image["grid_rows"], image["grid_cols"], overlays),
+                       "initial": [first["setting"], first["condition"]], "per_setting": per_setting,
+                       "questions": questions})
+    return {"by_setting": by_setting, "y_max": y_max}, images
+
+
+def _blocking_context(page: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Template context of a blocking run page, and one context per image page."""
+    module, data = page["module"], page["data"]
+    charts = []
+    for target, curve in data["curves"].items():
+        charts.append({
+            "target": target, "curve": curve,
+            "relative": module.line_chart(curve, "relative_accuracy", y_label="relative accuracy", reference=1.0),
+            "prob": module.line_chart(curve, "mean_target_prob", y_label="mean class probability"),
+        })
+    presets: dict[str, list[dict[str, Any]]] = {}
+    for row in data["presets"]:
+        presets.setdefault(row["target"], []).append(row)
+    images = []
+    for detail in data["image_details"]:
+        overlays = []
+        for pair in detail["sets"]:
+            src, tgt = pair["source_set"], pair["target_set"]
+            caption = (f"source {pair['source']}: {len(src['cells'])} patches blocked as keys; "
+                       f"target {pair['target']}: {len(tgt['cells'])} patches"
+                       + (f" and {len(tgt['text'])} text position{'' if len(tgt['text']) == 1 else 's'}"
+                          if tgt["text"] else "") + " as queries")
+            if src["n_unmapped"] or tgt["n_unmapped"]:
+                caption += f" ({src['n_unmapped'] + tgt['n_unmapped']} positions not in the positions table)"
+            overlays.append({"key": [pair["target"], pair["source"]], "cells": src["cells"],
+                             "outline": tgt["cells"], "caption": caption})
+        initial = [overlays[0]["key"][0], overlays[0]["key"][1]] if overlays else ["", ""]
+        images.append({"image": detail, "targets": sorted({p["target"] for p in detail["sets"]}),
+                       "sources": sorted({p["source"] for p in detail["sets"]}),
+                       "overlay_json": _overlay_json(detail["grid_rows"], detail["grid_cols"], overlays),
+                       "initial": initial})
+    return {"charts": charts, "presets": presets}, images
+
+
+def _write_experiment_pages(db: ResultsDB, env: jinja2.Environment, writer: _Writer,
+                            pages: list[dict[str, Any]], common: dict[str, Any]) -> None:
+    """Write every experiment page; dedicated ones also get a page (and view PNG) per image
+    under `experiments/<experiment>-<run folder>/<image_id>.html`."""
+    for page in pages:
+        run = page["run"]
+        if page["template"] == "experiment.html.j2":
+            writer.write(page["href"], env.get_template("experiment.html.j2").render(
+                page=page, run=run, root="../", runs_here=[run], **common))
+            continue
+        context, images = (_ablation_context if page["experiment"] == "ablation" else _blocking_context)(page)
+        views = {
+            int(image_id): (width, height)
+            for image_id, width, height in db.sql(
+                "SELECT image_id, view_width, view_height FROM image_views WHERE run_id = ?", (run.run_id,))
+        }
+        template = env.get_template(page["template"])
+        folder = page["folder"]
+        image_hrefs = {}
+        for item in images:
+            image_id = item["image"]["image_id"]
+            view = views.get(image_id)
+            if view is not None:
+                (png,) = db.sql("SELECT png FROM image_views WHERE run_id = ? AND image_id = ?",
+                                (run.run_id, image_id))[0]
+                writer.write(f"experiments/{folder}/{image_id}.png", bytes(png))
+            image_hrefs[image_id] = f"{folder}/{image_id}.html"
+            writer.write(f"experiments/{folder}/{image_id}.html", template.render(
+                page=page, data=page["data"], run=run, root="../../", runs_here=[run], mode="image",
+                item=item, view=view, png_src=f"{image_id}.png" if view else "",
+                run_href=f"../{page['folder']}.html", **context, **common))
+        writer.write(page["href"], template.render(
+            page=page, data=page["data"], run=run, root="../", runs_here=[run], mode="run",
+            image_hrefs=image_hrefs, images=images, **context, **common))
 
 
 def _cell_text(value: Any) -> str:
@@ -730,8 +867,9 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
             writer = _Writer(stage)
             _copy_static(writer)
             writer.write(".nojekyll", "")
+            experiment_pages = _experiment_pages(db, runs)
             common = {"demo_warning": DEMO_WARNING, "generated_at": generated_at, "provenance": provenance,
-                      "schema_latest": LATEST_VERSION}
+                      "schema_latest": LATEST_VERSION, "experiment_nav": _experiment_nav(experiment_pages)}
             lens_template = env.get_template("lens.html.j2")
             run_entries: dict[str, list[tuple[int, int, int, int]]] = {}
             for entry in entries:
@@ -788,20 +926,14 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
                         runs=runs, downloads=download_info, root="", runs_here=runs, **common
                     ),
                 )
+            sql_console.write_sql_page(db, writer, env, common, download_info)  # sql.html, vendor/duckdb-wasm/
             writer.write(
                 "quantitative.html",
                 env.get_template("quantitative.html.j2").render(
                     quant_runs=quant_runs, root="", runs_here=[q["run"] for q in quant_runs], **common
                 ),
             )
-            experiment_pages = _experiment_pages(db, runs)
-            for page in experiment_pages:
-                writer.write(
-                    page["href"],
-                    env.get_template("experiment.html.j2").render(
-                        page=page, run=page["run"], root="../", runs_here=[page["run"]], **common
-                    ),
-                )
+            _write_experiment_pages(db, env, writer, experiment_pages, common)
             writer.write(
                 "index.html",
                 env.get_template("index.html.j2").render(
@@ -813,6 +945,7 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
                     has_downloads=download_info is not None,
                     quant_count=len(quant_runs),
                     experiment_pages=experiment_pages,
+                    run_pages={page["run"].run_id: page["href"] for page in experiment_pages},
                     **common,
                 ),
             )

@@ -12,7 +12,8 @@ from tests.conftest import SHARED_DATA, require_shared
 
 REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
-FAMILIES = QWEN_FAMILIES + ("llava-next",)
+FAMILIES = QWEN_FAMILIES + ("llava-next", "gemma3")
+SOFTCAPPING_FAMILIES: tuple[str, ...] = ()  # whose model class applies final_logit_softcapping
 
 
 def _build(name: str, folder):
@@ -24,6 +25,8 @@ def _build(name: str, folder):
         return tf.build_tiny_qwen2_vl(folder, seed=4)
     if name == "llava-next":
         return tf.build_tiny_llava_next(folder, seed=5)
+    if name == "gemma3":
+        return tf.build_tiny_gemma3(folder, seed=6)
     raise ValueError(name)
 
 
@@ -49,6 +52,11 @@ def family(request, _family_cache):
 
 @pytest.fixture(params=("llava-next",))
 def llava_next(request, _family_cache):
+    return _get(_family_cache, request.param)
+
+
+@pytest.fixture(params=("gemma3",))
+def gemma3(request, _family_cache):
     return _get(_family_cache, request.param)
 
 
@@ -78,6 +86,8 @@ def test_parts_are_the_models_own_modules(family):
     assert adapter.decoder is model.model.language_model
     assert adapter.decoder_layers is model.model.language_model.layers
     assert adapter.final_norm is model.model.language_model.norm
+    # Gemma 3's tiny config sets final_logit_softcapping, but Gemma3ForConditionalGeneration
+    # does not apply it: the lens must not either (test_gemma3_softcapping...).
     assert adapter.unembedding is model.lm_head
     assert adapter.n_layers == model.config.text_config.num_hidden_layers
     assert adapter.attention_module(1) is model.model.language_model.layers[1].self_attn
@@ -111,7 +121,19 @@ def _reference_final_norm(name: str, model, hidden: torch.Tensor) -> torch.Tenso
     eps = model.config.text_config.rms_norm_eps
     x = hidden.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return x * norm.weight.detach().float()  # Qwen2 RMSNorm: weight * x_hat
+    if name == "gemma3":
+        return x * (1.0 + norm.weight.detach().float())  # Gemma RMSNorm: (1 + weight) * x_hat
+    return x * norm.weight.detach().float()  # Qwen2 / Mistral RMSNorm: weight * x_hat
+
+
+def _reference_logits(name: str, model, normed: torch.Tensor) -> torch.Tensor:
+    """normed @ W^T, then the final logit softcapping where the family's model applies it
+    (PaliGemma; not Gemma3ForConditionalGeneration, whatever its config says)."""
+    logits = normed @ model.lm_head.weight.detach().float().T
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None and name in SOFTCAPPING_FAMILIES:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 def test_every_layer_equals_independent_recomputation(family):
@@ -124,22 +146,22 @@ def test_every_layer_equals_independent_recomputation(family):
     outputs = _forward(loaded, loaded.adapter.build_inputs(_image(), "Describe the image."))
     hidden_states = outputs.hidden_states
     assert len(hidden_states) == model.config.text_config.num_hidden_layers + 1
-    unembedding = model.lm_head.weight.detach().float()
     lens = LogitLens(loaded.adapter)
     readout = lens.top_k(hidden_states, k=3)
     for layer, hidden in enumerate(hidden_states):
         last = layer == len(hidden_states) - 1
         normed = hidden[0].float() if last else _reference_final_norm(name, model, hidden[0])
-        logits = normed @ unembedding.T
+        logits = _reference_logits(name, model, normed)
         torch.testing.assert_close(lens.layer_logits(hidden_states, layer)[0].float(), logits, atol=1e-4, rtol=1e-4)
         expected = torch.topk(torch.softmax(logits, -1), 3, dim=-1)
         torch.testing.assert_close(readout.probs[layer], expected.values, atol=1e-5, rtol=1e-4)
         distinct = (expected.values[:, :-1] - expected.values[:, 1:]).abs().min(-1).values > 1e-5
         assert torch.equal(readout.token_ids[layer][distinct], expected.indices[distinct])
     # A lens that skipped the norm, or normed the last entry twice, would differ.
+    unembed = loaded.adapter.unembedding
     middle = lens.layer_logits(hidden_states, 1)
-    assert not torch.allclose(middle, model.lm_head(hidden_states[1]), atol=1e-3)
-    twice = model.lm_head(model.model.language_model.norm(hidden_states[-1]))
+    assert not torch.allclose(middle, unembed(hidden_states[1]), atol=1e-3)
+    twice = unembed(model.model.language_model.norm(hidden_states[-1]))
     assert not torch.allclose(lens.layer_logits(hidden_states, len(hidden_states) - 1), twice, atol=1e-3)
 
 
@@ -342,6 +364,8 @@ def test_collect_lens_cli_end_to_end(family, demo_images, tmp_path):
             width, height = db.sql(f"SELECT view_width, view_height FROM image_views WHERE image_id = {image_id}")[0]
             if name in QWEN_FAMILIES:  # one merged cell = 28x28 view pixels
                 assert (width, height) == (cols * 28, rows * 28)
+            if name == "gemma3":  # 896x896 view, 16x16 pooled grid
+                assert (width, height, rows, cols) == (896, 896, 16, 16)
             if name == "llava-next":  # base view 336x336 on a 24x24 grid; tiles + newlines after it
                 assert (width, height, rows, cols) == (336, 336, 24, 24)
                 kinds = dict(db.sql(f"SELECT kind, count(*) FROM positions WHERE image_id = {image_id} GROUP BY 1"))
@@ -431,3 +455,141 @@ def test_llava_next_every_token_by_perturbing_tile_patches(llava_next):
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- Gemma 3: span, pooled grid, bidirectional image attention, softcapping, norms -----------
+
+
+def test_gemma3_inputs_span_and_grid(gemma3):
+    from transformers import Gemma3Processor
+
+    _, _, loaded = gemma3
+    adapter = loaded.adapter
+    assert isinstance(loaded.processor, Gemma3Processor)  # the real processor, no torchvision needed
+    tokenizer = adapter.tokenizer
+    question = "Is there a cat in this image?"
+    image = _image(500, 375)
+    inputs = adapter.build_inputs(image, question)
+    real = loaded.processor(images=image, text=adapter.format_prompt(question), return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}
+    for key in inputs:
+        assert torch.equal(inputs[key], real[key]), key
+    input_ids = inputs["input_ids"][0]
+    layout = adapter.image_token_layout(input_ids, inputs)
+    assert (layout.grid_rows, layout.grid_cols, layout.n_tokens) == (16, 16, 256)
+    # Independent derivation: the tokenized template with <start_of_image> expanded to
+    # "\n\n<start_of_image>" + 256 x <image_soft_token> + "<end_of_image>\n\n".
+    image_id = tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    boi, eoi = (tokenizer.convert_tokens_to_ids(t) for t in ("<start_of_image>", "<end_of_image>"))
+    expected_text = adapter.format_prompt(question).replace(
+        "<start_of_image>", "\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\n"
+    )
+    assert input_ids.tolist() == tokenizer(expected_text)["input_ids"]
+    assert input_ids[0] == tokenizer.bos_token_id
+    start = input_ids.tolist().index(image_id)
+    assert input_ids[start - 1] == boi and input_ids[start + 256] == eoi
+    assert layout.positions.tolist() == list(range(start, start + 256))
+    assert layout.position_of(1, 0) == start + 16 and layout.position_of(15, 15) == start + 255
+    assert torch.equal(inputs["token_type_ids"][0], (input_ids == image_id).long())
+    # The view: the whole image resized to 896x896 (no crop, no pad), as the geometry says.
+    from collector.geometry import ViewGeometry
+
+    view = adapter.view_image(adapter.view_pixels(inputs))
+    geometry = ViewGeometry.from_image_processor(loaded.processor.image_processor, 500, 375)
+    assert view.size == (geometry.view_width, geometry.view_height) == (896, 896)
+    assert (geometry.offset_x, geometry.offset_y) == (0.0, 0.0)
+    expected_view = image.resize((896, 896), Image.BILINEAR)
+    difference = torch.tensor(list(view.getdata())) - torch.tensor(list(expected_view.getdata()))
+    assert difference.abs().max() <= 1
+
+
+def _identity_siglip_layers(vision_tower) -> list:
+    def passthrough(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    return [
+        layer.register_forward_hook(passthrough, with_kwargs=True, prepend=True)
+        for layer in vision_tower.encoder.layers
+    ]
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (0, 15), (5, 9), (15, 0), (15, 15)])
+def test_gemma3_pooling_order_by_perturbing_one_cell(gemma3, cell):
+    """With identity SigLIP layers, token (r, c) depends only on the 4x4 patches (56x56 view
+    pixels) it pools. Repainting one 14x14 patch inside cell (r, c) must move exactly the LM
+    position the layout gives (r, c); patches are repainted in pixel_values directly."""
+    _, _, loaded = gemma3
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs(_image(400, 300, seed=8), "Describe the image.")
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
+    row, col = cell
+    pixels = inputs["pixel_values"].clone()
+    y, x = row * 56 + 14 * (row % 4), col * 56 + 14 * (3 - col % 4)  # some patch inside the cell
+    pixels[0, :, y : y + 14, x : x + 14] += 1.5
+    handles = _identity_siglip_layers(adapter.vision_tower)
+    try:
+        base = _forward(loaded, inputs).hidden_states[0][0]
+        changed = _forward(loaded, {**inputs, "pixel_values": pixels}).hidden_states[0][0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    moved = ((changed - base).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+    assert moved == [layout.position_of(row, col)]
+
+
+def test_gemma3_image_attention_is_bidirectional_and_layers_are_mixed(gemma3):
+    """The masks the attention modules receive: image block bidirectional (token_type_ids
+    passed), text causal, sliding layers cut at the window; and the logits depend on it."""
+    from tests.test_families_experiments import real_attention_masks
+
+    _, _, loaded = gemma3
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs(_image(), "Describe the image.")
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
+    masks = real_attention_masks(loaded, inputs)  # layer -> (T, T) bool, True = attend
+    n = inputs["input_ids"].shape[1]
+    start, end = int(layout.positions[0]), int(layout.positions[-1])
+    window = loaded.model.config.text_config.sliding_window
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    image = torch.zeros(n, dtype=torch.bool)
+    image[start : end + 1] = True
+    block = image[:, None] & image[None, :]
+    distance = torch.arange(n)[:, None] - torch.arange(n)[None, :]
+    for layer, layer_type in enumerate(loaded.model.config.text_config.layer_types):
+        expected = causal | block
+        if layer_type == "sliding_attention":
+            expected = expected & (distance < window)  # keys more than a window back are cut; later image keys stay
+        assert torch.equal(masks[layer], expected), layer
+    assert "full_attention" in loaded.model.config.text_config.layer_types
+    assert "sliding_attention" in loaded.model.config.text_config.layer_types
+    without = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    assert not torch.allclose(_forward(loaded, without).logits, _forward(loaded, inputs).logits, atol=1e-4)
+
+
+def test_gemma3_softcapping_and_embedding_scale(gemma3):
+    """The tiny config ENABLES final_logit_softcapping (cap 3, which visibly changes these
+    logits), yet Gemma3ForConditionalGeneration's forward does not apply it: the lens
+    follows the model, not the config. The wrapper used where a model does apply it
+    (PaliGemma) equals cap * tanh(logits / cap)."""
+    from collector.adapters.gemma3 import SoftcappedUnembedding, forward_applies_softcap
+
+    _, _, loaded = gemma3
+    model, adapter = loaded.model, loaded.adapter
+    inputs = adapter.build_inputs(_image(), "Describe the image.")
+    outputs = _forward(loaded, inputs)
+    raw = model.lm_head(outputs.hidden_states[-1])
+    cap = model.config.text_config.final_logit_softcapping
+    capped = cap * torch.tanh(raw / cap)
+    assert cap == 3.0 and not torch.allclose(raw, capped, atol=1e-3)  # the cap would matter here
+    assert torch.equal(outputs.logits, raw)  # ... but the model does not apply it
+    assert not forward_applies_softcap(type(model)) and adapter.softcap is None
+    assert torch.equal(adapter.unembedding(outputs.hidden_states[-1]), outputs.logits)
+    wrapper = SoftcappedUnembedding(model.lm_head, cap)
+    torch.testing.assert_close(wrapper(outputs.hidden_states[-1]), capped, atol=1e-6, rtol=1e-6)
+    assert wrapper.weight is model.lm_head.weight
+    # hidden_states[0] at text positions: embedding row * sqrt(d), as Gemma scales them.
+    ids = inputs["input_ids"][0]
+    text = (inputs["token_type_ids"][0] == 0).nonzero().flatten()
+    expected = model.model.language_model.embed_tokens.weight[ids[text]] * (model.config.text_config.hidden_size**0.5)
+    torch.testing.assert_close(outputs.hidden_states[0][0, text], expected, atol=1e-5, rtol=1e-5)

@@ -327,3 +327,162 @@ def test_lens_page_fits_top_k(site: tuple[Path, Path, dict[str, str]]) -> None:
     _, out, run_ids = site
     assert (out / _lens_url(run_ids["hostile"], 102)).is_file()
     assert TOP_K >= 2
+
+
+# -- ablation and blocking pages (site built from tests/test_report_experiments.py's database) --
+
+from test_report_experiments import (
+    ABLATION_IMAGES,
+    COLUMN_MAJOR_IMAGE,
+    SOURCES,
+    TARGETS,
+    image_page,
+    make_experiment_db,
+    run_page,
+)
+
+
+@pytest.fixture(scope="module")
+def experiment_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("browser-experiments")
+    db_path = root / "results.duckdb"
+    run_ids = make_experiment_db(db_path)
+    out = root / "site"
+    build_site(db_path, out)
+    return db_path, out, run_ids
+
+
+@pytest.fixture(scope="module")
+def experiment_server(experiment_site: tuple[Path, Path, dict[str, str]]) -> Iterator[str]:
+    _, out, _ = experiment_site
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(params=["http", "file"])
+def exp_watched(request: pytest.FixtureRequest, browser: Any, experiment_site: tuple[Path, Path, dict[str, str]]) -> Iterator[Watched]:
+    _, out, _ = experiment_site
+    origin = request.getfixturevalue("experiment_server") if request.param == "http" else out.resolve().as_uri() + "/"
+    page = Watched(browser, origin)
+    try:
+        yield page
+        page.check()
+    finally:
+        page.context.close()
+
+
+def _relative(out: Path, path: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def _db_cells(db_path: Path, run_id: str, image_id: int, positions: list[int]) -> set[str]:
+    with ResultsDB(db_path, read_only=True) as db:
+        rows = db.sql("SELECT patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? AND kind = 'image' "
+                      "AND list_contains(?, position)", [run_id, image_id, positions])
+    return {f"{r},{c}" for r, c in rows}
+
+
+def _shown_cells(page: Any, cls: str) -> set[str]:
+    return set(page.locator(f"#overlay rect.{cls}").evaluate_all("els => els.map(e => e.dataset.cell)"))
+
+
+def test_selecting_an_ablation_condition_highlights_its_patches(
+    exp_watched: Watched, experiment_site: tuple[Path, Path, dict[str, str]]
+) -> None:
+    db_path, out, run_ids = experiment_site
+    run_id = run_ids["ablation"]
+    image_id = COLUMN_MAJOR_IMAGE  # positions are column-major: only the positions table maps them right
+    with ResultsDB(db_path, read_only=True) as db:
+        rows = db.sql("SELECT setting, condition, positions FROM ablations WHERE run_id = ? AND image_id = ?",
+                      [run_id, image_id])
+    page = exp_watched.goto(_relative(out, image_page(out, "ablation", run_id, image_id)))
+    page.wait_for_selector("body[data-overlay-ready]", timeout=10_000)
+    for setting, condition, positions in rows:
+        page.select_option("#setting-select", setting)
+        page.select_option("#condition-select", condition)
+        assert _shown_cells(page, "cell-fill") == _db_cells(db_path, run_id, image_id, positions), (setting, condition)
+        assert page.locator("#answers td.selected").count() == 1
+        assert f"{setting} / {condition}:" in page.locator("#overlay-caption").inner_text()
+    # The overlay lies on the image: cell (r, c) covers the image's (r, c) grid cell.
+    page.select_option("#setting-select", "vqa")
+    page.select_option("#condition-select", "object_0")
+    img = page.locator(".exp-view img").bounding_box()
+    rect = page.locator("#overlay rect.cell-fill").first
+    r, c = (int(v) for v in rect.get_attribute("data-cell").split(","))
+    box = rect.bounding_box()
+    cell_w, cell_h = img["width"] / 6, img["height"] / 6  # the box includes the stroke: compare centres
+    assert abs(box["x"] + box["width"] / 2 - (img["x"] + (c + 0.5) * cell_w)) < 1.5
+    assert abs(box["y"] + box["height"] / 2 - (img["y"] + (r + 0.5) * cell_h)) < 1.5
+    assert abs(box["width"] - cell_w) < 6
+    # Clicking an answer cell selects its setting and condition, and the URL keeps it.
+    page.click("#answers td[data-select='[\"polling\", \"object_2\"]']")
+    assert page.input_value("#setting-select") == "polling" and page.input_value("#condition-select") == "object_2"
+    expected = next(p for s, c, p in rows if (s, c) == ("polling", "object_2"))
+    assert _shown_cells(page, "cell-fill") == _db_cells(db_path, run_id, image_id, expected)
+    page.reload()
+    page.wait_for_selector("body[data-overlay-ready]")
+    assert page.input_value("#condition-select") == "object_2"
+    assert _shown_cells(page, "cell-fill") == _db_cells(db_path, run_id, image_id, expected)
+    # Hostile answers were shown as text; nothing was created from them.
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"], [onerror]').length") == 0
+
+
+def test_blocking_image_overlay_and_window_table(exp_watched: Watched, experiment_site: tuple[Path, Path, dict[str, str]]) -> None:
+    db_path, out, run_ids = experiment_site
+    run_id = run_ids["blocking"]
+    image_id = 303  # column-major positions
+    with ResultsDB(db_path, read_only=True) as db:
+        pairs = db.sql("SELECT DISTINCT target, source, source_positions, target_positions FROM blocking "
+                       "WHERE run_id = ? AND image_id = ? AND window_kind <> 'baseline'", [run_id, image_id])
+    page = exp_watched.goto(_relative(out, image_page(out, "blocking", run_id, image_id)))
+    page.wait_for_selector("body[data-overlay-ready]", timeout=10_000)
+    for target, source, source_positions, target_positions in pairs:
+        page.select_option("#target-select", target)
+        page.select_option("#source-select", source)
+        assert _shown_cells(page, "cell-fill") == _db_cells(db_path, run_id, image_id, source_positions)
+        assert _shown_cells(page, "cell-outline") == _db_cells(db_path, run_id, image_id, target_positions)
+        visible = page.locator("#windows tbody:visible")
+        assert visible.count() == 1
+        assert visible.first.locator("tr").count() == 14  # 6 presets + 8 sliding windows
+        assert set(visible.first.locator("td:nth-child(2)").all_inner_texts()) == {source}
+
+
+def test_experiment_charts_render(exp_watched: Watched, experiment_site: tuple[Path, Path, dict[str, str]]) -> None:
+    _, out, run_ids = experiment_site
+    page = exp_watched.goto(_relative(out, run_page(out, "ablation", run_ids["ablation"])))
+    charts = page.locator("svg.bar-chart")
+    assert charts.count() == 3
+    for i in range(3):
+        assert charts.nth(i).locator("g.bar").count() == 7
+        assert charts.nth(i).bounding_box()["width"] > 300
+    assert page.locator("figure .svg-save").count() == 3
+
+    page = exp_watched.goto(_relative(out, run_page(out, "blocking", run_ids["blocking"])))
+    charts = page.locator("svg.line-chart")
+    assert charts.count() == 2 * len(TARGETS)
+    for i in range(charts.count()):
+        series = charts.nth(i).locator("g.series")
+        assert series.count() == len(SOURCES)
+        for j in range(series.count()):
+            assert series.nth(j).locator("polyline").first.bounding_box()["width"] > 100  # drawn across the layers
+    # Hover shows the exact values (SVG <title> tooltips).
+    assert "relative accuracy" in charts.first.locator("circle").first.locator("title").text_content()
+
+    page = exp_watched.goto(_relative(out, run_page(out, "blocking", run_ids["demo_blocking"])))
+    assert page.locator(".warning.banner").is_visible()
+    relative = page.locator("svg.line-chart[data-measure='relative_accuracy']")
+    assert relative.count() == len(TARGETS)
+    for i in range(relative.count()):
+        assert relative.nth(i).locator("g.series").count() == 0
+        assert relative.nth(i).locator("text.chart-empty").first.is_visible()
+    assert page.locator("svg.line-chart[data-measure='mean_target_prob'] g.series").count() == len(TARGETS) * len(SOURCES)
+    assert ABLATION_IMAGES  # imported for the fixture's sake

@@ -198,8 +198,10 @@ def ablate_one_image(
 
     vector = replacement.vector
     image_embeddings = lm_input_embeddings(loaded, generative_inputs)[0, layout.positions].float().cpu()
+    # Noise goes into the model's view (what the object cells index); the adapter maps the
+    # view back into the family's pixel_values when the condition runs.
     noise_pixels = noised_pixel_values(
-        generative_inputs["pixel_values"][0], cells, options.noise_std, options.seed, record.image_id
+        adapter.view_pixels(generative_inputs), cells, options.noise_std, options.seed, record.image_id
     )
     none_condition = Condition("none", ())
     noise_condition = Condition("image_noise", (), noise_pixels)
@@ -281,7 +283,7 @@ def ablate_one_image(
         "ablations": _ablation_table(run_id, record.image_id, rows),
         "positions": positions_table(run_id, record.image_id, input_ids, first_layout,
                                      decode_tokens(tokenizer, input_ids.tolist())),
-        "image_views": image_view_table(run_id, record, adapter, generative_inputs["pixel_values"][0]),
+        "image_views": image_view_table(run_id, record, adapter, adapter.view_pixels(generative_inputs)),
         "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), first_layout, None),
     }
     return _Outcome(tables, True)

@@ -95,7 +95,8 @@ def says_yes(answer: str) -> bool:
 class Condition:
     """One row of a batch: the LM input positions it replaces, and its own pixel_values if any.
 
-    pixel_values: (3, H, W) replacing the image's (image_noise), or None.
+    pixel_values: (3, H, W) replacing the image's view (image_noise), or None; the adapter
+    puts it into the family's pixel_values (`ModelAdapter.with_view_pixels`).
     """
 
     name: str
@@ -103,17 +104,12 @@ class Condition:
     pixel_values: torch.Tensor | None = None
 
 
-def _batch_inputs(inputs: dict[str, torch.Tensor], conditions: Sequence[Condition]) -> dict[str, torch.Tensor]:
-    """The one-image inputs repeated per condition, with per-condition pixel_values."""
-    batch = len(conditions)
-    out = {name: value.expand(batch, *value.shape[1:]).contiguous() for name, value in inputs.items()}
-    if "pixel_values" in out:
-        pixels = out["pixel_values"].clone()
-        for row, condition in enumerate(conditions):
-            if condition.pixel_values is not None:
-                pixels[row] = condition.pixel_values.to(pixels.dtype)
-        out["pixel_values"] = pixels
-    return out
+def _batch_inputs(
+    adapter: Any, inputs: dict[str, torch.Tensor], conditions: Sequence[Condition]
+) -> dict[str, torch.Tensor]:
+    """The one-image inputs repeated per condition, with per-condition views (the adapter
+    knows how a family batches its pixel values)."""
+    return adapter.repeat_inputs(inputs, [condition.pixel_values for condition in conditions])
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -150,7 +146,7 @@ def generate_answers(
     prompt_length = int(inputs["input_ids"].shape[1])
     answers: list[str] = []
     for chunk in _chunks(list(conditions), batch_size):
-        batch = _batch_inputs(inputs, chunk)
+        batch = _batch_inputs(loaded.adapter, inputs, chunk)
         with ablate_positions(loaded.adapter, [c.positions for c in chunk], replacement):
             sequences = loaded.model.generate(
                 **batch,
@@ -192,7 +188,7 @@ def next_token_predictions(
     tokenizer = loaded.adapter.tokenizer
     results: list[NextToken] = []
     for chunk in _chunks(list(conditions), batch_size):
-        batch = _batch_inputs(inputs, chunk)
+        batch = _batch_inputs(loaded.adapter, inputs, chunk)
         with ablate_positions(loaded.adapter, [c.positions for c in chunk], replacement):
             logits = loaded.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1].float()
         probs = torch.softmax(logits, dim=-1)

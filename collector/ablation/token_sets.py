@@ -196,7 +196,7 @@ def integrated_gradients(
             replaced[:, positions] = path_embeddings.to(merged.dtype)
             return args, {**kwargs, "inputs_embeds": replaced}
 
-        batch_inputs = {name: value.expand(batch, *value.shape[1:]) for name, value in inputs.items()}
+        batch_inputs = adapter.repeat_inputs(inputs, [None] * batch)
         handle = adapter.decoder.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
         try:
             logits = loaded.model(**batch_inputs, use_cache=False, logits_to_keep=1).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, ModelAdapter
+from collector.adapters.gemma3 import Gemma3Adapter
 from collector.adapters.llava import Llava15Adapter, LlavaPhiAdapter
 from collector.adapters.llava_next import LlavaNextAdapter
 from collector.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -15,15 +16,11 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     LlavaNextAdapter,
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
+    Gemma3Adapter,
 )
 
 # Families users ask for that are not supported yet, with what is missing.
 UNSUPPORTED: dict[str, str] = {
-    "gemma3": (
-        "Gemma 3 is not supported yet: no adapter verified for its 256 pooled image tokens between "
-        "<start_of_image> and <end_of_image>, bidirectional image attention (token_type_ids), "
-        "mixed sliding/full layers and final logit softcapping"
-    ),
     "paligemma": (
         "PaliGemma is not supported yet: no adapter verified for its image-first prefix-LM "
         "attention (token_type_ids) and SigLIP 224/14 grid"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -209,6 +209,37 @@ class ModelAdapter(ABC):
         Default: `pixel_values[0]`; families with patchified or tiled pixel values override.
         """
         return inputs["pixel_values"][0]
+
+    def with_view_pixels(self, inputs: Mapping[str, Any], view: torch.Tensor) -> torch.Tensor:
+        """`inputs["pixel_values"]` (one image) with the view replaced by `view` (3, H, W): the
+        inverse of `view_pixels`, e.g. to add noise to part of the image as the model sees it.
+
+        Default: pixel_values[0] = view; families with patchified or tiled pixel values override.
+        """
+        pixels = inputs["pixel_values"].clone()
+        pixels[0] = view.to(device=pixels.device, dtype=pixels.dtype)
+        return pixels
+
+    def repeat_inputs(
+        self, inputs: Mapping[str, Any], views: Sequence[torch.Tensor | None]
+    ) -> dict[str, torch.Tensor]:
+        """One image's `build_inputs` output repeated as a batch of len(views) rows; row b sees
+        `views[b]` (3, H, W) as its view (`with_view_pixels`), or the image itself where None.
+
+        Default: every tensor expanded along dim 0, pixel_values copied where a row has a view.
+        """
+        batch = len(views)
+        out = {
+            name: value.expand(batch, *value.shape[1:]).contiguous() if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items()
+        }
+        if any(view is not None for view in views):
+            pixels = out["pixel_values"].clone()
+            for row, view in enumerate(views):
+                if view is not None:
+                    pixels[row] = self.with_view_pixels(inputs, view)[0]
+            out["pixel_values"] = pixels
+        return out
 
     @abstractmethod
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:

@@ -150,6 +150,12 @@ class LlavaNextAdapter(LlavaAdapter):
         """The base view (the whole image at 336x336): tile 0 of pixel_values (1, tiles, 3, H, W)."""
         return inputs["pixel_values"][0][0]
 
+    def with_view_pixels(self, inputs: Mapping[str, Any], view: torch.Tensor) -> torch.Tensor:
+        """pixel_values with the base view (tile 0) replaced; the high-resolution tiles are kept."""
+        pixels = inputs["pixel_values"].clone()
+        pixels[0, 0] = view.to(device=pixels.device, dtype=pixels.dtype)
+        return pixels
+
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         if pixel_values.dim() == 4:  # all tiles of one image given: show the base view
             pixel_values = pixel_values[0]

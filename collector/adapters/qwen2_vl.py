@@ -235,8 +235,40 @@ class Qwen2VLAdapter(ModelAdapter):
         t, h, w = (int(v) for v in self._grid_thw(inputs["input_ids"][0], inputs))
         return depatchify(inputs["pixel_values"], t, h, w, self.patch_size, self.merge_size)
 
+    def with_view_pixels(self, inputs: Mapping[str, Any], view: torch.Tensor) -> torch.Tensor:
+        """Patchify a (3, h*p, w*p) view back into `pixel_values` (t*h*w, 3*tp*p*p)."""
+        t, h, w = (int(v) for v in self._grid_thw(inputs["input_ids"][0], inputs))
+        pixels = inputs["pixel_values"]
+        temporal = int(pixels.shape[1]) // (3 * self.patch_size**2)
+        out = patchify(view, t, h, w, self.patch_size, self.merge_size, temporal)
+        return out.to(device=pixels.device, dtype=pixels.dtype)
+
+    def repeat_inputs(self, inputs: Mapping[str, Any], views) -> dict[str, torch.Tensor]:
+        """Rows of one image: pixel_values are concatenated (the model splits them by
+        image_grid_thw), every other tensor is expanded along dim 0."""
+        batch = len(views)
+        out = {
+            name: value.expand(batch, *value.shape[1:]).contiguous() if isinstance(value, torch.Tensor) else value
+            for name, value in inputs.items() if name != "pixel_values"
+        }
+        out["pixel_values"] = torch.cat(
+            [inputs["pixel_values"] if view is None else self.with_view_pixels(inputs, view) for view in views]
+        )
+        return out
+
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         return denormalise_to_image(pixel_values, self.processor.image_processor)
+
+
+def patchify(view: torch.Tensor, t: int, h: int, w: int, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """The inverse of `depatchify` for a still image: (C, h*p, w*p) -> (t*h*w, C*tp*p*p), every
+    temporal copy equal to the view."""
+    channels = view.shape[0]
+    x = view.detach().reshape(channels, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (h/m, w/m, m, m, C, p, p)
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1)  # (h/m, w/m, m, m, C, tp, p, p)
+    x = x.reshape(1, h * w, channels * temporal * patch * patch).expand(t, -1, -1)
+    return x.reshape(t * h * w, channels * temporal * patch * patch).contiguous()
 
 
 def depatchify(pixel_values: torch.Tensor, t: int, h: int, w: int, patch: int, merge: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ layers.
 
 Source sets (key positions): object_0/1/2 (the object's cells dilated by 0/1/2 rings of
 8-neighbours), image_minus_object_1 (every image position not in object_1),
-image_minus_last_row (every image position except the last grid row). Target sets (query
+image_minus_last_row (every image position except the last grid row); "every image
+position" is `layout.all_image_positions` (grid plus LLaVA-NeXT's high-resolution and
+newline tokens), object and row sets are grid cells. Target sets (query
 positions): last (the last input position, where the answer is predicted) and last_row
 (the last grid row of image tokens). A position in both sets still attends to itself.
 
@@ -129,7 +131,9 @@ def sliding_windows(n_layers: int, width: int = DEFAULT_WINDOW) -> list[LayerWin
 
 def source_sets(cells: np.ndarray, layout: ImageTokenLayout) -> dict[str, list[int]]:
     """Key-position sets by name, from the object's (grid_rows, grid_cols) bool cells."""
-    image = [int(p) for p in layout.positions.tolist()]
+    # Every image-derived position, not just the grid: with LLaVA-NeXT the high-resolution and
+    # newline tokens also carry the image, so "the image minus X" must block them too.
+    image = [int(p) for p in layout.all_image_positions.tolist()]
     object_1 = set(object_positions(cells, layout, 1))
     last_row = set(last_row_positions(layout))
     return {
