@@ -108,33 +108,41 @@ class ModelAdapter(ABC):
 
     # -- where the parts are -----------------------------------------------------------
 
+    # Where the language-model parts are. transformers 5 exposes them the same way for
+    # every supported family; an adapter overrides only what its family keeps elsewhere.
+
     @property
-    @abstractmethod
     def decoder(self) -> torch.nn.Module:
         """The language model: forward(inputs_embeds=(B, T, d_model), ...) runs every layer.
 
         A forward pre-hook here sees the LM input embeddings after image features are merged.
         """
+        return self.model.get_decoder()
 
     @property
-    @abstractmethod
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The LM's decoder layers, in order."""
+        return self.decoder.layers
 
     @property
-    @abstractmethod
     def final_norm(self) -> torch.nn.Module:
         """The norm applied to the last decoder layer's output before the unembedding."""
+        return self.decoder.norm
 
     @property
-    @abstractmethod
     def unembedding(self) -> torch.nn.Module:
-        """hidden (..., d_model) -> logits (..., vocab)."""
+        """hidden (..., d_model) -> logits (..., vocab), exactly as the model computes its logits."""
+        return self.model.get_output_embeddings()
 
     @property
-    @abstractmethod
     def input_embeddings(self) -> torch.nn.Module:
         """token ids -> LM input embeddings."""
+        return self.model.get_input_embeddings()
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder token id that image features replace in input_ids."""
+        return int(self.model.config.image_token_id)
 
     @property
     @abstractmethod

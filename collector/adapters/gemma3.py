@@ -67,19 +67,7 @@ def forward_applies_softcap(model_class: type) -> bool:
 
 
 class GemmaFamilyAdapter(ModelAdapter):
-    """Parts shared by Gemma-LM VLMs (Gemma 3, PaliGemma): decoder paths and softcapping."""
-
-    @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.decoder.layers
-
-    @property
-    def final_norm(self) -> torch.nn.Module:
-        return self.decoder.norm
+    """Parts shared by Gemma-LM VLMs (Gemma 3, PaliGemma): softcapping and the vision parts."""
 
     @property
     def softcap(self) -> float | None:
@@ -101,20 +89,12 @@ class GemmaFamilyAdapter(ModelAdapter):
         return cached
 
     @property
-    def input_embeddings(self) -> torch.nn.Module:
-        return self.model.get_input_embeddings()
-
-    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
     @property
     def projector(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         return denormalise_to_image(pixel_values, self.processor.image_processor)

@@ -27,36 +27,12 @@ class LlavaAdapter(ModelAdapter):
         return getattr(config, "model_type", None) == "llava" and text_type in cls.text_model_types
 
     @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.get_decoder()
-
-    @property
-    def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.decoder.layers
-
-    @property
-    def final_norm(self) -> torch.nn.Module:
-        return self.decoder.norm
-
-    @property
-    def unembedding(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
-
-    @property
-    def input_embeddings(self) -> torch.nn.Module:
-        return self.model.get_input_embeddings()
-
-    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
 
     @property
     def projector(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def patch_grid(self) -> tuple[int, int]:

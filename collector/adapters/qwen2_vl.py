@@ -123,26 +123,6 @@ class Qwen2VLAdapter(ModelAdapter):
     # -- parts ----------------------------------------------------------------------------
 
     @property
-    def decoder(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    @property
-    def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.decoder.layers
-
-    @property
-    def final_norm(self) -> torch.nn.Module:
-        return self.decoder.norm
-
-    @property
-    def unembedding(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
-
-    @property
-    def input_embeddings(self) -> torch.nn.Module:
-        return self.model.get_input_embeddings()
-
-    @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.visual
 
@@ -150,10 +130,6 @@ class Qwen2VLAdapter(ModelAdapter):
     def projector(self) -> torch.nn.Module:
         # The patch merger: 2x2 neighbouring patch features -> one LM-sized token.
         return self.model.model.visual.merger
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def video_token_id(self) -> int:
