@@ -391,3 +391,61 @@ def build_tiny_gemma3(
     )
     Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=256).save_pretrained(out)
     return _finish(model, out, "gemma3", seed, "gemma-3-4b-it structure, sizes shrunk, softcapping enabled")
+
+
+def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, final_logit_softcapping: float | None = 3.0) -> Path:
+    """Tiny PaliGemma with the published google/paligemma-3b-mix-224 structure, sizes shrunk.
+
+    Kept (no real config file was available offline): SigLIP 224/14 vision tower (16x16
+    patches, no head), a linear projector per patch (256 image tokens), the image first in
+    the prompt (`<image>` x 256, `<bos>`, prompt, "\\n"), a bidirectional prefix
+    (token_type_ids), Gemma v1 LM (`(1 + weight)` RMSNorm, sqrt(d)-scaled embeddings, one KV
+    head, tied embeddings), the real `PaliGemmaProcessor` (it adds the 1024 `<locNNNN>` and
+    128 `<segNNN>` tokens to the tokenizer) with `SiglipImageProcessorPil` (no torchvision).
+    Changed for the tests: `final_logit_softcapping` is set on the Gemma v1 text config
+    (PaliGemma 1 has none; PaliGemma 2 uses 30): `PaliGemmaForConditionalGeneration` applies
+    it, and a low cap makes it visible on random logits. The tiny tokenizer has the real
+    special tokens' names and roles, not their ids (real `<image>`: 257152).
+    """
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_gemma_tokenizer(extra_tokens=("<image>",), image_tokens={"image_token": "<image>"})
+    image_processor = SiglipImageProcessorPil(
+        size={"height": 224, "width": 224}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        resample=3, do_convert_rgb=True, image_seq_length=256,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg>
+    text_kwargs: dict[str, Any] = {}
+    if final_logit_softcapping is not None:
+        text_kwargs["final_logit_softcapping"] = final_logit_softcapping
+    config = PaliGemmaConfig(
+        text_config=GemmaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+            rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", pad_token_id=0, eos_token_id=1,
+            bos_token_id=2, **text_kwargs,
+        ),
+        vision_config=SiglipVisionConfig(
+            image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, layer_norm_eps=1e-6, vision_use_head=False,
+        ),
+        image_token_index=tokenizer.image_token_id,
+        projection_dim=64,
+        hidden_size=64,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+    )
+    config.dtype = "float32"
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    processor.save_pretrained(out)
+    return _finish(model, out, "paligemma", seed, "paligemma-3b-mix-224 structure, sizes shrunk, softcapping enabled")

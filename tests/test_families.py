@@ -12,8 +12,9 @@ from tests.conftest import SHARED_DATA, require_shared
 
 REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
-FAMILIES = QWEN_FAMILIES + ("llava-next", "gemma3")
-SOFTCAPPING_FAMILIES: tuple[str, ...] = ()  # whose model class applies final_logit_softcapping
+FAMILIES = QWEN_FAMILIES + ("llava-next", "gemma3", "paligemma")
+SOFTCAPPING_FAMILIES: tuple[str, ...] = ("paligemma",)  # whose model class applies final_logit_softcapping
+GEMMA_NORM_FAMILIES = ("gemma3", "paligemma")  # (1 + weight) RMSNorm
 
 
 def _build(name: str, folder):
@@ -27,6 +28,8 @@ def _build(name: str, folder):
         return tf.build_tiny_llava_next(folder, seed=5)
     if name == "gemma3":
         return tf.build_tiny_gemma3(folder, seed=6)
+    if name == "paligemma":
+        return tf.build_tiny_paligemma(folder, seed=7)
     raise ValueError(name)
 
 
@@ -60,6 +63,11 @@ def gemma3(request, _family_cache):
     return _get(_family_cache, request.param)
 
 
+@pytest.fixture(params=("paligemma",))
+def paligemma(request, _family_cache):
+    return _get(_family_cache, request.param)
+
+
 @pytest.fixture(params=QWEN_FAMILIES)
 def qwen(request, _family_cache):
     return _get(_family_cache, request.param)
@@ -87,8 +95,16 @@ def test_parts_are_the_models_own_modules(family):
     assert adapter.decoder_layers is model.model.language_model.layers
     assert adapter.final_norm is model.model.language_model.norm
     # Gemma 3's tiny config sets final_logit_softcapping, but Gemma3ForConditionalGeneration
-    # does not apply it: the lens must not either (test_gemma3_softcapping...).
-    assert adapter.unembedding is model.lm_head
+    # does not apply it: the lens must not either (test_gemma3_softcapping...). PaliGemma's
+    # forward does: its unembedding is lm_head followed by the cap.
+    if name in SOFTCAPPING_FAMILIES:
+        from collector.adapters.gemma3 import SoftcappedUnembedding
+
+        assert isinstance(adapter.unembedding, SoftcappedUnembedding)
+        assert adapter.unembedding.lm_head is model.lm_head
+        assert adapter.unembedding.cap == model.config.text_config.final_logit_softcapping
+    else:
+        assert adapter.unembedding is model.lm_head
     assert adapter.n_layers == model.config.text_config.num_hidden_layers
     assert adapter.attention_module(1) is model.model.language_model.layers[1].self_attn
     if name in QWEN_FAMILIES:
@@ -121,7 +137,7 @@ def _reference_final_norm(name: str, model, hidden: torch.Tensor) -> torch.Tenso
     eps = model.config.text_config.rms_norm_eps
     x = hidden.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    if name == "gemma3":
+    if name in GEMMA_NORM_FAMILIES:
         return x * (1.0 + norm.weight.detach().float())  # Gemma RMSNorm: (1 + weight) * x_hat
     return x * norm.weight.detach().float()  # Qwen2 / Mistral RMSNorm: weight * x_hat
 
@@ -366,6 +382,10 @@ def test_collect_lens_cli_end_to_end(family, demo_images, tmp_path):
                 assert (width, height) == (cols * 28, rows * 28)
             if name == "gemma3":  # 896x896 view, 16x16 pooled grid
                 assert (width, height, rows, cols) == (896, 896, 16, 16)
+            if name == "paligemma":  # 224x224 view, 16x16 patch grid, image tokens first
+                assert (width, height, rows, cols) == (224, 224, 16, 16)
+                first = db.sql(f"SELECT min(position) FROM positions WHERE image_id = {image_id} AND kind = 'image'")
+                assert first[0][0] == 0
             if name == "llava-next":  # base view 336x336 on a 24x24 grid; tiles + newlines after it
                 assert (width, height, rows, cols) == (336, 336, 24, 24)
                 kinds = dict(db.sql(f"SELECT kind, count(*) FROM positions WHERE image_id = {image_id} GROUP BY 1"))
@@ -591,5 +611,132 @@ def test_gemma3_softcapping_and_embedding_scale(gemma3):
     # hidden_states[0] at text positions: embedding row * sqrt(d), as Gemma scales them.
     ids = inputs["input_ids"][0]
     text = (inputs["token_type_ids"][0] == 0).nonzero().flatten()
+    expected = model.model.language_model.embed_tokens.weight[ids[text]] * (model.config.text_config.hidden_size**0.5)
+    torch.testing.assert_close(outputs.hidden_states[0][0, text], expected, atol=1e-5, rtol=1e-5)
+
+
+# -- PaliGemma: image-first prefix, bidirectional prefix-LM mask, softcapping ----------------
+
+
+def test_paligemma_inputs_span_and_grid(paligemma):
+    """build_inputs equals the real PaliGemmaProcessor on the template's prefix; the VQA
+    answer opening after the prefix's newline is a causal suffix exactly as the processor's
+    `suffix=` tokenizes it (less the <eos> it appends); image tokens are positions 0..255."""
+    from transformers import PaliGemmaProcessor
+
+    _, _, loaded = paligemma
+    adapter = loaded.adapter
+    assert isinstance(loaded.processor, PaliGemmaProcessor)  # the real processor, no torchvision needed
+    assert adapter.prompt_template == "<image>answer en {question}\n"
+    tokenizer = adapter.tokenizer
+    question = "Is there a cat in this image?"
+    image = _image(500, 375)
+    inputs = adapter.build_inputs(image, question)
+    real = loaded.processor(images=image, text=f"<image>answer en {question}", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "token_type_ids"}  # no labels
+    for key in inputs:
+        assert torch.equal(inputs[key], real[key]), key
+    input_ids = inputs["input_ids"][0]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    # Independent derivation: 256 x <image>, <bos>, the prompt, "\n"; all prefix (type 0).
+    expected_text = "<image>" * 256 + f"<bos>answer en {question}\n"
+    assert input_ids.tolist() == tokenizer(expected_text, add_special_tokens=False)["input_ids"]
+    assert input_ids[:256].eq(image_id).all() and input_ids[256] == tokenizer.bos_token_id
+    assert torch.equal(inputs["token_type_ids"][0], torch.zeros_like(input_ids))
+    layout = adapter.image_token_layout(input_ids, inputs)
+    assert (layout.grid_rows, layout.grid_cols, layout.n_tokens) == (16, 16, 256)
+    assert layout.positions.tolist() == list(range(256))
+    assert layout.position_of(1, 0) == 16 and layout.position_of(15, 15) == 255
+    # The VQA prompt: prefix as above, then " It is a" as type-1 suffix tokens.
+    vqa = adapter.build_inputs_for_text(image, adapter.format_prompt(question) + " It is a")
+    with_suffix = loaded.processor(
+        images=image, text=f"<image>answer en {question}", suffix=" It is a", return_tensors="pt"
+    )
+    assert with_suffix["input_ids"][0, -1] == tokenizer.eos_token_id
+    for key in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(vqa[key], with_suffix[key][:, :-1]), key
+    assert vqa["token_type_ids"][0].tolist()[-4:] == [0, 1, 1, 1]
+    # The view: the whole image resized to 224x224 (no crop, no pad), as the geometry says.
+    from collector.geometry import ViewGeometry
+
+    view = adapter.view_image(adapter.view_pixels(inputs))
+    geometry = ViewGeometry.from_image_processor(loaded.processor.image_processor, 500, 375)
+    assert view.size == (geometry.view_width, geometry.view_height) == (224, 224)
+    assert (geometry.offset_x, geometry.offset_y) == (0.0, 0.0)
+    expected_view = image.resize((224, 224), Image.BICUBIC)
+    difference = torch.tensor(list(view.getdata())) - torch.tensor(list(expected_view.getdata()))
+    assert difference.abs().max() <= 1
+
+
+@pytest.mark.parametrize("cell", [(0, 0), (0, 15), (5, 9), (15, 0), (15, 15)])
+def test_paligemma_patch_order_by_perturbing_one_cell(paligemma, cell):
+    """With identity SigLIP layers, token (r, c) depends only on its own 14x14 patch:
+    repainting that patch moves exactly the LM position the layout gives (r, c)."""
+    _, _, loaded = paligemma
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs(_image(400, 300, seed=8), "Describe the image.")
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
+    row, col = cell
+    pixels = inputs["pixel_values"].clone()
+    pixels[0, :, row * 14 : (row + 1) * 14, col * 14 : (col + 1) * 14] += 1.5
+    handles = _identity_siglip_layers(adapter.vision_tower)
+    try:
+        base = _forward(loaded, inputs).hidden_states[0][0]
+        changed = _forward(loaded, {**inputs, "pixel_values": pixels}).hidden_states[0][0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    moved = ((changed - base).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+    assert moved == [layout.position_of(row, col)]
+
+
+@pytest.mark.parametrize("implementation", ("sdpa", "eager"))
+def test_paligemma_prefix_is_bidirectional_and_suffix_causal(paligemma, implementation):
+    """The masks the attention modules receive (eager and sdpa): image + BOS + prompt + "\\n"
+    form one bidirectional block, the suffix is causal; without token_type_ids the mask is
+    causal and the logits differ."""
+    from collector.loading import load_model
+    from tests.test_families_experiments import real_attention_masks
+
+    _, path, _ = paligemma
+    loaded = load_model(str(path), device="cpu", dtype="float32", attn_implementation=implementation)
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs_for_text(_image(), adapter.format_prompt("What is it?") + " It is a")
+    n = inputs["input_ids"].shape[1]
+    prefix = inputs["token_type_ids"][0] == 0
+    assert int(prefix.sum()) < n and bool(prefix[: int(prefix.sum())].all())
+    expected = torch.ones(n, n, dtype=torch.bool).tril() | (prefix[:, None] & prefix[None, :])
+    masks = real_attention_masks(loaded, inputs)
+    for layer in range(adapter.n_layers):
+        assert torch.equal(masks[layer], expected), layer
+    assert adapter.attention_module(0).is_causal is False  # sdpa must never run without a mask here
+    without = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    causal_masks = real_attention_masks(loaded, without)
+    assert torch.equal(causal_masks[0], torch.ones(n, n, dtype=torch.bool).tril())
+    assert not torch.allclose(_forward(loaded, without).logits, _forward(loaded, inputs).logits, atol=1e-4)
+
+
+def test_paligemma_softcapping_and_embedding_scale(paligemma):
+    """The tiny config sets final_logit_softcapping (cap 3, which visibly changes these
+    logits) and PaliGemmaForConditionalGeneration applies it: the lens's unembedding of the
+    last hidden state equals the model's logits exactly, and differs from lm_head alone."""
+    from collector.adapters.gemma3 import forward_applies_softcap
+    from collector.lens import LogitLens
+
+    _, _, loaded = paligemma
+    model, adapter = loaded.model, loaded.adapter
+    inputs = adapter.build_inputs(_image(), "Describe the image.")
+    outputs = _forward(loaded, inputs)
+    raw = model.lm_head(outputs.hidden_states[-1])
+    cap = model.config.text_config.final_logit_softcapping
+    assert cap == 3.0 and forward_applies_softcap(type(model)) and adapter.softcap == cap
+    assert not torch.allclose(raw, outputs.logits, atol=1e-3)  # the cap matters here
+    torch.testing.assert_close(outputs.logits, cap * torch.tanh(raw / cap), atol=1e-6, rtol=1e-6)
+    assert torch.equal(adapter.unembedding(outputs.hidden_states[-1]), outputs.logits)
+    lens = LogitLens(adapter)
+    assert torch.equal(lens.layer_logits(outputs.hidden_states, len(outputs.hidden_states) - 1), outputs.logits)
+    # hidden_states[0] at text positions: embedding row * sqrt(d), as Gemma scales them.
+    ids = inputs["input_ids"][0]
+    text = (ids != adapter.image_token_id).nonzero().flatten()
     expected = model.model.language_model.embed_tokens.weight[ids[text]] * (model.config.text_config.hidden_size**0.5)
     torch.testing.assert_close(outputs.hidden_states[0][0, text], expected, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,5 @@
 """Token ablation and attention blocking on every family beyond LLaVA-1.5 / LLaVA-Phi
-(Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, Gemma 3), on tiny checkpoints built offline:
+(Qwen2-VL, Qwen2.5-VL, LLaVA-NeXT, Gemma 3, PaliGemma), on tiny checkpoints built offline:
 
 (a) ablating every image position (`layout.all_image_positions`) makes the logits
     independent of the image;
@@ -22,7 +22,8 @@ from PIL import Image
 from tests.conftest import SHARED_DATA, require_shared
 
 REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
-FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3")
+FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3", "paligemma")
+BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3", "paligemma")  # image tokens attend to later image tokens
 IMPLEMENTATIONS = ("eager", "sdpa")
 
 
@@ -37,6 +38,8 @@ def _build(name: str, folder):
         return tf.build_tiny_llava_next(folder, seed=5)
     if name == "gemma3":
         return tf.build_tiny_gemma3(folder, seed=6)
+    if name == "paligemma":
+        return tf.build_tiny_paligemma(folder, seed=7)
     raise ValueError(name)
 
 
@@ -141,7 +144,8 @@ def test_ablating_every_image_position_makes_logits_image_independent(name, _exp
 def test_blocked_position_cannot_influence_any_other_position(name, implementation, _experiment_cache):
     """j = a middle image token. "Later" = every position that can attend to j in some layer
     under the model's own mask (for Gemma 3 that includes earlier image tokens: the image
-    block is bidirectional). Blocking j from them in every layer, a perturbation of j's LM
+    block is bidirectional; for PaliGemma every prefix position: image + prompt are one
+    bidirectional block, and the VQA answer opening after it is causal). Blocking j from them in every layer, a perturbation of j's LM
     input changes no other position's logits; without the block it reaches them."""
     from collector.blocking.mechanism import AttentionBlock, block_attention
 
@@ -178,7 +182,7 @@ def test_blocked_position_cannot_influence_any_other_position(name, implementati
     assert bool((change[:first_image] <= 1e-6).all())  # nothing before the image can see it
     assert bool((change[n - 1] > 1e-4))  # the last position does, without the block
     earlier_image = [p for p in range(first_image, j) if p in set(watchers)]
-    if name == "gemma3":  # bidirectional image block: earlier image tokens see j
+    if name in BIDIRECTIONAL_IMAGE_FAMILIES:  # bidirectional image block: earlier image tokens see j
         assert earlier_image and bool((change[earlier_image] > 1e-5).any())
     else:
         assert not earlier_image

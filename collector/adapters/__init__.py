@@ -8,6 +8,7 @@ from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, ModelAda
 from collector.adapters.gemma3 import Gemma3Adapter
 from collector.adapters.llava import Llava15Adapter, LlavaPhiAdapter
 from collector.adapters.llava_next import LlavaNextAdapter
+from collector.adapters.paligemma import PaliGemmaAdapter
 from collector.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -17,14 +18,16 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
     Gemma3Adapter,
+    PaliGemmaAdapter,
 )
 
 # Families users ask for that are not supported yet, with what is missing.
 UNSUPPORTED: dict[str, str] = {
-    "paligemma": (
-        "PaliGemma is not supported yet: no adapter verified for its image-first prefix-LM "
-        "attention (token_type_ids) and SigLIP 224/14 grid"
-    ),
+    "mllama": "Llama 3.2 Vision is not supported: its image enters through cross-attention layers, "
+    "so there are no image-token positions to lens, ablate or block",
+    "llava_onevision": "LLaVA-OneVision is not supported yet (anyres-max tiling and video tokens)",
+    "idefics3": "Idefics3 / SmolVLM is not supported yet (image splitting into sub-images with row/col tokens)",
+    "blip-2": "BLIP-2 is not supported: a Q-Former resamples the image into 32 query tokens, not patches",
 }
 
 
