@@ -270,8 +270,8 @@
     // An <svg> has no .hidden property: toggle the attribute itself.
     function setOutlinesVisible() {
       if (!outlines) return;
-      if (showOutlines && showOutlines.checked && outlines.firstChild) outlines.removeAttribute("hidden");
-      else outlines.setAttribute("hidden", "");
+      // A class, not the hidden attribute: HTML allows no hidden on an inline <svg>.
+      outlines.classList.toggle("outlines-off", !(showOutlines && showOutlines.checked && outlines.firstChild));
     }
 
     function dataCell(row, layer) {
