@@ -13,6 +13,7 @@ from collector.lens import LogitLens
 from collector.loading import LoadedModel
 from collector.tables import (
     decode_tokens,
+    extra_views_table,
     image_view_table,
     lens_table,
     positions_table,
@@ -56,7 +57,7 @@ def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt
     del outputs
     token_ids = readout.token_ids.numpy()
     token_text = decode_tokens(adapter.tokenizer, set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist()))
-    return {
+    tables = {
         "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text),
         "logit_lens": lens_table(run_id, record.image_id, token_ids, readout.probs.numpy(), token_text),
         "image_views": image_view_table(run_id, record, adapter, adapter.view_pixels(inputs)),
@@ -64,6 +65,10 @@ def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt
             run_id, record.image_id, int(input_ids.numel()), layout, readout.n_layers
         ),
     }
+    extra = adapter.extra_views(inputs)
+    if extra:  # e.g. LLaVA-NeXT's high-resolution view
+        tables["extra_views"] = extra_views_table(run_id, record.image_id, extra)
+    return tables
 
 
 def collect_lens(

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from collector.adapters import ImageTokenLayout, ModelAdapter
+from collector.adapters import ImageTokenLayout, ModelAdapter, NamedView
 from collector.geometry import ViewGeometry
 from collector.images import ImageRecord
 
@@ -98,6 +98,28 @@ def image_view_table(
             "scale_y": [float(geometry.scale_y)],
             "offset_x": [float(geometry.offset_x)],
             "offset_y": [float(geometry.offset_y)],
+        }
+    )
+
+
+def extra_views_table(run_id: str, image_id: int, views: list[NamedView]) -> pa.Table:
+    """One row per further view (`ModelAdapter.extra_views`): PNG, size and grid."""
+    pngs = []
+    for view in views:
+        buffer = io.BytesIO()
+        view.image.save(buffer, format="PNG", optimize=True)
+        pngs.append(buffer.getvalue())
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * len(views), pa.string()),
+            "image_id": pa.array([image_id] * len(views), pa.int64()),
+            "name": pa.array([view.name for view in views], pa.string()),
+            "kind": pa.array([view.kind for view in views], pa.string()),
+            "png": pa.array(pngs, pa.binary()),
+            "view_width": pa.array([view.image.size[0] for view in views], pa.int32()),
+            "view_height": pa.array([view.image.size[1] for view in views], pa.int32()),
+            "grid_rows": pa.array([view.grid_rows for view in views], pa.int32()),
+            "grid_cols": pa.array([view.grid_cols for view in views], pa.int32()),
         }
     )
 

@@ -76,6 +76,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "blocking views", _blocking_views),
     Migration(5, "ablation views", _ablation_views),
     Migration(6, "quantitative logit lens view", _quant_views),
+    Migration(7, "extra_views", _create(schema.extra_views)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -99,6 +99,24 @@ image_views = sa.Table(
     sa.PrimaryKeyConstraint("run_id", "image_id"),
 )
 
+# Further views of the image the model saw besides image_views (e.g. LLaVA-NeXT's
+# stitched high-resolution tiles), PNG-encoded, each with the grid of the positions of
+# its `kind`: a position of that kind has its cell of this grid in (patch_row, patch_col).
+extra_views = sa.Table(
+    "extra_views",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("name", sa.String, nullable=False),  # e.g. 'high_res'
+    sa.Column("kind", sa.String, nullable=False),  # positions.kind on this grid, e.g. 'image_hr'
+    sa.Column("png", sa.LargeBinary, nullable=False),
+    sa.Column("view_width", sa.Integer, nullable=False),
+    sa.Column("view_height", sa.Integer, nullable=False),
+    sa.Column("grid_rows", sa.Integer, nullable=False),
+    sa.Column("grid_cols", sa.Integer, nullable=False),
+    sa.PrimaryKeyConstraint("run_id", "image_id", "name"),
+)
+
 positions = sa.Table(
     "positions",
     metadata,

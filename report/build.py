@@ -12,11 +12,19 @@ block fetch() on file://). The JSON object holds:
 
 - ``run_id``, ``image_id``, ``n_layers`` (layer 0 = embeddings), ``top_k``,
   ``grid_rows``, ``grid_cols``, ``n_cells`` (= n_layers * n_positions * top_k).
-- ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text'), ``label``,
+- ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text', or a further
+  image kind such as LLaVA-NeXT's 'image_hr' and 'image_newline'), ``label``,
   ``patch_row``, ``patch_col`` (null for text), sorted by LM input position. The index
   into these arrays is the table row ("row" below); the overlay maps patch
-  (patch_row, patch_col) to its row through these arrays, never through row order.
+  (patch_row, patch_col) to its row through these arrays, never through row order. For
+  kind 'image' the cell is of the main grid; for another kind, of the extra view of
+  that kind (if any).
 - ``view``: ``{"width", "height"}`` of the model's input view in pixels, or null.
+- ``extra_views``: one entry per further view of the image (table ``extra_views``, e.g.
+  LLaVA-NeXT's high-resolution view; empty for most families): ``name``, ``kind``,
+  ``width``, ``height``, ``grid_rows``, ``grid_cols`` and ``png`` (the image file, relative
+  to the page). Positions of that ``kind`` are its cells, through their
+  (patch_row, patch_col), each cell at most once.
 - ``objects``: one entry per annotated category of the image: ``category``,
   ``cells`` (flat patch indices ``patch_row * grid_cols + patch_col`` overlapping the
   category's non-crowd masks, see report/quantitative.py) and ``outlines`` (per
@@ -80,7 +88,11 @@ SITE_DB_NAME = "results.duckdb"
 # DuckDB-WASM 1.x reads storage format v1.4.0 and older, not the newest.
 SITE_DB_STORAGE_VERSION = "v1.4.0"
 # Tables exported as CSV per run (those with a run_id column) and once (those without).
-RUN_TABLES = ("runs", "run_images", "skipped", "positions", "logit_lens", "image_views", "ablations", "blocking")
+RUN_TABLES = (
+    "runs", "run_images", "skipped", "positions", "logit_lens", "image_views", "extra_views", "ablations", "blocking",
+)
+# Run tables whose PNG column is left out of the CSV (the images sit next to the pages).
+PNG_TABLES = ("image_views", "extra_views")
 SHARED_TABLES = ("images", "annotations", "mean_vectors", "schema_migrations")
 # Optional experiment pages: module name -> (page file, title). Each module, when it
 # exists, exposes `<name>_page_data(db, run_id) -> dict` (see _experiment_pages).
@@ -332,7 +344,7 @@ def lens_data(
             seen_patches.add((patch_row, patch_col))
         elif kind == "text":
             patch_row = patch_col = None
-        else:
+        elif not kind.startswith("image_"):  # further image kinds (e.g. 'image_hr') keep their cells
             raise ReportError(f"{context}: position {position} has unknown kind {kind!r}")
         kinds.append(kind)
         labels.append(label)
@@ -413,6 +425,7 @@ def lens_data(
             "patch_col": patch_cols,
         },
         "view": _view_size(db, run_id, image_id),
+        "extra_views": _extra_views(db, run_id, image_id, context, kinds, patch_rows, patch_cols, position_numbers),
         "objects": _objects(db, run_id, image_id, grid_rows, grid_cols, geometries, annotations),
         "packed": {
             "encoding": "deflate-raw",
@@ -456,6 +469,56 @@ def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.nd
 def _view_size(db: ResultsDB, run_id: str, image_id: int) -> dict[str, int] | None:
     rows = db.sql("SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))
     return {"width": int(rows[0][0]), "height": int(rows[0][1])} if rows else None
+
+
+def extra_view_rows(db: ResultsDB, run_id: str, image_id: int) -> list[tuple]:
+    """(name, kind, view_width, view_height, grid_rows, grid_cols) of each extra view, by
+    name; none where the database predates the table."""
+    exists = db.sql(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'extra_views' "
+        "AND table_schema = 'main' AND table_catalog = current_database()"
+    )[0][0]
+    if not exists:
+        return []
+    return db.sql(
+        "SELECT name, kind, view_width, view_height, grid_rows, grid_cols FROM extra_views "
+        "WHERE run_id = ? AND image_id = ? ORDER BY name",
+        (run_id, image_id),
+    )
+
+
+def extra_view_file(image_id: int, index: int) -> str:
+    """File name (next to the lens page) of the index-th extra view's PNG."""
+    return f"{image_id}.extra{index}.png"
+
+
+def _extra_views(
+    db: ResultsDB, run_id: str, image_id: int, context: str,
+    kinds: list[str], patch_rows: list[Any], patch_cols: list[Any], positions: list[int],
+) -> list[dict[str, Any]]:
+    """The extra views of an image, each checked against the positions of its kind."""
+    out = []
+    for index, (name, kind, width, height, grid_rows, grid_cols) in enumerate(extra_view_rows(db, run_id, image_id)):
+        if kind in ("image", "text"):
+            raise ReportError(f"{context}: extra view {name!r} claims kind {kind!r}")
+        seen: set[tuple[int, int]] = set()
+        for k, position in enumerate(positions):
+            if kinds[k] != kind:
+                continue
+            cell = (patch_rows[k], patch_cols[k])
+            if cell[0] is None or cell[1] is None or not (0 <= cell[0] < grid_rows and 0 <= cell[1] < grid_cols):
+                raise ReportError(
+                    f"{context}: {kind} position {position} cell {cell} is outside the "
+                    f"{grid_rows}x{grid_cols} grid of view {name!r}"
+                )
+            if cell in seen:
+                raise ReportError(f"{context}: two {kind} positions on cell {cell} of view {name!r}")
+            seen.add(cell)
+        out.append({
+            "name": name, "kind": kind, "width": int(width), "height": int(height),
+            "grid_rows": int(grid_rows), "grid_cols": int(grid_cols), "png": extra_view_file(image_id, index),
+        })
+    return out
 
 
 def _objects(
@@ -613,7 +676,7 @@ def _write_downloads(db: ResultsDB, writer: _Writer, runs: list[_RunInfo]) -> di
         for table in RUN_TABLES:
             if table not in tables or "run_id" not in tables[table]:
                 continue
-            select = "* EXCLUDE (png)" if table == "image_views" else "*"
+            select = "* EXCLUDE (png)" if table in PNG_TABLES else "*"
             if table == "runs":
                 select = "* EXCLUDE (run_key)" if "run_key" in tables[table] else "*"
             query = f"SELECT {select} FROM {table} WHERE run_id = {_sql_literal(run.run_id)}"
@@ -885,6 +948,12 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
                         (run.run_id, entry.image_id),
                     )[0]
                     writer.write(base + ".png", bytes(png))
+                for index, view in enumerate(data["extra_views"]):
+                    (png,) = db.sql(
+                        "SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?",
+                        (run.run_id, entry.image_id, view["name"]),
+                    )[0]
+                    writer.write(f"lens/{run.dir_name}/{extra_view_file(entry.image_id, index)}", bytes(png))
                 writer.write(base + ".data.js", f"window.LENS_DATA = {script_json(data)};\n")
                 writer.write(
                     base + ".html",
@@ -898,6 +967,7 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
                         n_layers=data["n_layers"],
                         n_positions=len(data["positions"]["position"]),
                         grid=(data["grid_rows"], data["grid_cols"]),
+                        extra_views=data["extra_views"],
                         top_k=data["top_k"],
                         has_objects=bool(data["objects"]),
                         **common,

@@ -4,6 +4,8 @@ against independent derivations, and one `collect lens` CLI run each into DuckDB
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from PIL import Image
@@ -366,6 +368,7 @@ def test_collect_lens_cli_end_to_end(family, demo_images, tmp_path):
     n_layers = loaded.model.config.text_config.num_hidden_layers + 1
     with ResultsDB(db_path, read_only=True) as db:
         assert db.runs()[0]["config"]["family"] == name
+        run_id = db.runs()[0]["run_id"]
         markers = db.sql("SELECT image_id, n_positions, n_layers, grid_rows, grid_cols FROM run_images ORDER BY 1")
         assert len(markers) == 2
         for image_id, n_positions, layers, rows, cols in markers:
@@ -378,6 +381,12 @@ def test_collect_lens_cli_end_to_end(family, demo_images, tmp_path):
             cells = db.sql(f"SELECT count(*), count(DISTINCT layer) FROM logit_lens WHERE image_id = {image_id}")[0]
             assert cells == (n_layers * n_positions * 2, n_layers)
             width, height = db.sql(f"SELECT view_width, view_height FROM image_views WHERE image_id = {image_id}")[0]
+            extra = db.sql(
+                "SELECT name, kind, view_width, view_height, grid_rows, grid_cols, png FROM extra_views "
+                f"WHERE image_id = {image_id}"
+            )
+            if name != "llava-next":
+                assert extra == []
             if name in QWEN_FAMILIES:  # one merged cell = 28x28 view pixels
                 assert (width, height) == (cols * 28, rows * 28)
             if name == "gemma3":  # 896x896 view, 16x16 pooled grid
@@ -396,6 +405,27 @@ def test_collect_lens_cli_end_to_end(family, demo_images, tmp_path):
                     f"WHERE image_id = {image_id} AND kind LIKE 'image_%'"
                 )[0]
                 assert hr == (n_newline, kinds["image_hr"] // n_newline, kinds["image_hr"])
+                # The high-resolution view: one cell per image_hr position, 14x14 px each.
+                ((view_name, view_kind, hr_width, hr_height, hr_rows, hr_cols, png),) = extra
+                assert (view_name, view_kind) == ("high_res", "image_hr")
+                assert (hr_width, hr_height) == (hr_cols * 14, hr_rows * 14)
+                assert Image.open(io.BytesIO(bytes(png))).size == (hr_width, hr_height)
+                assert (hr_rows, hr_cols) == (n_newline, kinds["image_hr"] // n_newline)
+    if name == "llava-next":  # the site renders both views; every image_hr position is one HR cell
+        import json
+
+        from report.build import build_site, run_dir_name
+
+        build_site(db_path, tmp_path / "site", downloads=False)
+        folder = tmp_path / "site" / "lens" / run_dir_name(run_id)
+        for image_id, *_ in markers:
+            text = (folder / f"{image_id}.data.js").read_text(encoding="utf-8").strip()
+            data = json.loads(text.removeprefix("window.LENS_DATA = ").removesuffix(";"))
+            (view,) = data["extra_views"]
+            pos = data["positions"]
+            cells = [(r, c) for k, r, c in zip(pos["kind"], pos["patch_row"], pos["patch_col"]) if k == "image_hr"]
+            assert sorted(cells) == [(r, c) for r in range(view["grid_rows"]) for c in range(view["grid_cols"])]
+            assert 'id="extra-grid-0"' in (folder / f"{image_id}.html").read_text(encoding="utf-8")
 
 
 # -- LLaVA-NeXT: anyres tiles, base grid, HR grid, newlines ----------------------------------
@@ -740,3 +770,51 @@ def test_paligemma_softcapping_and_embedding_scale(paligemma):
     text = (ids != adapter.image_token_id).nonzero().flatten()
     expected = model.model.language_model.embed_tokens.weight[ids[text]] * (model.config.text_config.hidden_size**0.5)
     torch.testing.assert_close(outputs.hidden_states[0][0, text], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (300, 620)])
+def test_llava_next_high_res_view_is_the_stitched_unpadded_tiles(llava_next, size):
+    """The high-resolution view equals the processor's tiles stitched independently (one
+    paste per tile, then the unpad crop); its size is the unpadded grid implied by
+    image_sizes and the pinpoints, and each cell's pixels come from the tile patch
+    `hr_cell_source` names for it."""
+    import numpy as np
+    from transformers.image_processing_utils import select_best_resolution
+
+    from collector.adapters.base import denormalise_to_image
+
+    _, _, loaded = llava_next
+    adapter = loaded.adapter
+    inputs = adapter.build_inputs(_image(*size, seed=3), "What is it?")
+    (view,) = adapter.extra_views(inputs)
+    assert (view.name, view.kind) == ("high_res", "image_hr")
+    # The unpadded size, derived here from image_sizes and the pinpoints (unpad_image's rule).
+    height, width = (int(v) for v in inputs["image_sizes"][0])
+    best_h, best_w = select_best_resolution((height, width), loaded.model.config.image_grid_pinpoints)
+    full_rows, full_cols = best_h // 14, best_w // 14
+    if width / height > full_cols / full_rows:
+        pad = (full_rows - int(round(height * full_cols / width, 7))) // 2
+        rows, cols, row0, col0 = full_rows - 2 * pad, full_cols, pad, 0
+    else:
+        pad = (full_cols - int(round(width * full_rows / height, 7))) // 2
+        rows, cols, row0, col0 = full_rows, full_cols - 2 * pad, 0, pad
+    assert (view.grid_rows, view.grid_cols) == (rows, cols)
+    assert view.image.size == (cols * 14, rows * 14)
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
+    assert layout.extra.kinds.count("image_hr") == rows * cols
+    # Independent stitching: paste each de-normalised tile at its place, then crop.
+    image_processor = loaded.processor.image_processor
+    tiles = inputs["pixel_values"][0]
+    canvas = Image.new("RGB", (best_w, best_h))
+    for t in range(1, tiles.shape[0]):
+        r, c = divmod(t - 1, best_w // 336)
+        canvas.paste(denormalise_to_image(tiles[t], image_processor), (c * 336, r * 336))
+    expected = canvas.crop((col0 * 14, row0 * 14, (col0 + cols) * 14, (row0 + rows) * 14))
+    assert list(view.image.getdata()) == list(expected.getdata())
+    # Cell (r, c) of the view is the tile patch hr_cell_source names.
+    pixels = np.asarray(view.image)
+    for r, c in [(0, 0), (rows - 1, cols - 1), (rows // 2, cols // 3), (rows - 1, 0), (0, cols - 1)]:
+        tile, pr, pc = adapter.hr_cell_source((height, width), r, c)
+        source = denormalise_to_image(tiles[tile][:, pr * 14 : (pr + 1) * 14, pc * 14 : (pc + 1) * 14], image_processor)
+        cell = pixels[r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14]
+        assert np.array_equal(cell, np.asarray(source)), (r, c)

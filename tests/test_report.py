@@ -15,6 +15,7 @@ import sys
 import urllib.parse
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -724,3 +725,112 @@ def test_cli_serve_serves_the_site(tmp_path: Path, built: tuple[Path, Path, dict
         process.wait(timeout=10)
     missing = CliRunner().invoke(report, ["serve", "--dir", str(tmp_path)])
     assert missing.exit_code != 0 and "build it first" in missing.output
+
+
+# -- extra views (LLaVA-NeXT's high-resolution view) -------------------------------------
+
+HR_ROWS, HR_COLS, HR_CELL = 3, 5, 10  # the high-resolution grid and its cell size in pixels
+
+
+def make_extra_view_db(path: Path) -> dict[str, Any]:
+    """A lens run on one image laid out as LLaVA-NeXT lays it out: text, a GRID x GRID base
+    grid ('image'), an HR_ROWS x HR_COLS high-resolution grid ('image_hr', written in a
+    shuffled order so only (patch_row, patch_col) can place it) with one 'image_newline'
+    per HR row, text; plus the high-resolution view in extra_views."""
+    rows = [("text", None, None, "USER")]
+    rows += [("image", i // GRID, i % GRID, f"<IMG{i + 1:03d}>") for i in range(GRID * GRID)]
+    cells = [(r, c) for r in range(HR_ROWS) for c in range(HR_COLS)]
+    order = np.random.default_rng(5).permutation(len(cells))
+    for k, index in enumerate(order):
+        r, c = cells[index]
+        rows.append(("image_hr", r, c, f"<HR {r},{c}>"))
+        if k % HR_COLS == HR_COLS - 1:
+            rows.append(("image_newline", k // HR_COLS, None, f"<NL {k // HR_COLS}>"))
+    rows += [("text", None, None, "ASSISTANT")]
+    image_id = 201
+    with ResultsDB(path) as db:
+        db.add_image(image_id, "000000000201.jpg", 500, 375, "coco")
+        run = db.start_run("lens", "llava-hf/llava-v1.6-mistral-7b-hf", {"m": "next"}, {"model_id": "next"})
+        positions = pa.table(
+            {
+                "run_id": [run] * len(rows),
+                "image_id": pa.array([image_id] * len(rows), pa.int64()),
+                "position": pa.array(range(len(rows)), pa.int32()),
+                "kind": [row[0] for row in rows],
+                "patch_row": pa.array([row[1] for row in rows], pa.int32()),
+                "patch_col": pa.array([row[2] for row in rows], pa.int32()),
+                "label": [row[3] for row in rows],
+                "token_id": pa.array(range(len(rows)), pa.int32()),
+            }
+        )
+        db.write_image_results(run, image_id, {
+            "positions": positions,
+            "logit_lens": _lens(run, image_id, len(rows), seed=11),
+            "image_views": pa.table({
+                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "png": pa.array([_png(28, 28)], pa.binary()),
+                "view_width": [28], "view_height": [28], "scale_x": [0.5], "scale_y": [0.5],
+                "offset_x": [0.0], "offset_y": [0.0],
+            }),
+            "extra_views": pa.table({
+                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "name": ["high_res"],
+                "kind": ["image_hr"], "png": pa.array([_png(HR_COLS * HR_CELL, HR_ROWS * HR_CELL)], pa.binary()),
+                "view_width": [HR_COLS * HR_CELL], "view_height": [HR_ROWS * HR_CELL],
+                "grid_rows": [HR_ROWS], "grid_cols": [HR_COLS],
+            }),
+            "run_images": pa.table({
+                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "n_positions": [len(rows)],
+                "n_layers": [N_LAYERS], "grid_rows": [GRID], "grid_cols": [GRID],
+                "written_at": [dt.datetime(2025, 1, 2)],
+            }),
+        })
+        db.finish_run(run)
+    return {"run": run, "image_id": image_id}
+
+
+def test_lens_page_shows_the_extra_view_with_every_hr_position_on_one_cell(
+    tmp_path: Path, built: tuple[Path, Path, dict[str, str]]
+) -> None:
+    db_path = tmp_path / "next.duckdb"
+    ids = make_extra_view_db(db_path)
+    out = tmp_path / "site"
+    build_site(db_path, out)
+    folder = out / "lens" / run_dir_name(ids["run"])
+    page = (folder / f"{ids['image_id']}.html").read_text(encoding="utf-8")
+    assert 'id="patch-grid"' in page and 'id="extra-grid-0"' in page  # both panels
+    data = _load_data(folder / f"{ids['image_id']}.data.js")
+    (view,) = data["extra_views"]
+    assert (view["name"], view["kind"], view["grid_rows"], view["grid_cols"]) == ("high_res", "image_hr", HR_ROWS, HR_COLS)
+    assert (view["width"], view["height"]) == (HR_COLS * HR_CELL, HR_ROWS * HR_CELL)
+    assert f'src="{view["png"]}"' in page
+    with ResultsDB(db_path, read_only=True) as db:
+        (png,) = db.sql("SELECT png FROM extra_views")[0]
+        hr = db.sql("SELECT position, patch_row, patch_col FROM positions WHERE kind = 'image_hr'")
+    assert (folder / view["png"]).read_bytes() == bytes(png)
+    # Every image_hr position maps to exactly one cell of the grid, and every cell to one position.
+    pos = data["positions"]
+    cell_of = {
+        p: (r, c) for p, k, r, c in zip(pos["position"], pos["kind"], pos["patch_row"], pos["patch_col"]) if k == "image_hr"
+    }
+    assert cell_of == {p: (r, c) for p, r, c in hr}
+    assert sorted(cell_of.values()) == [(r, c) for r in range(HR_ROWS) for c in range(HR_COLS)]
+    # Families without extra views: no second panel, an empty list in the data.
+    _, built_out, run_ids = built
+    plain = built_out / "lens" / run_dir_name(run_ids["clean"])
+    assert "extra-grid" not in (plain / "102.html").read_text(encoding="utf-8")
+    assert _load_data(plain / "102.data.js")["extra_views"] == []
+    assert not list(plain.glob("*.extra*.png"))
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("UPDATE positions SET patch_row = 3 WHERE label = '<HR 0,0>'", "outside the 3x5 grid of view 'high_res'"),
+        ("UPDATE positions SET patch_col = 1 WHERE label = '<HR 0,0>'", "two image_hr positions on cell (0, 1)"),
+    ],
+)
+def test_unmappable_extra_view_cells_fail_loudly(tmp_path: Path, sql: str, message: str) -> None:
+    db_path = tmp_path / "bad.duckdb"
+    make_extra_view_db(db_path)
+    _execute_sql(db_path, sql)
+    with pytest.raises(ReportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_site(db_path, tmp_path / "site")

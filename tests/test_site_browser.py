@@ -486,3 +486,43 @@ def test_experiment_charts_render(exp_watched: Watched, experiment_site: tuple[P
         assert relative.nth(i).locator("text.chart-empty").first.is_visible()
     assert page.locator("svg.line-chart[data-measure='mean_target_prob'] g.series").count() == len(TARGETS) * len(SOURCES)
     assert ABLATION_IMAGES  # imported for the fixture's sake
+
+
+# -- extra views: LLaVA-NeXT's high-resolution panel (site built from test_report's NeXT-like database) --
+
+from test_report import HR_COLS, HR_ROWS, make_extra_view_db
+
+
+@pytest.fixture(scope="module")
+def next_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    root = tmp_path_factory.mktemp("browser-next")
+    db_path = root / "results.duckdb"
+    ids = make_extra_view_db(db_path)
+    out = root / "site"
+    build_site(db_path, out, downloads=False)
+    return db_path, out, ids
+
+
+def test_hovering_a_high_res_cell_highlights_its_row(browser: Any, next_site: tuple[Path, Path, dict[str, Any]]) -> None:
+    db_path, out, ids = next_site
+    with ResultsDB(db_path, read_only=True) as db:
+        rows = db.sql("SELECT patch_row, patch_col, position FROM positions WHERE kind = 'image_hr'")
+    mapping = {(r, c): p for r, c, p in rows}
+    watched = Watched(browser, out.resolve().as_uri() + "/")
+    try:
+        page = _open_lens(watched, ids["run"], ids["image_id"])
+        for (r, c), position in sorted(mapping.items()):
+            page.hover(f'#extra-grid-0 [data-cell="{r * HR_COLS + c}"]')
+            assert _active_position(page) == position, (r, c)
+            assert page.locator(f'#extra-grid-0 .patch-active[data-cell="{r * HR_COLS + c}"]').count() == 1
+            assert page.locator("#extra-grid-0 .patch-active").count() == 1
+            assert page.locator("#patch-grid .patch-active").count() == 0  # not a base-grid position
+        # Selecting an image_hr row in the table highlights its cell in the high-resolution panel.
+        r, c = HR_ROWS - 1, 1
+        page.locator("#lens-table tbody tr").nth(mapping[(r, c)]).locator("th.label").click()
+        assert page.locator("#extra-grid-0 .patch-locked").evaluate_all("els => els.map(e => e.dataset.cell)") == [
+            str(r * HR_COLS + c)
+        ]
+        watched.check()
+    finally:
+        watched.context.close()

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import pytest
 
 from report.build import build_site, run_dir_name
-from test_report import _make_db
+from test_report import _make_db, make_extra_view_db
 from test_report_experiments import make_experiment_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401  (browser: a fixture)
 
@@ -60,6 +60,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     db_path = root / "results.duckdb"
     run_ids = _make_db(db_path)
     run_ids.update(make_experiment_db(db_path))
+    run_ids["next"] = make_extra_view_db(db_path)["run"]  # a lens page with a high-resolution view
     out = root / "site"
     build_site(db_path, out)
     return out, run_ids
@@ -91,6 +92,7 @@ def _pages(site: tuple[Path, dict[str, str]]) -> dict[str, str]:
     pages = {
         "index": "index.html",
         "lens": f"lens/{run_dir_name(ids['hostile'])}/101.html",
+        "lens-extra-view": f"lens/{run_dir_name(ids['next'])}/201.html",
         "ablation-run": f"experiments/ablation-{run_dir_name(ids['ablation'])}.html",
         "blocking-run": f"experiments/blocking-{run_dir_name(ids['blocking'])}.html",
         "quantitative": "quantitative.html",
@@ -247,7 +249,7 @@ def test_no_horizontal_overflow(http_page: Watched, site: tuple[Path, dict[str, 
     pages = _pages(site)
     shots = os.environ.get("SITE_SCREENSHOTS")
     http_page.page.set_viewport_size({"width": width, "height": height})
-    for name in ("index", "lens", "ablation-image", "blocking-image"):
+    for name in ("index", "lens", "lens-extra-view", "ablation-image", "blocking-image"):
         page = _open(http_page, pages[name])
         scroll, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
         assert scroll <= inner, f"{name} at {width}x{height}: scrollWidth {scroll} > innerWidth {inner}"

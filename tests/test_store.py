@@ -98,6 +98,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, loaded_models, demo_
     with ResultsDB(tmp_path / "straight.duckdb") as straight:
         collect_lens(loaded, records, straight, top_k=3, progress=False)
         expected = {t: _table_rows(straight, t) for t in ("positions", "logit_lens", "image_views", "run_images", "images")}
+        assert straight.sql("SELECT count(*) FROM extra_views")[0][0] == 0  # LLaVA-1.5: the base view only
 
     interrupted_path = tmp_path / "interrupted.duckdb"
     import collector.collect_lens as module

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, ModelAdapter
+from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, ModelAdapter, NamedView
 from collector.adapters.gemma3 import Gemma3Adapter
 from collector.adapters.llava import Llava15Adapter, LlavaPhiAdapter
 from collector.adapters.llava_next import LlavaNextAdapter
@@ -55,6 +55,7 @@ __all__ = [
     "UNSUPPORTED",
     "ImageTokenLayout",
     "ModelAdapter",
+    "NamedView",
     "UnsupportedModelError",
     "adapter_class_for",
 ]

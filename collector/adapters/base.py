@@ -39,6 +39,22 @@ class ExtraImageTokens:
 
 
 @dataclass(frozen=True)
+class NamedView:
+    """A further image the model sees besides its main view (e.g. LLaVA-NeXT's stitched
+    high-resolution tiles), with the grid its tokens cover.
+
+    Positions of kind `kind` carry their cell of this grid in (patch_row, patch_col); one
+    cell is (image width / grid_cols) x (image height / grid_rows) pixels.
+    """
+
+    name: str
+    image: Image.Image
+    grid_rows: int
+    grid_cols: int
+    kind: str
+
+
+@dataclass(frozen=True)
 class ImageTokenLayout:
     """Where an image's tokens sit in the LM input and which patch each one is.
 
@@ -248,6 +264,11 @@ class ModelAdapter(ABC):
                     pixels[row] = self.with_view_pixels(inputs, view)[0]
             out["pixel_values"] = pixels
         return out
+
+    def extra_views(self, inputs: Mapping[str, Any]) -> list[NamedView]:
+        """Further views of the image the model sees, from `build_inputs`' output, each with
+        the grid of the positions of its `kind`. Default: none."""
+        return []
 
     @abstractmethod
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:

@@ -14,6 +14,9 @@ tiles. The LM input holds one contiguous run of `<image>` tokens, in this order:
    the unpadded HR grid in patch_row/patch_col and label `<HR r,c>`; kind
    'image_newline' with patch_row = the HR row it ends, patch_col NULL, label `<NL r>`.
 
+`extra_views` gives the HR grid's image (the tiles de-normalised, stitched and cropped
+as `unpad_image` crops the features), which the site shows beside the base view.
+
 The number of image tokens therefore depends on the image size (`image_sizes`).
 """
 
@@ -25,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from PIL import Image
 
-from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, denormalise_to_image
+from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, NamedView, denormalise_to_image
 from collector.adapters.llava import LlavaAdapter
 
 
@@ -155,6 +158,23 @@ class LlavaNextAdapter(LlavaAdapter):
         pixels = inputs["pixel_values"].clone()
         pixels[0, 0] = view.to(device=pixels.device, dtype=pixels.dtype)
         return pixels
+
+    def extra_views(self, inputs: Mapping[str, Any]) -> list[NamedView]:
+        """The high-resolution view: the tiles of pixel_values[0][1:] stitched row-major into
+        the anyres grid, cropped to the rows/columns `unpad_image` keeps. Cell (r, c) of its
+        grid is HR token `<HR r,c>` (kind 'image_hr'), one patch_size x patch_size block."""
+        grid = self.hr_grid(self._image_size(inputs["input_ids"][0], inputs))
+        side = int(self.model.config.vision_config.image_size)
+        patch = int(self.model.config.vision_config.patch_size)
+        th, tw = grid["tiles_high"], grid["tiles_wide"]
+        tiles = inputs["pixel_values"][0][1 : 1 + th * tw]
+        if tiles.shape[0] != th * tw:
+            raise ValueError(f"expected {th * tw} high-resolution tiles, got {tiles.shape[0]}")
+        stitched = tiles.reshape(th, tw, 3, side, side).permute(2, 0, 3, 1, 4).reshape(3, th * side, tw * side)
+        row0, col0 = grid["row0"] * patch, grid["col0"] * patch
+        kept = stitched[:, row0 : row0 + grid["rows"] * patch, col0 : col0 + grid["cols"] * patch]
+        image = denormalise_to_image(kept, self.processor.image_processor)
+        return [NamedView("high_res", image, grid["rows"], grid["cols"], "image_hr")]
 
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         if pixel_values.dim() == 4:  # all tiles of one image given: show the base view

@@ -59,6 +59,20 @@
       this.rowOfPatch[patch] = row;
       this.patchOfRow[row] = patch;
     }
+    // Extra views (e.g. LLaVA-NeXT's high-resolution view): the positions of a view's
+    // kind map to its cells through their recorded (patch_row, patch_col) too.
+    this.extraViews = (data.extra_views || []).map(function (view) {
+      var rowOfCell = new Int32Array(view.grid_rows * view.grid_cols).fill(-1);
+      var cellOfRow = new Int32Array(this.nRows).fill(-1);
+      for (var r = 0; r < this.nRows; r++) {
+        if (this.positions.kind[r] !== view.kind) continue;
+        var pr = this.positions.patch_row[r], pc = this.positions.patch_col[r];
+        if (pr === null || pc === null || pr < 0 || pr >= view.grid_rows || pc < 0 || pc >= view.grid_cols) continue;
+        rowOfCell[pr * view.grid_cols + pc] = r;
+        cellOfRow[r] = pr * view.grid_cols + pc;
+      }
+      return { view: view, rowOfCell: rowOfCell, cellOfRow: cellOfRow };
+    }, this);
   }
 
   LensModel.load = function (data) {
@@ -135,7 +149,7 @@
   function positionText(model, row) {
     var p = model.positions;
     var text = "position " + p.position[row] + " \u00b7 " + showToken(p.label[row]) + " (" + p.kind[row];
-    if (p.kind[row] === "image") text += ", patch row " + p.patch_row[row] + " col " + p.patch_col[row];
+    if (p.patch_row[row] !== null && p.patch_col[row] !== null) text += ", patch row " + p.patch_row[row] + " col " + p.patch_col[row];
     return text + ")";
   }
 
@@ -182,6 +196,7 @@
     var locked = null; // {row, layer} while a selection is locked
     var active = null; // {row, layer} currently shown
     var patchEls = [];
+    var extraCellEls = []; // per extra view, its cell elements
     var headerCells = [];
     var bodyRows = [];
 
@@ -230,6 +245,57 @@
         }
       }
       grid.appendChild(fragment);
+    }
+
+    function buildExtraGrids() {
+      model.extraViews.forEach(function (extra, index) {
+        var container = document.getElementById("extra-grid-" + index);
+        var cells = [];
+        extraCellEls.push(cells);
+        if (!container) return;
+        var rows = extra.view.grid_rows, cols = extra.view.grid_cols;
+        var fragment = document.createDocumentFragment();
+        for (var r = 0; r < rows; r++) {
+          for (var c = 0; c < cols; c++) {
+            var cell = el("div", "patch");
+            cell.style.left = (100 * c / cols) + "%";
+            cell.style.top = (100 * r / rows) + "%";
+            cell.style.width = (100 / cols) + "%";
+            cell.style.height = (100 / rows) + "%";
+            cell.setAttribute("data-cell", String(r * cols + c));
+            if (extra.rowOfCell[r * cols + c] < 0) cell.classList.add("no-position");
+            fragment.appendChild(cell);
+            cells.push(cell);
+          }
+        }
+        container.appendChild(fragment);
+        function target(event) {
+          var attr = event.target.getAttribute && event.target.getAttribute("data-cell");
+          if (attr === null || attr === undefined) return null;
+          var row = extra.rowOfCell[Number(attr)];
+          return row >= 0 ? row : null;
+        }
+        container.addEventListener("mouseover", function (event) {
+          var row = target(event);
+          if (row !== null && !locked) select(row, currentLayer);
+        });
+        container.addEventListener("click", function (event) {
+          var row = target(event);
+          if (row === null) return;
+          toggleLock(row, currentLayer);
+          scrollToCell(row, currentLayer);
+        });
+      });
+    }
+
+    // The cell elements of a row in the extra views, as [element, ...].
+    function extraCellsOf(row) {
+      var out = [];
+      model.extraViews.forEach(function (extra, index) {
+        var cell = extra.cellOfRow[row];
+        if (cell >= 0 && extraCellEls[index] && extraCellEls[index][cell]) out.push(extraCellEls[index][cell]);
+      });
+      return out;
     }
 
     function buildOutlines() {
@@ -284,6 +350,7 @@
       dataCell(active.row, active.layer).classList.remove("cell-active", "cell-locked");
       var patch = model.patchOfRow[active.row];
       if (patch >= 0 && patchEls.length) patchEls[patch].classList.remove("patch-active", "patch-locked");
+      extraCellsOf(active.row).forEach(function (cell) { cell.classList.remove("patch-active", "patch-locked"); });
       active = null;
     }
 
@@ -312,6 +379,7 @@
       dataCell(row, layer).classList.add(locked ? "cell-locked" : "cell-active");
       var patch = model.patchOfRow[row];
       if (patch >= 0 && patchEls.length) patchEls[patch].classList.add(locked ? "patch-locked" : "patch-active");
+      extraCellsOf(row).forEach(function (cell) { cell.classList.add(locked ? "patch-locked" : "patch-active"); });
       showPanel(row, layer);
     }
 
@@ -570,6 +638,7 @@
 
     buildTable();
     buildGrid();
+    buildExtraGrids();
     buildOutlines();
     setLayer(currentLayer);
 
