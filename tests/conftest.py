@@ -70,3 +70,39 @@ def demo_images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo_images")
     annotation_file = write_demo_images(folder)
     return folder / "images", annotation_file
+
+
+REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
+# The families beyond LLaVA (collector/tiny_families.py), each with a fixed seed.
+OTHER_FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3", "paligemma")
+
+
+def build_family_checkpoint(name: str, folder: Path) -> Path:
+    """A tiny checkpoint of one of OTHER_FAMILIES, saved with save_pretrained into `folder`."""
+    from collector import tiny_families as tf
+
+    if name == "qwen2.5-vl":
+        return tf.build_tiny_qwen2_5_vl(require_shared(REAL_QWEN25), folder, seed=3)
+    if name == "qwen2-vl":
+        return tf.build_tiny_qwen2_vl(folder, seed=4)
+    if name == "llava-next":
+        return tf.build_tiny_llava_next(folder, seed=5)
+    if name == "gemma3":
+        return tf.build_tiny_gemma3(folder, seed=6)
+    if name == "paligemma":
+        return tf.build_tiny_paligemma(folder, seed=7)
+    raise ValueError(name)
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """family_checkpoint(name) -> checkpoint folder, built once per session on first use."""
+    root = tmp_path_factory.mktemp("families")
+    paths: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in paths:
+            paths[name] = build_family_checkpoint(name, root / name)
+        return paths[name]
+
+    return get

@@ -10,34 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import SHARED_DATA, require_shared
 
-REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
 QWEN_FAMILIES = ("qwen2.5-vl", "qwen2-vl")
 FAMILIES = QWEN_FAMILIES + ("llava-next", "gemma3", "paligemma")
 SOFTCAPPING_FAMILIES: tuple[str, ...] = ("paligemma",)  # whose model class applies final_logit_softcapping
 GEMMA_NORM_FAMILIES = ("gemma3", "paligemma")  # (1 + weight) RMSNorm
 
 
-def _build(name: str, folder):
-    from collector import tiny_families as tf
-
-    if name == "qwen2.5-vl":
-        return tf.build_tiny_qwen2_5_vl(require_shared(REAL_QWEN25), folder, seed=3)
-    if name == "qwen2-vl":
-        return tf.build_tiny_qwen2_vl(folder, seed=4)
-    if name == "llava-next":
-        return tf.build_tiny_llava_next(folder, seed=5)
-    if name == "gemma3":
-        return tf.build_tiny_gemma3(folder, seed=6)
-    if name == "paligemma":
-        return tf.build_tiny_paligemma(folder, seed=7)
-    raise ValueError(name)
-
-
 @pytest.fixture(scope="session")
-def _family_cache(tmp_path_factory):
-    return {"root": tmp_path_factory.mktemp("families"), "paths": {}, "loaded": {}}
+def _family_cache(family_checkpoint):
+    return {"checkpoint": family_checkpoint, "paths": {}, "loaded": {}}
 
 
 def _get(cache, name):
@@ -45,7 +27,7 @@ def _get(cache, name):
     from collector.loading import load_model
 
     if name not in cache["paths"]:
-        cache["paths"][name] = _build(name, cache["root"] / name)
+        cache["paths"][name] = cache["checkpoint"](name)
         cache["loaded"][name] = load_model(str(cache["paths"][name]), device="cpu", dtype="float32")
     return name, cache["paths"][name], cache["loaded"][name]
 
