@@ -73,6 +73,14 @@ class ImageTokenLayout:
     grid_cols: int
     extra: ExtraImageTokens | None = None
 
+    @classmethod
+    def row_major(
+        cls, positions: torch.Tensor, grid_rows: int, grid_cols: int, extra: ExtraImageTokens | None = None
+    ) -> "ImageTokenLayout":
+        """The layout of grid tokens at `positions` (grid_rows * grid_cols,), in row-major cell order."""
+        flat = torch.arange(grid_rows * grid_cols)
+        return cls(positions, flat // grid_cols, flat % grid_cols, grid_rows, grid_cols, extra)
+
     @property
     def n_tokens(self) -> int:
         return int(self.positions.numel())
@@ -215,6 +223,38 @@ class ModelAdapter(ABC):
                     value = value.to(dtype)
             out[name] = value
         return out
+
+    def image_token_run(
+        self,
+        input_ids: torch.Tensor,
+        expected: int,
+        what: str,
+        opened_by: int | None = None,
+        closed_by: int | None = None,
+    ) -> torch.Tensor:
+        """Positions (expected,) of the one contiguous run of image tokens in input_ids (T,).
+
+        Raises ValueError when the run has another length (`what` says what was expected),
+        is split, or is not between the `opened_by` / `closed_by` delimiter token ids.
+        """
+        if input_ids.dim() != 1:
+            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
+        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
+        if positions.numel() != expected:
+            raise ValueError(
+                f"expected {what}, found {positions.numel()} image tokens (one image per prompt is supported)"
+            )
+        if expected and int(positions[-1] - positions[0]) != expected - 1:
+            raise ValueError("image tokens are not one contiguous run")
+        if expected and opened_by is not None:
+            start = int(positions[0])
+            if start == 0 or int(input_ids[start - 1]) != opened_by:
+                raise ValueError(f"the image token run does not follow token {opened_by}")
+        if expected and closed_by is not None:
+            end = int(positions[-1])
+            if end + 1 >= input_ids.numel() or int(input_ids[end + 1]) != closed_by:
+                raise ValueError(f"the image token run is not followed by token {closed_by}")
+        return positions
 
     @abstractmethod
     def image_token_layout(

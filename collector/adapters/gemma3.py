@@ -131,24 +131,10 @@ class Gemma3Adapter(GemmaFamilyAdapter):
     def image_token_layout(
         self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
     ) -> ImageTokenLayout:
-        if input_ids.dim() != 1:
-            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
         rows, cols = self.patch_grid
-        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
-        if positions.numel() != rows * cols:
-            raise ValueError(
-                f"expected {rows * cols} image tokens for a {rows}x{cols} grid, found {positions.numel()} "
-                "(one image per prompt, no pan-and-scan crops)"
-            )
-        if int(positions[-1] - positions[0]) != positions.numel() - 1:
-            raise ValueError("image tokens are not one contiguous run")
-        start, end = int(positions[0]), int(positions[-1])
         config = self.model.config
-        if start == 0 or int(input_ids[start - 1]) != int(config.boi_token_id):
-            raise ValueError("the image token run does not follow <start_of_image>")
-        if end + 1 >= input_ids.numel() or int(input_ids[end + 1]) != int(config.eoi_token_id):
-            raise ValueError("the image token run is not followed by <end_of_image>")
-        flat = torch.arange(rows * cols)
-        return ImageTokenLayout(
-            positions=positions, patch_rows=flat // cols, patch_cols=flat % cols, grid_rows=rows, grid_cols=cols
+        positions = self.image_token_run(
+            input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} grid (no pan-and-scan crops)",
+            opened_by=int(config.boi_token_id), closed_by=int(config.eoi_token_id),
         )
+        return ImageTokenLayout.row_major(positions, rows, cols)

@@ -114,15 +114,9 @@ class LlavaNextAdapter(LlavaAdapter):
         grid = self.hr_grid(self._image_size(input_ids, inputs))
         rows, cols = grid["rows"], grid["cols"]
         n_base, n_hr = base_rows * base_cols, rows * (cols + 1)
-        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
-        if positions.numel() != n_base + n_hr:
-            raise ValueError(
-                f"expected {n_base} base + {n_hr} high-resolution image tokens, found {positions.numel()} "
-                "(one image per prompt is supported)"
-            )
-        if int(positions[-1] - positions[0]) != positions.numel() - 1:
-            raise ValueError("image tokens are not one contiguous run")
-        flat = torch.arange(n_base)
+        positions = self.image_token_run(
+            input_ids, n_base + n_hr, f"{n_base} base + {n_hr} high-resolution image tokens"
+        )
         hr = torch.arange(n_hr)
         hr_rows, hr_cols = hr // (cols + 1), hr % (cols + 1)
         newline = hr_cols == cols
@@ -137,10 +131,7 @@ class LlavaNextAdapter(LlavaAdapter):
             cols=torch.where(newline, torch.full_like(hr_cols, -1), hr_cols),
             labels=labels,
         )
-        return ImageTokenLayout(
-            positions=positions[:n_base], patch_rows=flat // base_cols, patch_cols=flat % base_cols,
-            grid_rows=base_rows, grid_cols=base_cols, extra=extra,
-        )
+        return ImageTokenLayout.row_major(positions[:n_base], base_rows, base_cols, extra)
 
     def hr_cell_source(self, image_size: tuple[int, int], row: int, col: int) -> tuple[int, int, int]:
         """(tile index in pixel_values[0], patch row, patch col in that tile) of HR cell (row, col)."""

@@ -80,18 +80,6 @@ class PaliGemmaAdapter(GemmaFamilyAdapter):
     def image_token_layout(
         self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
     ) -> ImageTokenLayout:
-        if input_ids.dim() != 1:
-            raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
         rows, cols = self.patch_grid
-        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
-        if positions.numel() != rows * cols:
-            raise ValueError(
-                f"expected {rows * cols} image tokens for a {rows}x{cols} grid, found {positions.numel()} "
-                "(one image per prompt)"
-            )
-        if int(positions[-1] - positions[0]) != positions.numel() - 1:
-            raise ValueError("image tokens are not one contiguous run")
-        flat = torch.arange(rows * cols)
-        return ImageTokenLayout(
-            positions=positions, patch_rows=flat // cols, patch_cols=flat % cols, grid_rows=rows, grid_cols=cols
-        )
+        positions = self.image_token_run(input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} grid")
+        return ImageTokenLayout.row_major(positions, rows, cols)

@@ -185,24 +185,13 @@ class Qwen2VLAdapter(ModelAdapter):
         if t != 1:
             raise ValueError(f"an image has temporal grid 1, got {t}")
         rows, cols = h // self.merge_size, w // self.merge_size
-        positions = torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
-        if positions.numel() != rows * cols:
-            raise ValueError(
-                f"expected {rows * cols} image tokens for a {rows}x{cols} merged grid "
-                f"(image_grid_thw {t}x{h}x{w}), found {positions.numel()}"
-            )
-        if int(positions[-1] - positions[0]) != positions.numel() - 1:
-            raise ValueError("image tokens are not one contiguous run")
-        start, end = int(positions[0]), int(positions[-1])
         config = self.model.config
-        if start == 0 or int(input_ids[start - 1]) != int(config.vision_start_token_id):
-            raise ValueError("the image token run does not follow <|vision_start|>")
-        if end + 1 >= input_ids.numel() or int(input_ids[end + 1]) != int(config.vision_end_token_id):
-            raise ValueError("the image token run is not followed by <|vision_end|>")
-        flat = torch.arange(rows * cols)
-        return ImageTokenLayout(
-            positions=positions, patch_rows=flat // cols, patch_cols=flat % cols, grid_rows=rows, grid_cols=cols
+        positions = self.image_token_run(
+            input_ids, rows * cols,
+            f"{rows * cols} image tokens for a {rows}x{cols} merged grid (image_grid_thw {t}x{h}x{w})",
+            opened_by=int(config.vision_start_token_id), closed_by=int(config.vision_end_token_id),
         )
+        return ImageTokenLayout.row_major(positions, rows, cols)
 
     # -- the view -------------------------------------------------------------------------
 
