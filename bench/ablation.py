@@ -39,7 +39,7 @@ def main() -> None:
         timings = {"batched": 0.0, "one-at-a-time": 0.0}
         for record in records:
             inputs = loaded.adapter.build_inputs(record.load(), "Describe this image.")
-            positions = loaded.adapter.image_token_layout(inputs["input_ids"][0]).positions.tolist()
+            positions = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs).positions.tolist()
             conditions = [
                 Condition(f"random_{i}", tuple(positions[j] for j in random_token_indices(576, 5 * (i + 1), 0, i)))
                 for i in range(args.conditions)

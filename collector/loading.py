@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from collector.adapters import ModelAdapter, UnsupportedModelError, adapter_class_for
-from collector.errors import UserError
+from collector.errors import UserError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -74,8 +74,7 @@ def load_model(
     try:
         config = AutoConfig.from_pretrained(model_id, revision=revision)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model {model_id!r}: {first_line}") from None
+        raise UserError(f"cannot load model {model_id!r}: {first_line(error)}") from None
     try:
         adapter_class = adapter_class_for(config)
     except UnsupportedModelError as error:
@@ -103,8 +102,7 @@ def load_model(
         processor = adapter_class.load_processor(model_id, revision=revision)
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model {model_id!r}: {first_line}") from None
+        raise UserError(f"cannot load model {model_id!r}: {first_line(error)}") from None
     model.eval()
     try:
         adapter = adapter_class(model, processor, prompt_template)

@@ -172,7 +172,7 @@ def ablate_one_image(
     category = target.category
     image = record.load()
     generative_inputs = adapter.build_inputs(image, GENERATIVE_QUESTION)
-    layout = adapter.image_token_layout(generative_inputs["input_ids"][0])
+    layout = adapter.image_token_layout(generative_inputs["input_ids"][0], generative_inputs)
     n_positions = int(generative_inputs["input_ids"].shape[1])
 
     def skip(reason: str, detail: str) -> _Outcome:
@@ -220,7 +220,7 @@ def ablate_one_image(
 
     polling_question = POLLING_QUESTION.format(category=category)
     polling_inputs = adapter.build_inputs(image, polling_question)
-    polling_layout = adapter.image_token_layout(polling_inputs["input_ids"][0])
+    polling_layout = adapter.image_token_layout(polling_inputs["input_ids"][0], polling_inputs)
     ig = integrated_gradients(
         loaded, polling_inputs, polling_layout, vector, yes_token_id(tokenizer),
         steps=options.ig_steps, batch_size=options.batch_size,
@@ -240,7 +240,7 @@ def ablate_one_image(
             question = vqa_question
             inputs = adapter.build_inputs_for_text(image, vqa_prompt(adapter, vqa_question))
         first_inputs = first_inputs or inputs
-        setting_layout = adapter.image_token_layout(inputs["input_ids"][0])
+        setting_layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
         conditions = [none_condition]
         conditions += [Condition(s.name, tuple(setting_layout.positions_of_cells(list(s.token_indices)))) for s in sets]
         conditions.append(noise_condition)
@@ -278,7 +278,7 @@ def ablate_one_image(
 
     assert first_inputs is not None
     input_ids = first_inputs["input_ids"][0]
-    first_layout = adapter.image_token_layout(input_ids)
+    first_layout = adapter.image_token_layout(input_ids, first_inputs)
     tables = {
         "ablations": _ablation_table(run_id, record.image_id, rows),
         "positions": positions_table(run_id, record.image_id, input_ids, first_layout,

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from collector.adapters import ModelAdapter
-from collector.errors import UserError
+from collector.errors import UserError, first_line
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
 
@@ -78,8 +78,7 @@ def load_replacement(spec: str, hidden_size: int, db: Any | None = None) -> Repl
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a bad file
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"cannot load replacement vector {path}: {first_line}") from None
+            raise UserError(f"cannot load replacement vector {path}: {first_line(error)}") from None
         if not isinstance(loaded, torch.Tensor) or loaded.dim() != 1 or not loaded.is_floating_point():
             shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded).__name__
             raise UserError(f"replacement vector {path} must be a 1-D float tensor, got {shape}")
@@ -173,7 +172,7 @@ def lm_input_embeddings(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) ->
 def image_token_embeddings(loaded: LoadedModel, image: Any) -> torch.Tensor:
     """Post-projector embeddings of one image's tokens as the LM receives them: (n_image_tokens, d)."""
     inputs = loaded.adapter.build_inputs(image, MEAN_VECTOR_PROMPT)
-    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0])
+    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs)
     embeddings = lm_input_embeddings(loaded, inputs)[0]
     return embeddings[layout.positions.to(embeddings.device)]
 
