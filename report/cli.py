@@ -68,20 +68,12 @@ def build(db_path: Path, out_dir: Path, downloads: bool) -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one.")
 def serve(site_dir: Path, port: int) -> None:
     """Serve the folder with the standard library's threaded HTTP server."""
-    import functools
-    import http.server
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map,
-                          ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-            click.echo(f"{self.address_string()} {format % args}", err=True)
+    from report.serve import site_server
 
     if not (site_dir / "index.html").is_file():
         raise click.ClickException(f"{site_dir} has no index.html; build it first with `llava-interp report build`")
     try:
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=str(site_dir)))
+        httpd = site_server(site_dir, port, log=lambda line: click.echo(line, err=True))
     except OSError as error:
         raise click.ClickException(f"cannot listen on 127.0.0.1:{port}: {error.strerror or error}") from None
     click.echo(f"Serving {site_dir} at http://127.0.0.1:{httpd.server_address[1]}/ (Ctrl-C to stop)")

@@ -11,11 +11,8 @@ Skips with the reason when Playwright or a Chromium binary is missing; under CI
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +20,7 @@ import pytest
 
 from db.store import ResultsDB
 from report.build import build_site, run_dir_name
+from report.serve import serving
 from test_report import GRID, HOSTILE, N_LAYERS, QUOTES, TOP_K, _make_db
 
 CHROMIUM_ARGS = [
@@ -78,17 +76,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str
 @pytest.fixture(scope="module")
 def server(site: tuple[Path, Path, dict[str, str]]) -> Iterator[str]:
     _, out, _ = site
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(out) as url:
+        yield url
 
 
 class Watched:
@@ -355,17 +344,8 @@ def experiment_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 @pytest.fixture(scope="module")
 def experiment_server(experiment_site: tuple[Path, Path, dict[str, str]]) -> Iterator[str]:
     _, out, _ = experiment_site
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(out) as url:
+        yield url
 
 
 @pytest.fixture(params=["http", "file"])

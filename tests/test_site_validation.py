@@ -22,8 +22,6 @@ with the reason; under CI (CI=true) that is a failure instead.
 from __future__ import annotations
 
 import csv
-import functools
-import http.server
 import io
 import json
 import os
@@ -31,13 +29,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from report.build import build_site, run_dir_name
+from report.serve import serving
 from test_report import _make_db, make_extra_view_db
 from test_report_experiments import make_experiment_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401  (browser: a fixture)
@@ -69,17 +67,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 @pytest.fixture(scope="module")
 def server(site: tuple[Path, dict[str, str]]) -> Iterator[str]:
     out, _ = site
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(out)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(out) as url:
+        yield url
 
 
 def _html_files(out: Path) -> list[Path]:
