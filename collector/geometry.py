@@ -1,4 +1,6 @@
-"""Mapping between original image pixels, the model's input view, and its patch grid.
+"""The view geometry a transformers image processor applies (original image -> model view).
+
+The geometry type and everything computed from it (masks, cells) live in `db.geometry`.
 
 Coordinates are continuous with pixel ``i`` spanning ``[i, i + 1)``; a resize from
 ``n`` to ``m`` pixels therefore maps ``x`` to ``x * m / n`` (this is how PIL's
@@ -7,13 +9,10 @@ resampling kernels place output pixel centres).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from collections.abc import Mapping
+from typing import Any
 
-import numpy as np
-from pycocotools import mask as mask_utils
-
-Segmentation = Union[Sequence[Sequence[float]], Mapping[str, Any]]
+from db.geometry import ViewGeometry
 
 # Only processors whose preprocessing pipeline has been read and tested are accepted;
 # a subclass or another model's processor may pad/crop differently.
@@ -29,155 +28,126 @@ _RESIZE_ONLY = {"Gemma3ImageProcessor", "Gemma3ImageProcessorPil", "SiglipImageP
 _SIZE_KEYS = ("height", "width", "shortest_edge", "longest_edge", "max_height", "max_width", "min_pixels", "max_pixels")
 
 
-@dataclass(frozen=True)
-class ViewGeometry:
-    """Affine map from an original image to the model's input view.
+def view_geometry_from_processor(image_processor: Any, width: int, height: int) -> ViewGeometry:
+    """Derive the geometry a transformers image processor applies to a ``width``×``height`` image.
 
-    Original coordinate ``(x, y)`` maps to view coordinate
-    ``(x * scale_x - offset_x, y * scale_y - offset_y)``. Positive offsets mean the
-    view is cropped out of the resized image; negative offsets mean the image was
-    padded (it starts ``-offset`` pixels into the view).
+    Mirrors transformers 5.x exactly, using the processor's instance settings (not
+    per-call overrides):
+
+    * ``LlavaImageProcessor[Pil]`` with ``do_pad``: pad to a square of side
+      ``max(w, h)``, image pasted at ``(max - side) // 2`` (odd pixel at the bottom/right),
+      before resizing.
+    * resize with ``size={"shortest_edge": s}``: short side -> ``s``, long side ->
+      ``int(s * long / short)`` (truncation); with ``longest_edge`` as well, the
+      transformers ``get_size_with_aspect_ratio`` rule; ``{"height", "width"}``:
+      exact size.
+    * centre crop: offset ``(resized - crop) // 2`` (floor). When the image is
+      smaller than the crop it is zero-padded; the PIL backend places it at
+      ``ceil(pad / 2)`` (i.e. the same floor formula) while the torchvision backend
+      places it at ``floor(pad / 2)``.
+
+    * ``LlavaNextImageProcessor[Pil]``: the geometry of the *base view* (tile 0 of
+      ``pixel_values``): the whole image resized to exactly ``size`` (height/width, or
+      a square of ``shortest_edge``), then the steps above; ``do_pad`` pads only the
+      high-resolution tiles.
+    * ``Gemma3ImageProcessor[Pil]`` (pan-and-scan off), ``SiglipImageProcessor[Pil]``:
+      resize to exactly ``size`` (height/width), no crop or pad.
+    * ``Qwen2VLImageProcessor[Pil]``: ``smart_resize`` to multiples of
+      ``patch_size * merge_size`` within the pixel budget, no crop or pad.
+
+    CLIP processors with ``do_pad`` (bottom/right padding after the crop) are
+    rejected. Raises ``ValueError`` for processors or settings not covered above.
     """
+    name = type(image_processor).__name__
+    if name in _QWEN2_VL:
+        return _qwen2_vl_view(image_processor, width, height)
+    supported = _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _QWEN2_VL | _RESIZE_ONLY
+    if name in _RESIZE_ONLY and getattr(image_processor, "do_pan_and_scan", False):
+        raise ValueError(f"{name} with do_pan_and_scan=True (extra crops) is not supported")
+    if name not in _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _RESIZE_ONLY:
+        raise ValueError(f"unsupported image processor {name!r}; expected one of {sorted(supported)}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    backend = getattr(image_processor, "backend", None)
+    if backend not in ("pil", "torchvision"):
+        raise ValueError(f"unsupported image processor backend {backend!r}")
 
-    image_width: int
-    image_height: int
-    view_width: int
-    view_height: int
-    scale_x: float
-    scale_y: float
-    offset_x: float
-    offset_y: float
+    scale_x = scale_y = 1.0
+    offset_x = offset_y = 0.0
+    cur_w, cur_h = width, height
+    do_pad = bool(getattr(image_processor, "do_pad", False))
 
-    def to_view(self, x: float, y: float) -> tuple[float, float]:
-        """Map an original-image coordinate to a view coordinate."""
-        return (x * self.scale_x - self.offset_x, y * self.scale_y - self.offset_y)
+    if name in _LLAVA_NEXT:
+        # get_image_patches: the base view is the image resized to exactly (h, w) of
+        # size, or a square of shortest_edge; do_pad only concerns the tiles.
+        base = _size_fields(image_processor.size, "size")
+        side_h = base.get("height") or base.get("shortest_edge")
+        side_w = base.get("width") or base.get("shortest_edge")
+        scale_x, scale_y = int(side_w) / cur_w, int(side_h) / cur_h
+        cur_w, cur_h = int(side_w), int(side_h)
+        do_pad = False
 
-    def to_image(self, u: float, v: float) -> tuple[float, float]:
-        """Inverse of :meth:`to_view`."""
-        return ((u + self.offset_x) / self.scale_x, (v + self.offset_y) / self.scale_y)
+    if name in _LLAVA and do_pad and cur_w != cur_h:
+        side = max(cur_w, cur_h)
+        offset_x -= (side - cur_w) // 2
+        offset_y -= (side - cur_h) // 2
+        cur_w = cur_h = side
 
-    @classmethod
-    def from_image_processor(cls, image_processor: Any, width: int, height: int) -> "ViewGeometry":
-        """Derive the geometry a transformers image processor applies to a ``width``×``height`` image.
+    if getattr(image_processor, "do_resize", False):
+        new_h, new_w = _resize_output_size(_size_fields(image_processor.size, "size"), cur_h, cur_w)
+        fx, fy = new_w / cur_w, new_h / cur_h
+        scale_x, scale_y = scale_x * fx, scale_y * fy
+        offset_x, offset_y = offset_x * fx, offset_y * fy
+        cur_w, cur_h = new_w, new_h
 
-        Mirrors transformers 5.x exactly, using the processor's instance settings (not
-        per-call overrides):
+    if getattr(image_processor, "do_center_crop", False):
+        crop = _size_fields(image_processor.crop_size, "crop_size")
+        crop_h, crop_w = crop.get("height"), crop.get("width")
+        if not crop_h or not crop_w:
+            raise ValueError(f"crop_size must have height and width, got {crop}")
+        offset_x += _crop_offset(cur_w, int(crop_w), backend)
+        offset_y += _crop_offset(cur_h, int(crop_h), backend)
+        cur_w, cur_h = int(crop_w), int(crop_h)
 
-        * ``LlavaImageProcessor[Pil]`` with ``do_pad``: pad to a square of side
-          ``max(w, h)``, image pasted at ``(max - side) // 2`` (odd pixel at the bottom/right),
-          before resizing.
-        * resize with ``size={"shortest_edge": s}``: short side -> ``s``, long side ->
-          ``int(s * long / short)`` (truncation); with ``longest_edge`` as well, the
-          transformers ``get_size_with_aspect_ratio`` rule; ``{"height", "width"}``:
-          exact size.
-        * centre crop: offset ``(resized - crop) // 2`` (floor). When the image is
-          smaller than the crop it is zero-padded; the PIL backend places it at
-          ``ceil(pad / 2)`` (i.e. the same floor formula) while the torchvision backend
-          places it at ``floor(pad / 2)``.
+    if name in _CLIP_LIKE and do_pad:
+        # The generic backend pads bottom/right after cropping; the padded strip would
+        # need a separate valid-region notion that this affine geometry cannot express.
+        raise ValueError(f"{name} with do_pad=True (bottom/right padding after crop) is not supported")
 
-        * ``LlavaNextImageProcessor[Pil]``: the geometry of the *base view* (tile 0 of
-          ``pixel_values``): the whole image resized to exactly ``size`` (height/width, or
-          a square of ``shortest_edge``), then the steps above; ``do_pad`` pads only the
-          high-resolution tiles.
-        * ``Gemma3ImageProcessor[Pil]`` (pan-and-scan off), ``SiglipImageProcessor[Pil]``:
-          resize to exactly ``size`` (height/width), no crop or pad.
-        * ``Qwen2VLImageProcessor[Pil]``: ``smart_resize`` to multiples of
-          ``patch_size * merge_size`` within the pixel budget, no crop or pad.
-
-        CLIP processors with ``do_pad`` (bottom/right padding after the crop) are
-        rejected. Raises ``ValueError`` for processors or settings not covered above.
-        """
-        name = type(image_processor).__name__
-        if name in _QWEN2_VL:
-            return cls._from_qwen2_vl(image_processor, width, height)
-        supported = _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _QWEN2_VL | _RESIZE_ONLY
-        if name in _RESIZE_ONLY and getattr(image_processor, "do_pan_and_scan", False):
-            raise ValueError(f"{name} with do_pan_and_scan=True (extra crops) is not supported")
-        if name not in _CLIP_LIKE | _LLAVA | _LLAVA_NEXT | _RESIZE_ONLY:
-            raise ValueError(f"unsupported image processor {name!r}; expected one of {sorted(supported)}")
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
-        backend = getattr(image_processor, "backend", None)
-        if backend not in ("pil", "torchvision"):
-            raise ValueError(f"unsupported image processor backend {backend!r}")
-
-        scale_x = scale_y = 1.0
-        offset_x = offset_y = 0.0
-        cur_w, cur_h = width, height
-        do_pad = bool(getattr(image_processor, "do_pad", False))
-
-        if name in _LLAVA_NEXT:
-            # get_image_patches: the base view is the image resized to exactly (h, w) of
-            # size, or a square of shortest_edge; do_pad only concerns the tiles.
-            base = _size_fields(image_processor.size, "size")
-            side_h = base.get("height") or base.get("shortest_edge")
-            side_w = base.get("width") or base.get("shortest_edge")
-            scale_x, scale_y = int(side_w) / cur_w, int(side_h) / cur_h
-            cur_w, cur_h = int(side_w), int(side_h)
-            do_pad = False
-
-        if name in _LLAVA and do_pad and cur_w != cur_h:
-            side = max(cur_w, cur_h)
-            offset_x -= (side - cur_w) // 2
-            offset_y -= (side - cur_h) // 2
-            cur_w = cur_h = side
-
-        if getattr(image_processor, "do_resize", False):
-            new_h, new_w = _resize_output_size(_size_fields(image_processor.size, "size"), cur_h, cur_w)
-            fx, fy = new_w / cur_w, new_h / cur_h
-            scale_x, scale_y = scale_x * fx, scale_y * fy
-            offset_x, offset_y = offset_x * fx, offset_y * fy
-            cur_w, cur_h = new_w, new_h
-
-        if getattr(image_processor, "do_center_crop", False):
-            crop = _size_fields(image_processor.crop_size, "crop_size")
-            crop_h, crop_w = crop.get("height"), crop.get("width")
-            if not crop_h or not crop_w:
-                raise ValueError(f"crop_size must have height and width, got {crop}")
-            offset_x += _crop_offset(cur_w, int(crop_w), backend)
-            offset_y += _crop_offset(cur_h, int(crop_h), backend)
-            cur_w, cur_h = int(crop_w), int(crop_h)
-
-        if name in _CLIP_LIKE and do_pad:
-            # The generic backend pads bottom/right after cropping; the padded strip would
-            # need a separate valid-region notion that this affine geometry cannot express.
-            raise ValueError(f"{name} with do_pad=True (bottom/right padding after crop) is not supported")
-
-        return cls(
-            image_width=int(width),
-            image_height=int(height),
-            view_width=int(cur_w),
-            view_height=int(cur_h),
-            scale_x=float(scale_x),
-            scale_y=float(scale_y),
-            offset_x=float(offset_x),
-            offset_y=float(offset_y),
-        )
+    return ViewGeometry(
+        image_width=int(width),
+        image_height=int(height),
+        view_width=int(cur_w),
+        view_height=int(cur_h),
+        scale_x=float(scale_x),
+        scale_y=float(scale_y),
+        offset_x=float(offset_x),
+        offset_y=float(offset_y),
+    )
 
 
-    @classmethod
-    def _from_qwen2_vl(cls, image_processor: Any, width: int, height: int) -> "ViewGeometry":
-        """Qwen2-VL: ``smart_resize`` (both sides to multiples of ``patch_size * merge_size``,
-        pixel count kept within [shortest_edge, longest_edge]), then patchify; no crop or pad."""
-        if width <= 0 or height <= 0:
-            raise ValueError(f"image size must be positive, got {width}x{height}")
-        new_w, new_h = width, height
-        if getattr(image_processor, "do_resize", True):
-            size = _size_fields(image_processor.size, "size")
-            if not size.get("shortest_edge") or not size.get("longest_edge"):
-                raise ValueError(f"Qwen2-VL size needs shortest_edge and longest_edge (pixel counts), got {size}")
-            factor = int(image_processor.patch_size) * int(image_processor.merge_size)
-            new_h, new_w = qwen_smart_resize(height, width, factor, int(size["shortest_edge"]), int(size["longest_edge"]))
-        return cls(
-            image_width=int(width),
-            image_height=int(height),
-            view_width=int(new_w),
-            view_height=int(new_h),
-            scale_x=new_w / width,
-            scale_y=new_h / height,
-            offset_x=0.0,
-            offset_y=0.0,
-        )
+def _qwen2_vl_view(image_processor: Any, width: int, height: int) -> ViewGeometry:
+    """Qwen2-VL: ``smart_resize`` (both sides to multiples of ``patch_size * merge_size``,
+    pixel count kept within [shortest_edge, longest_edge]), then patchify; no crop or pad."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    new_w, new_h = width, height
+    if getattr(image_processor, "do_resize", True):
+        size = _size_fields(image_processor.size, "size")
+        if not size.get("shortest_edge") or not size.get("longest_edge"):
+            raise ValueError(f"Qwen2-VL size needs shortest_edge and longest_edge (pixel counts), got {size}")
+        factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+        new_h, new_w = qwen_smart_resize(height, width, factor, int(size["shortest_edge"]), int(size["longest_edge"]))
+    return ViewGeometry(
+        image_width=int(width),
+        image_height=int(height),
+        view_width=int(new_w),
+        view_height=int(new_h),
+        scale_x=new_w / width,
+        scale_y=new_h / height,
+        offset_x=0.0,
+        offset_y=0.0,
+    )
 
 
 def qwen_smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -253,102 +223,3 @@ def _crop_offset(length: int, crop: int, backend: str) -> int:
         # PIL backend pads by ceil(d/2) before cropping, which floor division already yields.
         return (length - crop) // 2
     return -((crop - length) // 2)
-
-
-def _decode_full_mask(segmentation: Segmentation, width: int, height: int) -> np.ndarray:
-    if isinstance(segmentation, Mapping):
-        if "counts" not in segmentation or "size" not in segmentation:
-            raise ValueError("RLE segmentation needs 'counts' and 'size'")
-        rle_h, rle_w = (int(v) for v in segmentation["size"])
-        if (rle_h, rle_w) != (height, width):
-            raise ValueError(f"RLE size {rle_w}x{rle_h} does not match image {width}x{height}")
-        if isinstance(segmentation["counts"], list):
-            rles = mask_utils.frPyObjects(dict(segmentation), height, width)
-        else:
-            counts = segmentation["counts"]
-            rles = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        polygons = [list(map(float, p)) for p in segmentation]
-        if not polygons:
-            return np.zeros((height, width), dtype=bool)
-        if any(len(p) < 6 or len(p) % 2 for p in polygons):
-            raise ValueError("each polygon needs an even number (>= 6) of coordinates")
-        rles = mask_utils.frPyObjects(polygons, height, width)
-    if isinstance(rles, list):
-        rles = mask_utils.merge(rles)
-    return mask_utils.decode(rles).astype(bool)
-
-
-def object_mask_in_view(segmentation: Segmentation, geometry: ViewGeometry) -> np.ndarray:
-    """Rasterise a COCO segmentation and map it into the model's view.
-
-    The segmentation (polygon list, or RLE dict with compressed or uncompressed
-    counts) is decoded at full original resolution, so parts outside a later crop
-    are never distorted. Each view pixel then takes the value of the original pixel
-    under its centre (nearest neighbour); view pixels outside the image (padding)
-    are False.
-
-    Returns a bool array of shape ``(geometry.view_height, geometry.view_width)``.
-    """
-    full = _decode_full_mask(segmentation, geometry.image_width, geometry.image_height)
-    src_x = np.floor((np.arange(geometry.view_width) + 0.5 + geometry.offset_x) / geometry.scale_x).astype(np.int64)
-    src_y = np.floor((np.arange(geometry.view_height) + 0.5 + geometry.offset_y) / geometry.scale_y).astype(np.int64)
-    ok_x = (src_x >= 0) & (src_x < geometry.image_width)
-    ok_y = (src_y >= 0) & (src_y < geometry.image_height)
-    out = np.zeros((geometry.view_height, geometry.view_width), dtype=bool)
-    out[np.ix_(ok_y, ok_x)] = full[np.ix_(src_y[ok_y], src_x[ok_x])]
-    return out
-
-
-def cells_overlapping(mask_view: np.ndarray, grid_rows: int, grid_cols: int) -> np.ndarray:
-    """Patch-grid cells containing at least one mask pixel.
-
-    ``mask_view`` has shape ``(view_height, view_width)``. Pixel row ``p`` belongs to
-    cell row ``p * grid_rows // view_height`` (cell ``i`` spans
-    ``[i * H / grid_rows, (i + 1) * H / grid_rows)``), likewise for columns, so sides
-    not divisible by the grid are handled exactly.
-
-    Returns a bool array of shape ``(grid_rows, grid_cols)``.
-    """
-    mask_view = np.asarray(mask_view)
-    if mask_view.ndim != 2:
-        raise ValueError(f"mask_view must be 2-D, got shape {mask_view.shape}")
-    if grid_rows <= 0 or grid_cols <= 0:
-        raise ValueError("grid dimensions must be positive")
-    height, width = mask_view.shape
-    if height < grid_rows or width < grid_cols:
-        raise ValueError(f"view {width}x{height} is smaller than the grid {grid_cols}x{grid_rows}")
-    ys, xs = np.nonzero(mask_view)
-    cells = np.zeros((grid_rows, grid_cols), dtype=bool)
-    cells[ys * grid_rows // height, xs * grid_cols // width] = True
-    return cells
-
-
-def dilate_cells(cells: np.ndarray, rings: int) -> np.ndarray:
-    """Grow a ``(rows, cols)`` bool cell selection by ``rings`` rings of 8-neighbours.
-
-    Equivalent to selecting every cell within Chebyshev distance ``rings`` of a
-    selected cell. Returns a new ``(rows, cols)`` bool array.
-    """
-    if rings < 0:
-        raise ValueError(f"rings must be >= 0, got {rings}")
-    out = np.array(cells, dtype=bool, copy=True)
-    if out.ndim != 2:
-        raise ValueError(f"cells must be 2-D, got shape {out.shape}")
-    rows, cols = out.shape
-    for _ in range(rings):
-        padded = np.pad(out, 1)
-        grown = np.zeros_like(out)
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                grown |= padded[dy : dy + rows, dx : dx + cols]
-        out = grown
-    return out
-
-
-def cell_positions(cells: np.ndarray) -> list[int]:
-    """Sorted row-major flat indices ``r * cols + c`` of the selected cells of a ``(rows, cols)`` array."""
-    cells = np.asarray(cells, dtype=bool)
-    if cells.ndim != 2:
-        raise ValueError(f"cells must be 2-D, got shape {cells.shape}")
-    return [int(i) for i in np.flatnonzero(cells)]

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from collector.adapters import ImageTokenLayout
-from collector.geometry import ViewGeometry, cell_positions, cells_overlapping, dilate_cells, object_mask_in_view
+from collector.geometry import view_geometry_from_processor
+from db.geometry import cell_positions, cells_overlapping, dilate_cells, object_mask_in_view
 
 
 def object_cells(
@@ -18,7 +19,7 @@ def object_cells(
     The mask is rasterised on the full original image and mapped through the
     processor's real resize/crop/pad geometry; empty when the crop cut the object away.
     """
-    geometry = ViewGeometry.from_image_processor(image_processor, width, height)
+    geometry = view_geometry_from_processor(image_processor, width, height)
     return cells_overlapping(object_mask_in_view(segmentation, geometry), grid_rows, grid_cols)
 
 

@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import numpy as np
 
+from db.geometry import ViewGeometry, object_cells_by_category, view_outline
 from db.migrations import LATEST_VERSION
 from db.store import ResultsDB
 from db.version import TOOL_VERSION
@@ -300,7 +301,7 @@ def lens_data(
     run_id: str,
     image_id: int,
     *,
-    geometries: dict[tuple[str, int], quantitative.ViewGeometry] | None = None,
+    geometries: dict[tuple[str, int], ViewGeometry] | None = None,
     annotations: dict[int, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
@@ -527,7 +528,7 @@ def _objects(
     image_id: int,
     grid_rows: int,
     grid_cols: int,
-    geometries: dict[tuple[str, int], quantitative.ViewGeometry] | None,
+    geometries: dict[tuple[str, int], ViewGeometry] | None,
     annotations: dict[int, list[dict[str, Any]]] | None,
 ) -> list[dict[str, Any]]:
     """Annotated objects of the image in view coordinates and patch cells, per category."""
@@ -537,11 +538,11 @@ def _objects(
     image_annotations = annotations.get(image_id, [])
     if geometry is None or not image_annotations:
         return []
-    cells = quantitative.object_cells_by_category(image_annotations, geometry, grid_rows, grid_cols)
+    cells = object_cells_by_category(image_annotations, geometry, grid_rows, grid_cols).cells
     out: dict[str, dict[str, Any]] = {}
     for ann in image_annotations:
         entry = out.setdefault(ann["category"], {"category": ann["category"], "cells": [], "outlines": []})
-        outline = quantitative.view_outline(ann["segmentation"], ann["bbox"], geometry)
+        outline = view_outline(ann["segmentation"], ann["bbox"], geometry)
         entry["outlines"].append({"annotation_id": ann["annotation_id"], "iscrowd": ann["iscrowd"], **outline})
     for category, entry in out.items():
         if category in cells:

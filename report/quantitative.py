@@ -11,109 +11,21 @@ everything it depends on (`annotations.segmentation`, `images` size, `image_view
 geometry, `positions` patch coordinates), so a derived table would be a second copy
 that can drift from its inputs (and the collector would have to know about the report).
 Rasterising a few hundred masks with pycocotools takes well under a second per hundred
-images. The rasterisation mirrors `collector.geometry.object_mask_in_view` and
-`cells_overlapping` exactly (the report may not import the collector):
-
-- the mask is decoded at full original resolution;
-- view pixel (u, v) takes the original pixel under its centre,
-  x = floor((u + 0.5 + offset_x) / scale_x) (likewise y); outside the image: False;
-- pixel row p belongs to cell row p * grid_rows // view_height (likewise columns); a cell
-  is an object cell when it holds at least one mask pixel.
+images. The rasterisation is `db.geometry`, the same code the collector uses to choose
+object tokens; annotations whose segmentation it cannot use contribute no cells.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pycocotools import mask as mask_utils
 
+from db.geometry import ViewGeometry, object_cells_by_category
 from db.store import ResultsDB
 from db.views import OBJECT_HITS_SELECT
-
-
-@dataclass(frozen=True)
-class ViewGeometry:
-    """Original (x, y) -> view (x * scale_x - offset_x, y * scale_y - offset_y)."""
-
-    image_width: int
-    image_height: int
-    view_width: int
-    view_height: int
-    scale_x: float
-    scale_y: float
-    offset_x: float
-    offset_y: float
-
-    def to_view(self, x: float, y: float) -> tuple[float, float]:
-        return (x * self.scale_x - self.offset_x, y * self.scale_y - self.offset_y)
-
-
-def _segmentation(value: Any) -> Any:
-    if isinstance(value, str):
-        return json.loads(value)
-    return value
-
-
-def decode_mask(segmentation: Any, width: int, height: int) -> np.ndarray:
-    """A COCO segmentation (polygons, or RLE with list or compressed counts) as a bool mask."""
-    segmentation = _segmentation(segmentation)
-    if isinstance(segmentation, Mapping):
-        if isinstance(segmentation.get("counts"), list):
-            rles = mask_utils.frPyObjects(dict(segmentation), height, width)
-        else:
-            counts = segmentation["counts"]
-            rles = {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        polygons = [list(map(float, p)) for p in segmentation or [] if len(p) >= 6 and len(p) % 2 == 0]
-        if not polygons:
-            return np.zeros((height, width), dtype=bool)
-        rles = mask_utils.frPyObjects(polygons, height, width)
-    if isinstance(rles, list):
-        rles = mask_utils.merge(rles)
-    return mask_utils.decode(rles).astype(bool)
-
-
-def mask_in_view(mask: np.ndarray, geometry: ViewGeometry) -> np.ndarray:
-    """Nearest-neighbour (pixel centre) map of an original-resolution mask into the view."""
-    src_x = np.floor((np.arange(geometry.view_width) + 0.5 + geometry.offset_x) / geometry.scale_x).astype(np.int64)
-    src_y = np.floor((np.arange(geometry.view_height) + 0.5 + geometry.offset_y) / geometry.scale_y).astype(np.int64)
-    ok_x = (src_x >= 0) & (src_x < mask.shape[1])
-    ok_y = (src_y >= 0) & (src_y < mask.shape[0])
-    out = np.zeros((geometry.view_height, geometry.view_width), dtype=bool)
-    out[np.ix_(ok_y, ok_x)] = mask[np.ix_(src_y[ok_y], src_x[ok_x])]
-    return out
-
-
-def cells_overlapping(mask_view: np.ndarray, grid_rows: int, grid_cols: int) -> np.ndarray:
-    height, width = mask_view.shape
-    ys, xs = np.nonzero(mask_view)
-    cells = np.zeros((grid_rows, grid_cols), dtype=bool)
-    cells[ys * grid_rows // height, xs * grid_cols // width] = True
-    return cells
-
-
-def view_outline(segmentation: Any, bbox: Any, geometry: ViewGeometry) -> dict[str, Any]:
-    """The annotation's outline in view pixels: polygons, or the bbox for RLE masks."""
-    segmentation = _segmentation(segmentation)
-    if isinstance(segmentation, list) and segmentation:
-        polygons = []
-        for polygon in segmentation:
-            coords = [float(v) for v in polygon]
-            points = []
-            for x, y in zip(coords[0::2], coords[1::2]):
-                u, v = geometry.to_view(x, y)
-                points += [round(u, 1), round(v, 1)]
-            if len(points) >= 6:
-                polygons.append(points)
-        return {"polygons": polygons, "bbox": None}
-    x, y, w, h = (float(v) for v in (bbox or [0, 0, 0, 0]))
-    u0, v0 = geometry.to_view(x, y)
-    u1, v1 = geometry.to_view(x + w, y + h)
-    return {"polygons": [], "bbox": [round(u0, 1), round(v0, 1), round(u1 - u0, 1), round(v1 - v0, 1)]}
 
 
 def load_geometries(db: ResultsDB) -> dict[tuple[str, int], ViewGeometry]:
@@ -137,26 +49,6 @@ def load_annotations(db: ResultsDB) -> dict[int, list[dict[str, Any]]]:
             {"annotation_id": int(annotation_id), "category": category, "bbox": bbox,
              "iscrowd": bool(iscrowd), "segmentation": segmentation}
         )
-    return out
-
-
-def object_cells_by_category(
-    annotations: list[dict[str, Any]], geometry: ViewGeometry, grid_rows: int, grid_cols: int
-) -> dict[str, np.ndarray]:
-    """Union of the non-crowd annotations' overlapping cells, per category."""
-    out: dict[str, np.ndarray] = {}
-    for ann in annotations:
-        if ann["iscrowd"]:
-            continue
-        try:
-            mask = decode_mask(ann["segmentation"], geometry.image_width, geometry.image_height)
-        except (ValueError, KeyError, TypeError):
-            continue  # malformed segmentation: no cells rather than a failed build
-        cells = cells_overlapping(mask_in_view(mask, geometry), grid_rows, grid_cols)
-        if ann["category"] in out:
-            out[ann["category"]] |= cells
-        else:
-            out[ann["category"]] = cells
     return out
 
 
@@ -190,7 +82,7 @@ def quantitative_lens(db: ResultsDB, run_id: str, model_id: str, entries: list[t
         if geometry is None or image_id not in annotations:
             continue
         n_layers = max(n_layers, int(layers or 0))
-        by_cat = object_cells_by_category(annotations[image_id], geometry, grid_rows, grid_cols)
+        by_cat = object_cells_by_category(annotations[image_id], geometry, grid_rows, grid_cols).cells
         if not by_cat:
             continue
         patch_pos = {

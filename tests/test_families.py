@@ -275,10 +275,10 @@ def test_qwen_image_span_and_grid_from_processor_outputs(qwen, size):
     # Without inputs, the grid of the latest build_inputs for these ids is used.
     assert adapter.image_token_layout(input_ids).positions.tolist() == layout.positions.tolist()
     # The view matches the geometry the site uses.
-    from collector.geometry import ViewGeometry
+    from collector.geometry import view_geometry_from_processor
 
     view = adapter.view_image(adapter.view_pixels(inputs))
-    geometry = ViewGeometry.from_image_processor(loaded.processor.image_processor, *size)
+    geometry = view_geometry_from_processor(loaded.processor.image_processor, *size)
     assert view.size == (geometry.view_width, geometry.view_height) == (w * 14, h * 14)
 
 
@@ -524,10 +524,10 @@ def test_gemma3_inputs_span_and_grid(gemma3):
     assert layout.position_of(1, 0) == start + 16 and layout.position_of(15, 15) == start + 255
     assert torch.equal(inputs["token_type_ids"][0], (input_ids == image_id).long())
     # The view: the whole image resized to 896x896 (no crop, no pad), as the geometry says.
-    from collector.geometry import ViewGeometry
+    from collector.geometry import view_geometry_from_processor
 
     view = adapter.view_image(adapter.view_pixels(inputs))
-    geometry = ViewGeometry.from_image_processor(loaded.processor.image_processor, 500, 375)
+    geometry = view_geometry_from_processor(loaded.processor.image_processor, 500, 375)
     assert view.size == (geometry.view_width, geometry.view_height) == (896, 896)
     assert (geometry.offset_x, geometry.offset_y) == (0.0, 0.0)
     expected_view = image.resize((896, 896), Image.BILINEAR)
@@ -669,10 +669,10 @@ def test_paligemma_inputs_span_and_grid(paligemma):
         assert torch.equal(vqa[key], with_suffix[key][:, :-1]), key
     assert vqa["token_type_ids"][0].tolist()[-4:] == [0, 1, 1, 1]
     # The view: the whole image resized to 224x224 (no crop, no pad), as the geometry says.
-    from collector.geometry import ViewGeometry
+    from collector.geometry import view_geometry_from_processor
 
     view = adapter.view_image(adapter.view_pixels(inputs))
-    geometry = ViewGeometry.from_image_processor(loaded.processor.image_processor, 500, 375)
+    geometry = view_geometry_from_processor(loaded.processor.image_processor, 500, 375)
     assert view.size == (geometry.view_width, geometry.view_height) == (224, 224)
     assert (geometry.offset_x, geometry.offset_y) == (0.0, 0.0)
     expected_view = image.resize((224, 224), Image.BICUBIC)

@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from collector.geometry import (
+from collector.geometry import view_geometry_from_processor
+from db.geometry import (
+    GeometryError,
     ViewGeometry,
     cell_positions,
     cells_overlapping,
@@ -170,7 +172,7 @@ LLAVA_EXPECTED = {
 def test_llava15_geometry_matches_hand_arithmetic(llava_processor, size):
     width, height = size
     rw, rh, ox, oy = LLAVA_EXPECTED[size]
-    g = ViewGeometry.from_image_processor(llava_processor, width, height)
+    g = view_geometry_from_processor(llava_processor, width, height)
     assert (g.image_width, g.image_height, g.view_width, g.view_height) == (width, height, 336, 336)
     assert g.scale_x == pytest.approx(rw / width) and g.scale_y == pytest.approx(rh / height)
     assert (g.offset_x, g.offset_y) == (ox, oy)
@@ -178,7 +180,7 @@ def test_llava15_geometry_matches_hand_arithmetic(llava_processor, size):
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_llava15_markers_land_where_predicted(llava_processor, size):
-    g = ViewGeometry.from_image_processor(llava_processor, *size)
+    g = view_geometry_from_processor(llava_processor, *size)
     measured = _check_markers(llava_processor, g, *size)
     assert measured >= 4
 
@@ -186,21 +188,21 @@ def test_llava15_markers_land_where_predicted(llava_processor, size):
 def test_autoimageprocessor_gives_supported_class():
     _llava_config()
     processor = transformers.AutoImageProcessor.from_pretrained(LLAVA_CONFIG.parent)
-    g = ViewGeometry.from_image_processor(processor, 640, 480)
+    g = view_geometry_from_processor(processor, 640, 480)
     assert (g.offset_x, g.offset_y, g.view_width) == (56, 0, 336)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (333, 500), (1000, 337)])
 def test_clip_224_markers(size):
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    g = ViewGeometry.from_image_processor(processor, *size)
+    g = view_geometry_from_processor(processor, *size)
     assert (g.view_width, g.view_height) == (224, 224)
     assert _check_markers(processor, g, *size) >= 4
 
 
 def test_clip_224_hand_values():
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    g = ViewGeometry.from_image_processor(processor, 1000, 337)
+    g = view_geometry_from_processor(processor, 1000, 337)
     # 224000/337 = 664.69 -> 664; (664-224)//2 = 220
     assert g.scale_x == pytest.approx(664 / 1000) and g.scale_y == pytest.approx(224 / 337)
     assert (g.offset_x, g.offset_y) == (220, 0)
@@ -210,7 +212,7 @@ def test_clip_224_hand_values():
 def test_llava_pad_to_square_markers(size):
     cfg = {**_llava_config(), "do_pad": True}
     processor = transformers.LlavaImageProcessorPil(**cfg)
-    g = ViewGeometry.from_image_processor(processor, *size)
+    g = view_geometry_from_processor(processor, *size)
     assert _check_markers(processor, g, *size) >= 4
 
     view = _view_pixels(processor, _render(*size))
@@ -225,18 +227,18 @@ def test_llava_pad_to_square_markers(size):
 
 def test_llava_pad_to_square_hand_values():
     processor = transformers.LlavaImageProcessorPil(**{**_llava_config(), "do_pad": True})
-    g = ViewGeometry.from_image_processor(processor, 640, 480)
+    g = view_geometry_from_processor(processor, 640, 480)
     # pasted at (640-480)//2 = 80 in a 640 square, scaled by 336/640
     assert g.scale_x == g.scale_y == pytest.approx(0.525)
     assert (g.offset_x, g.offset_y) == (0, pytest.approx(-42.0))
-    g = ViewGeometry.from_image_processor(processor, 500, 333)
+    g = view_geometry_from_processor(processor, 500, 333)
     # (500-333)//2 = 83 (not 84): the odd pixel of padding goes to the bottom
     assert g.offset_y == pytest.approx(-83 * 336 / 500)
 
 
 def test_crop_larger_than_image_pads_like_pil_backend():
     processor = transformers.CLIPImageProcessorPil(do_resize=False, crop_size={"height": 256, "width": 256})
-    g = ViewGeometry.from_image_processor(processor, 301, 201)
+    g = view_geometry_from_processor(processor, 301, 201)
     # x: (301-256)//2 = 22 cropped; y: 55 px of padding, image placed at ceil(55/2) = 28
     assert (g.scale_x, g.scale_y, g.offset_x, g.offset_y) == (1.0, 1.0, 22, -28)
     assert _check_markers(processor, g, 301, 201) >= 4
@@ -249,11 +251,11 @@ def test_shortest_and_longest_edge():
     processor = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 224, "longest_edge": 300}, do_center_crop=False
     )
-    g = ViewGeometry.from_image_processor(processor, 337, 1000)
+    g = view_geometry_from_processor(processor, 337, 1000)
     # 1000/337*224 > 300, so the short side becomes round(300*337/1000) = 101 and the long int(101.1*1000/337) = 300
     assert (g.view_width, g.view_height) == (101, 300)
     assert _check_markers(processor, g, 337, 1000) >= 4
-    g = ViewGeometry.from_image_processor(processor, 640, 480)
+    g = view_geometry_from_processor(processor, 640, 480)
     assert (g.view_width, g.view_height) == (298, 224)
     assert _check_markers(processor, g, 640, 480) >= 4
 
@@ -263,15 +265,15 @@ def test_unsupported_configurations_raise():
         pass
 
     with pytest.raises(ValueError, match="unsupported image processor"):
-        ViewGeometry.from_image_processor(NotAProcessor(), 10, 10)
+        view_geometry_from_processor(NotAProcessor(), 10, 10)
     processor = transformers.CLIPImageProcessorPil(size={"max_height": 100, "max_width": 100})
     with pytest.raises(ValueError, match="unsupported resize size"):
-        ViewGeometry.from_image_processor(processor, 640, 480)
+        view_geometry_from_processor(processor, 640, 480)
     processor = transformers.CLIPImageProcessorPil(do_pad=True, pad_size={"height": 240, "width": 256})
     with pytest.raises(ValueError, match="do_pad"):
-        ViewGeometry.from_image_processor(processor, 640, 480)
+        view_geometry_from_processor(processor, 640, 480)
     with pytest.raises(ValueError):
-        ViewGeometry.from_image_processor(transformers.CLIPImageProcessorPil(), 0, 480)
+        view_geometry_from_processor(transformers.CLIPImageProcessorPil(), 0, 480)
 
 
 def test_to_view_and_back():
@@ -311,7 +313,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_remote_mask_area_and_reference(llava_processor, coco_sample):
     _, anns = coco_sample
-    g = ViewGeometry.from_image_processor(llava_processor, 640, 480)
+    g = view_geometry_from_processor(llava_processor, 640, 480)
     ann = anns[1108446]
     assert ann["area"] == pytest.approx(2121.0, abs=1)
     m = object_mask_in_view(ann["segmentation"], g)
@@ -324,7 +326,7 @@ def test_remote_mask_area_and_reference(llava_processor, coco_sample):
 def test_remote_partly_cut_by_crop(llava_processor, coco_sample):
     _, anns = coco_sample
     ann = anns[1110067]  # x from 41.9 to 175.0; the crop starts at x = 80
-    g = ViewGeometry.from_image_processor(llava_processor, 640, 480)
+    g = view_geometry_from_processor(llava_processor, 640, 480)
     m = object_mask_in_view(ann["segmentation"], g)
     ref = _reference_view_mask(ann["segmentation"], g)
     assert m[:, 0].any() and ref[:, 0].any()
@@ -338,7 +340,7 @@ def test_remote_partly_cut_by_crop(llava_processor, coco_sample):
 def test_objects_spanning_the_crop_keep_inside_part(llava_processor, coco_sample, ann_id):
     _, anns = coco_sample
     ann = anns[ann_id]
-    g = ViewGeometry.from_image_processor(llava_processor, 640, 480)
+    g = view_geometry_from_processor(llava_processor, 640, 480)
     m = object_mask_in_view(ann["segmentation"], g)
     ref = _reference_view_mask(ann["segmentation"], g)
     assert _iou(m, ref) > 0.97
@@ -363,7 +365,7 @@ def test_objects_spanning_the_crop_keep_inside_part(llava_processor, coco_sample
 def test_rle_inputs_match_polygons(llava_processor, coco_sample):
     _, anns = coco_sample
     ann = anns[2190839]
-    g = ViewGeometry.from_image_processor(llava_processor, 640, 480)
+    g = view_geometry_from_processor(llava_processor, 640, 480)
     expected = object_mask_in_view(ann["segmentation"], g)
     full = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], 480, 640)))
     compressed = mask_utils.encode(np.asfortranarray(full))
@@ -377,7 +379,7 @@ def test_rle_inputs_match_polygons(llava_processor, coco_sample):
     uncompressed = {"size": [480, 640], "counts": counts}
     for rle in (compressed, as_str, uncompressed):
         assert np.array_equal(object_mask_in_view(rle, g), expected)
-    with pytest.raises(ValueError):
+    with pytest.raises(GeometryError):
         object_mask_in_view({"size": [100, 100], "counts": counts}, g)
 
 
@@ -403,14 +405,14 @@ def test_mask_hand_cases():
 
     full = ViewGeometry(4, 4, 4, 4, 1.0, 1.0, 0.0, 0.0)
     assert not object_mask_in_view([], full).any()
-    with pytest.raises(ValueError):
+    with pytest.raises(GeometryError):
         object_mask_in_view([[0.0, 0.0, 1.0, 1.0]], full)
 
 
 def test_llava_pad_mask_is_false_in_padding(coco_sample):
     _, anns = coco_sample
     processor = transformers.LlavaImageProcessorPil(**{**_llava_config(), "do_pad": True})
-    g = ViewGeometry.from_image_processor(processor, 640, 480)
+    g = view_geometry_from_processor(processor, 640, 480)
     m = object_mask_in_view(anns[1612051]["segmentation"], g)  # the bed covers almost the whole image
     assert not m[:42].any() and not m[336 - 42 :].any()
     assert m[43:293].any(axis=1).all()
@@ -505,7 +507,7 @@ def _reference_cells(mask: np.ndarray) -> np.ndarray:
 
 def test_end_to_end_cells_against_reference(llava_processor, coco_sample):
     _, anns = coco_sample
-    g = ViewGeometry.from_image_processor(llava_processor, 640, 480)
+    g = view_geometry_from_processor(llava_processor, 640, 480)
     for ann in anns.values():
         ours = cells_overlapping(object_mask_in_view(ann["segmentation"], g), 24, 24)
         ref = _reference_cells(_reference_view_mask(ann["segmentation"], g))
@@ -533,7 +535,7 @@ def test_torchvision_backend_pads_with_floor():
             "do_pad": False,
         },
     )()
-    g = ViewGeometry.from_image_processor(fake, 301, 201)
+    g = view_geometry_from_processor(fake, 301, 201)
     assert (g.offset_x, g.offset_y) == (22, -27)
 
 
@@ -568,7 +570,7 @@ QWEN_EXPECTED = {
 @pytest.mark.parametrize("size", list(QWEN_EXPECTED), ids=[f"{w}x{h}" for w, h in QWEN_EXPECTED])
 def test_qwen2_vl_geometry_hand_values_and_markers(size):
     processor = _qwen_processor()
-    g = ViewGeometry.from_image_processor(processor, *size)
+    g = view_geometry_from_processor(processor, *size)
     assert (g.view_width, g.view_height) == QWEN_EXPECTED[size]
     assert (g.offset_x, g.offset_y) == (0.0, 0.0)
     assert g.scale_x == pytest.approx(g.view_width / size[0]) and g.scale_y == pytest.approx(g.view_height / size[1])
@@ -579,13 +581,13 @@ def test_qwen2_vl_geometry_max_and_min_pixels():
     # Too many pixels: beta = sqrt(1200*900 / 200704) = 2.3197; floor(900/2.3197/28)*28 = 364,
     # floor(1200/2.3197/28)*28 = 504.
     processor = _qwen_processor(max_pixels=448 * 448)
-    g = ViewGeometry.from_image_processor(processor, 1200, 900)
+    g = view_geometry_from_processor(processor, 1200, 900)
     assert (g.view_width, g.view_height) == (504, 364)
     assert _check_markers(processor, g, 1200, 900) >= 4
     # Too few: 60x40 rounds to 56x28 = 1568 < 3136; beta = sqrt(3136/2400) = 1.1431;
     # ceil(40*1.1431/28)*28 = 56, ceil(60*1.1431/28)*28 = 84.
     processor = _qwen_processor()
-    g = ViewGeometry.from_image_processor(processor, 60, 40)
+    g = view_geometry_from_processor(processor, 60, 40)
     assert (g.view_width, g.view_height) == (84, 56)
     view = _view_pixels(processor, _render(60, 40))
     assert view.shape == (56, 84, 3)
@@ -607,7 +609,7 @@ def _llava_next_processor():
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 337), (336, 336)])
 def test_llava_next_base_view_markers(size):
     processor = _llava_next_processor()
-    g = ViewGeometry.from_image_processor(processor, *size)
+    g = view_geometry_from_processor(processor, *size)
     assert (g.view_width, g.view_height, g.offset_x, g.offset_y) == (336, 336, 0, 0)
     assert g.scale_x == pytest.approx(336 / size[0]) and g.scale_y == pytest.approx(336 / size[1])
     assert _check_markers(processor, g, *size) >= 4

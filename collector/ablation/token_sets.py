@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from collector.adapters import ImageTokenLayout
-from collector.geometry import cell_positions, dilate_cells
+from db.geometry import cell_positions, dilate_cells
 from collector.loading import LoadedModel
 
 DEFAULT_K = (5, 10, 20, 40, 60, 100, 250)
