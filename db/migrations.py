@@ -48,6 +48,12 @@ def _ablation_views(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
+def _hit_rules_and_intervals(conn: sa.Connection) -> None:
+    schema.class_tokens.create(conn, checkfirst=True)
+    for statement in views.HIT_RULE_VIEWS + views.ABLATION_VIEWS + views.BLOCKING_VIEWS:
+        conn.exec_driver_sql(statement)
+
+
 def _blocking_views(conn: sa.Connection) -> None:
     for statement in views.BLOCKING_VIEWS:
         conn.exec_driver_sql(statement)
@@ -77,6 +83,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "ablation views", _ablation_views),
     Migration(6, "quantitative logit lens view", _quant_views),
     Migration(7, "extra_views", _create(schema.extra_views)),
+    Migration(8, "class_tokens; lens hit rules; Wilson intervals in summaries", _hit_rules_and_intervals),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

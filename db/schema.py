@@ -213,3 +213,17 @@ blocking = sa.Table(
     sa.Column("source_positions", sa.ARRAY(sa.Integer)),
     sa.Column("target_positions", sa.ARRAY(sa.Integer)),
 )
+
+# The first token of each annotated category's name in the run's tokenizer (the token that
+# starts the word, tokenized in context as the VQA answer does), one row per (run, image,
+# category): the 'first_token' lens hit rule matches lens cells by this id.
+class_tokens = sa.Table(
+    "class_tokens",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("category", sa.String, nullable=False),
+    sa.Column("token_id", sa.BigInteger, nullable=False),
+    sa.Column("token", sa.String),
+    sa.PrimaryKeyConstraint("run_id", "image_id", "category"),
+)

@@ -1,0 +1,63 @@
+"""Uncertainty for the figures the report shows: Wilson intervals and bootstrap over images.
+
+Torch-free; numpy only. The SQL views compute the same Wilson bounds (`db.views.wilson_sql`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion successes / n, as fractions; None when n == 0.
+
+    Unlike the normal (Wald) interval it stays inside [0, 1] and is not degenerate at 0 or n
+    successes, which matters for flip rates like the paper's 0.0% under random ablation.
+    """
+    if n <= 0:
+        return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be within 0..n, got {successes} of {n}")
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_ratio_ci(
+    numerators: Sequence[float] | np.ndarray,
+    denominators: Sequence[float] | np.ndarray,
+    *,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval over images of a pooled ratio sum(num) / sum(den).
+
+    numerators, denominators: (n_images,) or (n_images, n_points) — one row per image (e.g.
+    object positions hit at each layer, and object positions), resampled together so the
+    correlation within an image is kept. Returns (low, high), each of shape () or
+    (n_points,) as floats/arrays; None with fewer than 2 images. Deterministic for a seed.
+    """
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    if num.shape[0] != den.shape[0]:
+        raise ValueError("numerators and denominators need one row per image")
+    n = num.shape[0]
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(resamples, n))
+    num_sums = num[picks].sum(axis=1)
+    den_sums = den[picks].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratios = num_sums / den_sums
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(ratios, [alpha, 1 - alpha], axis=0)
+    return low, high
