@@ -91,7 +91,8 @@ def write_images(db: ResultsDB, experiment: str, image_ids, status: str = "compl
     identity = RUNS[experiment]
     run_id = db.start_run(experiment, "m", identity, {**identity, "inputs": "images/"})
     rules = table_rules()
-    for image_id in image_ids:
+    done = db.completed_images(run_id)  # resumes, as the experiments do
+    for image_id in (i for i in image_ids if i not in done):
         with db.transaction():
             for name, rule in rules.items():
                 table = schema.metadata.tables[name]
