@@ -232,8 +232,9 @@ def run_sharded(
 
     One process: run_one on `db_path` with every record. Several: run_one on this rank's
     shard file with this rank's share, then the done marker; rank 0 waits for every other
-    rank and merges all shards into `db_path`. run_one's summary should have a `run_id`
-    (ranks of one launch must report the same run). Raises UserError (one line) when a
+    rank and merges all shards into `db_path`. run_one must close its database before it
+    returns (rank 0 then reads the file), and its summary should have a `run_id` (ranks of
+    one launch report the same run; a dataclass summary is recorded in the marker). Raises UserError (one line) when a
     rank fails or does not finish in time; the shards are kept for a relaunch.
     """
     group = ProcessGroup.from_env() if group is None else group

@@ -31,7 +31,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import duckdb
 import sqlalchemy as sa
@@ -145,6 +145,8 @@ _RUN_COLUMNS = "run_id, run_key, experiment, model_id, status, started_at, finis
 
 
 def _read_shard(path: Path) -> _ShardInfo:
+    if path.is_dir():
+        raise DatabaseError(f"shard {path} is a folder, not a results database")
     if not path.is_file():
         raise DatabaseError(f"shard not found: {path}")
     try:

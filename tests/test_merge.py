@@ -333,6 +333,7 @@ def test_files_that_cannot_be_merged(shards, tmp_path):
     duckdb.connect(str(empty)).close()
     cases = [
         ([tmp_path / "missing.duckdb"], tmp_path / "t.duckdb", "shard not found"),
+        ([tmp_path], tmp_path / "t.duckdb", "is a folder"),
         ([notes], tmp_path / "t.duckdb", "cannot open shard"),
         ([empty], tmp_path / "t.duckdb", "not a llava-interp results database"),
         ([a], a, "into itself"),
