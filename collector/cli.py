@@ -50,22 +50,31 @@ def collect_lens_command(
     """Logit lens: final norm + unembedding on every layer's hidden state at every
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
     from collector.collect_lens import collect_lens
+    from collector.distributed import ProcessGroup, run_sharded
     from collector.loading import load_model
     from db.store import ResultsDB
 
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
-    # Open the database before loading the model: a locked or newer file fails fast.
-    with ResultsDB(db_path) as db:
-        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
-        summary = collect_lens(
-            loaded, records, db, prompt=prompt, top_k=top_k,
-            extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
-            progress=not quiet,
-        )
+    group = ProcessGroup.from_env()  # torchrun / accelerate / srun: this process's shard
+
+    def run_one(path: Path, share: list) -> object:
+        # Open the database before loading the model: a locked or newer file fails fast.
+        with ResultsDB(path) as db:
+            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision)
+            return collect_lens(
+                loaded, share, db, prompt=prompt, top_k=top_k,
+                extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
+                progress=not quiet,
+            )
+
+    outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))
+    summary = outcome.summary
     click.echo(
-        f"run {summary.run_id}: {summary.images_written} images written, "
-        f"{summary.images_skipped} already complete -> {db_path}"
+        f"{group.label + ': ' if group.label else ''}run {summary.run_id}: {summary.images_written} images written, "
+        f"{summary.images_skipped} already complete -> {outcome.db_path}"
     )
+    for line in outcome.merge.lines() if outcome.merge else ():
+        click.echo(line)
 
 
 @cli.command("demo")
@@ -84,11 +93,13 @@ def _add_commands() -> None:
     from collector.ablation.cli import ablation_command, mean_vector_command
     from collector.blocking.cli import blocking_command
     from report.cli import report
+    from collector.db_cli import db
 
     collect.add_command(ablation_command)
     collect.add_command(mean_vector_command)
     collect.add_command(blocking_command)
     cli.add_command(report)
+    cli.add_command(db)
 
 
 _add_commands()
