@@ -24,7 +24,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from db.store import ResultsDB
-from report.build import PROB_LOG_SCALE, ReportError, build_site, decode_probs, encode_probs, run_dir_name, unpack_lens_data
+from report.build import ReportError, build_site, run_dir_name
+from report.lens_codec import PROB_LOG_SCALE, decode_probs, encode_probs, unpack_lens_data
 from report.cli import report
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
@@ -198,7 +199,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return db_path, out, run_ids
 
 
-# Decoded probabilities are within this relative error (log-quantised, see report/build.py).
+# Decoded probabilities are within this relative error (log-quantised, see report/lens_codec.py).
 PROB_REL = float(np.expm1(0.5 / PROB_LOG_SCALE)) + 1e-9
 PROB_FLOOR = float(np.exp(-254.5 / PROB_LOG_SCALE))
 
@@ -668,7 +669,7 @@ def _quant_db(path: Path) -> str:
 
 
 def test_quantitative_logit_lens(tmp_path: Path) -> None:
-    from report.quantitative import quantitative_lens
+    from report.pages.quantitative import quantitative_lens
 
     db_path = tmp_path / "quant.duckdb"
     run = _quant_db(db_path)
