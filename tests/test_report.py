@@ -324,7 +324,7 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
 def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path, dict[str, str]]) -> None:
-    """Runs the shipped lens.js model on a data file: patch (r, c) -> top-1 must match the DB."""
+    """Runs the shipped lens model (static/lens-data.js) on a data file: patch (r, c) -> top-1 must match the DB."""
     db_path, out, run_ids = built
     run_id = run_ids["hostile"]
     data_js = out / "lens" / run_dir_name(run_id) / "102.data.js"  # the column-major image
@@ -334,7 +334,7 @@ def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path,
         " DecompressionStream, TextDecoder, Uint8Array, Uint32Array, Int32Array, Float64Array, JSON, Math, Promise, Error};"
         "ctx.window = ctx; vm.createContext(ctx);"
         f"vm.runInContext(fs.readFileSync({json.dumps(str(data_js))}, 'utf8'), ctx);"
-        f"vm.runInContext(fs.readFileSync({json.dumps(str(out / 'static' / 'lens.js'))}, 'utf8'), ctx);"
+        f"vm.runInContext(fs.readFileSync({json.dumps(str(out / 'static' / 'lens-data.js'))}, 'utf8'), ctx);"
         "ctx.LensModel.load(ctx.LENS_DATA).then((m) => { const result = {};"
         "for (let l = 0; l < m.nLayers; l++) for (let r = 0; r < m.gridRows; r++) for (let c = 0; c < m.gridCols; c++) {"
         "  const row = m.rowOfPatch[r * m.gridCols + c]; const cell = m.top1(l, row);"
