@@ -9,9 +9,10 @@ write files outside the database). Torch-free.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow as pa
 
@@ -154,6 +155,12 @@ def view_sizes(db: ResultsDB, run_id: str) -> dict[int, tuple[int, int]]:
         for image_id, width, height in db.sql(
             "SELECT image_id, view_width, view_height FROM image_views WHERE run_id = ?", (run_id,))
     }
+
+
+def view_size(db: ResultsDB, run_id: str, image_id: int) -> tuple[int, int] | None:
+    """(view_width, view_height) of one image's recorded view, if any."""
+    rows = db.sql("SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
 def view_png(db: ResultsDB, run_id: str, image_id: int) -> bytes:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from db.store import ResultsDB
-from report import catalogue, site as site_plumbing
+from report import catalogue
+from report import site as site_plumbing
 from report.downloads import write_downloads
 from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages

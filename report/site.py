@@ -170,6 +170,8 @@ def provenance(db: ResultsDB, db_path: Path, generated_at: str) -> dict[str, Any
     }
 
 
-def common_context(provenance_: dict[str, Any], generated_at: str, experiment_nav: list[dict[str, str]]) -> dict[str, Any]:
-    return {"demo_warning": DEMO_WARNING, "generated_at": generated_at, "provenance": provenance_,
+def common_context(site_provenance: dict[str, Any], generated_at: str,
+                   experiment_nav: list[dict[str, str]]) -> dict[str, Any]:
+    """The context every page gets (base.html.j2: nav, demo warning, provenance footer)."""
+    return {"demo_warning": DEMO_WARNING, "generated_at": generated_at, "provenance": site_provenance,
             "schema_latest": LATEST_VERSION, "experiment_nav": experiment_nav}

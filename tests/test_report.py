@@ -25,8 +25,13 @@ from PIL import Image
 
 from db.store import ResultsDB
 from report.build import ReportError, build_site, run_dir_name
-from report.lens_codec import PROB_LOG_SCALE, decode_probs, encode_probs, unpack_lens_data
 from report.cli import report
+from report.lens_codec import (
+    PROB_LOG_SCALE,
+    decode_probs,
+    encode_probs,
+    unpack_lens_data,
+)
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 QUOTES = "\"&<>'"

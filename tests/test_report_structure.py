@@ -9,6 +9,7 @@ import posixpath
 from pathlib import Path
 
 import pytest
+from test_report import N_LAYERS, TOP_K, _load_data, _make_db, _quant_db
 
 import report.object_cells
 from db import queries
@@ -16,7 +17,6 @@ from db.geometry import object_cells_by_category
 from db.store import ResultsDB
 from report import urls
 from report.build import ReportError, build_site, run_dir_name
-from test_report import N_LAYERS, TOP_K, _load_data, _make_db, _quant_db
 
 PAGES = [
     urls.INDEX,

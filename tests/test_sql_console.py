@@ -33,8 +33,8 @@ from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is
 
 from db.store import ResultsDB
 from report import duckdb_wasm
-from report.pages import sql as sql_page
 from report.build import build_site
+from report.pages import sql as sql_page
 
 REPO = Path(__file__).resolve().parents[1]
 FETCH_SCRIPT = REPO / duckdb_wasm.FETCH_SCRIPT

@@ -142,7 +142,7 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
             f"x top-{top_k} = {n_cells} cells"
         )
 
-    view = queries.view_sizes(db, run_id).get(image_id)
+    view = queries.view_size(db, run_id, image_id)
     objects = ObjectCells.from_db(db) if objects is None else objects
     return {
         "format": lens_codec.DATA_FORMAT,
