@@ -14,7 +14,7 @@
 #   LICENSE-*.txt, VERSION.json  licences, the pinned versions and each file's sha256
 # The report build finds DEST/vendor under the repository by itself; elsewhere set
 # LLAVA_INTERP_DUCKDB_WASM=DEST/vendor. Rerunning with the same pins does nothing.
-# Keep DUCKDB_WASM_VERSION equal to report/sql_console.py (tests/test_sql_console.py checks).
+# Keep DUCKDB_WASM_VERSION equal to report/duckdb_wasm.py (tests/test_sql_console.py checks).
 set -euo pipefail
 DUCKDB_WASM_VERSION=1.32.0  # DuckDB 1.4: reads the site's storage version v1.4.0
 APACHE_ARROW_VERSION=17.0.0 # the version @duckdb/duckdb-wasm 1.32.0 depends on (^17.0.0)

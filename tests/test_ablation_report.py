@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from db.store import ResultsDB
-from report.ablation import ablation_page_data, condition_sort_key
+from report.pages.ablation import ablation_page_data, condition_sort_key
 
 
 def _insert(db, name, columns):

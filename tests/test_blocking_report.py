@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from db.store import ResultsDB
-from report.blocking import blocking_page_data
+from report.pages.blocking import blocking_page_data
 
 
 def test_blocking_page_data_from_synthetic_rows(tmp_path):

@@ -24,8 +24,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from db.store import ResultsDB
-from report.build import PROB_LOG_SCALE, ReportError, build_site, decode_probs, encode_probs, run_dir_name, unpack_lens_data
+from report.build import ReportError, build_site, run_dir_name
 from report.cli import report
+from report.lens_codec import (
+    PROB_LOG_SCALE,
+    decode_probs,
+    encode_probs,
+    unpack_lens_data,
+)
 
 HOSTILE = "</script><img src=x onerror=alert(1)>"
 QUOTES = "\"&<>'"
@@ -198,7 +204,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     return db_path, out, run_ids
 
 
-# Decoded probabilities are within this relative error (log-quantised, see report/build.py).
+# Decoded probabilities are within this relative error (log-quantised, see report/lens_codec.py).
 PROB_REL = float(np.expm1(0.5 / PROB_LOG_SCALE)) + 1e-9
 PROB_FLOOR = float(np.exp(-254.5 / PROB_LOG_SCALE))
 
@@ -323,7 +329,7 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
 def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path, dict[str, str]]) -> None:
-    """Runs the shipped lens.js model on a data file: patch (r, c) -> top-1 must match the DB."""
+    """Runs the shipped lens model (static/lens-data.js) on a data file: patch (r, c) -> top-1 must match the DB."""
     db_path, out, run_ids = built
     run_id = run_ids["hostile"]
     data_js = out / "lens" / run_dir_name(run_id) / "102.data.js"  # the column-major image
@@ -333,7 +339,7 @@ def test_lens_js_maps_patches_to_the_recorded_positions(built: tuple[Path, Path,
         " DecompressionStream, TextDecoder, Uint8Array, Uint32Array, Int32Array, Float64Array, JSON, Math, Promise, Error};"
         "ctx.window = ctx; vm.createContext(ctx);"
         f"vm.runInContext(fs.readFileSync({json.dumps(str(data_js))}, 'utf8'), ctx);"
-        f"vm.runInContext(fs.readFileSync({json.dumps(str(out / 'static' / 'lens.js'))}, 'utf8'), ctx);"
+        f"vm.runInContext(fs.readFileSync({json.dumps(str(out / 'static' / 'lens-data.js'))}, 'utf8'), ctx);"
         "ctx.LensModel.load(ctx.LENS_DATA).then((m) => { const result = {};"
         "for (let l = 0; l < m.nLayers; l++) for (let r = 0; r < m.gridRows; r++) for (let c = 0; c < m.gridCols; c++) {"
         "  const row = m.rowOfPatch[r * m.gridCols + c]; const cell = m.top1(l, row);"
@@ -668,7 +674,7 @@ def _quant_db(path: Path) -> str:
 
 
 def test_quantitative_logit_lens(tmp_path: Path) -> None:
-    from report.quantitative import quantitative_lens
+    from report.pages.quantitative import quantitative_lens
 
     db_path = tmp_path / "quant.duckdb"
     run = _quant_db(db_path)

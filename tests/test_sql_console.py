@@ -1,4 +1,4 @@
-"""The SQL console page (sql.html, report/sql_console.py, templates/static/sql.js).
+"""The SQL console page (sql.html, report/pages/sql.py, report/duckdb_wasm.py, templates/static/sql.js).
 
 Without DuckDB-WASM: sql.html is still written, says how to enable the console, its links
 resolve and it loads without console errors. With it (prepared by
@@ -32,11 +32,12 @@ from test_report import HOSTILE, _make_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
 from db.store import ResultsDB
-from report import sql_console
+from report import duckdb_wasm
 from report.build import build_site
+from report.pages import sql as sql_page
 
 REPO = Path(__file__).resolve().parents[1]
-FETCH_SCRIPT = REPO / sql_console.FETCH_SCRIPT
+FETCH_SCRIPT = REPO / duckdb_wasm.FETCH_SCRIPT
 SERVE_TIMEOUT_S = 30
 READY_TIMEOUT_MS = 90_000
 
@@ -68,8 +69,8 @@ def _assert_links_resolve(site: Path, page: str) -> None:
 
 def _no_wasm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """As on a machine where nobody prepared DuckDB-WASM."""
-    monkeypatch.delenv(sql_console.ENV_VAR, raising=False)
-    monkeypatch.setattr(sql_console, "_REPO", tmp_path)
+    monkeypatch.delenv(duckdb_wasm.ENV_VAR, raising=False)
+    monkeypatch.setattr(duckdb_wasm, "_REPO", tmp_path)
     monkeypatch.chdir(tmp_path)
 
 
@@ -92,24 +93,24 @@ def db_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def wasm_dir() -> Path:
     """A prepared DuckDB-WASM folder: found, or fetched now with npm into .cache/duckdb-wasm."""
-    found = sql_console.find_duckdb_wasm()
+    found = duckdb_wasm.find_duckdb_wasm()
     if found.path is not None:
         return found.path
     reason = "; ".join(found.problems) or "DuckDB-WASM is not prepared (.cache/duckdb-wasm/vendor)"
     if shutil.which("npm") is None:
-        _unavailable(f"{reason}, and npm is not installed to fetch it (bash {sql_console.FETCH_SCRIPT})")
+        _unavailable(f"{reason}, and npm is not installed to fetch it (bash {duckdb_wasm.FETCH_SCRIPT})")
     try:
         done = subprocess.run(
             ["bash", str(FETCH_SCRIPT)], cwd=REPO, capture_output=True, text=True, timeout=600, check=False
         )
     except subprocess.TimeoutExpired:
-        _unavailable(f"{reason}; {sql_console.FETCH_SCRIPT} did not finish in 10 minutes")
+        _unavailable(f"{reason}; {duckdb_wasm.FETCH_SCRIPT} did not finish in 10 minutes")
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        _unavailable(f"{reason}; {sql_console.FETCH_SCRIPT} failed (no npm registry?): {' | '.join(tail)}")
-    found = sql_console.find_duckdb_wasm()
+        _unavailable(f"{reason}; {duckdb_wasm.FETCH_SCRIPT} failed (no npm registry?): {' | '.join(tail)}")
+    found = duckdb_wasm.find_duckdb_wasm()
     if found.path is None:
-        pytest.fail(f"{sql_console.FETCH_SCRIPT} ran but its output is unusable: {found.problems}")
+        pytest.fail(f"{duckdb_wasm.FETCH_SCRIPT} ran but its output is unusable: {found.problems}")
     return found.path
 
 
@@ -122,15 +123,15 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, db_path: Path, wasm_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("sqlsite") / "site"
-    previous = os.environ.get(sql_console.ENV_VAR)
-    os.environ[sql_console.ENV_VAR] = str(wasm_dir)
+    previous = os.environ.get(duckdb_wasm.ENV_VAR)
+    os.environ[duckdb_wasm.ENV_VAR] = str(wasm_dir)
     try:
         build_site(db_path, out)
     finally:
         if previous is None:
-            os.environ.pop(sql_console.ENV_VAR, None)
+            os.environ.pop(duckdb_wasm.ENV_VAR, None)
         else:
-            os.environ[sql_console.ENV_VAR] = previous
+            os.environ[duckdb_wasm.ENV_VAR] = previous
     return out
 
 
@@ -201,8 +202,8 @@ def _result(page: Any) -> tuple[list[str], list[list[str]]]:
 def test_pinned_version_matches_the_fetch_script() -> None:
     text = FETCH_SCRIPT.read_text(encoding="utf-8")
     pinned = re.search(r"^DUCKDB_WASM_VERSION=(\S+)", text, re.MULTILINE)
-    assert pinned and pinned.group(1) == sql_console.DUCKDB_WASM_VERSION
-    assert sql_console.DUCKDB_WASM_VERSION.startswith("1.")
+    assert pinned and pinned.group(1) == duckdb_wasm.DUCKDB_WASM_VERSION
+    assert duckdb_wasm.DUCKDB_WASM_VERSION.startswith("1.")
     assert "npm install" in text and "--no-save" in text
     assert re.search(r"^/?\.cache/?$", (REPO / ".gitignore").read_text(encoding="utf-8"), re.MULTILINE), ".cache must be git-ignored"
 
@@ -211,12 +212,12 @@ def test_without_duckdb_wasm_the_page_explains_how_to_enable_it(
     db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_wasm(monkeypatch, tmp_path)
-    assert not sql_console.find_duckdb_wasm().found
+    assert not duckdb_wasm.find_duckdb_wasm().found
     out = tmp_path / "site"
     build_site(db_path, out)
     page = (out / "sql.html").read_text(encoding="utf-8")
     assert "Not enabled in this build" in page
-    assert f"bash {sql_console.FETCH_SCRIPT}" in page and sql_console.ENV_VAR in page
+    assert f"bash {duckdb_wasm.FETCH_SCRIPT}" in page and duckdb_wasm.ENV_VAR in page
     assert 'data-enabled="0"' in page and "data-module" not in page
     assert not (out / "vendor").exists()
     _assert_links_resolve(out, "sql.html")
@@ -240,31 +241,31 @@ def test_no_downloads_means_no_console(db_path: Path, tmp_path: Path, monkeypatc
 def test_a_damaged_folder_is_reported_not_fatal(db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "wasm"
     folder.mkdir()
-    for name in sql_console.REQUIRED_FILES:
+    for name in duckdb_wasm.REQUIRED_FILES:
         (folder / name).write_bytes(b"truncated")
-    manifest = {"files": {name: {"bytes": 9, "sha256": "0" * 64} for name in sql_console.REQUIRED_FILES}}
-    (folder / sql_console.MANIFEST).write_text(json.dumps(manifest))
-    monkeypatch.setenv(sql_console.ENV_VAR, str(folder))
-    found = sql_console.find_duckdb_wasm()
+    manifest = {"files": {name: {"bytes": 9, "sha256": "0" * 64} for name in duckdb_wasm.REQUIRED_FILES}}
+    (folder / duckdb_wasm.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv(duckdb_wasm.ENV_VAR, str(folder))
+    found = duckdb_wasm.find_duckdb_wasm()
     assert not found.found and "sha256" in found.problems[0]
     out = tmp_path / "site"
     build_site(db_path, out)
     page = (out / "sql.html").read_text(encoding="utf-8")
     assert "Not enabled in this build" in page and "does not match its sha256" in page
-    monkeypatch.setenv(sql_console.ENV_VAR, str(tmp_path / "nowhere"))
-    assert "is not a folder" in sql_console.find_duckdb_wasm().problems[0]
+    monkeypatch.setenv(duckdb_wasm.ENV_VAR, str(tmp_path / "nowhere"))
+    assert "is not a folder" in duckdb_wasm.find_duckdb_wasm().problems[0]
 
 
 def test_vendored_files_match_their_manifest(site: Path, wasm_dir: Path) -> None:
-    vendor = site / sql_console.VENDOR_DIR
-    manifest = json.loads((vendor / sql_console.MANIFEST).read_text(encoding="utf-8"))
-    assert manifest["@duckdb/duckdb-wasm"] == sql_console.DUCKDB_WASM_VERSION
-    for name in sql_console.REQUIRED_FILES:
+    vendor = site / duckdb_wasm.VENDOR_DIR
+    manifest = json.loads((vendor / duckdb_wasm.MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["@duckdb/duckdb-wasm"] == duckdb_wasm.DUCKDB_WASM_VERSION
+    for name in duckdb_wasm.REQUIRED_FILES:
         data = (vendor / name).read_bytes()
         assert hashlib.sha256(data).hexdigest() == manifest["files"][name]["sha256"], name
     assert any(p.name.startswith("LICENSE") for p in vendor.iterdir())
     # A bundled module: no bare import a browser could not resolve, no CDN.
-    module = (vendor / sql_console.MODULE_FILE).read_text(encoding="utf-8")
+    module = (vendor / duckdb_wasm.MODULE_FILE).read_text(encoding="utf-8")
     assert not re.search(r"""\bfrom\s*["'][^./"']""", module)
     page = (site / "sql.html").read_text(encoding="utf-8")
     assert 'data-enabled="1"' in page
@@ -283,7 +284,7 @@ def test_every_example_runs_on_the_published_copy(
     build_site(db_path, site)
     page = (site / "sql.html").read_text(encoding="utf-8")
     with ResultsDB(db_path, read_only=True) as db:
-        examples = sql_console.examples(db)
+        examples = sql_page.examples(db)
     titles = [e["title"] for e in examples]
     assert any("ablation" in t.lower() for t in titles) and any("blocking" in t.lower() for t in titles)
     assert any("object hits" in t for t in titles)
@@ -350,7 +351,7 @@ def test_console_answers_queries_like_duckdb(http_page: Watched, site: Path) -> 
     assert _result(page) == (["answer"], [["42"]])
 
     # DuckDB-WASM and the database came from this site (Watched.check: nothing else).
-    assert any(u.endswith(f"/{sql_console.WASM_FILE}") for u in http_page.requests)
+    assert any(u.endswith(f"/{duckdb_wasm.WASM_FILE}") for u in http_page.requests)
     assert any(u.endswith("/data/results.duckdb") for u in http_page.requests)
 
 
@@ -402,7 +403,7 @@ def test_file_url_shows_the_http_notice(browser: Any, site: Path) -> None:  # no
         page = watched.goto("sql.html")
         notice = page.locator("#sql-file-notice")
         assert notice.is_visible()
-        assert sql_console.SERVE_COMMAND in notice.inner_text()
+        assert sql_page.SERVE_COMMAND in notice.inner_text()
         assert page.locator("#sql-console").is_hidden()
         assert not [u for u in watched.requests if "/vendor/" in u or u.endswith("results.duckdb")]
         watched.check()

@@ -2,7 +2,7 @@
 //
 // Image pages: the overlay data is the JSON in <script type="application/json" id="overlay-data">:
 // {grid_rows, grid_cols, overlays: [{key: [a, b], cells: [[row, col], ...], outline: [[row, col], ...],
-// caption}]}. The cells come from the positions table (report/ablation.py, report/blocking.py); this
+// caption}]}. The cells come from the positions table (report/pages/ablation.py and blocking.py); this
 // script only draws them. The selects marked data-overlay-part="i" give key[i]; elements with
 // data-select='[a, b]' select that key on click; elements with data-key='[a, b]' are shown only
 // while their key is selected. The selection is kept in the URL hash (#sel=<json>).

@@ -1,0 +1,485 @@
+"""The read API of a results database: every query the report runs, returning records.
+
+The report (and anything else that only reads results) calls these functions instead of
+writing SQL, so the table and column names live here and in db/schema.py only. Every
+function takes an open `ResultsDB`; none writes to it (the two `export_*` functions
+write files outside the database). Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from db.geometry import ViewGeometry
+from db.store import ResultsDB
+from db.views import OBJECT_HITS_SELECT
+
+
+def _records(db: ResultsDB, query: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
+    """Rows as dicts keyed by the query's column names."""
+    with db.transaction() as conn:
+        result = conn.exec_driver_sql(query, tuple(params))
+        keys = list(result.keys())
+        return [dict(zip(keys, row)) for row in result.fetchall()]
+
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+# -- runs ------------------------------------------------------------------------------
+
+
+def parse_config(value: Any) -> dict[str, Any]:
+    """A run's config as a dict (DuckDB returns JSON as text; non-objects are wrapped)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {"config": value}
+    return dict(value) if isinstance(value, dict) else {"config": value}
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One row of `runs`, config parsed."""
+
+    run_id: str
+    experiment: str
+    model_id: str
+    config: dict[str, Any]
+    status: str
+    started_at: Any
+    finished_at: Any
+    tool_version: str
+
+    @property
+    def top_k(self) -> int | None:
+        """The lens top-k the run was asked for (config key `top_k`); None when absent."""
+        value = self.config.get("top_k")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def runs(db: ResultsDB, experiment: str | None = None) -> list[RunRecord]:
+    """Every run (of one experiment), by start time then id."""
+    return [
+        RunRecord(
+            run_id=row["run_id"], experiment=row["experiment"], model_id=row["model_id"],
+            config=parse_config(row["config"]), status=row["status"], started_at=row["started_at"],
+            finished_at=row["finished_at"], tool_version=row["tool_version"],
+        )
+        for row in db.runs(experiment)
+    ]
+
+
+def run(db: ResultsDB, run_id: str) -> RunRecord | None:
+    return next((record for record in runs(db) if record.run_id == run_id), None)
+
+
+def image_counts(db: ResultsDB) -> dict[str, int]:
+    """Per run, its images with a completion marker (skipped ones included)."""
+    return dict(db.sql("SELECT run_id, count(*) FROM run_images GROUP BY run_id"))
+
+
+def skipped_image_counts(db: ResultsDB) -> dict[str, int]:
+    return dict(db.sql("SELECT run_id, count(DISTINCT image_id) FROM skipped GROUP BY run_id"))
+
+
+def skipped(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """image_id, reason, detail of every skipped image of a run, by image and reason."""
+    return _records(db, "SELECT image_id, reason, detail FROM skipped WHERE run_id = ? ORDER BY image_id, reason",
+                    [run_id])
+
+
+def schema_version(db: ResultsDB) -> int | None:
+    rows = db.sql("SELECT max(version) FROM schema_migrations")
+    return rows[0][0] if rows else None
+
+
+# -- images, annotations, views ----------------------------------------------------------
+
+
+def categories_by_image(db: ResultsDB) -> dict[int, list[str]]:
+    """The distinct annotated categories of every image, sorted."""
+    out: dict[int, list[str]] = {}
+    for image_id, category in db.sql("SELECT DISTINCT image_id, category FROM annotations ORDER BY image_id, category"):
+        out.setdefault(int(image_id), []).append(category)
+    return out
+
+
+def annotations_by_image(db: ResultsDB) -> dict[int, list[dict[str, Any]]]:
+    """Per image, its annotations (annotation_id, category, bbox, iscrowd, segmentation) by id."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for image_id, annotation_id, category, bbox, iscrowd, segmentation in db.sql(
+        "SELECT image_id, annotation_id, category, bbox, iscrowd, segmentation FROM annotations "
+        "ORDER BY image_id, annotation_id"
+    ):
+        out.setdefault(int(image_id), []).append(
+            {"annotation_id": int(annotation_id), "category": category, "bbox": bbox,
+             "iscrowd": bool(iscrowd), "segmentation": segmentation}
+        )
+    return out
+
+
+def most_annotated_category(db: ResultsDB) -> str | None:
+    """The lowercased category with the most annotations (ties: alphabetical), if any."""
+    rows = db.sql(
+        "SELECT lower(category) FROM annotations WHERE category IS NOT NULL AND category <> '' "
+        "GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1"
+    )
+    return rows[0][0] if rows else None
+
+
+def view_geometries(db: ResultsDB) -> dict[tuple[str, int], ViewGeometry]:
+    """The original -> view geometry of every (run, image) with a recorded view."""
+    rows = db.sql(
+        "SELECT v.run_id, v.image_id, i.width, i.height, v.view_width, v.view_height, "
+        "v.scale_x, v.scale_y, v.offset_x, v.offset_y FROM image_views v JOIN images i USING (image_id)"
+    )
+    return {
+        (run_id, int(image_id)): ViewGeometry(int(w), int(h), int(vw), int(vh), float(sx), float(sy), float(ox), float(oy))
+        for run_id, image_id, w, h, vw, vh, sx, sy, ox, oy in rows
+    }
+
+
+def view_sizes(db: ResultsDB, run_id: str) -> dict[int, tuple[int, int]]:
+    """(view_width, view_height) of every image of a run with a recorded view."""
+    return {
+        int(image_id): (int(width), int(height))
+        for image_id, width, height in db.sql(
+            "SELECT image_id, view_width, view_height FROM image_views WHERE run_id = ?", (run_id,))
+    }
+
+
+def view_size(db: ResultsDB, run_id: str, image_id: int) -> tuple[int, int] | None:
+    """(view_width, view_height) of one image's recorded view, if any."""
+    rows = db.sql("SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    return (int(rows[0][0]), int(rows[0][1])) if rows else None
+
+
+def view_png(db: ResultsDB, run_id: str, image_id: int) -> bytes:
+    (png,) = db.sql("SELECT png FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))[0]
+    return bytes(png)
+
+
+@dataclass(frozen=True)
+class ExtraView:
+    """One row of `extra_views` without its PNG."""
+
+    name: str
+    kind: str
+    width: int
+    height: int
+    grid_rows: int
+    grid_cols: int
+
+
+def extra_views(db: ResultsDB, run_id: str, image_id: int) -> list[ExtraView]:
+    """The extra views of an image by name; none where the database predates the table."""
+    if "extra_views" not in relations(db):
+        return []
+    return [
+        ExtraView(name, kind, int(width), int(height), int(grid_rows), int(grid_cols))
+        for name, kind, width, height, grid_rows, grid_cols in db.sql(
+            "SELECT name, kind, view_width, view_height, grid_rows, grid_cols FROM extra_views "
+            "WHERE run_id = ? AND image_id = ? ORDER BY name",
+            (run_id, image_id),
+        )
+    ]
+
+
+def extra_view_png(db: ResultsDB, run_id: str, image_id: int, name: str) -> bytes:
+    (png,) = db.sql("SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?",
+                    (run_id, image_id, name))[0]
+    return bytes(png)
+
+
+# -- completely written images and their lens rows ---------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageMarker:
+    """An image's `run_images` row: what the writer said it wrote."""
+
+    n_positions: int
+    n_layers: int | None
+    grid_rows: int | None
+    grid_cols: int | None
+
+
+def image_marker(db: ResultsDB, run_id: str, image_id: int) -> ImageMarker | None:
+    rows = db.sql("SELECT n_positions, n_layers, grid_rows, grid_cols FROM run_images "
+                  "WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    return ImageMarker(*rows[0]) if rows else None
+
+
+def image_grids(db: ResultsDB, run_id: str) -> dict[int, tuple[int | None, int | None]]:
+    """(grid_rows, grid_cols) of every image of a run with a completion marker."""
+    return {int(image_id): (rows, cols) for image_id, rows, cols in
+            db.sql("SELECT image_id, grid_rows, grid_cols FROM run_images WHERE run_id = ?", [run_id])}
+
+
+@dataclass(frozen=True)
+class LensImage:
+    """A completely written, not skipped image of a run of one experiment."""
+
+    run_id: str
+    image_id: int
+    file_name: str
+    width: int | None
+    height: int | None
+    has_view: bool
+    view_width: int | None
+    view_height: int | None
+
+
+def written_images(db: ResultsDB, experiment: str) -> list[LensImage]:
+    """Every completely written (run, image) of the experiment's runs, by run start then id."""
+    rows = db.sql(
+        """
+        SELECT ri.run_id, ri.image_id, i.file_name, i.width, i.height,
+               v.image_id IS NOT NULL AS has_view, v.view_width, v.view_height
+        FROM run_images ri
+        JOIN runs r USING (run_id)
+        LEFT JOIN images i USING (image_id)
+        LEFT JOIN image_views v ON v.run_id = ri.run_id AND v.image_id = ri.image_id
+        WHERE r.experiment = ?
+          -- A skipped image carries its marker (so a rerun does not retry it) but no rows.
+          AND NOT EXISTS (
+              SELECT 1 FROM skipped s WHERE s.run_id = ri.run_id AND s.image_id = ri.image_id
+          )
+        ORDER BY r.started_at, ri.run_id, ri.image_id
+        """,
+        [experiment],
+    )
+    return [
+        LensImage(run_id, int(image_id), file_name or "", width, height, bool(has_view), view_width, view_height)
+        for run_id, image_id, file_name, width, height, has_view, view_width, view_height in rows
+    ]
+
+
+@dataclass(frozen=True)
+class Position:
+    """One row of `positions` (an LM input position)."""
+
+    position: int
+    kind: str
+    patch_row: int | None
+    patch_col: int | None
+    label: str
+
+
+def positions(db: ResultsDB, run_id: str, image_id: int) -> list[Position]:
+    """Every position of an image, in LM input order."""
+    return [Position(*row) for row in db.sql(
+        "SELECT position, kind, patch_row, patch_col, label FROM positions "
+        "WHERE run_id = ? AND image_id = ? ORDER BY position",
+        (run_id, image_id),
+    )]
+
+
+def positions_by_image(db: ResultsDB, run_id: str, *, kind: str | None = None,
+                       images_of: str | None = None) -> dict[int, dict[int, Position]]:
+    """Per image, its positions by number; `kind` keeps one kind, `images_of` ('ablations'
+    or 'blocking') keeps the images with rows in that table."""
+    query = "SELECT image_id, position, kind, patch_row, patch_col, label FROM positions WHERE run_id = ?"
+    params: list[Any] = [run_id]
+    if kind is not None:
+        query += " AND kind = ?"
+        params.append(kind)
+    if images_of is not None:
+        if images_of not in ("ablations", "blocking"):
+            raise ValueError(f"unknown results table {images_of!r}")
+        query += f" AND image_id IN (SELECT image_id FROM {images_of} WHERE run_id = ?)"
+        params.append(run_id)
+    out: dict[int, dict[int, Position]] = {}
+    for image_id, *row in db.sql(query, params):
+        out.setdefault(int(image_id), {})[int(row[0])] = Position(*row)
+    return out
+
+
+def lens_rows(db: ResultsDB, run_id: str, image_id: int) -> pa.Table:
+    """The image's logit-lens rows (layer, position, rank, token, prob) as Arrow, unordered."""
+    return db.duck.sql(
+        "SELECT layer, position, rank, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",
+        params=[run_id, image_id],
+    ).to_arrow_table()
+
+
+def max_rank(db: ResultsDB, run_id: str) -> int:
+    """The deepest rank stored for a run (0 without lens rows)."""
+    return int(db.sql("SELECT coalesce(max(rank), 0) FROM logit_lens WHERE run_id = ?", (run_id,))[0][0])
+
+
+def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) -> list[tuple[int, str, int, int, int]]:
+    """(image_id, category, layer, top-1 hits, top-k hits) over the given object positions.
+
+    `object_positions` has columns image_id, category, position: the positions of each
+    (image, category) to count. The hit rule is db.views.OBJECT_HITS_SELECT (also the view
+    `lens_object_hits`), run here so databases created before the view work too.
+    """
+    duck = db.duck.cursor()
+    try:
+        duck.register("_object_positions", object_positions)
+        duck.execute(
+            f"""
+            WITH hits AS ({OBJECT_HITS_SELECT})
+            SELECT h.image_id, h.category, h.layer,
+                   count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
+            FROM hits h
+            JOIN _object_positions o
+              ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+            WHERE h.run_id = ?
+            GROUP BY ALL
+            """,
+            [run_id],
+        )
+        return [(int(i), c, int(layer), int(n1), int(nk)) for i, c, layer, n1, nk in duck.fetchall()]
+    finally:
+        duck.close()
+
+
+# -- token ablation ----------------------------------------------------------------------
+
+
+def ablation_summary(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """The `ablation_summary` view's rows of a run (unordered)."""
+    return _records(db, "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
+                        "FROM ablation_summary WHERE run_id = ?", [run_id])
+
+
+def ablation_rows(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """Every `ablations` row of a run with the image's file name, by image."""
+    return _records(
+        db,
+        "SELECT a.image_id, i.file_name, a.category, a.setting, a.condition, a.positions, a.n_ablated, a.correct, "
+        "a.answer, a.question, a.predicted_token, a.predicted_prob, a.target_token, a.target_prob, a.seed "
+        "FROM ablations a JOIN images i USING (image_id) WHERE a.run_id = ? ORDER BY a.image_id",
+        [run_id],
+    )
+
+
+def ablation_baseline(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """Per setting, the images with a 'none' row (n_images) and how many it got right (n_correct)."""
+    return _records(db, "SELECT setting, count(*) AS n_images, count(*) FILTER (WHERE correct) AS n_correct "
+                        "FROM ablations WHERE run_id = ? AND condition = 'none' GROUP BY setting", [run_id])
+
+
+# -- attention blocking ------------------------------------------------------------------
+
+
+def blocking_curves(db: ResultsDB, run_id: str, window_kind: str) -> list[dict[str, Any]]:
+    """The `blocking_curves` view's rows of one window kind ('sliding', 'preset', 'baseline'),
+    by target, source, layer_start, layer_end."""
+    return _records(
+        db,
+        "SELECT target, source, preset, layer_start, layer_end, n, accuracy, mean_target_prob, relative_accuracy "
+        "FROM blocking_curves WHERE run_id = ? AND window_kind = ? ORDER BY target, source, layer_start, layer_end",
+        [run_id, window_kind],
+    )
+
+
+def blocking_image_summary(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """Per image with a marker: category, question, baseline prediction, share of blocking
+    conditions still correct, and why it was skipped (if it was)."""
+    return _records(
+        db,
+        """
+        SELECT ri.image_id, i.file_name,
+               max(b.category) AS category,
+               max(b.question) AS question,
+               bool_or(b.correct) FILTER (WHERE b.window_kind = 'baseline') AS baseline_correct,
+               max(b.predicted_token) FILTER (WHERE b.window_kind = 'baseline') AS baseline_token,
+               max(b.target_prob) FILTER (WHERE b.window_kind = 'baseline') AS baseline_target_prob,
+               count(b.image_id) FILTER (WHERE b.window_kind <> 'baseline') AS n_conditions,
+               avg(b.correct::DOUBLE) FILTER (WHERE b.window_kind <> 'baseline') AS share_correct,
+               (SELECT string_agg(s.reason, ',') FROM skipped s
+                 WHERE s.run_id = ri.run_id AND s.image_id = ri.image_id) AS skipped_reason
+        FROM run_images ri
+        LEFT JOIN images i USING (image_id)
+        LEFT JOIN blocking b ON b.run_id = ri.run_id AND b.image_id = ri.image_id
+        WHERE ri.run_id = ?
+        GROUP BY ri.run_id, ri.image_id, i.file_name
+        ORDER BY ri.image_id
+        """,
+        [run_id],
+    )
+
+
+def blocking_rows(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
+    """Every `blocking` row of a run with the image's file name, by image."""
+    return _records(
+        db,
+        "SELECT b.image_id, i.file_name, b.category, b.question, b.source, b.target, b.layer_start, b.layer_end, "
+        "b.window_kind, b.preset, b.correct, b.predicted_token, b.predicted_prob, b.target_token, b.target_prob, "
+        "b.source_positions, b.target_positions "
+        "FROM blocking b LEFT JOIN images i USING (image_id) WHERE b.run_id = ? ORDER BY b.image_id",
+        [run_id],
+    )
+
+
+# -- tables and exports ------------------------------------------------------------------
+
+
+def relations(db: ResultsDB) -> set[str]:
+    """Names of the tables and views of the database."""
+    return {name for (name,) in db.sql(
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()"
+    )}
+
+
+def table_columns(db: ResultsDB) -> dict[str, set[str]]:
+    """The columns of every table and view."""
+    columns: dict[str, set[str]] = {}
+    for table, column in db.sql(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'main' AND table_catalog = current_database()"
+    ):
+        columns.setdefault(table, set()).add(column)
+    return columns
+
+
+def _table_name(table: str, db: ResultsDB) -> str:
+    # Table names are spliced into SQL: accept only the database's own.
+    if table not in relations(db):
+        raise ValueError(f"no table {table!r}")
+    return f'"{table}"'
+
+
+def count_rows(db: ResultsDB, table: str, run_id: str | None = None) -> int:
+    """Rows of a table (of one run)."""
+    name = _table_name(table, db)
+    if run_id is None:
+        return int(db.sql(f"SELECT count(*) FROM {name}")[0][0])
+    return int(db.sql(f"SELECT count(*) FROM {name} WHERE run_id = ?", (run_id,))[0][0])
+
+
+def export_csv(db: ResultsDB, table: str, path: Path, *, run_id: str | None = None,
+               exclude: tuple[str, ...] = ()) -> None:
+    """Write a table (one run's rows, without the `exclude` columns) as gzipped CSV with a header."""
+    select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
+    query = f"SELECT {select} FROM {_table_name(table, db)}"
+    if run_id is not None:
+        query += f" WHERE run_id = {_sql_literal(run_id)}"
+    db.duck.execute(f"COPY ({query}) TO {_sql_literal(str(path))} (HEADER, DELIMITER ',', COMPRESSION gzip)")
+
+
+def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
+    """Copy the whole database into a new file written with the given storage version."""
+    alias = "llava_interp_site_copy"
+    source = db.sql("SELECT current_database()")[0][0]
+    db.duck.execute(
+        f"ATTACH {_sql_literal(str(path))} AS {alias} "
+        f"(STORAGE_VERSION {_sql_literal(storage_version)}, READ_ONLY false)"
+    )
+    try:
+        db.duck.execute(f'COPY FROM DATABASE "{source}" TO {alias}')
+    finally:
+        db.duck.execute(f"DETACH {alias}")

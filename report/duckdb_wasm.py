@@ -1,0 +1,111 @@
+"""The DuckDB-WASM files the SQL console page (report/pages/sql.py) runs on.
+
+Nothing comes from a CDN: the build copies a prepared DuckDB-WASM into
+`vendor/duckdb-wasm/` when it finds one (see `find_duckdb_wasm`), and only sql.html loads
+it, only when opened. A prepared folder is what `scripts/fetch-duckdb-wasm.sh` writes
+(default `.cache/duckdb-wasm/vendor`, git-ignored): the single-threaded "eh" build
+(`duckdb-browser-eh.worker.js`, `duckdb-eh.wasm`, no COOP/COEP headers needed), the
+package's ESM entry bundled with apache-arrow (`duckdb-browser.bundle.mjs`), licences and
+`VERSION.json` (pinned versions, sha256 of each file; checked here before copying).
+
+Without one, or without the database copy (`--no-downloads`), sql.html is still written
+and says how to enable the console; the build never fails for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from report import urls
+from report.site import Writer, sha256_file
+
+DUCKDB_WASM_VERSION = "1.32.0"  # keep equal to scripts/fetch-duckdb-wasm.sh
+ENV_VAR = "LLAVA_INTERP_DUCKDB_WASM"
+VENDOR_DIR = urls.DUCKDB_WASM_DIR
+MODULE_FILE = "duckdb-browser.bundle.mjs"
+WORKER_FILE = "duckdb-browser-eh.worker.js"
+WASM_FILE = "duckdb-eh.wasm"
+REQUIRED_FILES = (MODULE_FILE, WORKER_FILE, WASM_FILE)
+MANIFEST = "VERSION.json"
+FETCH_SCRIPT = "scripts/fetch-duckdb-wasm.sh"
+DEFAULT_CACHE = Path(".cache") / "duckdb-wasm" / "vendor"
+
+# The repository this module sits in (an editable install or a checkout).
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class WasmFiles:
+    """Where the prepared DuckDB-WASM files are, or why none were found."""
+
+    path: Path | None
+    version: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return self.path is not None
+
+
+def _check_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) when `folder` holds a usable prepared DuckDB-WASM, else (None, why)."""
+    if not folder.is_dir():
+        return None, f"{folder} is not a folder"
+    missing = [name for name in (*REQUIRED_FILES, MANIFEST) if not (folder / name).is_file()]
+    if missing:
+        return None, f"{folder} lacks {', '.join(missing)} (prepare it with {FETCH_SCRIPT})"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        expected = {name: manifest["files"][name] for name in REQUIRED_FILES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, f"{folder / MANIFEST} is not a manifest written by {FETCH_SCRIPT}"
+    for name, info in expected.items():
+        path = folder / name
+        if path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+            return None, f"{path} does not match its sha256 in {MANIFEST} (rerun {FETCH_SCRIPT})"
+    return manifest, None
+
+
+def find_duckdb_wasm(environ: Mapping[str, str] | None = None) -> WasmFiles:
+    """The prepared DuckDB-WASM folder: ${LLAVA_INTERP_DUCKDB_WASM} when set (a prepared
+    folder, or the DEST given to the fetch script), else `.cache/duckdb-wasm/vendor` in the
+    current folder or in this repository. Unusable folders are reported in `problems`."""
+    environ = os.environ if environ is None else environ
+    configured = environ.get(ENV_VAR, "").strip()
+    if configured:
+        base = Path(configured)
+        candidates = [base / "vendor" if (base / "vendor" / MANIFEST).is_file() else base]
+    else:
+        candidates = [Path.cwd() / DEFAULT_CACHE, _REPO / DEFAULT_CACHE]
+    problems: list[str] = []
+    seen: set[Path] = set()
+    for candidate in candidates:
+        resolved = candidate.resolve()
+        if resolved in seen or (not configured and not candidate.exists()):
+            continue
+        seen.add(resolved)
+        manifest, problem = _check_folder(candidate)
+        if manifest is not None:
+            return WasmFiles(candidate, str(manifest.get("@duckdb/duckdb-wasm", "")), manifest)
+        problems.append(f"{ENV_VAR}: {problem}" if configured else str(problem))
+    return WasmFiles(None, problems=problems)
+
+
+def copy_duckdb_wasm(wasm: WasmFiles, writer: Writer) -> int:
+    """Copy the prepared files (and their licences) into the site's vendor folder; returns bytes."""
+    assert wasm.path is not None
+    vendor_bytes = 0
+    for item in sorted(wasm.path.iterdir()):
+        if item.is_file() and (item.name in REQUIRED_FILES or item.name == MANIFEST
+                               or item.name.startswith(("LICENSE", "NOTICE"))):
+            relative = f"{VENDOR_DIR}/{item.name}"
+            shutil.copyfile(item, writer.path(relative))  # 34 MB: copied, never read into memory
+            vendor_bytes += writer.account(relative)
+    return vendor_bytes

@@ -1,0 +1,131 @@
+"""The lens data codec: one lens page's data file, and the packing of its cells.
+
+Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/2")
+-----------------------------------------------------------------------------------
+The file is exactly ``window.LENS_DATA = <json>;`` (a classic script, because browsers
+block fetch() on file://). The JSON object holds:
+
+- ``run_id``, ``image_id``, ``n_layers`` (layer 0 = embeddings), ``top_k``,
+  ``grid_rows``, ``grid_cols``, ``n_cells`` (= n_layers * n_positions * top_k).
+- ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text', or a further
+  image kind such as LLaVA-NeXT's 'image_hr' and 'image_newline'), ``label``,
+  ``patch_row``, ``patch_col`` (null for text), sorted by LM input position. The index
+  into these arrays is the table row ("row" below); the overlay maps patch
+  (patch_row, patch_col) to its row through these arrays, never through row order. For
+  kind 'image' the cell is of the main grid; for another kind, of the extra view of
+  that kind (if any).
+- ``view``: ``{"width", "height"}`` of the model's input view in pixels, or null.
+- ``extra_views``: one entry per further view of the image (table ``extra_views``, e.g.
+  LLaVA-NeXT's high-resolution view; empty for most families): ``name``, ``kind``,
+  ``width``, ``height``, ``grid_rows``, ``grid_cols`` and ``png`` (the image file, relative
+  to the page). Positions of that ``kind`` are its cells, through their
+  (patch_row, patch_col), each cell at most once.
+- ``objects``: one entry per annotated category of the image: ``category``,
+  ``cells`` (flat patch indices ``patch_row * grid_cols + patch_col`` overlapping the
+  category's non-crowd masks, see report/object_cells.py) and ``outlines`` (per
+  annotation: ``annotation_id``, ``polygons`` as flat [u0, v0, u1, v1, ...] lists in view
+  pixels, or ``bbox`` [u, v, w, h] for RLE masks).
+- ``packed``: ``{"encoding": "deflate-raw", "b64", "tokens_bytes", "index_bytes",
+  "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
+  ``DecompressionStream("deflate-raw")``) whose inflated bytes are, in order:
+
+  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the distinct token strings, most
+     frequent first (so frequent tokens get small indices);
+  2. ``n_cells * index_bytes`` bytes: the token index (into that array) of every cell,
+     little-endian unsigned integers of ``index_bytes`` (1, 2 or 4) bytes stored
+     byte-planar (all low bytes, then all next bytes, ...), which deflates better;
+  3. ``n_cells`` bytes: probability codes. Code ``c`` >= 1 means
+     ``p = exp((c - 255) / prob_log_scale)`` (relative error at most
+     ``exp(0.5 / prob_log_scale) - 1``, 2.5 % for the scale 20 used); code 0 means
+     ``p < exp(-254.5 / prob_log_scale)`` (about 3e-6) and decodes to 0.
+
+  Cell (layer l, row r, rank k >= 1) is at ``(l * n_positions + r) * top_k + (k - 1)``.
+  The build refuses images with missing cells, so every cell is present.
+
+The JSON is escaped so no string can end the script or the line: ``<``, ``>``, ``&``,
+U+2028 and U+2029 are written as \\uXXXX escapes.
+
+The browser side of this format is templates/static/lens-data.js.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+import numpy as np
+
+from report.site import script_json
+
+DATA_FORMAT = "llava-interp-lens/2"
+# Probability code c >= 1 <-> p = exp((c - 255) / PROB_LOG_SCALE); 0 <-> below the floor.
+PROB_LOG_SCALE = 20.0
+
+
+def encode_probs(prob: np.ndarray) -> np.ndarray:
+    """Log-quantised uint8 probability codes (see the module docstring)."""
+    prob = np.clip(np.nan_to_num(np.asarray(prob, dtype=np.float64)), 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        codes = np.rint(255.0 + PROB_LOG_SCALE * np.log(prob))
+    return np.clip(np.nan_to_num(codes, neginf=0.0), 0, 255).astype(np.uint8)
+
+
+def decode_probs(codes: np.ndarray) -> np.ndarray:
+    codes = np.asarray(codes, dtype=np.float64)
+    return np.where(codes > 0, np.exp((codes - 255.0) / PROB_LOG_SCALE), 0.0)
+
+
+def pack_cells(tokens: list[str], token_codes: np.ndarray, prob: np.ndarray, flat: np.ndarray,
+               n_cells: int) -> dict[str, Any]:
+    """The ``packed`` object of a lens data file.
+
+    `tokens` are the distinct token strings, `token_codes` each lens row's index into
+    them, `prob` its probability and `flat` its cell index; every cell must be covered
+    exactly once (the caller checks).
+    """
+    # Frequency order: the most common tokens get the smallest indices (fewer high bytes).
+    counts = np.bincount(token_codes, minlength=len(tokens))
+    order = np.argsort(-counts, kind="stable")
+    new_code = np.empty_like(order)
+    new_code[order] = np.arange(len(order))
+    tokens = [tokens[i] for i in order]
+    index_bytes = 1 if len(tokens) <= 0x100 else 2 if len(tokens) <= 0x10000 else 4
+    token_index = np.zeros(n_cells, dtype=np.uint64)
+    token_index[flat] = new_code[token_codes]
+    codes = np.zeros(n_cells, dtype=np.uint8)
+    codes[flat] = encode_probs(prob)
+    planes = np.frombuffer(token_index.astype(f"<u{index_bytes}").tobytes(), dtype=np.uint8)
+    planes = planes.reshape(n_cells, index_bytes).T.tobytes()
+    tokens_json = json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    packed = compressor.compress(tokens_json + planes + codes.tobytes()) + compressor.flush()
+    return {
+        "encoding": "deflate-raw",
+        "tokens_bytes": len(tokens_json),
+        "index_bytes": index_bytes,
+        "prob_log_scale": PROB_LOG_SCALE,
+        "b64": base64.b64encode(packed).decode("ascii"),
+    }
+
+
+def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(tokens, token index per cell, probability per cell) of a lens data object."""
+    packed = data["packed"]
+    raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
+    n_cells, nb, nt = data["n_cells"], packed["index_bytes"], packed["tokens_bytes"]
+    tokens = json.loads(raw[:nt].decode("utf-8"))
+    planes = np.frombuffer(raw[nt : nt + n_cells * nb], dtype=np.uint8).reshape(nb, n_cells)
+    index = np.zeros(n_cells, dtype=np.int64)
+    for b in range(nb):
+        index |= planes[b].astype(np.int64) << (8 * b)
+    codes = np.frombuffer(raw[nt + n_cells * nb :], dtype=np.uint8)
+    if len(codes) != n_cells:
+        raise ValueError("packed lens data has the wrong length")
+    return tokens, index, decode_probs(codes)
+
+
+def data_script(data: dict[str, Any]) -> str:
+    """The text of a lens data file (see the module docstring)."""
+    return f"window.LENS_DATA = {script_json(data)};\n"

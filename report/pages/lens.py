@@ -1,0 +1,188 @@
+"""The logit-lens pages: per completely written (run, image), `lens/<run>/<image_id>.html`,
+its data file (format: report/lens_codec.py), the view PNG and any extra views' PNGs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from db import queries
+from db.store import ResultsDB
+from report import lens_codec, urls
+from report.catalogue import LensEntry
+from report.object_cells import ObjectCells
+from report.site import ReportError, Site
+
+
+def _checked_positions(positions: list[queries.Position], grid_rows: int, grid_cols: int,
+                       context: str) -> dict[str, list[Any]]:
+    """The data file's `positions` arrays; every image position on its own cell of the grid."""
+    out: dict[str, list[Any]] = {"position": [], "kind": [], "label": [], "patch_row": [], "patch_col": []}
+    seen_patches: set[tuple[int, int]] = set()
+    for p in positions:
+        patch_row, patch_col = p.patch_row, p.patch_col
+        if p.kind == "image":
+            if patch_row is None or patch_col is None:
+                raise ReportError(f"{context}: image position {p.position} has no patch coordinates")
+            if not (0 <= patch_row < grid_rows and 0 <= patch_col < grid_cols):
+                raise ReportError(
+                    f"{context}: position {p.position} patch ({patch_row}, {patch_col}) is outside "
+                    f"the {grid_rows}x{grid_cols} grid"
+                )
+            if (patch_row, patch_col) in seen_patches:
+                raise ReportError(f"{context}: two positions on patch ({patch_row}, {patch_col})")
+            seen_patches.add((patch_row, patch_col))
+        elif p.kind == "text":
+            patch_row = patch_col = None
+        elif not p.kind.startswith("image_"):  # further image kinds (e.g. 'image_hr') keep their cells
+            raise ReportError(f"{context}: position {p.position} has unknown kind {p.kind!r}")
+        out["position"].append(p.position)
+        out["kind"].append(p.kind)
+        out["label"].append(p.label)
+        out["patch_row"].append(patch_row)
+        out["patch_col"].append(patch_col)
+    return out
+
+
+def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str,
+                         positions: dict[str, list[Any]], page: str) -> list[dict[str, Any]]:
+    """The extra views of an image, each checked against the positions of its kind."""
+    out = []
+    for index, view in enumerate(queries.extra_views(db, run_id, image_id)):
+        if view.kind in ("image", "text"):
+            raise ReportError(f"{context}: extra view {view.name!r} claims kind {view.kind!r}")
+        seen: set[tuple[int, int]] = set()
+        for k, position in enumerate(positions["position"]):
+            if positions["kind"][k] != view.kind:
+                continue
+            cell = (positions["patch_row"][k], positions["patch_col"][k])
+            if cell[0] is None or cell[1] is None or not (0 <= cell[0] < view.grid_rows and 0 <= cell[1] < view.grid_cols):
+                raise ReportError(
+                    f"{context}: {view.kind} position {position} cell {cell} is outside the "
+                    f"{view.grid_rows}x{view.grid_cols} grid of view {view.name!r}"
+                )
+            if cell in seen:
+                raise ReportError(f"{context}: two {view.kind} positions on cell {cell} of view {view.name!r}")
+            seen.add(cell)
+        out.append({
+            "name": view.name, "kind": view.kind, "width": view.width, "height": view.height,
+            "grid_rows": view.grid_rows, "grid_cols": view.grid_cols,
+            "png": urls.href(page, urls.lens_extra_png(urls.run_dir_name(run_id), image_id, index)),
+        })
+    return out
+
+
+def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None,
+              top_k: int | None = None) -> dict[str, Any]:
+    """The lens data object of one completely written (run, image), validated.
+
+    `objects` shares the object cells with the rest of the build (default: computed here);
+    `top_k` is the run's configured top-k (default: read from the run). Raises ReportError
+    when the rows cannot be mapped faithfully (patches outside the grid, two positions on
+    one patch, lens rows for unknown positions or layers or ranks beyond top-k, duplicate or
+    missing (layer, position, rank) cells).
+    """
+    marker = queries.image_marker(db, run_id, image_id)
+    if marker is None:
+        raise ReportError(f"run {run_id!r} image {image_id}: not completely written")
+    context = f"run {run_id!r} image {image_id}"
+    grid_rows, grid_cols = marker.grid_rows, marker.grid_cols
+    page = urls.lens_page(urls.run_dir_name(run_id), image_id)
+
+    position_rows = queries.positions(db, run_id, image_id)
+    if len(position_rows) != marker.n_positions:
+        raise ReportError(f"{context}: {len(position_rows)} positions written, run_images says {marker.n_positions}")
+    positions = _checked_positions(position_rows, grid_rows, grid_cols, context)
+    position_numbers = positions["position"]
+
+    lens = queries.lens_rows(db, run_id, image_id)
+    layer = lens.column("layer").to_numpy().astype(np.int64)
+    position = lens.column("position").to_numpy().astype(np.int64)
+    rank = lens.column("rank").to_numpy().astype(np.int64)
+    prob = lens.column("prob").to_numpy().astype(np.float64)
+    encoded = lens.column("token").combine_chunks().dictionary_encode()
+    token_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    tokens: list[str] = encoded.dictionary.to_pylist()
+
+    n_rows = len(position_rows)
+    if len(layer) and (layer.min() < 0 or rank.min() < 1):
+        raise ReportError(f"{context}: lens rows with a negative layer or a rank below 1")
+    n_layers = int(marker.n_layers) if marker.n_layers is not None else int(layer.max(initial=-1)) + 1
+    if len(layer) and layer.max() >= n_layers:
+        raise ReportError(f"{context}: lens rows for layer {int(layer.max())}, run_images says {n_layers} layers")
+    if top_k is None:
+        record = queries.run(db, run_id)
+        top_k = record.top_k if record is not None else None
+    if top_k is None:
+        # Databases written before the run config recorded top_k: the deepest stored rank
+        # is the only record of it.
+        top_k = int(rank.max(initial=0))
+    if len(rank) and rank.max() > top_k:
+        raise ReportError(f"{context}: lens rows for rank {int(rank.max())}, the run's top-k is {top_k}")
+
+    row_of_position = np.full(max(position_numbers, default=-1) + 1, -1, dtype=np.int64)
+    row_of_position[position_numbers] = np.arange(n_rows)
+    known = (position >= 0) & (position < len(row_of_position))
+    row = np.full(len(position), -1, dtype=np.int64)
+    row[known] = row_of_position[position[known]]
+    if (row < 0).any():
+        unknown = int(position[row < 0][0])
+        raise ReportError(f"{context}: lens rows for position {unknown}, which is not in positions")
+
+    flat = (layer * n_rows + row) * top_k + (rank - 1)
+    if len(np.unique(flat)) != len(flat):
+        raise ReportError(f"{context}: duplicate lens rows for one (layer, position, rank)")
+    n_cells = n_layers * n_rows * top_k
+    # A gap would render as an empty cell that reads like data; a complete image has none.
+    if n_cells == 0 or len(flat) != n_cells:
+        raise ReportError(
+            f"{context}: lens rows cover {len(flat)} of {n_layers} layers x {n_rows} positions "
+            f"x top-{top_k} = {n_cells} cells"
+        )
+
+    view = queries.view_size(db, run_id, image_id)
+    objects = ObjectCells.from_db(db) if objects is None else objects
+    return {
+        "format": lens_codec.DATA_FORMAT,
+        "run_id": run_id,
+        "image_id": image_id,
+        "n_layers": n_layers,
+        "top_k": top_k,
+        "grid_rows": grid_rows,
+        "grid_cols": grid_cols,
+        "n_cells": n_cells,
+        "positions": positions,
+        "view": {"width": view[0], "height": view[1]} if view else None,
+        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
+        "objects": objects.page_objects(run_id, image_id, grid_rows, grid_cols),
+        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells),
+    }
+
+
+def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: ObjectCells) -> dict[str, Any]:
+    """Write one lens page with its data file and PNGs; returns its data object."""
+    run = entry.run
+    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k)
+    if entry.has_view:
+        site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
+    for index, view in enumerate(data["extra_views"]):
+        site.writer.write(urls.lens_extra_png(run.dir_name, entry.image_id, index),
+                          queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]))
+    data_path = urls.lens_data(run.dir_name, entry.image_id)
+    site.writer.write(data_path, lens_codec.data_script(data))
+    site.render(
+        "lens.html.j2", entry.page,
+        entry=entry,
+        run=run,
+        runs_here=[run],
+        data_path=data_path,
+        n_layers=data["n_layers"],
+        n_positions=len(data["positions"]["position"]),
+        grid=(data["grid_rows"], data["grid_cols"]),
+        extra_views=data["extra_views"],
+        top_k=data["top_k"],
+        has_objects=bool(data["objects"]),
+    )
+    return data

@@ -1,0 +1,150 @@
+"""The quantitative logit lens page (`quantitative.html`; Neo et al., §4.1).
+
+For every lens run and every annotated image, the *object-patch positions* of a category
+are the image positions whose patch cell overlaps that category's (non-crowd) annotation
+masks in the model's view (report/object_cells.py). Per layer we report the share of
+those positions whose top-1 (and top-k) lens token names the category (rule:
+`db.views.OBJECT_HITS_SELECT`), pooled over all (image, category, position) triples of the
+run, and the peak layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from db import queries
+from db.store import ResultsDB
+from report import charts, urls
+from report.catalogue import LENS_EXPERIMENT, LensEntry, RunInfo
+from report.object_cells import ObjectCells
+from report.site import Site
+
+
+@dataclass
+class RunQuant:
+    run_id: str
+    model_id: str
+    n_layers: int
+    top_k: int
+    n_images: int = 0
+    n_objects: int = 0  # (image, category) pairs with at least one object cell
+    n_positions: int = 0  # object-patch positions, pooled
+    top1: list[float] = field(default_factory=list)  # share per layer
+    topk: list[float] = field(default_factory=list)
+    peak_top1: int | None = None
+    peak_topk: int | None = None
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+
+
+def quantitative_lens(db: ResultsDB, run_id: str, model_id: str, entries: list[tuple[int, int, int, int]], *,
+                      objects: ObjectCells | None = None, top_k: int | None = None) -> RunQuant | None:
+    """Per-layer shares for one lens run; `entries` are (image_id, n_layers, grid_rows, grid_cols)
+    of its completely written images. None when no image has annotated object cells.
+
+    `objects` shares the object cells with the lens pages (default: computed here);
+    `top_k` is the run's configured top-k (default: read from the run).
+    """
+    objects = ObjectCells.from_db(db) if objects is None else objects
+    if top_k is None:
+        record = queries.run(db, run_id)
+        top_k = record.top_k if record is not None else None
+    if top_k is None:
+        # Databases written before the run config recorded top_k: the deepest stored rank
+        # is the only record of it.
+        top_k = queries.max_rank(db, run_id)
+    object_rows: dict[str, list] = {"image_id": [], "category": [], "position": []}
+    totals: dict[tuple[int, str], int] = {}
+    n_layers = 0
+    image_positions: dict[int, dict[int, queries.Position]] | None = None
+    for image_id, layers, grid_rows, grid_cols in entries:
+        if not objects.annotated(run_id, image_id):
+            continue
+        n_layers = max(n_layers, int(layers or 0))
+        by_category = objects.cells(run_id, image_id, grid_rows, grid_cols)
+        if not by_category:
+            continue
+        if image_positions is None:  # one query per run, only for runs with objects
+            image_positions = queries.positions_by_image(db, run_id, kind="image")
+        patch_position = {(p.patch_row, p.patch_col): number for number, p in image_positions.get(image_id, {}).items()}
+        for category, cells in by_category.items():
+            rows, cols = np.nonzero(cells)
+            positions = [patch_position[(int(r), int(c))] for r, c in zip(rows, cols) if (int(r), int(c)) in patch_position]
+            if not positions:
+                continue
+            totals[(image_id, category)] = len(positions)
+            object_rows["image_id"] += [image_id] * len(positions)
+            object_rows["category"] += [category] * len(positions)
+            object_rows["position"] += positions
+    if not totals or n_layers == 0:
+        return None
+
+    table = pa.table(
+        {
+            "image_id": pa.array(object_rows["image_id"], pa.int64()),
+            "category": pa.array(object_rows["category"], pa.string()),
+            "position": pa.array(object_rows["position"], pa.int32()),
+        }
+    )
+    hits = queries.object_hit_counts(db, run_id, table)
+
+    top1 = np.zeros((len(totals), n_layers))
+    topk = np.zeros((len(totals), n_layers))
+    keys = sorted(totals)
+    index = {key: i for i, key in enumerate(keys)}
+    for image_id, category, layer, n1, nk in hits:
+        i = index[(image_id, category)]
+        top1[i, layer] = n1
+        topk[i, layer] = nk
+    counts = np.array([totals[key] for key in keys], dtype=np.float64)
+    result = RunQuant(run_id=run_id, model_id=model_id, n_layers=n_layers, top_k=top_k)
+    result.n_images = len({image_id for image_id, _ in keys})
+    result.n_objects = len(keys)
+    result.n_positions = int(counts.sum())
+    result.top1 = (top1.sum(axis=0) / counts.sum()).tolist()
+    result.topk = (topk.sum(axis=0) / counts.sum()).tolist()
+    result.peak_top1 = int(np.argmax(result.top1)) if max(result.top1) > 0 else None
+    result.peak_topk = int(np.argmax(result.topk)) if max(result.topk) > 0 else None
+    for i, (image_id, category) in enumerate(keys):
+        shares1 = top1[i] / counts[i]
+        sharesk = topk[i] / counts[i]
+        result.per_image.append(
+            {
+                "image_id": image_id,
+                "category": category,
+                "object_positions": int(counts[i]),
+                "best_top1": float(shares1.max()),
+                "peak_layer_top1": int(np.argmax(shares1)) if shares1.max() > 0 else None,
+                "best_topk": float(sharesk.max()),
+                "peak_layer_topk": int(np.argmax(sharesk)) if sharesk.max() > 0 else None,
+            }
+        )
+    return result
+
+
+def write_quantitative_page(db: ResultsDB, site: Site, runs: list[RunInfo], entries: list[LensEntry],
+                            lens_shapes: dict[tuple[str, int], tuple[int, int, int]],
+                            objects: ObjectCells) -> list[dict[str, Any]]:
+    """Write quantitative.html; `lens_shapes` maps each written (run, image) to its
+    (n_layers, grid_rows, grid_cols). Returns one entry per run with object cells."""
+    quant_runs = []
+    for run in runs:
+        run_entries = [e for e in entries if e.run.run_id == run.run_id]
+        if run.experiment != LENS_EXPERIMENT or not run_entries:
+            continue
+        shapes = [(e.image_id, *lens_shapes[(run.run_id, e.image_id)]) for e in run_entries]
+        result = quantitative_lens(db, run.run_id, run.model_id, shapes, objects=objects, top_k=run.top_k)
+        if result is None:
+            continue
+        chart = charts.layer_share_chart(
+            [("top-1", result.top1, "series-top1"), (f"top-{result.top_k}", result.topk, "series-topk")],
+            result.n_layers,
+        )
+        pages = {e.image_id: e.page for e in run_entries}
+        quant_runs.append({"run": run, "result": result, "chart": chart, "pages": pages})
+    site.render("quantitative.html.j2", urls.QUANTITATIVE, quant_runs=quant_runs,
+                runs_here=[q["run"] for q in quant_runs])
+    return quant_runs

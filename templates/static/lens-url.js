@@ -1,0 +1,39 @@
+// Logit-lens page, the view as a URL fragment:
+// #layer=L&patch=r,c|pos=N&q=..&exact=1&topk=1&map=1&outlines=0
+// `write` turns a view state into the fragment, `read` a fragment into a view state:
+// {layer, patch: [r, c] or null, pos: N or null, q: string or null, exact, topk, map,
+// outlines}. Part of window.LlavaLens (see lens-data.js).
+(function (global) {
+  "use strict";
+  var ns = global.LlavaLens = global.LlavaLens || {};
+
+  function write(state) {
+    var params = new URLSearchParams();
+    params.set("layer", String(state.layer));
+    if (state.patch) params.set("patch", state.patch[0] + "," + state.patch[1]);
+    else if (state.pos !== null) params.set("pos", String(state.pos));
+    if (state.q) params.set("q", state.q);
+    if (state.exact) params.set("exact", "1");
+    if (state.topk) params.set("topk", "1");
+    if (state.map) params.set("map", "1");
+    if (!state.outlines) params.set("outlines", "0");
+    return "#" + params.toString();
+  }
+
+  function read(hash) {
+    var params = new URLSearchParams(hash.replace(/^#/, ""));
+    var layer = parseInt(params.get("layer"), 10);
+    return {
+      layer: isNaN(layer) ? null : layer,
+      patch: params.has("patch") ? params.get("patch").split(",").map(Number) : null,
+      pos: !params.has("patch") && params.has("pos") ? Number(params.get("pos")) : null,
+      q: params.has("q") ? params.get("q") : null,
+      exact: params.get("exact") === "1",
+      topk: params.get("topk") === "1",
+      map: params.get("map") === "1",
+      outlines: params.get("outlines") !== "0",
+    };
+  }
+
+  ns.lensUrl = { write: write, read: read };
+})(typeof window !== "undefined" ? window : globalThis);
