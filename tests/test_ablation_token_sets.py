@@ -39,7 +39,7 @@ def test_object_sets_on_the_real_coco_sample(loaded_models):
     geometry = view_geometry_from_processor(processor, 640, 480)
     assert (geometry.scale_x, geometry.offset_x, geometry.offset_y) == (0.7, 56.0, 0.0)
     inputs = loaded.adapter.build_inputs(image, "Describe this image.")
-    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0])
+    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs)
     cells = object_cells(_remote_annotation()["segmentation"], processor, 640, 480, 24, 24)
 
     # By hand: bbox x 332.89..371.54 -> view 177.0..204.1 -> cols 12..14 (14 px each);
@@ -120,7 +120,7 @@ def test_integrated_gradients_completeness(loaded_models):
     loaded = loaded_models["llava-1.5"]
     adapter = loaded.adapter
     inputs = adapter.build_inputs(Image.new("RGB", (400, 300), (200, 60, 40)), "Is there a circle in this image?")
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     baseline = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.1
     target = yes_token_id(adapter.tokenizer)
     ig = integrated_gradients(loaded, inputs, layout, baseline, target, steps=64, batch_size=32)

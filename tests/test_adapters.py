@@ -39,7 +39,7 @@ def test_image_positions_are_the_expanded_image_token_span(loaded):
     question = "Is there a cat in this image?"
     inputs = adapter.build_inputs(Image.new("RGB", (640, 480), "gray"), question)
     input_ids = inputs["input_ids"][0]
-    layout = adapter.image_token_layout(input_ids)
+    layout = adapter.image_token_layout(input_ids, inputs)
 
     # Independent derivation: tokenise the unexpanded prompt; the single <image> token's
     # index is where the 576-token run starts, and the text after it follows unchanged.
@@ -78,7 +78,7 @@ def test_patch_grid_is_row_major_over_pixels(loaded, cell):
     that cell to must change at the LM input (hidden state 0)."""
     adapter = loaded.adapter
     inputs = adapter.build_inputs(Image.new("RGB", (336, 336), (90, 140, 60)), "Describe the image.")
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     handles = _identity_vision_layers(adapter.vision_tower)
     try:
         with torch.no_grad():
