@@ -4,7 +4,7 @@ An adapter answers: where are the decoder layers, the final norm, the unembeddin
 the vision parts; how is a prompt built; which LM input positions are image tokens and
 how they map onto the patch grid; which view of the original image its image processor
 makes (`view_geometry`). Nothing outside `collector.adapters` special-cases a model
-family (tests/test_no_family_leaks.py enforces it); docs/adding-a-family.md lists what a
+family (tests/test_adapters.py enforces it); docs/adding-a-family.md lists what a
 new family needs.
 """
 
