@@ -64,7 +64,7 @@ def main() -> None:
         text = vqa_prompt(adapter, "What is the shape?")
         inputs = adapter.build_inputs_for_text(record.load(), text)
         layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
-        cells = object_cells(target.segmentation, adapter.processor.image_processor, record.width, record.height,
+        cells = object_cells(target.segmentation, adapter, record.width, record.height,
                              layout.grid_rows, layout.grid_cols)
         class_token = class_first_token(adapter.tokenizer, text, target.category)
         decoder_inputs, _ = baseline_forward(loaded, inputs, class_token)

@@ -10,7 +10,6 @@ import pyarrow as pa
 import torch
 
 from collector.adapters import ImageTokenLayout, ModelAdapter, NamedView
-from collector.geometry import view_geometry_from_processor
 from collector.images import ImageRecord
 
 
@@ -79,7 +78,7 @@ def image_view_table(
     pixel_values: (3, H, W) as given to the model.
     """
     view = adapter.view_image(pixel_values)
-    geometry = view_geometry_from_processor(adapter.processor.image_processor, record.width, record.height)
+    geometry = adapter.view_geometry(record.width, record.height)
     if (geometry.view_width, geometry.view_height) != view.size:
         raise RuntimeError(
             f"processor geometry predicts a {geometry.view_width}x{geometry.view_height} view "

@@ -6,20 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from collector.adapters import ImageTokenLayout
-from collector.geometry import view_geometry_from_processor
+from collector.adapters import ImageTokenLayout, ModelAdapter
 from db.geometry import cell_positions, cells_overlapping, dilate_cells, object_mask_in_view
 
 
 def object_cells(
-    segmentation: Any, image_processor: Any, width: int, height: int, grid_rows: int, grid_cols: int
+    segmentation: Any, adapter: ModelAdapter, width: int, height: int, grid_rows: int, grid_cols: int
 ) -> np.ndarray:
     """Grid cells (grid_rows, grid_cols) bool overlapping the object in the model's view.
 
-    The mask is rasterised on the full original image and mapped through the
-    processor's real resize/crop/pad geometry; empty when the crop cut the object away.
+    The mask is rasterised on the full ``width`` x ``height`` original image and mapped
+    through the adapter's view geometry (its processor's real resize/crop/pad); empty when
+    the crop cut the object away.
     """
-    geometry = view_geometry_from_processor(image_processor, width, height)
+    geometry = adapter.view_geometry(width, height)
     return cells_overlapping(object_mask_in_view(segmentation, geometry), grid_rows, grid_cols)
 
 

@@ -73,13 +73,13 @@ def demo_images(tmp_path_factory):
 
 
 REAL_QWEN25 = SHARED_DATA / "real_configs" / "Qwen__Qwen2.5-VL-3B-Instruct"
-# The families beyond LLaVA (collector/tiny_families.py), each with a fixed seed.
+# The families beyond LLaVA (tests/support/tiny_families.py), each with a fixed seed.
 OTHER_FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3", "paligemma")
 
 
 def build_family_checkpoint(name: str, folder: Path) -> Path:
     """A tiny checkpoint of one of OTHER_FAMILIES, saved with save_pretrained into `folder`."""
-    from collector import tiny_families as tf
+    from tests.support import tiny_families as tf
 
     if name == "qwen2.5-vl":
         return tf.build_tiny_qwen2_5_vl(require_shared(REAL_QWEN25), folder, seed=3)
@@ -104,5 +104,24 @@ def family_checkpoint(tmp_path_factory):
         if name not in paths:
             paths[name] = build_family_checkpoint(name, root / name)
         return paths[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_model(family_checkpoint):
+    """family_model(name, attn_implementation=None) -> (name, checkpoint folder, LoadedModel
+    through load_model), loaded once per session for each (name, implementation)."""
+    from collector.loading import load_model
+
+    models: dict[tuple[str, str | None], object] = {}
+
+    def get(name: str, attn_implementation: str | None = None):
+        key = (name, attn_implementation)
+        if key not in models:
+            models[key] = load_model(
+                str(family_checkpoint(name)), device="cpu", dtype="float32", attn_implementation=attn_implementation
+            )
+        return name, family_checkpoint(name), models[key]
 
     return get

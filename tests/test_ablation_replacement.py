@@ -103,7 +103,7 @@ IMAGES = (Image.new("RGB", (500, 375), (120, 30, 200)), Image.new("RGB", (320, 4
 def test_ablating_every_image_token_removes_the_image(loaded):
     adapter = loaded.adapter
     inputs = _batch(loaded, IMAGES)
-    image_positions = adapter.image_token_layout(inputs["input_ids"][0]).positions.tolist()
+    image_positions = adapter.image_token_layout(inputs["input_ids"][0], inputs).positions.tolist()
     vector = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plain = loaded.model(**inputs, use_cache=False).logits
@@ -128,7 +128,7 @@ def test_ablating_nothing_is_the_plain_forward(loaded):
 def test_ablated_positions_hold_the_vector_and_others_are_unchanged(loaded):
     adapter = loaded.adapter
     inputs = _batch(loaded, IMAGES)
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     rows = [layout.positions[[0, 5, 300]].tolist(), layout.positions[[7]].tolist() + [1]]  # a text position too
     vector = torch.arange(adapter.hidden_size, dtype=torch.float32) / 10
     with torch.no_grad():

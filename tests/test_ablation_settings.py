@@ -105,7 +105,7 @@ def test_says_yes(answer, expected):
 
 
 def _conditions(loaded, inputs, cells_row=5):
-    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0])
+    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs)
     positions = layout.positions.tolist()
     import numpy as np
 

@@ -21,7 +21,6 @@ from collector.ablation.token_sets import (
     top_k_token_indices,
     yes_token_id,
 )
-from collector.geometry import view_geometry_from_processor
 from collector.targets import object_cells, object_positions
 from tests.conftest import COCO_SAMPLE, REAL_LLAVA15, require_shared
 
@@ -35,12 +34,11 @@ def _remote_annotation():
 def test_object_sets_on_the_real_coco_sample(loaded_models):
     loaded = loaded_models["llava-1.5"]
     image = Image.open(require_shared(COCO_SAMPLE / "images" / "000000039769.png")).convert("RGB")
-    processor = loaded.adapter.processor.image_processor
-    geometry = view_geometry_from_processor(processor, 640, 480)
+    geometry = loaded.adapter.view_geometry(640, 480)
     assert (geometry.scale_x, geometry.offset_x, geometry.offset_y) == (0.7, 56.0, 0.0)
     inputs = loaded.adapter.build_inputs(image, "Describe this image.")
-    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0])
-    cells = object_cells(_remote_annotation()["segmentation"], processor, 640, 480, 24, 24)
+    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs)
+    cells = object_cells(_remote_annotation()["segmentation"], loaded.adapter, 640, 480, 24, 24)
 
     # By hand: bbox x 332.89..371.54 -> view 177.0..204.1 -> cols 12..14 (14 px each);
     # y 79.57..185.88 -> view 55.7..130.1 -> rows 3.98.. -> rows 4..9.
@@ -120,7 +118,7 @@ def test_integrated_gradients_completeness(loaded_models):
     loaded = loaded_models["llava-1.5"]
     adapter = loaded.adapter
     inputs = adapter.build_inputs(Image.new("RGB", (400, 300), (200, 60, 40)), "Is there a circle in this image?")
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     baseline = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.1
     target = yes_token_id(adapter.tokenizer)
     ig = integrated_gradients(loaded, inputs, layout, baseline, target, steps=64, batch_size=32)

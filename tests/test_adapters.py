@@ -1,112 +1,18 @@
-"""Adapters: parts found from the model, image-token span and its patch grid."""
+"""Adapters as a boundary: the family lookup, the contract every adapter fulfils, and no
+family knowledge outside `collector/adapters/` (per-family checks: tests/test_family_*.py)."""
 
 from __future__ import annotations
 
+import ast
+import re
 import types
+from pathlib import Path
 
 import pytest
-import torch
-from PIL import Image
 
-from collector.adapters import UNSUPPORTED, UnsupportedModelError, adapter_class_for
-from collector.adapters.llava import Llava15Adapter, LlavaPhiAdapter
+from collector.adapters import ADAPTERS, UNSUPPORTED, UnsupportedModelError, adapter_class_for
 
-
-def test_parts_are_the_models_own_modules(loaded):
-    adapter = loaded.adapter
-    model = loaded.model
-    assert adapter.decoder_layers is model.model.language_model.layers
-    assert adapter.final_norm is model.model.language_model.norm
-    assert adapter.unembedding is model.lm_head
-    assert adapter.vision_tower is model.model.vision_tower
-    assert adapter.projector is model.model.multi_modal_projector
-    assert adapter.n_layers == model.config.text_config.num_hidden_layers
-
-
-def test_family_detection_and_prompt_format(loaded):
-    expected = {"llama": Llava15Adapter, "phi3": LlavaPhiAdapter}[loaded.model.config.text_config.model_type]
-    assert type(loaded.adapter) is expected
-    prompt = loaded.adapter.format_prompt("What is it?")
-    if expected is Llava15Adapter:
-        assert prompt == "USER: <image>\nWhat is it? ASSISTANT:"
-    else:
-        assert prompt == "<|user|>\n<image>What is it?<|end|>\n<|assistant|>\n"
-
-
-def test_image_positions_are_the_expanded_image_token_span(loaded):
-    adapter = loaded.adapter
-    tokenizer = adapter.tokenizer
-    question = "Is there a cat in this image?"
-    inputs = adapter.build_inputs(Image.new("RGB", (640, 480), "gray"), question)
-    input_ids = inputs["input_ids"][0]
-    layout = adapter.image_token_layout(input_ids)
-
-    # Independent derivation: tokenise the unexpanded prompt; the single <image> token's
-    # index is where the 576-token run starts, and the text after it follows unchanged.
-    unexpanded = tokenizer(adapter.format_prompt(question))["input_ids"]
-    start = unexpanded.index(tokenizer.image_token_id)
-    assert unexpanded.count(tokenizer.image_token_id) == 1
-    assert layout.n_tokens == 576 and (layout.grid_rows, layout.grid_cols) == (24, 24)
-    assert layout.positions.tolist() == list(range(start, start + 576))
-    assert input_ids[:start].tolist() == unexpanded[:start]
-    assert input_ids[start + 576 :].tolist() == unexpanded[start + 1 :]
-    assert layout.position_of(0, 0) == start
-    assert layout.position_of(0, 23) == start + 23
-    assert layout.position_of(1, 0) == start + 24
-    assert layout.position_of(23, 23) == start + 575
-    with pytest.raises(IndexError):
-        layout.position_of(24, 0)
-
-
-def _identity_vision_layers(vision_tower: torch.nn.Module) -> list:
-    """Make every CLIP encoder layer return its input, so each output token depends only
-    on its own pixel patch (the patch embedding and projector act per token)."""
-
-    def passthrough(module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-    # prepend: transformers records hidden states with its own forward hooks, installed on
-    # first use; ours must run before them or they record the un-replaced output.
-    layers = vision_tower.encoder.layers
-    return [layer.register_forward_hook(passthrough, with_kwargs=True, prepend=True) for layer in layers]
-
-
-@pytest.mark.parametrize("cell", [(0, 0), (0, 23), (5, 17), (23, 0), (23, 23)])
-def test_patch_grid_is_row_major_over_pixels(loaded, cell):
-    """Perturb the pixels of one 14x14 patch; exactly the LM position the adapter maps
-    that cell to must change at the LM input (hidden state 0)."""
-    adapter = loaded.adapter
-    inputs = adapter.build_inputs(Image.new("RGB", (336, 336), (90, 140, 60)), "Describe the image.")
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
-    handles = _identity_vision_layers(adapter.vision_tower)
-    try:
-        with torch.no_grad():
-            base = loaded.model(**inputs, output_hidden_states=True).hidden_states[0][0]
-            row, col = cell
-            perturbed_pixels = inputs["pixel_values"].clone()
-            perturbed_pixels[0, :, row * 14 : (row + 1) * 14, col * 14 : (col + 1) * 14] += 1.5
-            changed = loaded.model(
-                **{**inputs, "pixel_values": perturbed_pixels}, output_hidden_states=True
-            ).hidden_states[0][0]
-    finally:
-        for handle in handles:
-            handle.remove()
-    moved = ((changed - base).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
-    assert moved == [layout.position_of(row, col)]
-
-
-def test_view_image_inverts_the_processor(loaded):
-    """The site shows the image as the model saw it: de-normalised pixel_values of a
-    square 336 image (no resize or crop) reproduce the original pixels."""
-    adapter = loaded.adapter
-    torch.manual_seed(0)
-    original = Image.fromarray(torch.randint(0, 256, (336, 336, 3), dtype=torch.uint8).numpy())
-    inputs = adapter.build_inputs(original, "x")
-    view = adapter.view_image(inputs["pixel_values"][0])
-    difference = torch.tensor(list(view.getdata())) - torch.tensor(list(original.getdata()))
-    assert view.size == (336, 336)
-    assert difference.abs().max() <= 1
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_unsupported_families_are_named():
@@ -117,3 +23,147 @@ def test_unsupported_families_are_named():
     odd = types.SimpleNamespace(model_type="llava", text_config=types.SimpleNamespace(model_type="gpt2"))
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         adapter_class_for(odd)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS, ids=[a.family for a in ADAPTERS])
+def test_every_adapter_declares_its_image_processors_and_refuses_others(adapter):
+    """`view_geometry` restates specific processors' preprocessing; any other is refused
+    rather than guessed (a subclass or another model's processor may pad or crop differently)."""
+    assert adapter.image_processor_classes and all(isinstance(n, str) for n in adapter.image_processor_classes)
+
+    class NotAProcessor:
+        pass
+
+    with pytest.raises(ValueError, match="unsupported image processor 'NotAProcessor'"):
+        adapter.image_processor_geometry(NotAProcessor(), 640, 480)
+
+
+# -- no family knowledge outside the adapters ---------------------------------------------------
+
+# Names of the families the project supports or refuses, their language models and vision
+# towers, as they appear in transformers class names (LlavaConfig, Qwen2VLImageProcessor,
+# Gemma3ForConditionalGeneration, SiglipVisionConfig, Phi3Config, MistralConfig, MllamaConfig),
+# model types ("llava_next", "qwen2_5_vl", "paligemma"), family ids ("llava-1.5") and hub ids.
+# Matched case-insensitively as substrings, except:
+# - "llava" followed by "-interp" / "_interp": the project's own name (llava-interp,
+#   LLAVA_INTERP_DUCKDB_WASM), not a family;
+# - CLIP is matched only as a name (CLIPImageProcessor, _CLIP_LIKE), case-sensitively: the
+#   lowercase word is numpy's and torch's clip.
+FAMILY_WORDS = re.compile(
+    r"llava(?![-_]interp)|qwen|gemma|siglip|phi-?3|mistral|llama|vicuna|idefics|smolvlm|blip",
+    re.IGNORECASE,
+)
+CLIP_NAME = re.compile(r"(?<![A-Za-z])CLIP(?![a-z])")
+SCANNED = ("collector", "db", "report")
+# Files that must name a family, and what they may name:
+ALLOWED: dict[str, set[str] | None] = {
+    # The model adapters: the one place family knowledge belongs.
+    "collector/adapters/": None,
+    # Builds the demo's tiny LLaVA-1.5 / LLaVA-Phi checkpoints from transformers configs
+    # (LlavaConfig, CLIPVisionConfig, LlamaConfig, Phi3Config); it must name them. Test-only
+    # builders of other families live in tests/support/.
+    "collector/tiny.py": None,
+    # The demo runs that tiny LLaVA-1.5 by design; nothing else in it may name a family.
+    "collector/demo.py": {"build_tiny_llava", "tiny-llava-1.5", "llava-1.5"},
+}
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                found.add(id(first.value))
+    return found
+
+
+def _help_texts(tree: ast.AST) -> set[int]:
+    """String constants that are --help text: `help=` arguments and `*_HELP` constants."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            found.update(id(n) for n in ast.walk(node.value))
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_HELP") for t in node.targets):
+            found.update(id(n) for n in ast.walk(node.value))
+    return found
+
+
+def code_words(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every name and string the code uses: identifiers, attributes,
+    definitions, arguments, imports, and string constants other than docstrings and --help
+    text. Prose (comments, docstrings, help) may cite a family as an example; code may not."""
+    tree = ast.parse(source)
+    prose = _docstrings(tree) | _help_texts(tree)
+    words: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Name):
+            words.append((line, node.id))
+        elif isinstance(node, ast.Attribute):
+            words.append((line, node.attr))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            words.append((line, node.name))
+        elif isinstance(node, ast.arg):
+            words.append((line, node.arg))
+        elif isinstance(node, ast.keyword) and node.arg:
+            words.append((node.value.lineno, node.arg))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            words.extend((line, alias.name) for alias in node.names)
+            words.extend((line, alias.asname) for alias in node.names if alias.asname)
+            if isinstance(node, ast.ImportFrom) and node.module:
+                words.append((line, node.module))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            words.append((line, node.value))
+    return words
+
+
+def family_names_in(source: str, allowed: set[str] = frozenset()) -> list[tuple[int, str]]:
+    """(line, text) of the code words that name a family, less the `allowed` words."""
+    return sorted(
+        (line, text)
+        for line, text in code_words(source)
+        if text not in allowed and (FAMILY_WORDS.search(text) or CLIP_NAME.search(text))
+    )
+
+
+def test_the_family_scan_finds_names_in_code_and_ignores_prose():
+    leaky = '''
+"""Docstrings may say LLaVA-NeXT or Qwen2-VL."""
+import click
+from transformers import Qwen2VLImageProcessor as QwenIP
+_CLIP_LIKE = {"CLIPImageProcessorPil"}
+MODEL_HELP = "e.g. llava-hf/llava-1.5-7b-hf"
+
+def view(image_processor, width):  # a comment on Gemma3 is prose
+    """Prose about PaliGemma."""
+    if type(image_processor).__name__ == "LlavaNextImageProcessor":
+        return qwen_smart_resize(width)
+    if image_processor.model_type in ("paligemma", "siglip_vision_model"):
+        return np.clip(width, 0, 1)
+    name = f"{width}-mistral"
+    click.option("--x", help="LLaVA-1.5 default")
+    return LLAVA_INTERP_DUCKDB_WASM, "llava-interp"
+'''
+    found = [text for _, text in family_names_in(leaky)]
+    assert sorted(found) == sorted([
+        "Qwen2VLImageProcessor", "QwenIP", "_CLIP_LIKE", "CLIPImageProcessorPil", "LlavaNextImageProcessor",
+        "qwen_smart_resize", "paligemma", "siglip_vision_model", "-mistral",
+    ])
+
+
+def test_no_family_names_outside_the_adapters():
+    """Adding a family must not touch the experiments, the database or the report: only
+    `collector/adapters/` may name one (allowances in ALLOWED, each with its reason)."""
+    leaks = []
+    scanned = 0
+    for folder in SCANNED:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            relative = path.relative_to(REPO).as_posix()
+            rule = next((ALLOWED[prefix] for prefix in ALLOWED if relative.startswith(prefix)), set())
+            if rule is None:
+                continue
+            scanned += 1
+            leaks += [f"{relative}:{line}: {text!r}" for line, text in family_names_in(path.read_text(), rule)]
+    assert scanned > 20  # the scan saw the code
+    assert not leaks, "family knowledge outside collector/adapters/ (move it into the adapter):\n" + "\n".join(leaks)

@@ -83,7 +83,7 @@ def _logits(loaded, inputs, blocks=None, pre_decoder_hook=None) -> torch.Tensor:
 def test_blocked_position_cannot_influence_any_other_position(model):
     inputs = _image_inputs(model)
     n_positions = inputs["input_ids"].shape[1]
-    layout = model.adapter.image_token_layout(inputs["input_ids"][0])
+    layout = model.adapter.image_token_layout(inputs["input_ids"][0], inputs)
     j = int(layout.positions[layout.n_tokens // 2])
     block = AttentionBlock.of([j], range(j + 1, n_positions), range(model.adapter.n_layers))
 
@@ -162,7 +162,7 @@ def test_blocked_attention_equals_manual_masked_attention(model):
     adapter = model.adapter
     inputs = _image_inputs(model, batch=3)
     n_positions = inputs["input_ids"].shape[1]
-    layout = adapter.image_token_layout(inputs["input_ids"][0])
+    layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     image = layout.positions.tolist()
     last_layer = adapter.n_layers - 1
     blocks = [
@@ -225,7 +225,7 @@ def test_batch_of_different_blocks_equals_one_at_a_time(model):
     n_layers = model.adapter.n_layers
     single = _image_inputs(model)
     n_positions = single["input_ids"].shape[1]
-    image = model.adapter.image_token_layout(single["input_ids"][0]).positions.tolist()
+    image = model.adapter.image_token_layout(single["input_ids"][0], single).positions.tolist()
     blocks = [
         AttentionBlock.of(image[:200], [n_positions - 1], range(n_layers)),
         NO_BLOCK,

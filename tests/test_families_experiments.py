@@ -19,65 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.families import real_attention_masks
+
 
 FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3", "paligemma")
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3", "paligemma")  # image tokens attend to later image tokens
 IMPLEMENTATIONS = ("eager", "sdpa")
 
 
-@pytest.fixture(scope="session")
-def _experiment_cache(family_checkpoint):
-    return {"checkpoint": family_checkpoint, "paths": {}, "loaded": {}}
-
-
-def _path(cache, name):
-    if name not in cache["paths"]:
-        cache["paths"][name] = cache["checkpoint"](name)
-    return cache["paths"][name]
-
-
-def _loaded(cache, name, implementation="sdpa"):
-    from collector.loading import load_model
-
-    key = (name, implementation)
-    if key not in cache["loaded"]:
-        cache["loaded"][key] = load_model(
-            str(_path(cache, name)), device="cpu", dtype="float32", attn_implementation=implementation
-        )
-    return cache["loaded"][key]
-
-
 def _image(width=448, height=336, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def real_attention_masks(loaded, inputs) -> dict[int, torch.Tensor]:
-    """layer -> (T, T) bool, True where query t attends to key s, as the model's own attention
-    modules receive it in a plain forward of one sequence (a None mask under sdpa is causal)."""
-    adapter = loaded.adapter
-    seen: dict[int, torch.Tensor | None] = {}
-    handles = []
-    for layer in range(adapter.n_layers):
-        def hook(module, args, kwargs, layer=layer):
-            seen[layer] = kwargs.get("attention_mask")
-        handles.append(adapter.attention_module(layer).register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            loaded.model(**inputs, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n = int(inputs["input_ids"].shape[1])
-    masks = {}
-    for layer, mask in seen.items():
-        if mask is None:
-            masks[layer] = torch.ones(n, n, dtype=torch.bool).tril()
-        elif mask.dtype == torch.bool:
-            masks[layer] = mask[0, 0].clone()
-        else:
-            masks[layer] = mask[0, 0] > torch.finfo(mask.dtype).min / 2
-    return masks
 
 
 def _logits(loaded, inputs, pre_decoder_hook=None):
@@ -96,10 +48,10 @@ def _logits(loaded, inputs, pre_decoder_hook=None):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_ablating_every_image_position_makes_logits_image_independent(name, _experiment_cache):
+def test_ablating_every_image_position_makes_logits_image_independent(name, family_model):
     from collector.ablation.replacement import ablate_positions
 
-    loaded = _loaded(_experiment_cache, name)
+    _, _, loaded = family_model(name, "sdpa")
     adapter = loaded.adapter
     # Same size, different content: the token layout (and Qwen's M-RoPE grid) is the same.
     inputs = [adapter.build_inputs(_image(seed=s), "Describe the image.") for s in (1, 2)]
@@ -123,7 +75,7 @@ def test_ablating_every_image_position_makes_logits_image_independent(name, _exp
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_blocked_position_cannot_influence_any_other_position(name, implementation, _experiment_cache):
+def test_blocked_position_cannot_influence_any_other_position(name, implementation, family_model):
     """j = a middle image token. "Later" = every position that can attend to j in some layer
     under the model's own mask (for Gemma 3 that includes earlier image tokens: the image
     block is bidirectional; for PaliGemma every prefix position: image + prompt are one
@@ -131,7 +83,7 @@ def test_blocked_position_cannot_influence_any_other_position(name, implementati
     input changes no other position's logits; without the block it reaches them."""
     from collector.blocking.mechanism import AttentionBlock, block_attention
 
-    loaded = _loaded(_experiment_cache, name, implementation)
+    _, _, loaded = family_model(name, implementation)
     assert loaded.model.config.get_text_config()._attn_implementation == implementation
     adapter = loaded.adapter
     inputs = adapter.build_inputs(_image(seed=3), "What is behind the television?")
@@ -174,12 +126,12 @@ def test_blocked_position_cannot_influence_any_other_position(name, implementati
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_object_cells_land_on_the_tokens_covering_the_object(name, _experiment_cache):
-    """A rectangle annotation in a non-square image: its cells from the processor geometry
+def test_object_cells_land_on_the_tokens_covering_the_object(name, family_model):
+    """A rectangle annotation in a non-square image: its cells from the adapter's view geometry
     equal the cells of the grid the painted rectangle covers in the model's own view."""
     from collector.targets import object_cells
 
-    loaded = _loaded(_experiment_cache, name)
+    _, _, loaded = family_model(name, "sdpa")
     adapter = loaded.adapter
     width, height = 500, 300
     x0, y0, x1, y1 = 300, 60, 420, 210
@@ -188,7 +140,7 @@ def test_object_cells_land_on_the_tokens_covering_the_object(name, _experiment_c
     inputs = adapter.build_inputs(Image.fromarray(array), "Describe the image.")
     layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     polygon = [[x0, y0, x1, y0, x1, y1, x0, y1]]
-    cells = object_cells(polygon, adapter.processor.image_processor, width, height, layout.grid_rows, layout.grid_cols)
+    cells = object_cells(polygon, adapter, width, height, layout.grid_rows, layout.grid_cols)
     view = np.asarray(adapter.view_image(adapter.view_pixels(inputs)).convert("L"), dtype=np.int32)
     vh, vw = view.shape
     bright = np.zeros((layout.grid_rows, layout.grid_cols), dtype=bool)
@@ -205,13 +157,13 @@ def test_object_cells_land_on_the_tokens_covering_the_object(name, _experiment_c
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_collect_ablation_and_blocking_cli_end_to_end(name, _experiment_cache, demo_images, tmp_path):
+def test_collect_ablation_and_blocking_cli_end_to_end(name, family_model, family_checkpoint, demo_images, tmp_path):
     from click.testing import CliRunner
 
     from collector.cli import cli
     from db.store import ResultsDB
 
-    path = _path(_experiment_cache, name)
+    path = family_checkpoint(name)
     image_dir, annotation_file = demo_images
     db_path = tmp_path / "r.duckdb"
     common = ["--model", str(path), "--images", str(image_dir), "--annotations", str(annotation_file),
@@ -225,7 +177,7 @@ def test_collect_ablation_and_blocking_cli_end_to_end(name, _experiment_cache, d
     blocking = ["collect", "blocking", *common, "--limit", "1", "--questions", str(questions), "--window", "2"]
     result = CliRunner().invoke(cli, blocking)
     assert result.exit_code == 0, result.output
-    loaded = _loaded(_experiment_cache, name)
+    _, _, loaded = family_model(name, "sdpa")
     with ResultsDB(db_path, read_only=True) as db:
         runs = {r["experiment"]: r for r in db.runs()}
         assert set(runs) == {"ablation", "blocking"}
@@ -249,13 +201,13 @@ def test_collect_ablation_and_blocking_cli_end_to_end(name, _experiment_cache, d
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_view_pixels_round_trip_and_batched_rows(name, _experiment_cache):
+def test_view_pixels_round_trip_and_batched_rows(name, family_model):
     """with_view_pixels inverts view_pixels; repeat_inputs rows equal single forwards, a row
     with a noised view equals the forward on that view put back into pixel_values (how
     the image_noise condition reaches Qwen's patches and LLaVA-NeXT's base tile)."""
     from collector.ablation.token_sets import noised_pixel_values
 
-    loaded = _loaded(_experiment_cache, name)
+    _, _, loaded = family_model(name, "sdpa")
     adapter = loaded.adapter
     inputs = adapter.build_inputs(_image(seed=4), "Describe the image.")
     view = adapter.view_pixels(inputs)

@@ -1,4 +1,7 @@
-"""Geometry checks against independent references.
+"""Geometry checks against independent references: each adapter's
+`image_processor_geometry` on processor settings beyond its tiny checkpoint's (the
+per-family modules check `view_geometry` on the checkpoints themselves), and `db.geometry`'s
+masks and cells.
 
 References used: the real transformers image processors (LLaVA-1.5 settings read from
 the shared config), pycocotools rasterisation at view scale, and hand arithmetic.
@@ -14,7 +17,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from collector.geometry import view_geometry_from_processor
+from collector.adapters.llava import Llava15Adapter
+from collector.adapters.llava_next import LlavaNextAdapter
+from collector.adapters.qwen2_vl import Qwen2VLAdapter
 from db.geometry import (
     GeometryError,
     ViewGeometry,
@@ -23,6 +28,7 @@ from db.geometry import (
     dilate_cells,
     object_mask_in_view,
 )
+from tests.support.markers import BACKGROUND, check_markers, denormalised, render
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,27 +36,6 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LLAVA_CONFIG = SHARED_DATA / "real_configs" / "llava-hf__llava-1.5-7b-hf" / "preprocessor_config.json"
 COCO_DIR = SHARED_DATA / "coco_sample"
 
-BACKGROUND = (40, 40, 40)
-COLOURS = [
-    (255, 0, 0),
-    (0, 255, 0),
-    (0, 0, 255),
-    (255, 255, 0),
-    (255, 0, 255),
-    (0, 255, 255),
-    (255, 255, 255),
-]
-# Fractions of (W, H): two corner blocks, four blocks that straddle typical centre-crop
-# boundaries for landscape/portrait images, and one central block.
-LAYOUT = [
-    (0.00, 0.00, 0.08, 0.08),
-    (0.92, 0.92, 1.00, 1.00),
-    (0.10, 0.45, 0.20, 0.55),
-    (0.80, 0.45, 0.90, 0.55),
-    (0.45, 0.10, 0.55, 0.20),
-    (0.45, 0.80, 0.55, 0.90),
-    (0.40, 0.40, 0.60, 0.60),
-]
 SIZES = [(640, 480), (480, 640), (500, 333), (337, 1000), (336, 336), (100, 50)]
 
 
@@ -65,21 +50,6 @@ def llava_processor():
     return transformers.CLIPImageProcessorPil(**_llava_config())
 
 
-def _markers(width: int, height: int) -> list[tuple[int, int, int, int, tuple[int, int, int]]]:
-    out = []
-    for (fx0, fy0, fx1, fy1), colour in zip(LAYOUT, COLOURS):
-        out.append((round(fx0 * width), round(fy0 * height), round(fx1 * width), round(fy1 * height), colour))
-    return out
-
-
-def _render(width: int, height: int) -> Image.Image:
-    arr = np.empty((height, width, 3), dtype=np.uint8)
-    arr[:] = BACKGROUND
-    for x0, y0, x1, y1, colour in _markers(width, height):
-        arr[y0:y1, x0:x1] = colour
-    return Image.fromarray(arr)
-
-
 def _view_pixels(processor, image: Image.Image) -> np.ndarray:
     """Run the real processor and undo normalisation; returns (H, W, 3) in 0..255."""
     out = processor(images=image, return_tensors="np")
@@ -89,71 +59,12 @@ def _view_pixels(processor, image: Image.Image) -> np.ndarray:
         pv = np.asarray(out["pixel_values"][0], dtype=np.float64)
         if pv.ndim == 4:  # LLaVA-NeXT: (tiles, 3, H, W); tile 0 is the base view
             pv = pv[0]
-    mean = np.asarray(processor.image_mean, dtype=np.float64)[:, None, None]
-    std = np.asarray(processor.image_std, dtype=np.float64)[:, None, None]
-    return np.moveaxis((pv * std + mean) * 255.0, 0, -1)
-
-
-def _crossing(profile: np.ndarray, lo: float, hi: float, rising: bool, near: float, window: int = 8) -> float | None:
-    """Sub-pixel position (continuous coordinates) where ``profile`` crosses the midpoint near ``near``."""
-    start = max(int(near) - window, 0)
-    p = profile[start : int(near) + window + 1]
-    if not rising:
-        p = p[::-1]
-    mid = (lo + hi) / 2.0
-    idx = np.nonzero((p[:-1] < mid) & (p[1:] >= mid))[0]
-    if len(idx) != 1:
-        return None
-    j = idx[0]
-    pos = j + 0.5 + (mid - p[j]) / (p[j + 1] - p[j])
-    return start + (pos if rising else len(p) - pos)
+    return denormalised(pv, processor)
 
 
 def _check_markers(processor, geometry: ViewGeometry, width: int, height: int) -> int:
-    """Compare every marker in the processor's output with the geometry's prediction.
-
-    Returns how many interior edges were located to sub-pixel precision.
-    """
-    view = _view_pixels(processor, _render(width, height))
-    assert view.shape == (geometry.view_height, geometry.view_width, 3)
-    vh, vw = view.shape[:2]
-    measured = 0
-    for x0, y0, x1, y1, colour in _markers(width, height):
-        u0, v0 = geometry.to_view(x0, y0)
-        u1, v1 = geometry.to_view(x1, y1)
-        hit = np.all(np.abs(view - np.asarray(colour)) < 100, axis=-1)
-        cu0, cv0, cu1, cv1 = max(u0, 0), max(v0, 0), min(u1, vw), min(v1, vh)
-        if cu1 - cu0 < -1 or cv1 - cv0 < -1:
-            assert not hit.any(), f"marker {colour} should be outside the view but was found"
-            continue
-        if cu1 - cu0 < 2 or cv1 - cv0 < 2:
-            continue
-        ys, xs = np.nonzero(hit)
-        assert len(xs), f"marker {colour} missing; expected at u[{u0:.1f},{u1:.1f}) v[{v0:.1f},{v1:.1f})"
-        assert abs(xs.min() - cu0) <= 1.5 and abs(xs.max() + 1 - cu1) <= 1.5, (colour, xs.min(), xs.max(), cu0, cu1)
-        assert abs(ys.min() - cv0) <= 1.5 and abs(ys.max() + 1 - cv1) <= 1.5, (colour, ys.min(), ys.max(), cv0, cv1)
-
-        # Sub-pixel edge positions: a symmetric resampling kernel puts the 50% level of
-        # a step exactly on the edge, so this detects half-pixel and off-by-one errors.
-        channel = int(np.argmax(colour))
-        row = view[int((cv0 + cv1) / 2), :, channel]
-        col = view[:, int((cu0 + cu1) / 2), channel]
-        bg, fg = BACKGROUND[channel], colour[channel]
-        edges = [
-            (x0, u0, row, True),
-            (x1, u1, row, False),
-            (y0, v0, col, True),
-            (y1, v1, col, False),
-        ]
-        for orig, predicted, profile, rising in edges:
-            limit = width if profile is row else height
-            if not (0 < orig < limit) or not (3 <= predicted <= len(profile) - 3):
-                continue
-            found = _crossing(profile, bg, fg, rising, predicted)
-            assert found is not None, (colour, orig, predicted)
-            assert abs(found - predicted) <= 0.25, f"marker {colour} edge at {found:.3f}, predicted {predicted:.3f}"
-            measured += 1
-    return measured
+    """The processor's own output for the marker image against the geometry's prediction."""
+    return check_markers(_view_pixels(processor, render(width, height)), geometry, width, height)
 
 
 # Hand arithmetic: short side -> 336, long side int(336 * long / short), then the crop
@@ -172,7 +83,7 @@ LLAVA_EXPECTED = {
 def test_llava15_geometry_matches_hand_arithmetic(llava_processor, size):
     width, height = size
     rw, rh, ox, oy = LLAVA_EXPECTED[size]
-    g = view_geometry_from_processor(llava_processor, width, height)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, width, height)
     assert (g.image_width, g.image_height, g.view_width, g.view_height) == (width, height, 336, 336)
     assert g.scale_x == pytest.approx(rw / width) and g.scale_y == pytest.approx(rh / height)
     assert (g.offset_x, g.offset_y) == (ox, oy)
@@ -180,7 +91,7 @@ def test_llava15_geometry_matches_hand_arithmetic(llava_processor, size):
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_llava15_markers_land_where_predicted(llava_processor, size):
-    g = view_geometry_from_processor(llava_processor, *size)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, *size)
     measured = _check_markers(llava_processor, g, *size)
     assert measured >= 4
 
@@ -188,21 +99,21 @@ def test_llava15_markers_land_where_predicted(llava_processor, size):
 def test_autoimageprocessor_gives_supported_class():
     _llava_config()
     processor = transformers.AutoImageProcessor.from_pretrained(LLAVA_CONFIG.parent)
-    g = view_geometry_from_processor(processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(processor, 640, 480)
     assert (g.offset_x, g.offset_y, g.view_width) == (56, 0, 336)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (333, 500), (1000, 337)])
 def test_clip_224_markers(size):
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    g = view_geometry_from_processor(processor, *size)
+    g = Llava15Adapter.image_processor_geometry(processor, *size)
     assert (g.view_width, g.view_height) == (224, 224)
     assert _check_markers(processor, g, *size) >= 4
 
 
 def test_clip_224_hand_values():
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    g = view_geometry_from_processor(processor, 1000, 337)
+    g = Llava15Adapter.image_processor_geometry(processor, 1000, 337)
     # 224000/337 = 664.69 -> 664; (664-224)//2 = 220
     assert g.scale_x == pytest.approx(664 / 1000) and g.scale_y == pytest.approx(224 / 337)
     assert (g.offset_x, g.offset_y) == (220, 0)
@@ -212,10 +123,10 @@ def test_clip_224_hand_values():
 def test_llava_pad_to_square_markers(size):
     cfg = {**_llava_config(), "do_pad": True}
     processor = transformers.LlavaImageProcessorPil(**cfg)
-    g = view_geometry_from_processor(processor, *size)
+    g = Llava15Adapter.image_processor_geometry(processor, *size)
     assert _check_markers(processor, g, *size) >= 4
 
-    view = _view_pixels(processor, _render(*size))
+    view = _view_pixels(processor, render(*size))
     pad_colour = np.array([int(m * 255) for m in processor.image_mean], dtype=np.float64)
     u0, v0 = g.to_view(0, 0)
     u1, v1 = g.to_view(*size)
@@ -227,22 +138,22 @@ def test_llava_pad_to_square_markers(size):
 
 def test_llava_pad_to_square_hand_values():
     processor = transformers.LlavaImageProcessorPil(**{**_llava_config(), "do_pad": True})
-    g = view_geometry_from_processor(processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(processor, 640, 480)
     # pasted at (640-480)//2 = 80 in a 640 square, scaled by 336/640
     assert g.scale_x == g.scale_y == pytest.approx(0.525)
     assert (g.offset_x, g.offset_y) == (0, pytest.approx(-42.0))
-    g = view_geometry_from_processor(processor, 500, 333)
+    g = Llava15Adapter.image_processor_geometry(processor, 500, 333)
     # (500-333)//2 = 83 (not 84): the odd pixel of padding goes to the bottom
     assert g.offset_y == pytest.approx(-83 * 336 / 500)
 
 
 def test_crop_larger_than_image_pads_like_pil_backend():
     processor = transformers.CLIPImageProcessorPil(do_resize=False, crop_size={"height": 256, "width": 256})
-    g = view_geometry_from_processor(processor, 301, 201)
+    g = Llava15Adapter.image_processor_geometry(processor, 301, 201)
     # x: (301-256)//2 = 22 cropped; y: 55 px of padding, image placed at ceil(55/2) = 28
     assert (g.scale_x, g.scale_y, g.offset_x, g.offset_y) == (1.0, 1.0, 22, -28)
     assert _check_markers(processor, g, 301, 201) >= 4
-    view = _view_pixels(processor, _render(301, 201))
+    view = _view_pixels(processor, render(301, 201))
     assert np.abs(view[:28]).max() < 1.0 and np.abs(view[28 + 201 :]).max() < 1.0
     assert np.abs(view[28, 100:150] - BACKGROUND).max() < 1.0
 
@@ -251,11 +162,11 @@ def test_shortest_and_longest_edge():
     processor = transformers.CLIPImageProcessorPil(
         size={"shortest_edge": 224, "longest_edge": 300}, do_center_crop=False
     )
-    g = view_geometry_from_processor(processor, 337, 1000)
+    g = Llava15Adapter.image_processor_geometry(processor, 337, 1000)
     # 1000/337*224 > 300, so the short side becomes round(300*337/1000) = 101 and the long int(101.1*1000/337) = 300
     assert (g.view_width, g.view_height) == (101, 300)
     assert _check_markers(processor, g, 337, 1000) >= 4
-    g = view_geometry_from_processor(processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(processor, 640, 480)
     assert (g.view_width, g.view_height) == (298, 224)
     assert _check_markers(processor, g, 640, 480) >= 4
 
@@ -265,15 +176,15 @@ def test_unsupported_configurations_raise():
         pass
 
     with pytest.raises(ValueError, match="unsupported image processor"):
-        view_geometry_from_processor(NotAProcessor(), 10, 10)
+        Llava15Adapter.image_processor_geometry(NotAProcessor(), 10, 10)
     processor = transformers.CLIPImageProcessorPil(size={"max_height": 100, "max_width": 100})
     with pytest.raises(ValueError, match="unsupported resize size"):
-        view_geometry_from_processor(processor, 640, 480)
+        Llava15Adapter.image_processor_geometry(processor, 640, 480)
     processor = transformers.CLIPImageProcessorPil(do_pad=True, pad_size={"height": 240, "width": 256})
     with pytest.raises(ValueError, match="do_pad"):
-        view_geometry_from_processor(processor, 640, 480)
+        Llava15Adapter.image_processor_geometry(processor, 640, 480)
     with pytest.raises(ValueError):
-        view_geometry_from_processor(transformers.CLIPImageProcessorPil(), 0, 480)
+        Llava15Adapter.image_processor_geometry(transformers.CLIPImageProcessorPil(), 0, 480)
 
 
 def test_to_view_and_back():
@@ -313,7 +224,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_remote_mask_area_and_reference(llava_processor, coco_sample):
     _, anns = coco_sample
-    g = view_geometry_from_processor(llava_processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, 640, 480)
     ann = anns[1108446]
     assert ann["area"] == pytest.approx(2121.0, abs=1)
     m = object_mask_in_view(ann["segmentation"], g)
@@ -326,7 +237,7 @@ def test_remote_mask_area_and_reference(llava_processor, coco_sample):
 def test_remote_partly_cut_by_crop(llava_processor, coco_sample):
     _, anns = coco_sample
     ann = anns[1110067]  # x from 41.9 to 175.0; the crop starts at x = 80
-    g = view_geometry_from_processor(llava_processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, 640, 480)
     m = object_mask_in_view(ann["segmentation"], g)
     ref = _reference_view_mask(ann["segmentation"], g)
     assert m[:, 0].any() and ref[:, 0].any()
@@ -340,7 +251,7 @@ def test_remote_partly_cut_by_crop(llava_processor, coco_sample):
 def test_objects_spanning_the_crop_keep_inside_part(llava_processor, coco_sample, ann_id):
     _, anns = coco_sample
     ann = anns[ann_id]
-    g = view_geometry_from_processor(llava_processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, 640, 480)
     m = object_mask_in_view(ann["segmentation"], g)
     ref = _reference_view_mask(ann["segmentation"], g)
     assert _iou(m, ref) > 0.97
@@ -365,7 +276,7 @@ def test_objects_spanning_the_crop_keep_inside_part(llava_processor, coco_sample
 def test_rle_inputs_match_polygons(llava_processor, coco_sample):
     _, anns = coco_sample
     ann = anns[2190839]
-    g = view_geometry_from_processor(llava_processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, 640, 480)
     expected = object_mask_in_view(ann["segmentation"], g)
     full = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], 480, 640)))
     compressed = mask_utils.encode(np.asfortranarray(full))
@@ -412,7 +323,7 @@ def test_mask_hand_cases():
 def test_llava_pad_mask_is_false_in_padding(coco_sample):
     _, anns = coco_sample
     processor = transformers.LlavaImageProcessorPil(**{**_llava_config(), "do_pad": True})
-    g = view_geometry_from_processor(processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(processor, 640, 480)
     m = object_mask_in_view(anns[1612051]["segmentation"], g)  # the bed covers almost the whole image
     assert not m[:42].any() and not m[336 - 42 :].any()
     assert m[43:293].any(axis=1).all()
@@ -507,7 +418,7 @@ def _reference_cells(mask: np.ndarray) -> np.ndarray:
 
 def test_end_to_end_cells_against_reference(llava_processor, coco_sample):
     _, anns = coco_sample
-    g = view_geometry_from_processor(llava_processor, 640, 480)
+    g = Llava15Adapter.image_processor_geometry(llava_processor, 640, 480)
     for ann in anns.values():
         ours = cells_overlapping(object_mask_in_view(ann["segmentation"], g), 24, 24)
         ref = _reference_cells(_reference_view_mask(ann["segmentation"], g))
@@ -535,7 +446,7 @@ def test_torchvision_backend_pads_with_floor():
             "do_pad": False,
         },
     )()
-    g = view_geometry_from_processor(fake, 301, 201)
+    g = Llava15Adapter.image_processor_geometry(fake, 301, 201)
     assert (g.offset_x, g.offset_y) == (22, -27)
 
 
@@ -570,7 +481,7 @@ QWEN_EXPECTED = {
 @pytest.mark.parametrize("size", list(QWEN_EXPECTED), ids=[f"{w}x{h}" for w, h in QWEN_EXPECTED])
 def test_qwen2_vl_geometry_hand_values_and_markers(size):
     processor = _qwen_processor()
-    g = view_geometry_from_processor(processor, *size)
+    g = Qwen2VLAdapter.image_processor_geometry(processor, *size)
     assert (g.view_width, g.view_height) == QWEN_EXPECTED[size]
     assert (g.offset_x, g.offset_y) == (0.0, 0.0)
     assert g.scale_x == pytest.approx(g.view_width / size[0]) and g.scale_y == pytest.approx(g.view_height / size[1])
@@ -581,15 +492,15 @@ def test_qwen2_vl_geometry_max_and_min_pixels():
     # Too many pixels: beta = sqrt(1200*900 / 200704) = 2.3197; floor(900/2.3197/28)*28 = 364,
     # floor(1200/2.3197/28)*28 = 504.
     processor = _qwen_processor(max_pixels=448 * 448)
-    g = view_geometry_from_processor(processor, 1200, 900)
+    g = Qwen2VLAdapter.image_processor_geometry(processor, 1200, 900)
     assert (g.view_width, g.view_height) == (504, 364)
     assert _check_markers(processor, g, 1200, 900) >= 4
     # Too few: 60x40 rounds to 56x28 = 1568 < 3136; beta = sqrt(3136/2400) = 1.1431;
     # ceil(40*1.1431/28)*28 = 56, ceil(60*1.1431/28)*28 = 84.
     processor = _qwen_processor()
-    g = view_geometry_from_processor(processor, 60, 40)
+    g = Qwen2VLAdapter.image_processor_geometry(processor, 60, 40)
     assert (g.view_width, g.view_height) == (84, 56)
-    view = _view_pixels(processor, _render(60, 40))
+    view = _view_pixels(processor, render(60, 40))
     assert view.shape == (56, 84, 3)
 
 
@@ -609,7 +520,7 @@ def _llava_next_processor():
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (1000, 337), (336, 336)])
 def test_llava_next_base_view_markers(size):
     processor = _llava_next_processor()
-    g = view_geometry_from_processor(processor, *size)
+    g = LlavaNextAdapter.image_processor_geometry(processor, *size)
     assert (g.view_width, g.view_height, g.offset_x, g.offset_y) == (336, 336, 0, 0)
     assert g.scale_x == pytest.approx(336 / size[0]) and g.scale_y == pytest.approx(336 / size[1])
     assert _check_markers(processor, g, *size) >= 4

@@ -164,7 +164,7 @@ def test_lens_rows_match_the_lens_readout(tmp_path, loaded_models, demo_images):
     with torch.no_grad():
         outputs = loaded.model(**inputs, output_hidden_states=True)
     readout = LogitLens(loaded.adapter).top_k(outputs.hidden_states, 4)
-    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0])
+    layout = loaded.adapter.image_token_layout(inputs["input_ids"][0], inputs)
     n_layers, n_positions, _ = readout.token_ids.shape
     assert n_rows == n_layers * n_positions * 4
     assert (rows["token_id"] == readout.token_ids.reshape(-1).numpy()).all()

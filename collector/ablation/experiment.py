@@ -181,7 +181,7 @@ def ablate_one_image(
     if _is_grayscale(record):
         return skip("grayscale", "grayscale image")
     cells = object_cells(
-        target.segmentation, adapter.processor.image_processor, record.width, record.height,
+        target.segmentation, adapter, record.width, record.height,
         layout.grid_rows, layout.grid_cols,
     )
     if not cells.any():

@@ -2,8 +2,10 @@
 
 An adapter answers: where are the decoder layers, the final norm, the unembedding and
 the vision parts; how is a prompt built; which LM input positions are image tokens and
-how they map onto the patch grid. Nothing outside `collector.adapters` special-cases a
-model family.
+how they map onto the patch grid; which view of the original image its image processor
+makes (`view_geometry`). Nothing outside `collector.adapters` special-cases a model
+family (tests/test_adapters.py enforces it); docs/adding-a-family.md lists what a
+new family needs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from db.geometry import ViewGeometry
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,10 @@ class ModelAdapter(ABC):
 
     family: ClassVar[str]
     default_prompt_template: ClassVar[str]
+    # Class names of the image processors whose preprocessing `image_processor_geometry`
+    # restates; any other (a subclass, another model's processor) may pad or crop
+    # differently and is refused.
+    image_processor_classes: ClassVar[frozenset[str]] = frozenset()
     # transformers applies the final norm to the last entry of `hidden_states` already.
     last_hidden_state_is_normed: ClassVar[bool] = True
 
@@ -257,15 +265,40 @@ class ModelAdapter(ABC):
         return positions
 
     @abstractmethod
-    def image_token_layout(
-        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
-    ) -> ImageTokenLayout:
+    def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         """Image positions of one sequence, input_ids (T,), and their grid cells.
 
-        `inputs` (what `build_inputs` returned) is needed by families whose grid depends on
-        the image (Qwen2-VL: `image_grid_thw`); without it such adapters use the grid of the
-        most recent `build_inputs` call that produced these input_ids.
+        `inputs` is what `build_inputs` returned for these input_ids: families whose grid
+        depends on the image read it (Qwen2-VL: `image_grid_thw`; LLaVA-NeXT: `image_sizes`).
         """
+
+    # -- the view ------------------------------------------------------------------------
+
+    def view_geometry(self, width: int, height: int) -> ViewGeometry:
+        """original -> model view for a ``width`` x ``height`` image, under this model's
+        image processor: the view is what `view_pixels` holds and what the grid covers."""
+        return self.image_processor_geometry(self.processor.image_processor, width, height)
+
+    @classmethod
+    @abstractmethod
+    def image_processor_geometry(cls, image_processor: Any, width: int, height: int) -> ViewGeometry:
+        """The view geometry `image_processor` (one of `image_processor_classes`, instance
+        settings, not per-call overrides) gives a ``width`` x ``height`` image.
+
+        Raises ValueError for another processor class, a setting the geometry cannot
+        express, or a non-positive size.
+        """
+
+    @classmethod
+    def require_image_processor(cls, image_processor: Any) -> str:
+        """The processor's class name; ValueError unless it is one of `image_processor_classes`."""
+        name = type(image_processor).__name__
+        if name not in cls.image_processor_classes:
+            raise ValueError(
+                f"unsupported image processor {name!r} for {cls.family}; expected one of "
+                f"{sorted(cls.image_processor_classes)}"
+            )
+        return name
 
     def view_pixels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """The (3, H, W) pixel tensor of the model's view, from `build_inputs`' output.

@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 
 from collector.adapters.base import ImageTokenLayout, ModelAdapter, denormalise_to_image
+from collector.adapters.view_steps import ViewSteps, processor_backend, resize_and_center_crop
+from db.geometry import ViewGeometry
 
 
 class SoftcappedUnembedding(torch.nn.Module):
@@ -96,6 +98,15 @@ class GemmaFamilyAdapter(ModelAdapter):
     def projector(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector
 
+    @classmethod
+    def image_processor_geometry(cls, image_processor: Any, width: int, height: int) -> ViewGeometry:
+        """The processor's resize (to exactly `size`: height/width on the real settings) and
+        centre crop if set (off on the real settings); no pad."""
+        cls.require_image_processor(image_processor)
+        steps = ViewSteps.of_image(width, height)
+        resize_and_center_crop(steps, image_processor, processor_backend(image_processor))
+        return steps.geometry()
+
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         return denormalise_to_image(pixel_values, self.processor.image_processor)
 
@@ -105,6 +116,7 @@ class Gemma3Adapter(GemmaFamilyAdapter):
     # What the real chat template produces for one image and one question (BOS comes from
     # the tokenizer).
     default_prompt_template = "<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"
+    image_processor_classes = frozenset({"Gemma3ImageProcessor", "Gemma3ImageProcessorPil"})
 
     def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
         super().__init__(model, processor, prompt_template)
@@ -128,9 +140,15 @@ class Gemma3Adapter(GemmaFamilyAdapter):
             batch["token_type_ids"] = (batch["input_ids"] == self.image_token_id).long()
         return self._to_model(batch)
 
-    def image_token_layout(
-        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
-    ) -> ImageTokenLayout:
+    @classmethod
+    def image_processor_geometry(cls, image_processor: Any, width: int, height: int) -> ViewGeometry:
+        """Resize to 896x896 (`GemmaFamilyAdapter`); pan-and-scan's extra crops are refused."""
+        name = cls.require_image_processor(image_processor)
+        if getattr(image_processor, "do_pan_and_scan", False):
+            raise ValueError(f"{name} with do_pan_and_scan=True (extra crops) is not supported")
+        return super().image_processor_geometry(image_processor, width, height)
+
+    def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         rows, cols = self.patch_grid
         config = self.model.config
         positions = self.image_token_run(

@@ -14,6 +14,10 @@ tiles. The LM input holds one contiguous run of `<image>` tokens, in this order:
    the unpadded HR grid in patch_row/patch_col and label `<HR r,c>`; kind
    'image_newline' with patch_row = the HR row it ends, patch_col NULL, label `<NL r>`.
 
+The view (`image_processor_geometry`) is the base view: the whole image resized to exactly
+`size` (height/width, or a square of `shortest_edge`), then the processor's resize and
+centre crop (no-ops on the real settings); `do_pad` pads only the high-resolution tiles.
+
 `extra_views` gives the HR grid's image (the tiles de-normalised, stitched and cropped
 as `unpad_image` crops the features), which the site shows beside the base view.
 
@@ -22,7 +26,6 @@ The number of image tokens therefore depends on the image size (`image_sizes`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Mapping
 
 import torch
@@ -30,6 +33,8 @@ from PIL import Image
 
 from collector.adapters.base import ExtraImageTokens, ImageTokenLayout, NamedView, denormalise_to_image
 from collector.adapters.llava import LlavaAdapter
+from collector.adapters.view_steps import ViewSteps, processor_backend, resize_and_center_crop, size_fields
+from db.geometry import ViewGeometry
 
 
 def hr_grid(image_size: tuple[int, int], pinpoints: list, tile: int, patches_per_side: int) -> dict[str, int]:
@@ -62,10 +67,10 @@ def hr_grid(image_size: tuple[int, int], pinpoints: list, tile: int, patches_per
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava-next"
     default_prompt_template = "[INST] <image>\n{question} [/INST]"
+    image_processor_classes = frozenset({"LlavaNextImageProcessor", "LlavaNextImageProcessorPil"})
 
     def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
         super().__init__(model, processor, prompt_template)
-        self._recent_sizes: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         if self.model.config.vision_feature_select_strategy != "default":
             raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full' is not supported")
 
@@ -77,24 +82,26 @@ class LlavaNextAdapter(LlavaAdapter):
     def image_newline(self) -> torch.Tensor:
         return self.model.model.image_newline
 
-    def build_inputs_for_text(self, image: Image.Image, text: str) -> dict[str, torch.Tensor]:
-        out = super().build_inputs_for_text(image, text)
-        key = tuple(out["input_ids"][0].tolist())
-        self._recent_sizes[key] = out["image_sizes"].cpu()
-        self._recent_sizes.move_to_end(key)
-        while len(self._recent_sizes) > 8:
-            self._recent_sizes.popitem(last=False)
-        return out
+    @classmethod
+    def image_processor_geometry(cls, image_processor: Any, width: int, height: int) -> ViewGeometry:
+        """The base view (tile 0 of pixel_values): the image resized to exactly `size`, then
+        the usual resize and centre crop; `do_pad` concerns only the tiles."""
+        cls.require_image_processor(image_processor)
+        steps = ViewSteps.of_image(width, height)
+        backend = processor_backend(image_processor)
+        base = size_fields(image_processor.size, "size")
+        steps.resize_to(
+            base.get("width") or base.get("shortest_edge"), base.get("height") or base.get("shortest_edge")
+        )
+        resize_and_center_crop(steps, image_processor, backend)
+        return steps.geometry()
 
-    def _image_size(self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None) -> tuple[int, int]:
-        sizes = inputs.get("image_sizes") if inputs is not None else None
+    @staticmethod
+    def _image_size(inputs: Mapping[str, Any]) -> tuple[int, int]:
+        """(height, width) of the one original image, from `build_inputs`' `image_sizes`."""
+        sizes = inputs.get("image_sizes")
         if sizes is None:
-            sizes = self._recent_sizes.get(tuple(input_ids.tolist()))
-        if sizes is None:
-            raise ValueError(
-                "LLaVA-NeXT's token layout depends on the image size: pass inputs=(build_inputs output) "
-                "to image_token_layout, or call build_inputs for these input_ids first"
-            )
+            raise ValueError("LLaVA-NeXT's token layout depends on the image size: inputs need 'image_sizes'")
         sizes = torch.as_tensor(sizes).reshape(-1, 2)
         if sizes.shape[0] != 1:
             raise ValueError(f"one image per prompt is supported, got {sizes.shape[0]}")
@@ -105,13 +112,11 @@ class LlavaNextAdapter(LlavaAdapter):
         side = int(vision.image_size) // int(vision.patch_size)
         return hr_grid(image_size, self.model.config.image_grid_pinpoints, int(vision.image_size), side)
 
-    def image_token_layout(
-        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
-    ) -> ImageTokenLayout:
+    def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         if input_ids.dim() != 1:
             raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
         base_rows, base_cols = self.patch_grid
-        grid = self.hr_grid(self._image_size(input_ids, inputs))
+        grid = self.hr_grid(self._image_size(inputs))
         rows, cols = grid["rows"], grid["cols"]
         n_base, n_hr = base_rows * base_cols, rows * (cols + 1)
         positions = self.image_token_run(
@@ -154,7 +159,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """The high-resolution view: the tiles of pixel_values[0][1:] stitched row-major into
         the anyres grid, cropped to the rows/columns `unpad_image` keeps. Cell (r, c) of its
         grid is HR token `<HR r,c>` (kind 'image_hr'), one patch_size x patch_size block."""
-        grid = self.hr_grid(self._image_size(inputs["input_ids"][0], inputs))
+        grid = self.hr_grid(self._image_size(inputs))
         side = int(self.model.config.vision_config.image_size)
         patch = int(self.model.config.vision_config.patch_size)
         th, tw = grid["tiles_high"], grid["tiles_wide"]

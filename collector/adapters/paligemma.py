@@ -43,6 +43,8 @@ PREFIX_END = "\n"
 class PaliGemmaAdapter(GemmaFamilyAdapter):
     family = "paligemma"
     default_prompt_template = "<image>answer en {question}" + PREFIX_END
+    # The SigLIP image processor: resize to exactly 224x224 (`GemmaFamilyAdapter`).
+    image_processor_classes = frozenset({"SiglipImageProcessor", "SiglipImageProcessorPil"})
 
     @classmethod
     def matches(cls, config: Any) -> bool:
@@ -77,9 +79,7 @@ class PaliGemmaAdapter(GemmaFamilyAdapter):
             batch["token_type_ids"] = torch.cat([batch["token_type_ids"], torch.ones_like(ids)], dim=1)
         return self._to_model(batch)
 
-    def image_token_layout(
-        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
-    ) -> ImageTokenLayout:
+    def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         rows, cols = self.patch_grid
         positions = self.image_token_run(input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} grid")
         return ImageTokenLayout.row_major(positions, rows, cols)

@@ -1,6 +1,7 @@
 """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`).
 
-- Dynamic resolution: the image is resized to multiples of 28 (`smart_resize`), cut into
+- Dynamic resolution: the image is resized to multiples of 28 (transformers' `smart_resize`,
+  restated here; that resize is the whole view geometry: no crop, no pad), cut into
   14x14 patches, and every 2x2 block of patches is merged into one LM token. The image's
   span in the LM input is `<|vision_start|>` + `<|image_pad|>` x (t*h*w/4) + `<|vision_end|>`;
   its grid is (h/2) x (w/2) cells, row-major, from `image_grid_thw` = (t, h, w) patches.
@@ -17,13 +18,15 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
 from typing import Any, Mapping
 
 import torch
 from PIL import Image
 
 from collector.adapters.base import ImageTokenLayout, ModelAdapter, denormalise_to_image
+from collector.adapters.view_steps import ViewSteps, size_fields
+from db.geometry import ViewGeometry
 
 QWEN_CHAT_PROMPT = (
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -101,12 +104,8 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2-vl"
     model_types: tuple[str, ...] = ("qwen2_vl",)
     default_prompt_template = QWEN_CHAT_PROMPT
-
-    def __init__(self, model: Any, processor: Any, prompt_template: str | None = None) -> None:
-        super().__init__(model, processor, prompt_template)
-        # image_grid_thw of recent build_inputs calls, keyed by their input_ids (see
-        # image_token_layout); a few entries so interleaved callers still find theirs.
-        self._recent_grids: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+    # Qwen2.5-VL checkpoints use the same image processor class.
+    image_processor_classes = frozenset({"Qwen2VLImageProcessor", "Qwen2VLImageProcessorPil"})
 
     @classmethod
     def matches(cls, config: Any) -> bool:
@@ -153,35 +152,23 @@ class Qwen2VLAdapter(ModelAdapter):
             token_type[ids == self.image_token_id] = 1
             token_type[ids == self.video_token_id] = 2
             batch["mm_token_type_ids"] = token_type
-        out = self._to_model(batch)
-        key = tuple(ids[0].tolist())
-        self._recent_grids[key] = batch["image_grid_thw"].cpu()
-        self._recent_grids.move_to_end(key)
-        while len(self._recent_grids) > 8:
-            self._recent_grids.popitem(last=False)
-        return out
+        return self._to_model(batch)
 
-    def _grid_thw(self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None) -> torch.Tensor:
-        if inputs is not None and inputs.get("image_grid_thw") is not None:
-            grids = inputs["image_grid_thw"]
-        else:
-            grids = self._recent_grids.get(tuple(input_ids.tolist()))
-            if grids is None:
-                raise ValueError(
-                    "Qwen2-VL's image grid depends on the image: pass inputs=(build_inputs output) "
-                    "to image_token_layout, or call build_inputs for these input_ids first"
-                )
+    @staticmethod
+    def _grid_thw(inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(t, h, w) patches of the one image, from `build_inputs`' `image_grid_thw`."""
+        grids = inputs.get("image_grid_thw")
+        if grids is None:
+            raise ValueError("Qwen2-VL's image grid depends on the image: inputs need 'image_grid_thw'")
         grids = torch.as_tensor(grids).cpu().reshape(-1, 3)
         if grids.shape[0] != 1:
             raise ValueError(f"one image per prompt is supported, got {grids.shape[0]} image grids")
         return grids[0]
 
-    def image_token_layout(
-        self, input_ids: torch.Tensor, inputs: Mapping[str, Any] | None = None
-    ) -> ImageTokenLayout:
+    def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         if input_ids.dim() != 1:
             raise ValueError(f"expected one sequence of token ids (T,), got shape {tuple(input_ids.shape)}")
-        t, h, w = (int(v) for v in self._grid_thw(input_ids, inputs))
+        t, h, w = (int(v) for v in self._grid_thw(inputs))
         if t != 1:
             raise ValueError(f"an image has temporal grid 1, got {t}")
         rows, cols = h // self.merge_size, w // self.merge_size
@@ -195,14 +182,29 @@ class Qwen2VLAdapter(ModelAdapter):
 
     # -- the view -------------------------------------------------------------------------
 
+    @classmethod
+    def image_processor_geometry(cls, image_processor: Any, width: int, height: int) -> ViewGeometry:
+        """`smart_resize` (both sides to multiples of ``patch_size * merge_size``, the pixel
+        count kept within [shortest_edge, longest_edge]), then patchify; no crop or pad."""
+        cls.require_image_processor(image_processor)
+        steps = ViewSteps.of_image(width, height)
+        if getattr(image_processor, "do_resize", True):
+            size = size_fields(image_processor.size, "size")
+            if not size.get("shortest_edge") or not size.get("longest_edge"):
+                raise ValueError(f"Qwen2-VL size needs shortest_edge and longest_edge (pixel counts), got {size}")
+            factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+            new_h, new_w = smart_resize(height, width, factor, int(size["shortest_edge"]), int(size["longest_edge"]))
+            steps.resize_to(new_w, new_h)
+        return steps.geometry()
+
     def view_pixels(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         """De-patchify `pixel_values` (t*h*w, 3*tp*p*p) into the (3, h*p, w*p) view."""
-        t, h, w = (int(v) for v in self._grid_thw(inputs["input_ids"][0], inputs))
+        t, h, w = (int(v) for v in self._grid_thw(inputs))
         return depatchify(inputs["pixel_values"], t, h, w, self.patch_size, self.merge_size)
 
     def with_view_pixels(self, inputs: Mapping[str, Any], view: torch.Tensor) -> torch.Tensor:
         """Patchify a (3, h*p, w*p) view back into `pixel_values` (t*h*w, 3*tp*p*p)."""
-        t, h, w = (int(v) for v in self._grid_thw(inputs["input_ids"][0], inputs))
+        t, h, w = (int(v) for v in self._grid_thw(inputs))
         pixels = inputs["pixel_values"]
         temporal = int(pixels.shape[1]) // (3 * self.patch_size**2)
         out = patchify(view, t, h, w, self.patch_size, self.merge_size, temporal)
@@ -223,6 +225,23 @@ class Qwen2VLAdapter(ModelAdapter):
 
     def view_image(self, pixel_values: torch.Tensor) -> Image.Image:
         return denormalise_to_image(pixel_values, self.processor.image_processor)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' Qwen2-VL ``smart_resize``, restated: (height, width) after resizing."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def patchify(view: torch.Tensor, t: int, h: int, w: int, patch: int, merge: int, temporal: int) -> torch.Tensor:

@@ -392,7 +392,7 @@ def blocking_one_image(
         return {**per_image, "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text)}
 
     cells = object_cells(
-        target.segmentation, adapter.processor.image_processor, record.width, record.height,
+        target.segmentation, adapter, record.width, record.height,
         layout.grid_rows, layout.grid_cols,
     )
     if not cells.any():
