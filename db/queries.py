@@ -525,3 +525,36 @@ def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
         db.duck.execute(f'COPY FROM DATABASE "{source}" TO {alias}')
     finally:
         db.duck.execute(f"DETACH {alias}")
+
+
+def export_console_database(db: ResultsDB, path: Path, root: Path, parquet: dict[str, list[str]],
+                            storage_version: str) -> None:
+    """A small database of views only: each table a view over its Parquet files (paths
+    relative to `root`, the site folder, as a browser resolves them against the site) and
+    the database's own views on top, for the SQL console."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET file_search_path = {_sql_literal(str(root))}")
+        con.execute(f"ATTACH {_sql_literal(str(path))} AS console (STORAGE_VERSION {_sql_literal(storage_version)})")
+        con.execute("USE console")
+        for table, files in sorted(parquet.items()):
+            listed = ", ".join(_sql_literal(f) for f in files)
+            con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet([{listed}])')
+        pending = [sql for name, sql in view_definitions(db) if name not in parquet]
+        while pending:  # views on views: create in dependency order
+            failed = []
+            for sql in pending:
+                try:
+                    con.execute(sql)
+                except duckdb.Error:
+                    failed.append(sql)
+            if len(failed) == len(pending):
+                break  # a view over a table that is not published: left out
+            pending = failed
+        con.execute("USE memory")
+        con.execute("DETACH console")
+    finally:
+        con.close()
+
