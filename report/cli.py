@@ -120,3 +120,7 @@ def serve(site_dir: Path, port: int) -> None:
         pass
     finally:
         httpd.server_close()
+
+
+if __name__ == "__main__":  # `python -m report.cli build ...`: the report alone, without the collector's CLI
+    report()
