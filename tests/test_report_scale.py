@@ -191,9 +191,9 @@ def test_report_builds_with_torch_and_transformers_blocked(db_path: tuple[Path, 
                 if name.split(".")[0] in ("torch", "transformers", "accelerate", "collector"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        from report.cli import report
-        report.main(["build", "--db", {str(db_path[0])!r}, "--out", {str(tmp_path / "site")!r}],
-                    prog_name="report", standalone_mode=False)
+        import runpy
+        sys.argv = ["report", "build", "--db", {str(db_path[0])!r}, "--out", {str(tmp_path / "site")!r}]
+        runpy.run_module("report.cli", run_name="__main__")  # the workflow's `python -m report.cli build`
     """)
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -203,3 +203,16 @@ def test_report_builds_with_torch_and_transformers_blocked(db_path: tuple[Path, 
 def test_report_error_is_raised_before_replacing(db_path: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="limit per file"):
         build_site(db_path[0], tmp_path / "site", max_file_bytes=10)
+
+
+def test_pages_workflow_installs_what_the_test_above_runs() -> None:
+    import tomllib
+
+    workflow = (REPO / "docs" / "github-pages-workflow.yml").read_text(encoding="utf-8")
+    assert "pip install -r docs/requirements-report.txt" in workflow and "--no-deps -e ." in workflow
+    assert "python -m report.cli build" in workflow and "install.sh" not in workflow
+    listed = [line.strip() for line in (REPO / "docs" / "requirements-report.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["report"]
+    assert sorted(listed) == sorted(extra)
+    assert not [name for name in listed if name.split(">")[0] in ("torch", "transformers", "accelerate")]
