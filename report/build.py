@@ -129,6 +129,7 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True, database
 
     with ResultsDB(db_path, read_only=True) as db:
         db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        db.duck.execute("SET enable_progress_bar = false")
         provenance = site_plumbing.provenance(db, db_path, generated_at)
         runs = catalogue.load_runs(db)
         all_entries = catalogue.load_lens_entries(db, runs)
