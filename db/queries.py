@@ -471,6 +471,48 @@ def export_csv(db: ResultsDB, table: str, path: Path, *, run_id: str | None = No
     db.duck.execute(f"COPY ({query}) TO {_sql_literal(str(path))} (HEADER, DELIMITER ',', COMPRESSION gzip)")
 
 
+def image_row_counts(db: ResultsDB, table: str, run_id: str) -> list[tuple[int, int]]:
+    """(image_id, rows) of one run's rows of a table with an image_id column, by image."""
+    name = _table_name(table, db)
+    return [(int(i), int(n)) for i, n in db.sql(
+        f"SELECT image_id, count(*) FROM {name} WHERE run_id = ? GROUP BY image_id ORDER BY image_id", (run_id,))]
+
+
+def export_parquet(db: ResultsDB, table: str, path: Path, *, run_id: str | None = None,
+                   image_range: tuple[int, int] | None = None, exclude: tuple[str, ...] = (),
+                   order_by: tuple[str, ...] = (), row_group_size: int = 122_880) -> int:
+    """Write a table (one run's rows, optionally only image_id in [lo, hi], without the
+    `exclude` columns) as one zstd Parquet file, sorted by `order_by` so row-group min/max
+    statistics prune; text columns are dictionary-encoded. Returns the rows written."""
+    select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
+    query = f"SELECT {select} FROM {_table_name(table, db)}"
+    conditions = []
+    if run_id is not None:
+        conditions.append(f"run_id = {_sql_literal(run_id)}")
+    if image_range is not None:
+        conditions.append(f"image_id BETWEEN {int(image_range[0])} AND {int(image_range[1])}")
+    if conditions:
+        query += " WHERE " + " AND ".join(conditions)
+    columns = table_columns(db)[table]
+    for column in order_by:
+        if column not in columns:
+            raise ValueError(f"no column {column!r} in {table!r}")
+    if order_by:
+        query += " ORDER BY " + ", ".join(f'"{c}"' for c in order_by)
+    rows = db.duck.execute(
+        f"COPY ({query}) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, "
+        f"ROW_GROUP_SIZE {int(row_group_size)}, PARQUET_VERSION v2)"
+    ).fetchall()
+    return int(rows[0][0]) if rows and rows[0] else 0
+
+
+def view_definitions(db: ResultsDB) -> list[tuple[str, str]]:
+    """(name, CREATE VIEW statement) of the database's views, in creation order."""
+    return [(name, sql) for name, sql in db.sql(
+        "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+        "AND database_name = current_database() ORDER BY view_oid")]
+
+
 def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
     """Copy the whole database into a new file written with the given storage version."""
     alias = "llava_interp_site_copy"
@@ -483,3 +525,36 @@ def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
         db.duck.execute(f'COPY FROM DATABASE "{source}" TO {alias}')
     finally:
         db.duck.execute(f"DETACH {alias}")
+
+
+def export_console_database(db: ResultsDB, path: Path, root: Path, parquet: dict[str, list[str]],
+                            storage_version: str) -> None:
+    """A small database of views only: each table a view over its Parquet files (paths
+    relative to `root`, the site folder, as a browser resolves them against the site) and
+    the database's own views on top, for the SQL console."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET file_search_path = {_sql_literal(str(root))}")
+        con.execute(f"ATTACH {_sql_literal(str(path))} AS console (STORAGE_VERSION {_sql_literal(storage_version)})")
+        con.execute("USE console")
+        for table, files in sorted(parquet.items()):
+            listed = ", ".join(_sql_literal(f) for f in files)
+            con.execute(f'CREATE VIEW "{table}" AS SELECT * FROM read_parquet([{listed}])')
+        pending = [sql for name, sql in view_definitions(db) if name not in parquet]
+        while pending:  # views on views: create in dependency order
+            failed = []
+            for sql in pending:
+                try:
+                    con.execute(sql)
+                except duckdb.Error:
+                    failed.append(sql)
+            if len(failed) == len(pending):
+                break  # a view over a table that is not published: left out
+            pending = failed
+        con.execute("USE memory")
+        con.execute("DETACH console")
+    finally:
+        con.close()
+

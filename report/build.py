@@ -8,7 +8,7 @@ through db/queries.py, and never imports torch or the collector. Where things ar
 - report/catalogue.py: runs, lens images, experiment run pages.
 - report/lens_codec.py: the lens data file format ("llava-interp-lens/2").
 - report/object_cells.py: annotated objects on the patch grid, once per (run, image).
-- report/downloads.py: CSV of every table and the database copy.
+- report/downloads.py: Parquet (and CSV where small) of every table, the database copy where small.
 - report/charts.py: SVG chart geometry.
 - report/pages/: one module per kind of page.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 from db.store import ResultsDB
 from report import catalogue
 from report import site as site_plumbing
+from report.catalogue import LensEntry
 from report.downloads import write_downloads
 from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages
@@ -33,13 +34,20 @@ from report.pages.index import write_index_page
 from report.pages.lens import write_lens_page
 from report.pages.quantitative import write_quantitative_page
 from report.pages.sql import write_sql_page
-from report.site import ReportError, Site, Writer
+from report.site import ReportError, Site, Writer, human_size
 from report.urls import NOJEKYLL, run_dir_name
 
 # Imported from here by the CLI, the collector's demo and the tests.
 __all__ = ["ReportError", "SiteSummary", "build_site", "run_dir_name"]
 
 _EXPERIMENT_WRITERS = {"ablation": write_ablation_pages, "blocking": write_blocking_pages}
+
+
+# GitHub Pages: "no file over 100 MB", "published sites may be no larger than 1 GB".
+MAX_FILE_BYTES = 100_000_000
+MAX_SITE_BYTES = 1_000_000_000
+# DuckDB's buffer pool while the build reads (it would otherwise cache up to 80 % of RAM).
+DUCKDB_MEMORY_LIMIT = "256MB"
 
 
 @dataclass
@@ -51,16 +59,68 @@ class SiteSummary:
     lens_pages: int
     files_written: int
     bytes_written: int
+    largest_file: str = ""
+    largest_bytes: int = 0
+    lens_images: int = 0  # completely written lens images, with a page or not
 
 
-def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteSummary:
+class LimitedWriter(Writer):
+    """A Writer that refuses a file over `max_file` bytes or a site over `max_site` bytes,
+    as soon as the file is written (before the rest of the build runs)."""
+
+    def __init__(self, root: Path, max_file: int | None, max_site: int | None) -> None:
+        super().__init__(root)
+        self.max_file, self.max_site = max_file, max_site
+        self.largest, self.largest_bytes = "", 0
+
+    def _check(self, relative: str, size: int) -> None:
+        if size > self.largest_bytes:
+            self.largest, self.largest_bytes = relative, size
+        if self.max_file is not None and size > self.max_file:
+            raise ReportError(
+                f"{relative} would be {human_size(size)}, over the {human_size(self.max_file)} limit per file "
+                "(GitHub Pages refuses files over 100 MB); leave it out (--no-downloads, --lens-pages N) "
+                "or raise the limit with --max-file-mb")
+        if self.max_site is not None and self.bytes > self.max_site:
+            raise ReportError(
+                f"the site would pass {human_size(self.max_site)} (GitHub Pages' limit is 1 GB) at {relative}; "
+                "publish less (--no-downloads, --lens-pages N) or raise the limit with --max-site-mb")
+
+    def write(self, relative: str, content: str | bytes) -> None:
+        before = self.bytes
+        super().write(relative, content)
+        self._check(relative, self.bytes - before)
+
+    def account(self, relative: str) -> int:
+        size = super().account(relative)
+        self._check(relative, size)
+        return size
+
+    def absorb(self, files: int, size: int, largest: str, largest_bytes: int) -> None:
+        """Count what a worker process wrote into the same staging folder."""
+        self.files += files
+        self.bytes += size
+        if largest_bytes:
+            self._check(largest, largest_bytes)
+
+
+def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True, database_copy: str = "auto",
+               lens_pages: int | None = None,
+               max_file_bytes: int | None = MAX_FILE_BYTES, max_site_bytes: int | None = MAX_SITE_BYTES,
+               jobs: int = 1) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
     The site is rendered into a staging folder inside `out_dir` first, so a failed build
     leaves the previous site in place; on success the generated paths (urls.OWNED_PATHS)
     are replaced and nothing else in `out_dir` is touched. `downloads=False` leaves out the
-    CSV files and the database copy. Raises db.errors.DatabaseError for an unusable
-    database file and ReportError for results that cannot be rendered faithfully.
+    Parquet and CSV files and the database copy (and every link to them);
+    `database_copy` is "auto", "always" or "never" (report/downloads.py). `lens_pages`
+    keeps the lens pages (and the quantitative page) to the first N images of each lens
+    run (the downloads keep every image). A file over `max_file_bytes` or a site over `max_site_bytes` (None: no
+    limit) is a ReportError raised as soon as it is written. `jobs` > 1 renders the lens
+    pages in that many processes. Lens pages are rendered image by image, reading only
+    that image's rows. Raises db.errors.DatabaseError for an unusable database file and
+    ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -68,26 +128,29 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
     generated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with ResultsDB(db_path, read_only=True) as db:
+        db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        db.duck.execute("SET enable_progress_bar = false")
         provenance = site_plumbing.provenance(db, db_path, generated_at)
         runs = catalogue.load_runs(db)
-        entries = catalogue.load_lens_entries(db, runs)
+        all_entries = catalogue.load_lens_entries(db, runs)
+        entries = _limit_pages(all_entries, lens_pages)
         experiment_pages = catalogue.experiment_pages(runs)
         objects = ObjectCells.from_db(db)
         out_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".report-build-", dir=out_dir))
         try:
-            writer = Writer(stage)
-            site = Site(writer, site_plumbing.environment(), site_plumbing.common_context(
-                provenance, generated_at, catalogue.experiment_nav(experiment_pages)))
+            writer = LimitedWriter(stage, max_file_bytes, max_site_bytes)
+            common = site_plumbing.common_context(provenance, generated_at, catalogue.experiment_nav(experiment_pages))
+            common["has_downloads"] = downloads  # every page's nav: no Downloads link without downloads
+            site = Site(writer, site_plumbing.environment(), common)
             site_plumbing.copy_static(writer)
             writer.write(NOJEKYLL, "")
-            lens_shapes = {}
-            for entry in entries:
-                data = write_lens_page(db, site, entry, objects)
-                lens_shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
+            lens_shapes = _write_lens_pages(db, db_path, site, writer, entries, objects, jobs)
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
-            download_info = write_downloads(db, writer, runs) if downloads else None
-            if download_info is not None:
+            download_info = None
+            if downloads:
+                download_info = write_downloads(db, writer, runs, source_bytes=db_path.stat().st_size,
+                                                database_copy=database_copy)
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
             for page in experiment_pages:
@@ -99,4 +162,59 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True) -> SiteS
             shutil.rmtree(stage, ignore_errors=True)
 
     return SiteSummary(out_dir=out_dir, runs=len(runs), lens_pages=len(entries),
-                       files_written=writer.files, bytes_written=writer.bytes)
+                       files_written=writer.files, bytes_written=writer.bytes,
+                       largest_file=writer.largest, largest_bytes=writer.largest_bytes,
+                       lens_images=len(all_entries))
+
+
+def _limit_pages(entries: list[LensEntry], per_run: int | None) -> list[LensEntry]:
+    if per_run is None:
+        return entries
+    kept: dict[str, int] = {}
+    out = []
+    for entry in entries:
+        if kept.get(entry.run.run_id, 0) < per_run:
+            kept[entry.run.run_id] = kept.get(entry.run.run_id, 0) + 1
+            out.append(entry)
+    return out
+
+
+Shapes = dict[tuple[str, int], tuple[int, int, int]]
+
+
+def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedWriter, entries: list[LensEntry],
+                      objects: ObjectCells, jobs: int) -> Shapes:
+    """Every lens page, one image at a time (in `jobs` processes when > 1); returns
+    (run, image) -> (n_layers, grid_rows, grid_cols)."""
+    if jobs <= 1 or len(entries) < 2 * jobs:
+        shapes: Shapes = {}
+        for entry in entries:
+            data = write_lens_page(db, site, entry, objects)
+            shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
+        return shapes
+    import multiprocessing
+
+    shares = [entries[i::jobs] for i in range(jobs)]
+    context = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
+    with context.Pool(jobs) as pool:
+        results = pool.starmap(_lens_worker, [(db_path, writer.root, share, site.common)
+                                              for share in shares])
+    shapes = {}
+    for worker_shapes, files, size, largest, largest_bytes in results:
+        shapes.update(worker_shapes)
+        writer.absorb(files, size, largest, largest_bytes)
+    return shapes
+
+
+def _lens_worker(db_path: Path, root: Path, entries: list[LensEntry], common: dict) -> tuple:
+    writer = LimitedWriter(root, None, None)  # the parent checks the limits on what comes back
+    site = Site(writer, site_plumbing.environment(), common)
+    shapes: Shapes = {}
+    with ResultsDB(db_path, read_only=True) as db:
+        db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
+        db.duck.execute("SET threads = 1")
+        objects = ObjectCells.from_db(db)
+        for entry in entries:
+            data = write_lens_page(db, site, entry, objects)
+            shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
+    return shapes, writer.files, writer.bytes, writer.largest, writer.largest_bytes

@@ -38,13 +38,46 @@ def report() -> None:
     "--downloads/--no-downloads",
     default=True,
     show_default=True,
-    help="Write downloads/ (gzipped CSV of every table, per run) and data/results.duckdb (the database, "
-    "in a storage format DuckDB-WASM 1.x reads).",
+    help="Write downloads/: every table as Parquet (per run, split into files of about 48 MB; what the SQL "
+    "console reads), gzipped CSV of the small ones, and data/results.duckdb where the database is small. "
+    "--no-downloads leaves them out, with every link to them.",
 )
-def build(db_path: Path, out_dir: Path, downloads: bool) -> None:
+@click.option(
+    "--database-copy",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Copy the database into the site as data/results.duckdb: auto = only when the file is at most 64 MB.",
+)
+@click.option(
+    "--lens-pages",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Lens pages (and the quantitative page) for the first N images of each lens run only; "
+    "the downloads keep every image. Default: every image.",
+)
+@click.option(
+    "--max-file-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=100.0,
+    show_default=True,
+    help="Refuse to write a file larger than this (GitHub Pages refuses files over 100 MB).",
+)
+@click.option(
+    "--max-site-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1000.0,
+    show_default=True,
+    help="Refuse to write a site larger than this (GitHub Pages sites are limited to 1 GB).",
+)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Render lens pages in this many processes.")
+def build(db_path: Path, out_dir: Path, downloads: bool, database_copy: str, lens_pages: int | None,
+          max_file_mb: float, max_site_mb: float, jobs: int) -> None:
     """Build the site and print what was written."""
     try:
-        summary = build_site(db_path, out_dir, downloads=downloads)
+        summary = build_site(db_path, out_dir, downloads=downloads, database_copy=database_copy, lens_pages=lens_pages,
+                             max_file_bytes=int(max_file_mb * 1e6), max_site_bytes=int(max_site_mb * 1e6), jobs=jobs)
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
@@ -53,6 +86,10 @@ def build(db_path: Path, out_dir: Path, downloads: bool) -> None:
         f"Wrote {summary.lens_pages} lens pages for {summary.runs} runs "
         f"({summary.files_written} files, {summary.bytes_written / 1e6:.1f} MB) to {summary.out_dir}"
     )
+    if summary.lens_pages < summary.lens_images:
+        click.echo(f"Lens pages for {summary.lens_pages} of {summary.lens_images} images (--lens-pages)")
+    click.echo(f"Site size {summary.bytes_written / 1e6:.1f} MB of {max_site_mb:g} MB allowed; largest file "
+               f"{summary.largest_file} ({summary.largest_bytes / 1e6:.1f} MB, limit {max_file_mb:g} MB)")
     click.echo(f"Open {summary.out_dir / 'index.html'}")
 
 
@@ -83,3 +120,7 @@ def serve(site_dir: Path, port: int) -> None:
         pass
     finally:
         httpd.server_close()
+
+
+if __name__ == "__main__":  # `python -m report.cli build ...`: the report alone, without the collector's CLI
+    report()

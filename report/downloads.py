@@ -1,5 +1,17 @@
-"""The site's downloadable data: gzipped CSV of every table (per run where the table has a
-run_id) and the database itself, in a storage format DuckDB-WASM 1.x reads.
+"""The site's downloadable data, sized for GitHub Pages.
+
+- Every table as Parquet (zstd, PARQUET_VERSION v2: dictionary-encoded text), per run for
+  the tables with a run_id, split at image boundaries into files of about
+  TARGET_FILE_BYTES and sorted (image, then layer/position/rank) so that row-group min/max
+  statistics let a reader skip everything but one run, image or layer. These files are
+  also what the SQL console queries, over HTTP range requests (report/pages/sql.py).
+- Gzipped CSV where people expect it: tables of a run (or shared tables) with at most
+  CSV_MAX_ROWS rows. The lens rows of a paper-scale run are Parquet only.
+- The database itself (a copy in storage format v1.4.0, which DuckDB-WASM 1.x and DuckDB
+  1.4+ open) only where it is small: `database_copy="auto"` writes it when the source
+  file is at most DATABASE_COPY_AUTO_BYTES; "always" and "never" decide it outright.
+
+`write_downloads` streams: one COPY per file, never more than one file's rows at a time.
 """
 
 from __future__ import annotations
@@ -14,45 +26,178 @@ from report.site import Writer, human_size
 
 # DuckDB-WASM 1.x reads storage format v1.4.0 and older, not the newest.
 SITE_DB_STORAGE_VERSION = "v1.4.0"
-# Tables exported as CSV per run (those with a run_id column) and once (those without).
+# Tables exported per run (those with a run_id column) and once (those without).
 RUN_TABLES = (
     "runs", "run_images", "skipped", "positions", "logit_lens", "image_views", "extra_views", "ablations", "blocking",
+    "class_tokens",
 )
-# Run tables whose PNG column is left out of the CSV (the images sit next to the pages).
+# Run tables whose PNG column is left out (the images sit next to the pages).
 PNG_TABLES = ("image_views", "extra_views")
 SHARED_TABLES = ("images", "annotations", "mean_vectors", "schema_migrations")
+# Sort order inside each file after (run_id, image_id): what a query on one image and
+# one layer filters on.
+SORT_KEYS = {
+    "logit_lens": ("image_id", "layer", "position", "rank"),
+    "positions": ("image_id", "position"),
+    "run_images": ("image_id",),
+    "image_views": ("image_id",),
+    "extra_views": ("image_id", "name"),
+    "skipped": ("image_id", "reason"),
+    "ablations": ("image_id", "setting", "condition"),
+    "blocking": ("image_id", "target", "source", "layer_start"),
+    "class_tokens": ("image_id", "category"),
+    "images": ("image_id",),
+    "annotations": ("image_id", "annotation_id"),
+}
+# About one image's lens rows (593 positions x 33 layers x top-5 = 97,845) per row group,
+# two to three row groups per LLaVA-1.5 image, so a one-layer query reads a third of it.
+ROW_GROUP_SIZE = 40_960
+TARGET_FILE_BYTES = 48_000_000  # well under GitHub's 100 MB per file
+FIRST_FILE_ROWS = 1_000_000  # rows of the first file of a table, before its bytes per row are known
+CSV_MAX_ROWS = 250_000
+DATABASE_COPY_AUTO_BYTES = 64_000_000
+DATABASE_COPY_CHOICES = ("auto", "always", "never")
 
 
-def write_downloads(db: ResultsDB, writer: Writer, runs: list[RunInfo]) -> dict[str, Any]:
-    """Write every download; returns what the downloads page lists: per run id its files,
-    the shared tables' files and the database copy (hrefs relative to the site root)."""
+def parquet_path(run_dir: str | None, table: str, part: int | None = None) -> str:
+    """`downloads/<run_dir>/<table>-0000.parquet`, `downloads/<table>.parquet` for shared tables."""
+    if run_dir is None:
+        return f"downloads/{table}.parquet"
+    return f"downloads/{run_dir}/{table}-{part or 0:04d}.parquet"
+
+
+def _image_batches(counts: list[tuple[int, int]], rows_per_file: int) -> list[tuple[int, int, int]]:
+    """Consecutive image ranges (first_id, last_id, rows) of at most rows_per_file rows each
+    (an image is never split: one image with more rows gets a file of its own)."""
+    batches: list[tuple[int, int, int]] = []
+    first = last = None
+    rows = 0
+    for image_id, n in counts:
+        if first is not None and rows + n > rows_per_file:
+            batches.append((first, last, rows))
+            first, rows = None, 0
+        if first is None:
+            first = image_id
+        last, rows = image_id, rows + n
+    if first is not None:
+        batches.append((first, last, rows))
+    return batches
+
+
+class _Exporter:
+    def __init__(self, db: ResultsDB, writer: Writer, tables: dict[str, set[str]]) -> None:
+        self.db, self.writer, self.tables = db, writer, tables
+        self.bytes_per_row: dict[str, float] = {}
+
+    def _exclude(self, table: str) -> tuple[str, ...]:
+        if table in PNG_TABLES:
+            return ("png",)
+        if table == "runs" and "run_key" in self.tables[table]:
+            return ("run_key",)  # internal resume key, not a result
+        return ()
+
+    def _order(self, table: str) -> tuple[str, ...]:
+        return tuple(c for c in SORT_KEYS.get(table, ()) if c in self.tables[table])
+
+    def _file(self, relative: str, rows: int, table: str) -> dict[str, Any]:
+        size = self.writer.account(relative)
+        if rows:
+            self.bytes_per_row[table] = max(self.bytes_per_row.get(table, 0.0), size / rows)
+        return {"href": relative, "bytes": size, "size": human_size(size), "rows": rows}
+
+    def parquet(self, table: str, run: RunInfo | None) -> list[dict[str, Any]]:
+        exclude, order = self._exclude(table), self._order(table)
+        if run is None or "image_id" not in self.tables[table]:
+            relative = parquet_path(run.dir_name if run else None, table)
+            rows = queries.export_parquet(self.db, table, self.writer.path(relative), run_id=run.run_id if run else None,
+                                          exclude=exclude, order_by=order, row_group_size=ROW_GROUP_SIZE)
+            return [self._file(relative, rows, table)]
+        files = []
+        counts = queries.image_row_counts(self.db, table, run.run_id)
+        remaining = counts
+        part = 0
+        while remaining:
+            per_row = self.bytes_per_row.get(table)
+            rows_per_file = FIRST_FILE_ROWS if per_row is None else max(1, int(TARGET_FILE_BYTES / per_row))
+            first, last, _ = _image_batches(remaining, rows_per_file)[0]
+            relative = parquet_path(run.dir_name, table, part)
+            rows = queries.export_parquet(self.db, table, self.writer.path(relative), run_id=run.run_id,
+                                          image_range=(first, last), exclude=exclude, order_by=order,
+                                          row_group_size=ROW_GROUP_SIZE)
+            files.append(self._file(relative, rows, table))
+            remaining = [(i, n) for i, n in remaining if i > last]
+            part += 1
+        return files
+
+    def csv(self, table: str, run: RunInfo | None, rows: int) -> dict[str, Any] | None:
+        if rows > CSV_MAX_ROWS:
+            return None
+        relative = urls.run_download(run.dir_name, table) if run else urls.shared_download(table)
+        queries.export_csv(self.db, table, self.writer.path(relative), run_id=run.run_id if run else None,
+                           exclude=self._exclude(table))
+        return self._file(relative, rows, table)
+
+
+def _entry(table: str, rows: int, parquet: list[dict[str, Any]], csv: dict[str, Any] | None) -> dict[str, Any]:
+    total = sum(f["bytes"] for f in parquet)
+    return {"table": table, "rows": rows, "parquet": parquet, "parquet_size": human_size(total),
+            "parquet_bytes": total, "csv": csv,
+            # kept for templates and tests that link "the" file of a table
+            "href": (csv or parquet[0])["href"], "size": (csv or parquet[0])["size"]}
+
+
+def write_downloads(db: ResultsDB, writer: Writer, runs: list[RunInfo], *, source_bytes: int = 0,
+                    database_copy: str = "auto") -> dict[str, Any]:
+    """Write every download; returns what the downloads page and the SQL console need:
+    per run id its tables, the shared tables, the database copy (or None, with the reason
+    in `database_note`) and `parquet`: table -> every Parquet file of it (site paths)."""
+    if database_copy not in DATABASE_COPY_CHOICES:
+        raise ValueError(f"database_copy must be one of {DATABASE_COPY_CHOICES}")
     tables = queries.table_columns(db)
-    downloads: dict[str, Any] = {"runs": {}, "shared": [], "database": None}
-
-    def export(table: str, relative: str, run_id: str | None = None, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-        queries.export_csv(db, table, writer.path(relative), run_id=run_id, exclude=exclude)
-        return {"href": relative, "size": human_size(writer.account(relative))}
+    relations = queries.relations(db)
+    base_tables = {t for t in tables if t in relations} - {name for name, _ in queries.view_definitions(db)}
+    exporter = _Exporter(db, writer, tables)
+    downloads: dict[str, Any] = {"runs": {}, "shared": [], "database": None, "database_note": "",
+                                 "parquet": {}, "csv_max_rows": CSV_MAX_ROWS}
 
     for run in runs:
-        files = []
+        entries = []
         for table in RUN_TABLES:
-            if table not in tables or "run_id" not in tables[table]:
+            if table not in base_tables or "run_id" not in tables[table]:
                 continue
-            exclude: tuple[str, ...] = ("png",) if table in PNG_TABLES else ()
-            if table == "runs" and "run_key" in tables[table]:
-                exclude = ("run_key",)  # internal resume key, not a result
             count = queries.count_rows(db, table, run.run_id)
             if count == 0 and table != "runs":
                 continue
-            files.append({"table": table, "rows": count,
-                          **export(table, urls.run_download(run.dir_name, table), run.run_id, exclude)})
-        downloads["runs"][run.run_id] = files
+            parquet = exporter.parquet(table, run)
+            downloads["parquet"].setdefault(table, []).extend(f["href"] for f in parquet)
+            entries.append(_entry(table, count, parquet, exporter.csv(table, run, count)))
+        downloads["runs"][run.run_id] = entries
     for table in SHARED_TABLES:
-        if table in tables:
-            downloads["shared"].append({"table": table, "rows": queries.count_rows(db, table),
-                                        **export(table, urls.shared_download(table))})
+        if table in base_tables:
+            count = queries.count_rows(db, table)
+            parquet = exporter.parquet(table, None)
+            downloads["parquet"][table] = [f["href"] for f in parquet]
+            downloads["shared"].append(_entry(table, count, parquet, exporter.csv(table, None, count)))
+    # Tables with no rows in any run still get an (empty) file, so every table has a view.
+    for table in sorted(base_tables):
+        if table not in downloads["parquet"] and {"run_id", "image_id"} <= tables[table] and table in RUN_TABLES:
+            relative = parquet_path(None, table)  # downloads/<table>.parquet, no rows
+            queries.export_parquet(db, table, writer.path(relative), image_range=(1, 0), exclude=exporter._exclude(table))
+            writer.account(relative)
+            downloads["parquet"][table] = [relative]
 
-    queries.export_database(db, writer.path(urls.SITE_DATABASE), SITE_DB_STORAGE_VERSION)
-    downloads["database"] = {"href": urls.SITE_DATABASE, "size": human_size(writer.account(urls.SITE_DATABASE)),
-                             "storage_version": SITE_DB_STORAGE_VERSION}
+    if database_copy == "always" or (database_copy == "auto" and source_bytes <= DATABASE_COPY_AUTO_BYTES):
+        queries.export_database(db, writer.path(urls.SITE_DATABASE), SITE_DB_STORAGE_VERSION)
+        downloads["database"] = {"href": urls.SITE_DATABASE, "size": human_size(writer.account(urls.SITE_DATABASE)),
+                                 "storage_version": SITE_DB_STORAGE_VERSION}
+    elif database_copy == "auto":
+        downloads["database_note"] = (
+            f"The database ({human_size(source_bytes)}) is not copied into the site: a copy is included "
+            f"up to {human_size(DATABASE_COPY_AUTO_BYTES)} (`--database-copy always` forces it). "
+            "Every table is above, as Parquet.")
+    else:
+        downloads["database_note"] = "The database is not copied into this site (`--database-copy never`)."
+    downloads["total_bytes"] = sum(f["parquet_bytes"] + (f["csv"]["bytes"] if f["csv"] else 0)
+                                   for entries in [*downloads["runs"].values(), downloads["shared"]] for f in entries)
     return downloads
+

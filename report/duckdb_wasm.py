@@ -33,6 +33,11 @@ WORKER_FILE = "duckdb-browser-eh.worker.js"
 WASM_FILE = "duckdb-eh.wasm"
 REQUIRED_FILES = (MODULE_FILE, WORKER_FILE, WASM_FILE)
 MANIFEST = "VERSION.json"
+# DuckDB-WASM 1.29+ does not build in Parquet: the console over Parquet needs the parquet
+# extension, vendored beside the WASM files as extensions/<duckdb version>/wasm_eh/
+# parquet.duckdb_extension.wasm (the layout DuckDB's custom_extension_repository reads).
+EXTENSIONS_DIR = "extensions"
+PARQUET_EXTENSION = "parquet.duckdb_extension.wasm"
 FETCH_SCRIPT = "scripts/fetch-duckdb-wasm.sh"
 DEFAULT_CACHE = Path(".cache") / "duckdb-wasm" / "vendor"
 
@@ -52,6 +57,11 @@ class WasmFiles:
     @property
     def found(self) -> bool:
         return self.path is not None
+
+    @property
+    def has_parquet(self) -> bool:
+        """Whether the prepared folder carries the parquet extension (extensions/.../wasm_eh/)."""
+        return self.path is not None and any((self.path / EXTENSIONS_DIR).glob(f"*/wasm_eh/{PARQUET_EXTENSION}"))
 
 
 def _check_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -108,4 +118,9 @@ def copy_duckdb_wasm(wasm: WasmFiles, writer: Writer) -> int:
             relative = f"{VENDOR_DIR}/{item.name}"
             shutil.copyfile(item, writer.path(relative))  # 34 MB: copied, never read into memory
             vendor_bytes += writer.account(relative)
+    extensions = wasm.path / EXTENSIONS_DIR
+    for item in sorted(extensions.glob(f"*/wasm_eh/{PARQUET_EXTENSION}")) if extensions.is_dir() else []:
+        relative = f"{VENDOR_DIR}/{item.relative_to(wasm.path).as_posix()}"
+        shutil.copyfile(item, writer.path(relative))
+        vendor_bytes += writer.account(relative)
     return vendor_bytes

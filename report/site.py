@@ -134,7 +134,7 @@ class Site:
         """Render `template` into the file at site path `path`; the template links with
         `href(target)`, which turns a site path into a URL relative to this page."""
         html = self.env.get_template(template).render(
-            href=lambda target: urls.href(path, target), **context, **self.common)
+            href=lambda target: urls.href(path, target), **{**self.common, **context})
         self.writer.write(path, html)
 
 

@@ -1,9 +1,15 @@
-"""The SQL console page (`sql.html`): DuckDB-WASM in the browser over the site's copy of
-the database (`data/results.duckdb`, attached read-only), with example queries one click away.
+"""The SQL console page (`sql.html`): DuckDB-WASM in the browser over the site's Parquet
+downloads, with example queries one click away.
+
+The console attaches `data/console.duckdb` read-only as `results`: a database of views
+only, each table a view over its published Parquet files, plus the database's own views
+(lens_top1, ablation_summary, ...). The browser registers every Parquet file by its site
+path and DuckDB-WASM reads them with HTTP range requests, so a query on one image or one
+layer moves only the footers and the row groups it needs, never the whole run.
 
 The page needs http(s): browsers refuse module scripts, workers and fetch() on file://,
-and it says so. Its JavaScript is templates/static/sql.js; the WASM files come from
-report/duckdb_wasm.py.
+and range requests do not exist there; it says so. Its JavaScript is
+templates/static/sql.js; the WASM files come from report/duckdb_wasm.py.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from typing import Any
 from db import queries
 from db.store import ResultsDB
 from report import duckdb_wasm, urls
-from report.site import Site
+from report.site import Site, script_json
 
 SERVE_COMMAND = "llava-interp report serve --dir site"
+CONSOLE_DATABASE = "data/console.duckdb"
 DEFAULT_ROW_LIMIT = 1000
 
 
@@ -102,25 +109,59 @@ def examples(db: ResultsDB) -> list[dict[str, str]]:
             "ORDER BY l.rank;",
         },
     ]
+    # An example over tables without rows returns nothing: it stays, with a note saying so.
+    sources = {"ablation_summary": "ablations", "blocking_curves": "blocking", "lens_top1": "logit_lens",
+               "lens_object_hits": "logit_lens", "run_images": "logit_lens"}
+    empty = {table for table in set(sources.values()) if table not in relations or not queries.count_rows(db, table)}
+    for example in out:
+        source = sources.get(example["needs"])
+        example["empty_note"] = (f"Returns no rows here: this site's runs have no {source} rows."
+                                 if source in empty else "")
+    if "lens_object_hits" in relations and "annotations" in relations and not queries.count_rows(db, "annotations"):
+        for example in out:
+            if example["needs"] == "lens_object_hits":
+                example["empty_note"] = "Returns no rows here: no image of this site has annotations."
     return [example for example in out if not example["needs"] or example["needs"] in relations]
 
 
 def write_sql_page(db: ResultsDB, site: Site, download_info: dict[str, Any] | None, *,
                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Write sql.html (always) and vendor/duckdb-wasm/ (when found and the database copy
-    was published). `download_info` is what report.downloads.write_downloads returned (None
-    with --no-downloads). Returns what was written."""
-    database = (download_info or {}).get("database")
+    """Write sql.html (always), and vendor/duckdb-wasm/ and data/console.duckdb (when
+    DuckDB-WASM was found and the Parquet files were published). `download_info` is what
+    report.downloads.write_downloads returned (None with --no-downloads). Returns what was
+    written."""
+    parquet = (download_info or {}).get("parquet") or {}
+    copy = (download_info or {}).get("database")
     wasm = duckdb_wasm.find_duckdb_wasm(environ)
-    enabled = wasm.found and database is not None
+    # "parquet": views over the Parquet files, read in parts (needs the vendored parquet
+    # extension); "database": the whole database copy, fetched once (small sites).
+    mode = "parquet" if wasm.found and wasm.has_parquet and parquet else "database" if wasm.found and copy else ""
+    enabled = bool(mode)
     vendor_bytes = duckdb_wasm.copy_duckdb_wasm(wasm, site.writer) if enabled else 0
+    database = copy if mode == "database" else None
+    if mode == "parquet":
+        from report.downloads import SITE_DB_STORAGE_VERSION
+
+        queries.export_console_database(db, site.writer.path(CONSOLE_DATABASE), site.writer.root, parquet,
+                                        SITE_DB_STORAGE_VERSION)
+        size = site.writer.account(CONSOLE_DATABASE)
+        total = sum((site.writer.root / f).stat().st_size for files in parquet.values() for f in files)
+        database = {"href": CONSOLE_DATABASE, "size": f"{size / 1e3:.0f} KB",
+                    "parquet_size": f"{total / 1e6:.1f} MB",
+                    "files": sorted(f for files in parquet.values() for f in files)}
     wasm_bytes = wasm.manifest.get("files", {}).get(duckdb_wasm.WASM_FILE, {}).get("bytes", 0)
+    relations = set(parquet) | {name for name, _ in queries.view_definitions(db)}
+    shown = [e for e in examples(db) if not e["needs"] or e["needs"] in relations]
     site.render(
         "sql.html.j2", urls.SQL,
         enabled=enabled,
+        mode=mode,
+        no_parquet_extension=wasm.found and not wasm.has_parquet and bool(parquet),
+        extensions_dir=f"{duckdb_wasm.VENDOR_DIR}/{duckdb_wasm.EXTENSIONS_DIR}/",
         wasm=wasm,
         database=database,
-        examples=examples(db),
+        parquet_files=script_json(database["files"]) if mode == "parquet" else "[]",
+        examples=shown,
         default_limit=DEFAULT_ROW_LIMIT,
         vendor_dir=duckdb_wasm.VENDOR_DIR,
         module_file=duckdb_wasm.MODULE_FILE,

@@ -1,4 +1,4 @@
-// SQL console (sql.html): DuckDB-WASM over the site's copy of the database, read-only.
+// SQL console (sql.html): DuckDB-WASM over the site's Parquet files (views in data/console.duckdb), read-only.
 //
 // A classic script (so it runs, and explains itself, on file:// too) that imports the
 // vendored DuckDB-WASM module only on this page and only over http(s). Every string from
@@ -15,7 +15,7 @@
     return;
   }
 
-  var DB_FILE = "results.duckdb";
+  var DB_FILE = root.dataset.mode === "parquet" ? "console.duckdb" : "results.duckdb";
   var CATALOG = "results";
   var editor = document.getElementById("sql-editor");
   var runButton = document.getElementById("sql-run");
@@ -73,18 +73,41 @@
       var db = new duckdb.AsyncDuckDB(new duckdb.VoidLogger(), worker);
       await db.instantiate(url("wasm"), null);
       await db.open({ path: ":memory:", query: { castDecimalToDouble: true } });
-      var bytes = await fetchDatabase(url("database"));
-      var size = bytes.length;  // the buffer moves to the worker: read its size first
-      await db.registerFileBuffer(DB_FILE, bytes);
+      var parquetMode = root.dataset.mode === "parquet";
+      var files = [], size = 0;
+      if (parquetMode) {
+        // Every Parquet file by its site path (what the views in console.duckdb name), read
+        // over HTTP range requests: only the footers and row groups a query needs move.
+        files = JSON.parse(document.getElementById("sql-files").textContent);
+        var http = duckdb.DuckDBDataProtocol.HTTP;
+        for (var i = 0; i < files.length; i++) {
+          await db.registerFileURL(files[i], new URL(files[i], document.baseURI).href, http, false);
+        }
+        await db.registerFileURL(DB_FILE, url("database"), http, false);
+      } else {
+        // Small sites without the vendored parquet extension: the whole database copy.
+        var bytes = await fetchDatabase(url("database"));
+        size = bytes.length;  // the buffer moves to the worker: read its size first
+        await db.registerFileBuffer(DB_FILE, bytes);
+      }
       var conn = await db.connect();
       // Extensions would be downloaded from extensions.duckdb.org: nothing leaves this site.
       await conn.query("SET autoinstall_known_extensions = false");
       await conn.query("SET autoload_known_extensions = false");
+      if (parquetMode) {
+        // The parquet extension comes from this site (vendor/duckdb-wasm/extensions), never from a CDN.
+        await conn.query("SET custom_extension_repository = '" + url("extensions").replace(/\/$/, "").replace(/'/g, "''") + "'");
+        await conn.query("LOAD parquet");
+        try { await conn.query("SET parquet_metadata_cache = true"); } catch (e) { /* older DuckDB */ }
+      }
       await conn.query("ATTACH '" + DB_FILE + "' AS " + CATALOG + " (READ_ONLY)");
       await conn.query("USE " + CATALOG);
       var version = (await conn.query("SELECT version() AS v")).getChild("v").get(0);
-      setStatus("Ready: DuckDB " + version + " (WebAssembly), " + root.dataset.database + " (" +
-        formatBytes(size) + ") attached read-only as \u201c" + CATALOG + "\u201d.");
+      setStatus(parquetMode
+        ? "Ready: DuckDB " + version + " (WebAssembly); " + files.length + " Parquet files as views in the " +
+          "read-only catalog \u201c" + CATALOG + "\u201d, read in parts over HTTP range requests."
+        : "Ready: DuckDB " + version + " (WebAssembly), " + root.dataset.database + " (" +
+          formatBytes(size) + ") attached read-only as \u201c" + CATALOG + "\u201d.");
       return conn;
     })();
     ready.catch(function (error) {

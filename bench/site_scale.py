@@ -1,0 +1,191 @@
+"""How a published site scales with the run: size per image, largest file, build time and
+peak memory, on synthetic databases with LLaVA-1.5's real vocabulary and depth.
+
+Run: PYTHONPATH=. .venv/bin/python bench/site_scale.py [--images 200 1000 5000] [--jobs 1]
+     [--no-downloads] [--console]
+
+Each database is generated with DuckDB SQL (no model, seconds per thousand images): one
+lens run, 33 hidden states x 593 positions (576 patches on a 24x24 grid + 17 text
+positions), top-5, tokens drawn from the real LLaVA-1.5 vocabulary (tokenizer.json from
+../shared/data when present, else 32064 made-up pieces) the way a real lens table looks
+(the top-1 token persists over a few layers, the others are Zipf-like), float32
+probabilities descending along rank, one COCO-style annotation per image and a small view
+PNG. Databases are cached under --cache (default /tmp/llava-interp-bench).
+
+Printed per size: database size, site size, bytes per image (all included, and without
+the pictures), the largest file, `report build` wall time and peak RSS of the build
+process (a fresh `llava-interp report build` subprocess, measured with getrusage).
+With --console: bytes the SQL console's example queries move over HTTP range requests
+(headless Chromium through Playwright, the site served by report/serve.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import duckdb  # noqa: E402
+
+TOKENIZER = REPO.parent / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf" / "tokenizer.json"
+N_LAYERS, GRID, N_TEXT, TOP_K = 33, 24, 17, 5
+N_POS = GRID * GRID + N_TEXT  # 593
+
+
+def vocabulary() -> list[str]:
+    if TOKENIZER.is_file():
+        vocab = json.loads(TOKENIZER.read_text(encoding="utf-8"))["model"]["vocab"]
+        words = [""] * (max(vocab.values()) + 1)
+        for text, index in vocab.items():
+            words[index] = text
+        return words
+    return [f"\u2581w{i}" if i % 3 else f"p{i}" for i in range(32064)]
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (336, 336), (120, 40, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_database(path: Path, n_images: int) -> None:
+    """A results database with one lens run of `n_images` images (see the module doc)."""
+    from db.store import ResultsDB
+
+    if path.exists():
+        path.unlink()
+    with ResultsDB(path) as db:
+        run_id = db.start_run("lens", "llava-hf/llava-1.5-7b-hf", {"model_id": "llava-hf/llava-1.5-7b-hf", "bench": n_images},
+                     {"model_id": "llava-hf/llava-1.5-7b-hf", "revision": "bench", "top_k": TOP_K,
+                      "prompt": "USER: <image>\nDescribe the image. ASSISTANT:"})
+    words = vocabulary()
+    con = duckdb.connect(str(path))
+    try:
+        con.execute("SET preserve_insertion_order = true")
+        import pyarrow as pa
+
+        vocab_table = pa.table({"token_id": pa.array(range(len(words)), pa.int32()), "token": words})
+        con.register("vocab_arrow", vocab_table)
+        con.execute("CREATE TEMP TABLE vocab AS SELECT * FROM vocab_arrow")
+        v = len(words)
+        con.execute(f"""INSERT INTO images SELECT 1000000 + i, printf('%012d.jpg', 1000000 + i), 640, 480, 'coco'
+                        FROM range({n_images}) t(i)""")
+        # One square object per image over a quarter of the view.
+        con.execute(f"""INSERT INTO annotations SELECT 1000000 + i, i, 17, 'cat', 40000.0,
+                        [100.0, 100.0, 200.0, 200.0], false,
+                        '[[100,100,300,100,300,300,100,300]]'::JSON FROM range({n_images}) t(i)""")
+        con.execute(f"""INSERT INTO run_images SELECT ?, 1000000 + i, {N_POS}, {N_LAYERS}, {GRID}, {GRID},
+                        TIMESTAMP '2025-01-01' FROM range({n_images}) t(i)""", [run_id])
+        con.execute(f"""INSERT INTO image_views SELECT ?, 1000000 + i, ?, 336, 336, 0.7, 0.7, 56.0, 0.0
+                        FROM range({n_images}) t(i)""", [run_id, _png()])
+        n_before = 5
+        con.execute(f"""
+            INSERT INTO positions
+            SELECT ?, 1000000 + i, p,
+                   CASE WHEN p >= {n_before} AND p < {n_before + GRID * GRID} THEN 'image' ELSE 'text' END,
+                   CASE WHEN p >= {n_before} AND p < {n_before + GRID * GRID} THEN (p - {n_before}) // {GRID} END,
+                   CASE WHEN p >= {n_before} AND p < {n_before + GRID * GRID} THEN (p - {n_before}) % {GRID} END,
+                   CASE WHEN p >= {n_before} AND p < {n_before + GRID * GRID}
+                        THEN printf('<IMG%03d>', p - {n_before} + 1) ELSE 'tok' || p END,
+                   p
+            FROM range({n_images}) t(i), range({N_POS}) q(p)
+            ORDER BY i, p""", [run_id])
+        # Lens rows: in image order (as the collector writes them), tokens realistic.
+        chunk = 100
+        for start in range(0, n_images, chunk):
+            stop = min(n_images, start + chunk)
+            con.execute(f"""
+                INSERT INTO logit_lens
+                WITH cells AS (
+                    SELECT i, l, p, r,
+                           -- uniform pseudo-random numbers from hashes of the cell
+                           (hash(i, p, l // 4) % 1000003) / 1000003.0 AS u_top,
+                           (hash(i, p, l // 2, r) % 1000003) / 1000003.0 AS u_tok,
+                           (hash(i, l, p, r, 7) % 1000003) / 1000003.0 AS u_prob
+                    FROM range({start}, {stop}) a(i), range({N_LAYERS}) b(l), range({N_POS}) c(p),
+                         range(1, {TOP_K + 1}) d(r)
+                ), ids AS (
+                    SELECT i, l, p, r, u_prob,
+                           (CASE WHEN r = 1 THEN floor(exp(pow(u_top, 1.5) * ln({v}))) - 1
+                                 ELSE floor(exp(pow(u_tok, 1.5) * ln({v}))) - 1 END)::INTEGER % {v} AS token_id
+                    FROM cells
+                )
+                SELECT ?, 1000000 + i, l::SMALLINT, p, r::SMALLINT, ids.token_id, vocab.token,
+                       (0.95 * exp(-1.3 * (r - 1 + u_prob)))::FLOAT
+                FROM ids JOIN vocab USING (token_id)
+                ORDER BY i, l, p, r""", [run_id])
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+
+
+def _peak_rss_children_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str]:
+    """Build in a fresh process; (seconds, peak RSS MB, CLI output)."""
+    code = ("import sys; from report.cli import report; "
+            "sys.exit(report.main(sys.argv[1:], prog_name='report', standalone_mode=True))")
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-c", code, "build", "--db", str(db_path), "--out", str(out), *extra],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    seconds = time.perf_counter() - started
+    # RUSAGE_CHILDREN is the maximum over waited-for children: measure one child per process.
+    return seconds, _peak_rss_children_mb(), completed.stdout + completed.stderr
+
+
+def site_stats(out: Path) -> dict[str, float | str]:
+    sizes = {p: p.stat().st_size for p in out.rglob("*") if p.is_file()}
+    largest = max(sizes, key=sizes.__getitem__)
+    pictures = sum(size for p, size in sizes.items() if p.suffix == ".png")
+    return {"bytes": sum(sizes.values()), "pictures": pictures, "files": len(sizes),
+            "largest": str(largest.relative_to(out)), "largest_bytes": sizes[largest]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[20, 200])
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/llava-interp-bench"))
+    parser.add_argument("--build-args", default="", help="extra `report build` options, e.g. '--jobs 2'")
+    parser.add_argument("--only-db", action="store_true", help="generate the databases and stop")
+    args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in args.images:
+        db_path = args.cache / f"lens-{n}.duckdb"
+        if not db_path.exists():
+            started = time.perf_counter()
+            make_database(db_path, n)
+            print(f"generated {db_path} ({db_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s",
+                  flush=True)
+        if args.only_db:
+            continue
+        out = args.cache / f"site-{n}"
+        if out.exists():
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+        if os.fork() == 0:  # one child per measurement, so ru_maxrss is this build's alone
+            seconds, rss, output = build(db_path, out, args.build_args.split())
+            print(output.strip(), flush=True)
+            stats = site_stats(out)
+            print(json.dumps({"images": n, "seconds": round(seconds, 1), "peak_rss_mb": round(rss), **stats}), flush=True)
+            os._exit(0)
+        os.wait()
+        results.append(n)
+
+
+if __name__ == "__main__":
+    main()
