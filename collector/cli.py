@@ -49,7 +49,7 @@ def collect_lens_command(
 ) -> None:
     """Logit lens: final norm + unembedding on every layer's hidden state at every
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
-    from collector.collect_lens import collect_lens
+    from collector.lens.experiment import collect_lens
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -62,10 +62,7 @@ def collect_lens_command(
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
             progress=not quiet,
         )
-    click.echo(
-        f"run {summary.run_id}: {summary.images_written} images written, "
-        f"{summary.images_skipped} already complete -> {db_path}"
-    )
+    click.echo(summary.line(db_path))
 
 
 @cli.command("demo")
