@@ -10,7 +10,7 @@ declarations instead of being written a second time by hand:
 | SmallInteger           | int16                   |
 | Integer                | int32                   |
 | BigInteger             | int64                   |
-| Float                  | float64                 |
+| Float                  | float64 (DuckDB stores a plain Float as 32-bit FLOAT and rounds on insert) |
 | Boolean                | bool                    |
 | DateTime               | timestamp[us] (naive, UTC by convention) |
 | LargeBinary            | binary                  |
