@@ -83,15 +83,19 @@ class Readout:
             (f"lm_head.{name}", t) for name, t in self.lm_head.state_dict().items()
         ]
 
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
         """sha256 over the raw bytes of `tensors()`, concatenated in that order.
 
         Recorded in a run's config (`readout_sha256`): two runs with equal hashes read
         hidden states out through the same weights. A few hundred MB for a 7B model's
-        lm_head, so compute it once per run.
+        lm_head, so compute it once per run. None when a weight is not in memory (on the
+        meta device, as with accelerate's disk offload).
         """
+        tensors = self.tensors()
+        if any(tensor.is_meta for _, tensor in tensors):
+            return None
         digest = hashlib.sha256()
-        for _, tensor in self.tensors():
+        for _, tensor in tensors:
             flat = tensor.detach().reshape(-1).contiguous().cpu()
             digest.update(flat.view(torch.uint8).numpy())
         return digest.hexdigest()

@@ -95,3 +95,14 @@ def test_paligemma_readout_applies_the_models_softcap(paligemma):
                                   one_plus=True)
         raw = normed @ model.lm_head.weight.detach().float().T
         torch.testing.assert_close(readout(hidden), 3.0 * torch.tanh(raw / 3.0), atol=1e-4, rtol=1e-4)
+
+
+def test_sha256_of_half_precision_and_offloaded_weights():
+    norm = torch.nn.LayerNorm(4, bias=False).to(torch.bfloat16)
+    lm_head = torch.nn.Linear(4, 6, bias=False).to(torch.bfloat16)
+    # bfloat16 has no numpy dtype: its raw bytes read as int16
+    raw = norm.weight.detach().view(torch.int16).numpy().tobytes() + lm_head.weight.detach().view(torch.int16).numpy().tobytes()
+    assert Readout(norm, lm_head).sha256() == hashlib.sha256(raw).hexdigest()
+    with torch.device("meta"):
+        offloaded = torch.nn.Linear(4, 6, bias=False)
+    assert Readout(norm, offloaded).sha256() is None
