@@ -49,8 +49,8 @@ def collect_lens_command(
 ) -> None:
     """Logit lens: final norm + unembedding on every layer's hidden state at every
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
-    from collector.collect_lens import collect_lens
     from collector.distributed import ProcessGroup, run_sharded
+    from collector.lens.experiment import collect_lens
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -68,11 +68,7 @@ def collect_lens_command(
             )
 
     outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))
-    summary = outcome.summary
-    click.echo(
-        f"{group.label + ': ' if group.label else ''}run {summary.run_id}: {summary.images_written} images written, "
-        f"{summary.images_skipped} already complete -> {outcome.db_path}"
-    )
+    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.line(outcome.db_path)}")
     for line in outcome.merge.lines() if outcome.merge else ():
         click.echo(line)
 

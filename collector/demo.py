@@ -85,7 +85,7 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.ablation.replacement import compute_mean_vector, load_replacement, store_mean_vector
     from collector.blocking.experiment import collect_blocking
-    from collector.collect_lens import collect_lens
+    from collector.lens.experiment import collect_lens
     from collector.images import folder_images
     from collector.loading import load_model
     from collector.tiny import build_tiny_llava

@@ -1,7 +1,12 @@
-"""Arrow tables for rows every experiment writes per image (positions, image view)."""
+"""Arrow tables for rows every experiment writes per image (positions, image view, marker, skip).
+
+Column types come from the schema (`db.arrow`), never written here: each builder gives
+column values and `table_from_columns` converts and checks them.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from typing import Any, Iterable
 
@@ -11,6 +16,7 @@ import torch
 
 from collector.adapters import ImageTokenLayout, ModelAdapter, NamedView
 from collector.images import ImageRecord
+from db.arrow import table_from_columns
 
 
 def decode_tokens(tokenizer: Any, token_ids: Iterable[int]) -> dict[int, str]:
@@ -56,17 +62,18 @@ def positions_table(
             patch_row[position] = row if row >= 0 else None
             patch_col[position] = col if col >= 0 else None
             label[position] = extra.labels[k]
-    return pa.table(
+    return table_from_columns(
+        "positions",
         {
-            "run_id": pa.array([run_id] * n, pa.string()),
-            "image_id": pa.array([image_id] * n, pa.int64()),
-            "position": pa.array(range(n), pa.int32()),
-            "kind": pa.array(kind, pa.string()),
-            "patch_row": pa.array(patch_row, pa.int32()),
-            "patch_col": pa.array(patch_col, pa.int32()),
-            "label": pa.array(label, pa.string()),
-            "token_id": pa.array(ids, pa.int32()),
-        }
+            "run_id": [run_id] * n,
+            "image_id": [image_id] * n,
+            "position": range(n),
+            "kind": kind,
+            "patch_row": patch_row,
+            "patch_col": patch_col,
+            "label": label,
+            "token_id": ids,
+        },
     )
 
 
@@ -86,18 +93,19 @@ def image_view_table(
         )
     buffer = io.BytesIO()
     view.save(buffer, format="PNG", optimize=True)
-    return pa.table(
+    return table_from_columns(
+        "image_views",
         {
             "run_id": [run_id],
-            "image_id": pa.array([record.image_id], pa.int64()),
-            "png": pa.array([buffer.getvalue()], pa.binary()),
+            "image_id": [record.image_id],
+            "png": [buffer.getvalue()],
             "view_width": [view.size[0]],
             "view_height": [view.size[1]],
             "scale_x": [float(geometry.scale_x)],
             "scale_y": [float(geometry.scale_y)],
             "offset_x": [float(geometry.offset_x)],
             "offset_y": [float(geometry.offset_y)],
-        }
+        },
     )
 
 
@@ -108,18 +116,19 @@ def extra_views_table(run_id: str, image_id: int, views: list[NamedView]) -> pa.
         buffer = io.BytesIO()
         view.image.save(buffer, format="PNG", optimize=True)
         pngs.append(buffer.getvalue())
-    return pa.table(
+    return table_from_columns(
+        "extra_views",
         {
-            "run_id": pa.array([run_id] * len(views), pa.string()),
-            "image_id": pa.array([image_id] * len(views), pa.int64()),
-            "name": pa.array([view.name for view in views], pa.string()),
-            "kind": pa.array([view.kind for view in views], pa.string()),
-            "png": pa.array(pngs, pa.binary()),
-            "view_width": pa.array([view.image.size[0] for view in views], pa.int32()),
-            "view_height": pa.array([view.image.size[1] for view in views], pa.int32()),
-            "grid_rows": pa.array([view.grid_rows for view in views], pa.int32()),
-            "grid_cols": pa.array([view.grid_cols for view in views], pa.int32()),
-        }
+            "run_id": [run_id] * len(views),
+            "image_id": [image_id] * len(views),
+            "name": [view.name for view in views],
+            "kind": [view.kind for view in views],
+            "png": pngs,
+            "view_width": [view.image.size[0] for view in views],
+            "view_height": [view.image.size[1] for view in views],
+            "grid_rows": [view.grid_rows for view in views],
+            "grid_cols": [view.grid_cols for view in views],
+        },
     )
 
 
@@ -127,42 +136,49 @@ def run_image_marker(
     run_id: str, image_id: int, n_positions: int, layout: ImageTokenLayout, n_layers: int | None
 ) -> pa.Table:
     """The row that says every result of (run, image) is written."""
-    import datetime as dt
-
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    return pa.table(
+    return table_from_columns(
+        "run_images",
         {
             "run_id": [run_id],
-            "image_id": pa.array([image_id], pa.int64()),
-            "n_positions": pa.array([n_positions], pa.int32()),
-            "n_layers": pa.array([n_layers], pa.int32()),
-            "grid_rows": pa.array([layout.grid_rows], pa.int32()),
-            "grid_cols": pa.array([layout.grid_cols], pa.int32()),
-            "written_at": pa.array([now], pa.timestamp("us")),
-        }
+            "image_id": [image_id],
+            "n_positions": [n_positions],
+            "n_layers": [n_layers],
+            "grid_rows": [layout.grid_rows],
+            "grid_cols": [layout.grid_cols],
+            "written_at": [now],
+        },
+    )
+
+
+def skipped_table(run_id: str, image_id: int, reason: str, detail: str | None) -> pa.Table:
+    """The row that says why (run, image) was left out; `reason` is a `SkipReason` value."""
+    return table_from_columns(
+        "skipped", {"run_id": [run_id], "image_id": [image_id], "reason": [str(reason)], "detail": [detail]}
     )
 
 
 def lens_table(run_id: str, image_id: int, token_ids: np.ndarray, probs: np.ndarray, token_text: dict[int, str]) -> pa.Table:
     """Long-format logit-lens rows from (layers, T, k) arrays of ids and probabilities."""
     n_layers, n_positions, k = token_ids.shape
-    layer = np.repeat(np.arange(n_layers, dtype=np.int16), n_positions * k)
-    position = np.tile(np.repeat(np.arange(n_positions, dtype=np.int32), k), n_layers)
-    rank = np.tile(np.arange(1, k + 1, dtype=np.int16), n_layers * n_positions)
-    flat_ids = token_ids.reshape(-1).astype(np.int32)
+    layer = np.repeat(np.arange(n_layers), n_positions * k)
+    position = np.tile(np.repeat(np.arange(n_positions), k), n_layers)
+    rank = np.tile(np.arange(1, k + 1), n_layers * n_positions)
+    flat_ids = token_ids.reshape(-1)
     # Dictionary-encode token text: each distinct id is looked up once, not once per cell.
     unique_ids, inverse = np.unique(flat_ids, return_inverse=True)
     dictionary = pa.array([token_text[int(i)] for i in unique_ids], pa.string())
     tokens = pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)), dictionary)
-    return pa.table(
+    return table_from_columns(
+        "logit_lens",
         {
-            "run_id": pa.array(np.full(layer.shape, run_id, dtype=object), pa.string()),
-            "image_id": pa.array(np.full(layer.shape, image_id, dtype=np.int64)),
-            "layer": pa.array(layer),
-            "position": pa.array(position),
-            "rank": pa.array(rank),
-            "token_id": pa.array(flat_ids),
-            "token": tokens.cast(pa.string()),
-            "prob": pa.array(probs.reshape(-1).astype(np.float64)),
-        }
+            "run_id": np.full(layer.shape, run_id, dtype=object),
+            "image_id": np.full(layer.shape, image_id, dtype=np.int64),
+            "layer": layer,
+            "position": position,
+            "rank": rank,
+            "token_id": flat_ids,
+            "token": tokens,  # decoded to plain strings by the schema's type
+            "prob": probs.reshape(-1),
+        },
     )

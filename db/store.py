@@ -1,8 +1,10 @@
 """Typed access to a results database: runs, images, and per-image bulk writes.
 
-The collector writes through `ResultsDB`; the report reads through it (read-only).
-Bulk rows go through DuckDB's native Arrow path, one transaction per image, so an
-image is either completely written or absent, and a rerun resumes where it stopped.
+The collector writes through `ResultsDB` and nothing else: every row it stores goes
+through a typed method here. The report reads through it (read-only). Bulk rows go
+through DuckDB's native Arrow path, checked against the schema first (`db.arrow`), one
+transaction per image, so an image is either completely written or absent, and a rerun
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import sqlalchemy as sa
 
 from db import schema
+from db.arrow import validate
 from db.errors import DatabaseError
 from db.migrations import LATEST_VERSION, applied_versions, migrate
 from db.version import TOOL_VERSION
@@ -183,6 +186,55 @@ class ResultsDB:
             ).scalars()
             return set(rows)
 
+    def skipped_images(self, run_id: str) -> set[int]:
+        """Image ids of this run recorded in `skipped` (left out with a reason)."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                sa.select(schema.skipped.c.image_id).where(schema.skipped.c.run_id == run_id).distinct()
+            ).scalars()
+            return set(rows)
+
+    # -- mean vectors ----------------------------------------------------------------
+
+    def add_mean_vector(
+        self,
+        vector_id: str,
+        model_id: str,
+        vector: Sequence[float],
+        n_images: int,
+        n_tokens: int,
+        source: str,
+        config: Mapping[str, Any],
+    ) -> None:
+        """Store a mean image-token embedding once (a second call with the same id keeps the first)."""
+        table = schema.mean_vectors
+        with self.transaction():
+            exists = self.conn.execute(
+                sa.select(table.c.vector_id).where(table.c.vector_id == vector_id)
+            ).scalar_one_or_none()
+            if exists is not None:
+                return
+            self.conn.execute(
+                table.insert().values(
+                    vector_id=vector_id,
+                    model_id=model_id,
+                    hidden_size=len(vector),
+                    n_images=int(n_images),
+                    n_tokens=int(n_tokens),
+                    vector=[float(v) for v in vector],
+                    source=source,
+                    config=json.loads(json.dumps(dict(config), default=str)),
+                    created_at=_now(),
+                )
+            )
+
+    def mean_vector(self, vector_id: str) -> list[float] | None:
+        """The stored vector `vector_id` (hidden_size floats), or None when there is none."""
+        table = schema.mean_vectors
+        with self.transaction() as conn:
+            row = conn.execute(sa.select(table.c.vector).where(table.c.vector_id == vector_id)).first()
+        return None if row is None else [float(v) for v in row[0]]
+
     # -- images ----------------------------------------------------------------------
 
     def add_image(
@@ -224,8 +276,11 @@ class ResultsDB:
 
         `tables` maps table name to an Arrow table whose columns are a subset of that
         table's columns (inserted by name); it must include the `run_images` marker row.
-        Atomicity is what makes resume exact: an image is either complete (marker
-        present, all rows present) or absent, so a rerun never finds partial rows.
+        Each table is checked against the schema (`db.arrow.validate`: known columns,
+        castable types, no nulls in NOT NULL columns) inside the transaction, so a bad
+        batch rolls back the whole image. Atomicity is what makes resume exact: an image
+        is either complete (marker present, all rows present) or absent, so a rerun
+        never finds partial rows.
         """
         if "run_images" not in tables:
             raise ValueError("per-image results must include their run_images marker row")
@@ -237,6 +292,7 @@ class ResultsDB:
             if image_id in self.completed_images(run_id):
                 raise DatabaseError(f"image {image_id} of run {run_id} is already complete")
             for name, table in tables.items():
+                table = validate(name, table)
                 view_name = f"_incoming_{name}"
                 duck.register(view_name, table)
                 try:

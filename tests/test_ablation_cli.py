@@ -30,10 +30,10 @@ def test_collect_ablation_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
     runner = CliRunner()
     first = runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--limit", "1"))
     assert first.exit_code == 0, first.output
-    assert "1 images ablated, 0 skipped" in first.output
+    assert "3 images selected, 1 written (1 kept, 0 skipped), 0 already complete" in first.output
     second = runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--limit", "2"))
     assert second.exit_code == 0, second.output
-    assert "1 images ablated, 0 skipped, 1 already complete" in second.output
+    assert "1 written (1 kept, 0 skipped), 1 already complete; 2 kept in total" in second.output
     with ResultsDB(db_path, read_only=True) as db:
         [run] = db.runs("ablation")
         assert run["config"]["k"] == [5, 20] and run["config"]["curate"] is False

@@ -31,7 +31,7 @@ def test_collect_blocking_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
     args = _args(tiny_checkpoints, demo_images, db_path, questions, "--no-curate", "--limit", "1", "--batch-size", "7")
     result = runner.invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "3 images selected, 1 written (1 kept" in result.output
+    assert "3 images selected, 1 written (1 kept, 0 skipped)" in result.output
 
     with ResultsDB(db_path, read_only=True) as db:
         run = db.runs("blocking")[0]
@@ -57,7 +57,7 @@ def test_collect_blocking_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
     # Rerun without the limit: image 1 is resumed, not redone; 2 is written, 3 is skipped (no question).
     result = runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, questions, "--no-curate", "--batch-size", "7"))
     assert result.exit_code == 0, result.output
-    assert "2 written (2 kept in total; skipped now: 1 empty_question_list), 1 already complete" in result.output
+    assert "2 written (1 kept, 1 skipped: 1 empty_question_list), 1 already complete; 2 kept in total" in result.output
     with ResultsDB(db_path, read_only=True) as db:
         assert len(db.runs("blocking")) == 1
         assert db.sql("SELECT image_id, count(*) FROM blocking GROUP BY 1 ORDER BY 1") == [(1, 21), (2, 21)]

@@ -101,7 +101,7 @@ def test_collect_lens_from_coco_layout(tmp_path, tiny_checkpoints, demo_images):
             "--split", "val2017", "--db", str(db_path), "--limit", "2", "--top-k", "2", "--quiet"]
     result = _run(args)
     assert result.exit_code == 0, result.output
-    assert "2 images written" in result.output
+    assert "2 images selected, 2 written (2 kept, 0 skipped), 0 already complete" in result.output
     with ResultsDB(db_path, read_only=True) as db:
         assert db.sql("SELECT image_id, source FROM images ORDER BY 1") == [(1, "coco:val2017"), (2, "coco:val2017")]
         run = db.runs()[0]
@@ -110,4 +110,4 @@ def test_collect_lens_from_coco_layout(tmp_path, tiny_checkpoints, demo_images):
         assert db.sql("SELECT DISTINCT rank FROM logit_lens ORDER BY 1") == [(1,), (2,)]
         assert db.sql("SELECT count(*) FROM annotations")[0][0] == 3
     again = _run(args)
-    assert again.exit_code == 0 and "0 images written, 2 already complete" in again.output
+    assert again.exit_code == 0 and "0 written (0 kept, 0 skipped), 2 already complete" in again.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from collector.collect_lens import collect_lens
+from collector.lens.experiment import collect_lens
 from collector.images import folder_images
 from db.errors import DatabaseError
 from db.migrations import LATEST_VERSION, MIGRATIONS
@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, loaded_models, demo_
         assert straight.sql("SELECT count(*) FROM extra_views")[0][0] == 0  # LLaVA-1.5: the base view only
 
     interrupted_path = tmp_path / "interrupted.duckdb"
-    import collector.collect_lens as module
+    import collector.lens.experiment as module
 
     real_one_image = module.lens_one_image
     calls = {"n": 0}
@@ -126,7 +126,7 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, loaded_models, demo_
 
     with ResultsDB(interrupted_path) as db:
         summary = collect_lens(loaded, records, db, top_k=3, progress=False)
-        assert (summary.images_skipped, summary.images_written) == (2, len(records) - 2)
+        assert (summary.images_already_complete, summary.images_written) == (2, len(records) - 2)
         assert summary.run_id == run_id
         actual = {t: _table_rows(db, t) for t in expected}
         assert db.runs()[0]["status"] == "complete"

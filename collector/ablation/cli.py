@@ -119,11 +119,7 @@ def ablation_command(
             | {"questions": str(questions) if questions else None},
             progress=not quiet,
         )
-    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.skip_reasons.items()))
-    click.echo(
-        f"run {summary.run_id}: {summary.images_kept} images ablated, {summary.images_skipped} skipped"
-        f"{f' ({reasons})' if reasons else ''}, {summary.images_already_complete} already complete -> {db_path}"
-    )
+    click.echo(summary.line(db_path))
 
 
 @click.command("mean-vector")

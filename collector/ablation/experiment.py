@@ -3,21 +3,21 @@
 Per kept image, every condition (none, object_0/1/2, register, random_k, gradient_k,
 image_noise) is run in every requested setting (generative, polling, vqa). An image is
 either kept (every requested setting ran) or skipped with a recorded reason; both get a
-`run_images` marker so a rerun resumes exactly where it stopped.
+`run_images` marker so a rerun resumes exactly where it stopped. `AblationExperiment` is
+the per-image work; `collector.runner` runs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from collector.ablation.replacement import Replacement, lm_input_embeddings
 from collector.ablation.settings import (
@@ -46,9 +46,11 @@ from collector.coco import AblationTarget, load_coco, select_targets
 from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
+from collector.runner import Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells
 from collector.vqa import class_first_token, vqa_prompt
+from db.arrow import table_from_rows
 from db.store import ResultsDB
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "F"}
@@ -105,16 +107,6 @@ class AblationOptions:
         }
 
 
-@dataclass(frozen=True)
-class AblationSummary:
-    run_id: str
-    images_selected: int  # images with a target after COCO selection
-    images_already_complete: int
-    images_kept: int  # kept (ablated) in this invocation
-    images_skipped: int  # skipped with a recorded reason in this invocation
-    skip_reasons: dict[str, int] = field(default_factory=dict)
-
-
 def run_identity(loaded: LoadedModel, replacement: Replacement, options: AblationOptions) -> dict[str, Any]:
     """The settings that change ablation results; a rerun with the same identity resumes."""
     return {
@@ -133,29 +125,8 @@ def _is_grayscale(record: ImageRecord) -> bool:
         return image.mode in GRAYSCALE_MODES or (image.mode == "P" and image.palette.mode in GRAYSCALE_MODES)
 
 
-def _skip_tables(run_id: str, record: ImageRecord, layout: Any, n_positions: int, reason: str, detail: str) -> dict:
-    return {
-        "skipped": pa.table(
-            {
-                "run_id": [run_id],
-                "image_id": pa.array([record.image_id], pa.int64()),
-                "reason": [reason],
-                "detail": [detail],
-            }
-        ),
-        "run_images": run_image_marker(run_id, record.image_id, n_positions, layout, None),
-    }
-
-
 def _short(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@dataclass
-class _Outcome:
-    tables: dict[str, pa.Table]
-    kept: bool
-    reason: str | None = None
 
 
 def ablate_one_image(
@@ -165,8 +136,8 @@ def ablate_one_image(
     target: AblationTarget,
     replacement: Replacement,
     options: AblationOptions,
-) -> _Outcome:
-    """Every row of one image (ablations, positions, image view, marker), or its skip rows."""
+) -> ImageOutcome:
+    """Every row of one image (ablations, positions, image view, marker), or its skip (marker only)."""
     adapter = loaded.adapter
     tokenizer = adapter.tokenizer
     category = target.category
@@ -175,26 +146,27 @@ def ablate_one_image(
     layout = adapter.image_token_layout(generative_inputs["input_ids"][0], generative_inputs)
     n_positions = int(generative_inputs["input_ids"].shape[1])
 
-    def skip(reason: str, detail: str) -> _Outcome:
-        return _Outcome(_skip_tables(run_id, record, layout, n_positions, reason, detail), False, reason)
+    def skip(reason: SkipReason, detail: str) -> ImageOutcome:
+        marker = run_image_marker(run_id, record.image_id, n_positions, layout, None)
+        return ImageOutcome.skip(reason, detail, {"run_images": marker})
 
     if _is_grayscale(record):
-        return skip("grayscale", "grayscale image")
+        return skip(SkipReason.GRAYSCALE, "grayscale image")
     cells = object_cells(
         target.segmentation, adapter, record.width, record.height,
         layout.grid_rows, layout.grid_cols,
     )
     if not cells.any():
-        return skip("object_cropped", f"annotation {target.annotation_id} ({category}) lies outside the model's view")
+        return skip(SkipReason.OBJECT_OUTSIDE_VIEW, f"annotation {target.annotation_id} ({category}) lies outside the model's view")
     vqa_question = vqa_token = None
     if "vqa" in options.settings:
         questions = (options.questions or {}).get(record.image_id) or []
         if not questions:
-            return skip("no_question", "no VQA question for this image")
+            return skip(SkipReason.NO_QUESTION, "no VQA question for this image")
         vqa_question = questions[0]
         vqa_token = class_first_token(tokenizer, vqa_prompt(adapter, vqa_question), category)
         if vqa_token is None:
-            return skip("class_token_unknown", f"the first token of {category!r} is not in the vocabulary")
+            return skip(SkipReason.CLASS_TOKEN_UNKNOWN, f"the first token of {category!r} is not in the vocabulary")
 
     vector = replacement.vector
     image_embeddings = lm_input_embeddings(loaded, generative_inputs)[0, layout.positions].float().cpu()
@@ -214,9 +186,9 @@ def ablate_one_image(
         )
         baseline_answer, noise_answer = curation_answers
         if not mentions_class(baseline_answer, category):
-            return skip("baseline_incorrect", f"description does not name {category!r}: {_short(baseline_answer)}")
+            return skip(SkipReason.BASELINE_INCORRECT, f"description does not name {category!r}: {_short(baseline_answer)}")
         if mentions_class(noise_answer, category):
-            return skip("noise_still_correct", f"still names {category!r} under image noise: {_short(noise_answer)}")
+            return skip(SkipReason.NOISE_STILL_CORRECT, f"still names {category!r} under image noise: {_short(noise_answer)}")
 
     polling_question = POLLING_QUESTION.format(category=category)
     polling_inputs = adapter.build_inputs(image, polling_question)
@@ -286,30 +258,22 @@ def ablate_one_image(
         "image_views": image_view_table(run_id, record, adapter, adapter.view_pixels(generative_inputs)),
         "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), first_layout, None),
     }
-    return _Outcome(tables, True)
+    return ImageOutcome.keep(tables)
+
+
+# Every column of `ablations` is written (NULL where a setting has no value).
+ABLATION_COLUMNS = (
+    "run_id", "image_id", "category", "condition", "setting", "positions", "n_ablated", "correct", "answer",
+    "question", "predicted_token", "predicted_prob", "target_token", "target_prob", "seed",
+)
 
 
 def _ablation_table(run_id: str, image_id: int, rows: list[dict[str, Any]]) -> pa.Table:
-    n = len(rows)
-    return pa.table(
-        {
-            "run_id": pa.array([run_id] * n, pa.string()),
-            "image_id": pa.array([image_id] * n, pa.int64()),
-            "category": pa.array([r["category"] for r in rows], pa.string()),
-            "condition": pa.array([r["condition"] for r in rows], pa.string()),
-            "setting": pa.array([r["setting"] for r in rows], pa.string()),
-            "positions": pa.array([r["positions"] for r in rows], pa.list_(pa.int32())),
-            "n_ablated": pa.array([len(r["positions"]) for r in rows], pa.int32()),
-            "correct": pa.array([bool(r["correct"]) for r in rows], pa.bool_()),
-            "answer": pa.array([r.get("answer") for r in rows], pa.string()),
-            "question": pa.array([r.get("question") for r in rows], pa.string()),
-            "predicted_token": pa.array([r.get("predicted_token") for r in rows], pa.string()),
-            "predicted_prob": pa.array([r.get("predicted_prob") for r in rows], pa.float64()),
-            "target_token": pa.array([r.get("target_token") for r in rows], pa.string()),
-            "target_prob": pa.array([r.get("target_prob") for r in rows], pa.float64()),
-            "seed": pa.array([r.get("seed") for r in rows], pa.int64()),
-        }
-    )
+    full_rows = [
+        {**row, "run_id": run_id, "image_id": image_id, "n_ablated": len(row["positions"]), "correct": bool(row["correct"])}
+        for row in rows
+    ]
+    return table_from_rows("ablations", full_rows, ABLATION_COLUMNS)
 
 
 def select_records(
@@ -324,6 +288,46 @@ def select_records(
     return [(record, targets[record.image_id]) for record in records if record.image_id in targets]
 
 
+class AblationExperiment(Experiment):
+    """Token ablation of every selected image (see the module docstring)."""
+
+    name = "ablation"
+    label = "ablation"
+
+    def __init__(
+        self, loaded: LoadedModel, annotation_file: str | Path, options: AblationOptions, replacement: Replacement
+    ) -> None:
+        if replacement.hidden_size != loaded.adapter.hidden_size:
+            raise UserError(
+                f"replacement vector has size {replacement.hidden_size} but the model's hidden size is "
+                f"{loaded.adapter.hidden_size}"
+            )
+        super().__init__(loaded)
+        self.annotation_file = annotation_file
+        self.options = options
+        self.replacement = replacement
+        self._targets: dict[int, AblationTarget] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return run_identity(self.loaded, self.replacement, self.options)
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "replacement": self.replacement.source,
+            "batch_size": self.options.batch_size,
+            "annotation_file": str(self.annotation_file),
+        }
+
+    def select(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        selected = select_records(records, self.annotation_file, self.options)
+        self._targets = {record.image_id: target for record, target in selected}
+        return [record for record, _ in selected]
+
+    def process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
+        target = self._targets[record.image_id]
+        return ablate_one_image(self.loaded, run_id, record, target, self.replacement, self.options)
+
+
 def collect_ablation(
     loaded: LoadedModel,
     records: Sequence[ImageRecord],
@@ -334,62 +338,11 @@ def collect_ablation(
     limit: int | None = None,
     extra_config: dict[str, Any] | None = None,
     progress: bool = True,
-) -> AblationSummary:
+) -> RunSummary:
     """Run token ablation over the selected images into `db`, resuming a matching earlier run.
 
     `limit` counts kept images (earlier invocations' included): selection and curation
     drop images, so the loop stops after `limit` images were ablated, not listed.
     """
-    if replacement.hidden_size != loaded.adapter.hidden_size:
-        raise UserError(
-            f"replacement vector has size {replacement.hidden_size} but the model's hidden size is "
-            f"{loaded.adapter.hidden_size}"
-        )
-    identity = run_identity(loaded, replacement, options)
-    config = {
-        **loaded.provenance,
-        **identity,
-        "replacement": replacement.source,
-        "batch_size": options.batch_size,
-        "limit": limit,
-        "annotation_file": str(annotation_file),
-        **(extra_config or {}),
-    }
-    run_id = db.start_run("ablation", loaded.model_id, identity, config)
-    selected = select_records(records, annotation_file, options)
-    done = db.completed_images(run_id)
-    kept_total = len({row[0] for row in db.sql("SELECT DISTINCT image_id FROM ablations WHERE run_id = ?", [run_id])})
-    already = sum(1 for record, _ in selected if record.image_id in done)
-    kept = skipped = 0
-    reasons: dict[str, int] = {}
-    status = "failed"
-    bar = tqdm(total=limit if limit is not None else len(selected) - already, desc="ablation",
-               unit="image", disable=not progress, initial=min(kept_total, limit) if limit else 0)
-    try:
-        for record, target in selected:
-            if limit is not None and kept_total >= limit:
-                break
-            if record.image_id in done:
-                continue
-            db.add_image(record.image_id, record.file_name, record.width, record.height, record.source,
-                         record.annotations)
-            outcome = ablate_one_image(loaded, run_id, record, target, replacement, options)
-            db.write_image_results(run_id, record.image_id, outcome.tables)
-            if outcome.kept:
-                kept += 1
-                kept_total += 1
-                bar.update(1)
-            else:
-                skipped += 1
-                reasons[outcome.reason or "?"] = reasons.get(outcome.reason or "?", 0) + 1
-                if limit is None:
-                    bar.update(1)
-            bar.set_postfix(kept=kept_total, skipped=skipped)
-        status = "complete"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        bar.close()
-        db.finish_run(run_id, status)
-    return AblationSummary(run_id, len(selected), already, kept, skipped, reasons)
+    experiment = AblationExperiment(loaded, annotation_file, options, replacement)
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress)

@@ -8,10 +8,8 @@ the mean post-projector image-token embedding over a dataset, or zero.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -23,6 +21,7 @@ from collector.adapters import ModelAdapter
 from collector.errors import UserError, first_line
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
+from db.store import ResultsDB
 
 # Any question works: image features do not depend on the text (the image precedes it).
 MEAN_VECTOR_PROMPT = "Describe the image."
@@ -50,7 +49,7 @@ def _vector_sha256(vector: torch.Tensor) -> str:
     return hashlib.sha256(vector.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def load_replacement(spec: str, hidden_size: int, db: Any | None = None) -> Replacement:
+def load_replacement(spec: str, hidden_size: int, db: ResultsDB | None = None) -> Replacement:
     """The replacement named by `spec`: 'zero', 'db:<vector_id>' (needs `db`), or a `.pt` file.
 
     A file must hold a 1-D float tensor (the original project's format) and load with
@@ -64,10 +63,10 @@ def load_replacement(spec: str, hidden_size: int, db: Any | None = None) -> Repl
         vector_id = spec[3:]
         if db is None:
             raise UserError(f"--replacement {spec} needs a results database")
-        rows = db.sql("SELECT vector FROM mean_vectors WHERE vector_id = ?", [vector_id])
-        if not rows:
+        stored = db.mean_vector(vector_id)
+        if stored is None:
             raise UserError(f"no mean vector {vector_id!r} in the database")
-        vector = torch.tensor(rows[0][0], dtype=torch.float32)
+        vector = torch.tensor(stored, dtype=torch.float32)
         source = spec
         digest = _vector_sha256(vector)
     else:
@@ -208,24 +207,14 @@ def save_mean_vector(path: str | Path, mean: MeanVector) -> None:
     torch.save(mean.vector.float().clone(), Path(path))
 
 
-def store_mean_vector(db: Any, loaded: LoadedModel, mean: MeanVector, source: str, config: dict[str, Any]) -> str:
-    """Insert the vector into `mean_vectors`; returns its id (usable as --replacement db:<id>)."""
-    digest = _vector_sha256(mean.vector.float())
-    vector_id = f"mean-{digest[:12]}"
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    db.sql(
-        "INSERT OR IGNORE INTO mean_vectors (vector_id, model_id, hidden_size, n_images, n_tokens, vector, "
-        "source, config, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            vector_id,
-            loaded.model_id,
-            int(mean.vector.numel()),
-            mean.n_images,
-            mean.n_tokens,
-            [float(v) for v in mean.vector.float().tolist()],
-            source,
-            json.dumps({**loaded.provenance, **config}, default=str),
-            now,
-        ],
+def store_mean_vector(
+    db: ResultsDB, loaded: LoadedModel, mean: MeanVector, source: str, config: dict[str, Any]
+) -> str:
+    """Store the vector in `mean_vectors` (once per value); returns its id (usable as --replacement db:<id>)."""
+    vector = mean.vector.float()
+    vector_id = f"mean-{_vector_sha256(vector)[:12]}"
+    db.add_mean_vector(
+        vector_id, loaded.model_id, vector.tolist(), mean.n_images, mean.n_tokens, source,
+        {**loaded.provenance, **config},
     )
     return vector_id

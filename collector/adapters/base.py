@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from collector.readout import Readout
 from db.geometry import ViewGeometry
 
 
@@ -165,6 +166,15 @@ class ModelAdapter(ABC):
     def unembedding(self) -> torch.nn.Module:
         """hidden (..., d_model) -> logits (..., vocab), exactly as the model computes its logits."""
         return self.model.get_output_embeddings()
+
+    @property
+    def softcap(self) -> float | None:
+        """The final-logit softcap the model class's forward applies to its logits (None: none)."""
+        return None
+
+    def readout(self) -> Readout:
+        """Hidden state -> logits exactly as the model computes them: final norm, lm_head, softcap."""
+        return Readout(self.final_norm, self.model.get_output_embeddings(), self.softcap)
 
     @property
     def input_embeddings(self) -> torch.nn.Module:

@@ -16,8 +16,9 @@
   does. `Gemma3ForConditionalGeneration` (transformers 5.24) does NOT apply it even when
   the text config sets one (only `Gemma3ForCausalLM` does; Gemma 3 checkpoints ship None);
   `PaliGemmaForConditionalGeneration` does (PaliGemma 2's Gemma 2 LM: cap 30). Where it
-  applies, `unembedding` is `SoftcappedUnembedding` (lm_head, then the cap in the model's
-  own op order), so the lens and the blocking readout equal the model's logits exactly.
+  applies, `softcap` says so: `readout()` (`collector.readout`) and `unembedding`
+  (`SoftcappedUnembedding`) apply lm_head, then the cap in the model's own op order, so the
+  lens and the blocking read-out equal the model's logits exactly.
 """
 
 from __future__ import annotations
@@ -32,29 +33,8 @@ from PIL import Image
 
 from collector.adapters.base import ImageTokenLayout, ModelAdapter, denormalise_to_image
 from collector.adapters.view_steps import ViewSteps, processor_backend, resize_and_center_crop
+from collector.readout import SoftcappedUnembedding  # re-exported: the softcap op lives in the read-out
 from db.geometry import ViewGeometry
-
-
-class SoftcappedUnembedding(torch.nn.Module):
-    """lm_head followed by the model's final logit softcapping, in the model's own op order.
-
-    `weight` is the lm_head's (for hidden_size and devices); `lm_head` is the model's module.
-    """
-
-    def __init__(self, lm_head: torch.nn.Module, cap: float) -> None:
-        super().__init__()
-        self.lm_head = lm_head
-        self.cap = float(cap)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.lm_head.weight
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden)
-        logits = logits / self.cap
-        logits = torch.tanh(logits)
-        return logits * self.cap
 
 
 @functools.lru_cache(maxsize=None)

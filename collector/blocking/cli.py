@@ -151,9 +151,4 @@ def blocking_command(
             },
             progress=not quiet,
         )
-    skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(summary.skipped.items())) or "none"
-    click.echo(
-        f"run {summary.run_id}: {summary.images_selected} images selected, {summary.images_written} written "
-        f"({summary.images_kept} kept in total; skipped now: {skipped}), "
-        f"{summary.images_already_complete} already complete -> {db_path}"
-    )
+    click.echo(summary.line(db_path))

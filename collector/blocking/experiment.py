@@ -23,7 +23,10 @@ layer (the blocking curve; windows near the top are cut at the last layer).
 
 All conditions of one image share the input: the merged LM input embeddings are taken
 once from the baseline forward and the conditions run as batched decoder forwards, one
-block mask per batch element (`collector.blocking.mechanism`).
+block mask per batch element (`collector.blocking.mechanism`); the last position's hidden
+state is read out through the model's own read-out (`collector.readout`).
+
+`BlockingExperiment` is the per-image work; `collector.runner` runs it.
 """
 
 from __future__ import annotations
@@ -31,14 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
 from collector.adapters import ImageTokenLayout
 from collector.blocking.mechanism import AttentionBlock, block_attention
@@ -46,9 +48,12 @@ from collector.coco import AblationTarget, load_coco, select_targets
 from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
+from collector.readout import Readout
+from collector.runner import Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells, object_positions
 from collector.vqa import ASSISTANT_PREFIX, class_first_token, load_questions, vqa_prompt
+from db.arrow import table_from_rows
 from db.store import ResultsDB
 
 from collector.blocking.settings import (  # noqa: E402  (re-exported)
@@ -61,14 +66,6 @@ from collector.blocking.settings import (  # noqa: E402  (re-exported)
     SOURCE_SETS,
     TARGET_SETS,
 )
-
-# skipped.reason codes
-NO_QUESTION = "no_question"
-EMPTY_QUESTION_LIST = "empty_question_list"
-OBJECT_OUTSIDE_VIEW = "object_outside_view"
-CLASS_TOKEN_UNKNOWN = "class_token_unknown"
-BASELINE_INCORRECT = "baseline_incorrect"
-
 
 # -- layer windows ----------------------------------------------------------------------------
 
@@ -156,8 +153,10 @@ def target_sets(layout: ImageTokenLayout, n_positions: int) -> dict[str, list[in
 
 
 @dataclass(frozen=True)
-class Condition:
-    """One blocking condition of one image."""
+class BlockingCondition:
+    """One blocking condition of one image: queries at `target_positions` cannot attend to keys
+    at `source_positions` in the window's layers. (Not token ablation's `Condition`, which
+    replaces embeddings: the two share only a name.)"""
 
     source: str
     target: str
@@ -174,10 +173,10 @@ def conditions_for(
     sources: Mapping[str, Sequence[int]],
     targets: Mapping[str, Sequence[int]],
     windows: Sequence[LayerWindow],
-) -> list[Condition]:
+) -> list[BlockingCondition]:
     """Every (target, source, window) combination, in that nesting order."""
     return [
-        Condition(source, target, window, tuple(sources[source]), tuple(targets[target]))
+        BlockingCondition(source, target, window, tuple(sources[source]), tuple(targets[target]))
         for target in targets
         for source in sources
         for window in windows
@@ -254,16 +253,22 @@ def _expand_decoder_inputs(decoder_inputs: Mapping[str, Any], batch: int) -> dic
 
 @torch.no_grad()
 def predict_blocked(
-    loaded: LoadedModel, decoder_inputs: Mapping[str, Any], blocks: Sequence[AttentionBlock], class_token_id: int
+    loaded: LoadedModel,
+    decoder_inputs: Mapping[str, Any],
+    blocks: Sequence[AttentionBlock],
+    class_token_id: int,
+    readout: Readout | None = None,
 ) -> list[Prediction]:
-    """One batched language-model forward, batch element b blocked by blocks[b]."""
+    """One batched language-model forward, batch element b blocked by blocks[b].
+
+    readout: the adapter's (`adapter.readout()`, built here when not given).
+    """
     adapter = loaded.adapter
+    readout = readout if readout is not None else adapter.readout()
     with block_attention(adapter, blocks):
         hidden = adapter.decoder(**_expand_decoder_inputs(decoder_inputs, len(blocks))).last_hidden_state
     last = hidden[:, -1]  # (B, d_model)
-    if not adapter.last_hidden_state_is_normed:
-        last = adapter.final_norm(last)
-    return _prediction(adapter.unembedding(last), class_token_id)
+    return _prediction(readout(last, normed=adapter.last_hidden_state_is_normed), class_token_id)
 
 
 def run_conditions(
@@ -272,6 +277,7 @@ def run_conditions(
     blocks: Sequence[AttentionBlock],
     class_token_id: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    readout: Readout | None = None,
 ) -> list[Prediction]:
     """Predictions for each block, computing each distinct block once, `batch_size` per forward.
 
@@ -279,56 +285,24 @@ def run_conditions(
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    readout = readout if readout is not None else loaded.adapter.readout()
     distinct = list(dict.fromkeys(blocks))
     results: dict[AttentionBlock, Prediction] = {}
     for start in range(0, len(distinct), batch_size):
         chunk = distinct[start : start + batch_size]
-        results.update(zip(chunk, predict_blocked(loaded, decoder_inputs, chunk, class_token_id)))
+        results.update(zip(chunk, predict_blocked(loaded, decoder_inputs, chunk, class_token_id, readout)))
     return [results[block] for block in blocks]
 
 
 # -- rows -------------------------------------------------------------------------------------
 
 
-BLOCKING_COLUMNS = {
-    "run_id": pa.string(),
-    "image_id": pa.int64(),
-    "category": pa.string(),
-    "source": pa.string(),
-    "target": pa.string(),
-    "layer_start": pa.int32(),
-    "layer_end": pa.int32(),
-    "window_kind": pa.string(),
-    "preset": pa.string(),
-    "correct": pa.bool_(),
-    "question": pa.string(),
-    "predicted_token": pa.string(),
-    "predicted_prob": pa.float64(),
-    "target_token": pa.string(),
-    "target_prob": pa.float64(),
-    "source_positions": pa.list_(pa.int32()),
-    "target_positions": pa.list_(pa.int32()),
-}
-
-
-def _rows_table(rows: list[dict[str, Any]], schema: dict[str, pa.DataType]) -> pa.Table:
-    return pa.table({name: pa.array([row[name] for row in rows], type_) for name, type_ in schema.items()})
-
-
-def _skipped_table(run_id: str, image_id: int, reason: str, detail: str | None) -> pa.Table:
-    return _rows_table(
-        [{"run_id": run_id, "image_id": image_id, "reason": reason, "detail": detail}],
-        {"run_id": pa.string(), "image_id": pa.int64(), "reason": pa.string(), "detail": pa.string()},
-    )
-
-
-@dataclass
-class ImageOutcome:
-    """What one image produced: its tables and whether blocking ran on it."""
-
-    tables: dict[str, pa.Table]
-    kept: bool
-    skipped_reason: str | None = None
+# Every column of `blocking` is written (NULL where a row has no value, e.g. the baseline's window).
+BLOCKING_COLUMNS = (
+    "run_id", "image_id", "category", "source", "target", "layer_start", "layer_end", "window_kind", "preset",
+    "correct", "question", "predicted_token", "predicted_prob", "target_token", "target_prob",
+    "source_positions", "target_positions",
+)
 
 
 @dataclass(frozen=True)
@@ -358,27 +332,28 @@ def blocking_one_image(
     questions: Sequence[str] | None,
     settings: BlockingSettings,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    readout: Readout | None = None,
 ) -> ImageOutcome:
     """Every row of one image: baseline and conditions (or the reason it was skipped)."""
     adapter = loaded.adapter
     image = record.load()
 
-    def skip(reason: str, detail: str | None, tables: dict[str, pa.Table] | None = None, layout=None, n_positions=0):
+    def skip(reason: SkipReason, detail: str | None, tables: dict[str, pa.Table] | None = None, layout=None,
+             n_positions=0) -> ImageOutcome:
         tables = dict(tables or {})
         if layout is None:
             # Nothing ran: the marker still needs the grid, so take it from a processed prompt.
             probe = adapter.build_inputs_for_text(image, vqa_prompt(adapter, ""))
             layout = adapter.image_token_layout(probe["input_ids"][0], probe)
-        tables["skipped"] = _skipped_table(run_id, record.image_id, reason, detail)
         tables["run_images"] = run_image_marker(
             run_id, record.image_id, n_positions, layout, adapter.n_layers if n_positions else None
         )
-        return ImageOutcome(tables, kept=False, skipped_reason=reason)
+        return ImageOutcome.skip(reason, detail, tables)
 
     if questions is None:
-        return skip(NO_QUESTION, "the questions file has no entry for this image")
+        return skip(SkipReason.NO_QUESTION, "the questions file has no entry for this image")
     if not questions:
-        return skip(EMPTY_QUESTION_LIST, "the questions file lists no question for this image")
+        return skip(SkipReason.EMPTY_QUESTION_LIST, "the questions file lists no question for this image")
     question = questions[0]
     text = vqa_prompt(adapter, question)
     inputs = adapter.build_inputs_for_text(image, text)
@@ -396,11 +371,11 @@ def blocking_one_image(
         layout.grid_rows, layout.grid_cols,
     )
     if not cells.any():
-        return skip(OBJECT_OUTSIDE_VIEW, f"annotation {target.annotation_id} is cropped out of the model's view",
+        return skip(SkipReason.OBJECT_OUTSIDE_VIEW, f"annotation {target.annotation_id} is cropped out of the model's view",
                     with_positions(), layout, n_positions)
     class_token_id = class_first_token(adapter.tokenizer, text, target.category)
     if class_token_id is None:
-        return skip(CLASS_TOKEN_UNKNOWN, f"no known first token for {target.category!r}",
+        return skip(SkipReason.CLASS_TOKEN_UNKNOWN, f"no known first token for {target.category!r}",
                     with_positions(), layout, n_positions)
 
     decoder_inputs, baseline = baseline_forward(loaded, inputs, class_token_id)
@@ -412,7 +387,9 @@ def blocking_one_image(
 
     curated_out = settings.curate and baseline.token_id != class_token_id
     conditions = [] if curated_out else conditions_for(sources, targets, windows)
-    predictions = run_conditions(loaded, decoder_inputs, [c.block for c in conditions], class_token_id, batch_size)
+    predictions = run_conditions(
+        loaded, decoder_inputs, [c.block for c in conditions], class_token_id, batch_size, readout
+    )
 
     token_text = decode_tokens(
         adapter.tokenizer, {class_token_id, baseline.token_id} | {p.token_id for p in predictions}
@@ -433,25 +410,15 @@ def blocking_one_image(
             layer_end=condition.window.end, window_kind=condition.window.kind, preset=condition.window.preset,
             source_positions=list(condition.source_positions), target_positions=list(condition.target_positions),
         ))
-    tables = {**with_positions(), "blocking": _rows_table(rows, BLOCKING_COLUMNS)}
+    tables = {**with_positions(), "blocking": table_from_rows("blocking", rows, BLOCKING_COLUMNS)}
     if curated_out:
         detail = f"baseline predicts {token_text[baseline.token_id]!r}, not {token_text[class_token_id]!r}"
-        return skip(BASELINE_INCORRECT, detail, tables, layout, n_positions)
+        return skip(SkipReason.BASELINE_INCORRECT, detail, tables, layout, n_positions)
     tables["run_images"] = run_image_marker(run_id, record.image_id, n_positions, layout, adapter.n_layers)
-    return ImageOutcome(tables, kept=True)
+    return ImageOutcome.keep(tables)
 
 
 # -- the run ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockingSummary:
-    run_id: str
-    images_selected: int  # images with a target object among the given images
-    images_already_complete: int  # from an earlier invocation, skipped now
-    images_written: int
-    images_kept: int  # images with blocking results (earlier invocations included)
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> images written now
 
 
 def _sha256_file(path: str | Path) -> str:
@@ -505,6 +472,64 @@ def select_blocking_images(
     return [(by_id[t.image_id], t) for t in targets if t.image_id in by_id]
 
 
+class BlockingExperiment(Experiment):
+    """Attention blocking of every selected image (see the module docstring)."""
+
+    name = "blocking"
+    label = "attention blocking"
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        annotation_file: str | Path,
+        questions: Mapping[int, Sequence[str]],
+        settings: BlockingSettings,
+        max_annotations: int = DEFAULT_MAX_ANNOTATIONS,
+        area_range: tuple[float, float] = DEFAULT_AREA_RANGE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        questions_path: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
+        super().__init__(loaded)
+        self.annotation_file = annotation_file
+        self.questions = questions
+        self.settings = settings
+        self.max_annotations = max_annotations
+        self.area_range = area_range
+        self.batch_size = batch_size
+        self.questions_path = questions_path
+        self.readout = loaded.adapter.readout()
+        self._targets: dict[int, AblationTarget] = {}
+
+    def identity(self) -> dict[str, Any]:
+        return run_identity(
+            self.loaded, self.questions, _sha256_file(self.annotation_file), self.max_annotations,
+            self.area_range, self.settings,
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "questions_file": self.questions_path,
+            "annotation_file": str(self.annotation_file),
+            "batch_size": self.batch_size,
+            "attn_implementation": self.loaded.attn_implementation,
+            "source_sets": list(self.settings.sources),
+            "target_sets": list(self.settings.targets),
+        }
+
+    def select(self, records: Sequence[ImageRecord]) -> list[ImageRecord]:
+        selected = select_blocking_images(records, self.annotation_file, self.max_annotations, self.area_range)
+        self._targets = {record.image_id: target for record, target in selected}
+        return [record for record, _ in selected]
+
+    def process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
+        return blocking_one_image(
+            self.loaded, run_id, record, self._targets[record.image_id], self.questions.get(record.image_id),
+            self.settings, self.batch_size, self.readout,
+        )
+
+
 def collect_blocking(
     loaded: LoadedModel,
     records: Sequence[ImageRecord],
@@ -521,7 +546,7 @@ def collect_blocking(
     targets: Sequence[str] = TARGET_SETS,
     extra_config: Mapping[str, Any] | None = None,
     progress: bool = True,
-) -> BlockingSummary:
+) -> RunSummary:
     """Run attention blocking over the selected images into `db`, resuming a matching run.
 
     `questions` is a questions file path or an already loaded {image id: [question, ...]}.
@@ -529,8 +554,6 @@ def collect_blocking(
     included, so rerunning the same command resumes the same set. Each image's rows
     (blocking, skipped, positions, image_views, run_images) are written in one transaction.
     """
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
     settings = BlockingSettings(tuple(sources), tuple(targets), window, curate)
     questions_path = None
     if isinstance(questions, (str, Path)):
@@ -538,48 +561,7 @@ def collect_blocking(
         questions = load_questions(questions)
     else:  # keys as in the file ("<coco id>") or already ints
         questions = {int(key): list(value) for key, value in questions.items()}
-    selected = select_blocking_images(records, annotation_file, max_annotations, area_range)
-    identity = run_identity(loaded, questions, _sha256_file(annotation_file), max_annotations, area_range, settings)
-    config = {
-        **loaded.provenance,
-        **identity,
-        "questions_file": questions_path,
-        "annotation_file": str(annotation_file),
-        "batch_size": batch_size,
-        "limit": limit,
-        "attn_implementation": loaded.attn_implementation,
-        "source_sets": list(settings.sources),
-        "target_sets": list(settings.targets),
-        **(extra_config or {}),
-    }
-    run_id = db.start_run("blocking", loaded.model_id, identity, config)
-    done = db.completed_images(run_id)
-    skipped_before = {row[0] for row in db.sql("SELECT DISTINCT image_id FROM skipped WHERE run_id = ?", [run_id])}
-    kept = sum(1 for record, _ in selected if record.image_id in done and record.image_id not in skipped_before)
-    already, written, skipped_now = 0, 0, {}
-    status = "failed"
-    try:
-        bar = tqdm(selected, desc="attention blocking", unit="image", disable=not progress)
-        for record, target in bar:
-            if limit is not None and kept >= limit:
-                break
-            if record.image_id in done:
-                already += 1
-                continue
-            db.add_image(record.image_id, record.file_name, record.width, record.height, record.source, record.annotations)
-            outcome = blocking_one_image(
-                loaded, run_id, record, target, questions.get(record.image_id), settings, batch_size
-            )
-            db.write_image_results(run_id, record.image_id, outcome.tables)
-            written += 1
-            if outcome.kept:
-                kept += 1
-            else:
-                skipped_now[outcome.skipped_reason] = skipped_now.get(outcome.skipped_reason, 0) + 1
-        status = "complete"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        db.finish_run(run_id, status)
-    return BlockingSummary(run_id, len(selected), already, written, kept, skipped_now)
+    experiment = BlockingExperiment(
+        loaded, annotation_file, questions, settings, max_annotations, area_range, batch_size, questions_path
+    )
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress)

@@ -1,16 +1,19 @@
-"""The logit-lens experiment: one forward per image, top-k lens tokens for every cell."""
+"""The logit-lens experiment: one forward per image, top-k lens tokens for every cell.
+
+`LensExperiment` is the per-image work; `collector.runner` runs it (resume, transactions,
+status, summary). Every image is kept: the lens has no reason to skip one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from collector.images import ImageRecord
-from collector.lens import LogitLens
+from collector.lens.lens import LogitLens
 from collector.loading import LoadedModel
+from collector.runner import Experiment, ImageOutcome, RunSummary, run_experiment
 from collector.tables import (
     decode_tokens,
     extra_views_table,
@@ -22,14 +25,6 @@ from collector.tables import (
 from db.store import ResultsDB
 
 DEFAULT_PROMPT = "Describe the image."
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    images_total: int
-    images_skipped: int  # already complete from an earlier invocation
-    images_written: int
 
 
 def run_identity(loaded: LoadedModel, prompt: str, top_k: int) -> dict[str, Any]:
@@ -46,14 +41,16 @@ def run_identity(loaded: LoadedModel, prompt: str, top_k: int) -> dict[str, Any]
 
 
 @torch.no_grad()
-def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt: str, top_k: int) -> dict:
+def lens_one_image(
+    loaded: LoadedModel, run_id: str, record: ImageRecord, prompt: str, top_k: int, lens: LogitLens | None = None
+) -> dict:
     """Every row of one image, as Arrow tables keyed by table name."""
     adapter = loaded.adapter
     inputs = adapter.build_inputs(record.load(), prompt)
     input_ids = inputs["input_ids"][0]
     layout = adapter.image_token_layout(input_ids, inputs)
     outputs = loaded.model(**inputs, output_hidden_states=True, use_cache=False)
-    readout = LogitLens(adapter).top_k(outputs.hidden_states, top_k)
+    readout = (lens or LogitLens(adapter)).top_k(outputs.hidden_states, top_k)
     del outputs
     token_ids = readout.token_ids.numpy()
     token_text = decode_tokens(adapter.tokenizer, set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist()))
@@ -71,6 +68,27 @@ def lens_one_image(loaded: LoadedModel, run_id: str, record: ImageRecord, prompt
     return tables
 
 
+class LensExperiment(Experiment):
+    """The logit lens over images with one prompt, keeping the top-k tokens of every cell."""
+
+    name = "lens"
+    label = "logit lens"
+
+    def __init__(self, loaded: LoadedModel, prompt: str = DEFAULT_PROMPT, top_k: int = 5) -> None:
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        super().__init__(loaded)
+        self.prompt = prompt
+        self.top_k = top_k
+        self.lens = LogitLens(loaded.adapter)
+
+    def identity(self) -> dict[str, Any]:
+        return run_identity(self.loaded, self.prompt, self.top_k)
+
+    def process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
+        return ImageOutcome.keep(lens_one_image(self.loaded, run_id, record, self.prompt, self.top_k, lens=self.lens))
+
+
 def collect_lens(
     loaded: LoadedModel,
     images: Sequence[ImageRecord],
@@ -81,25 +99,5 @@ def collect_lens(
     progress: bool = True,
 ) -> RunSummary:
     """Run the logit lens over images into `db`, resuming a matching earlier run."""
-    if top_k < 1:
-        raise ValueError("top_k must be at least 1")
-    identity = run_identity(loaded, prompt, top_k)
-    config = {**loaded.provenance, **identity, **(extra_config or {})}
-    run_id = db.start_run("lens", loaded.model_id, identity, config)
-    done = db.completed_images(run_id)
-    todo = [record for record in images if record.image_id not in done]
-    status = "failed"
-    try:
-        for record in tqdm(todo, desc="logit lens", unit="image", disable=not progress):
-            db.add_image(
-                record.image_id, record.file_name, record.width, record.height, record.source, record.annotations
-            )
-            tables = lens_one_image(loaded, run_id, record, prompt, top_k)
-            db.write_image_results(run_id, record.image_id, tables)
-        status = "complete"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    finally:
-        db.finish_run(run_id, status)
-    return RunSummary(run_id, len(images), len(images) - len(todo), len(todo))
+    experiment = LensExperiment(loaded, prompt, top_k)
+    return run_experiment(experiment, images, db, extra_config=extra_config, progress=progress)

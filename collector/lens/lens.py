@@ -1,8 +1,9 @@
 """Lenses: read a decoder's hidden states as next-token distributions.
 
-`LogitLens` applies the model's own final norm and unembedding to every layer's hidden
-state at every position. It works one layer at a time, so at most one
-(positions x vocab) logit matrix exists at once, never (layers x positions x vocab).
+`LogitLens` applies the model's own read-out (final norm, unembedding, and the final-logit
+softcap where the model has one; `collector.readout`) to every layer's hidden state at every
+position. It works one layer at a time, so at most one (positions x vocab) logit matrix
+exists at once, never (layers x positions x vocab).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 import torch
 
 from collector.adapters import ModelAdapter
+from collector.readout import Readout
 
 
 @dataclass(frozen=True)
@@ -88,26 +90,17 @@ class LogitLens(Lens):
 
     transformers has already applied the final norm to the last entry of
     `hidden_states`, so the norm is applied to every entry but that one; the last
-    layer's lens therefore equals the model's own logits.
+    layer's lens therefore equals the model's own logits. The norm, unembedding and any
+    final-logit softcap come from the adapter's read-out (`collector.readout`).
     """
 
-    def __init__(self, adapter: ModelAdapter) -> None:
+    def __init__(self, adapter: ModelAdapter, readout: Readout | None = None) -> None:
         self.adapter = adapter
+        self.readout = readout if readout is not None else adapter.readout()
 
     def layer_logits(self, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
-        hidden = hidden_states[layer]
         last = len(hidden_states) - 1
         if layer < 0:
             layer += len(hidden_states)
-        if not (layer == last and self.adapter.last_hidden_state_is_normed):
-            norm = self.adapter.final_norm
-            hidden = norm(hidden.to(_param_device(norm, hidden)))
-        unembedding = self.adapter.unembedding
-        return unembedding(hidden.to(_param_device(unembedding, hidden)))
-
-
-def _param_device(module: torch.nn.Module, fallback: torch.Tensor) -> torch.device:
-    # With accelerate's device_map the norm and lm_head may sit on different GPUs.
-    for parameter in module.parameters():
-        return parameter.device
-    return fallback.device
+        normed = layer == last and self.adapter.last_hidden_state_is_normed
+        return self.readout(hidden_states[layer], normed=normed)
