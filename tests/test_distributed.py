@@ -246,9 +246,9 @@ def test_sharded_lens_equals_one_process(tmp_path, tiny_checkpoints, demo_images
         result = CliRunner().invoke(cli, [*args, "--db", str(target)], env=env)
         assert result.exit_code == 0, result.output
         outputs[rank] = result.output
-    assert "rank 1/2: run lens-" in outputs[1] and "1 images written" in outputs[1]
+    assert "rank 1/2: run lens-" in outputs[1] and ", 1 written (1 kept" in outputs[1]
     assert str(shard_db_path(target, 1, 2)) in outputs[1]
-    assert "2 images written" in outputs[0] and "merged 2 shard(s) into" in outputs[0]
+    assert ", 2 written (2 kept" in outputs[0] and "merged 2 shard(s) into" in outputs[0]
     merged, expected = dump(target), dump(single)
     for table in LENS_TABLES:
         assert merged[table] == expected[table], table
