@@ -1,7 +1,7 @@
 """Logit lens per image: the buffered lens against the lens loop as on main, the original
 project's per-image script, and `collect lens` + `report build` end to end.
 
-Run: .venv/bin/python bench/lens.py [--images 8] [--hidden 128] [--layers 32]
+Run: .venv/bin/python bench/lens.py [--images 4] [--hidden 128] [--layers 32]
      (--images 32 for the issue's target: `collect lens` at most 0.5x the original-style CPU time)
 
 The model is LLaVA-1.5-shaped from the REAL llava-1.5-7b-hf config and tokenizer
@@ -197,7 +197,7 @@ class Clock:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128, help="LM hidden size (real: 4096)")
     parser.add_argument("--layers", type=int, default=32, help="LM decoder layers (real: 32)")
     parser.add_argument("--top-k", type=int, default=5)
