@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -83,3 +84,211 @@ def test_lens_materialises_one_layer_of_logits_at_a_time(loaded, monkeypatch):
     n_positions = outputs.hidden_states[0].shape[1]
     vocab = outputs.logits.shape[-1]
     assert shapes == [(1, n_positions, vocab)] * len(outputs.hidden_states)
+
+
+# -- the buffered, chunked readout against the straightforward one --------------------------
+
+
+def _reference_top_k(lens, hidden_states, k, batch_index=0):
+    """The straightforward readout: every layer's logits (one module call each), softmax over
+    the full float32 logits, then topk. Returns ids, probs (layers, T, k) and the full
+    probabilities of every layer."""
+    one = [hidden[batch_index : batch_index + 1] for hidden in hidden_states]
+    ids, probs, full = [], [], []
+    for layer in range(len(one)):
+        p = torch.softmax(lens.layer_logits(one, layer)[0].float(), dim=-1)
+        top = torch.topk(p, k, dim=-1)
+        ids.append(top.indices)
+        probs.append(top.values)
+        full.append(p)
+    return torch.stack(ids), torch.stack(probs), full
+
+
+def _assert_same_readout(readout, reference):
+    """Probabilities equal bit for bit. Ids equal wherever the reference's k probabilities are
+    distinct; at an exact tie an id may be another tied one, so every id must carry exactly
+    the reference probability of its rank, and no id may repeat."""
+    ref_ids, ref_probs, full = reference
+    assert readout.token_ids.shape == ref_ids.shape and readout.probs.dtype == torch.float32
+    assert torch.equal(readout.probs, ref_probs)
+    for layer, p in enumerate(full):
+        assert torch.equal(p.gather(-1, readout.token_ids[layer]), ref_probs[layer])
+    k = ref_ids.shape[-1]
+    assert (readout.token_ids.sort(-1).values.diff(dim=-1) != 0).all() or k == 1
+    distinct = torch.ones(ref_probs.shape[:-1], dtype=torch.bool)
+    if k > 1:
+        distinct = (ref_probs[..., :-1] - ref_probs[..., 1:]).abs().min(-1).values > 0
+    assert distinct.float().mean() > 0.5  # the comparison below is not vacuous
+    assert torch.equal(readout.token_ids[distinct], ref_ids[distinct])
+
+
+def test_buffered_readout_equals_full_softmax_reference_fp32(loaded):
+    _, outputs = _forward(loaded)
+    lens = LogitLens(loaded.adapter)
+    _assert_same_readout(lens.top_k(outputs.hidden_states, k=5), _reference_top_k(lens, outputs.hidden_states, 5))
+
+
+@pytest.mark.parametrize("loaded", ["llava-1.5"], indirect=True)  # one model: the other families repeat it
+def test_buffered_readout_in_bf16_equals_full_softmax_of_bf16_logits(loaded):
+    """bf16 model: the unembedding runs in bf16 (as the model's own lm_head does), the softmax in
+    float32 over the widened logits: exactly the straightforward `softmax(logits.float())`.
+    bf16 logits tie often (8-bit mantissa): tied ids may come in another order (checked
+    above by their probabilities). Against the fp32 model the probabilities then differ by
+    bf16 rounding of the weights, hidden states and logits: within 0.05 absolute here."""
+    import copy
+
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    adapter = type(loaded.adapter)(model, loaded.adapter.processor, loaded.adapter.prompt_template)
+    inputs = adapter.build_inputs(Image.new("RGB", (500, 375), (120, 30, 200)), "Describe the image.")
+    with torch.no_grad():
+        outputs = model(**inputs, output_hidden_states=True, use_cache=False)
+    assert outputs.logits.dtype == torch.bfloat16
+    lens = LogitLens(adapter)
+    readout = lens.top_k(outputs.hidden_states, k=4, final_logits=outputs.logits)
+    _assert_same_readout(readout, _reference_top_k(lens, outputs.hidden_states, 4))
+    assert torch.equal(readout.token_ids, lens.top_k(outputs.hidden_states, k=4).token_ids)
+    _, fp32_outputs = _forward(loaded)
+    fp32 = LogitLens(loaded.adapter).top_k(fp32_outputs.hidden_states, k=4)
+    torch.testing.assert_close(readout.probs, fp32.probs, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("loaded", ["llava-1.5", "llava-1.5-real-config"], indirect=True)  # the real 32,064 vocabulary
+def test_chunked_readout_equals_unchunked_exactly(loaded):
+    from collector.lens.lens import ROW_ALIGN, chunk_bounds
+
+    _, outputs = _forward(loaded)
+    lens = LogitLens(loaded.adapter)
+    whole = lens.top_k(outputs.hidden_states, k=3)
+    n_positions = outputs.hidden_states[0].shape[1]
+    vocab = outputs.logits.shape[-1]
+    assert n_positions > 3 * ROW_ALIGN
+    for kwargs in ({"chunk_positions": 1}, {"chunk_positions": 200}, {"max_chunk_bytes": 3 * ROW_ALIGN * vocab * 4}):
+        chunked = lens.top_k(outputs.hidden_states, k=3, **kwargs)
+        assert torch.equal(chunked.token_ids, whole.token_ids), kwargs
+        assert torch.equal(chunked.probs, whole.probs), kwargs
+    # Chunks tile the positions, start on ROW_ALIGN boundaries, and none is shorter than
+    # ROW_ALIGN (a short remainder joins the chunk before it).
+    for n in (1, ROW_ALIGN - 1, ROW_ALIGN, ROW_ALIGN + 1, 577, n_positions):
+        for rows in (ROW_ALIGN, 2 * ROW_ALIGN, 1024):
+            bounds = chunk_bounds(n, rows)
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            assert all(start % ROW_ALIGN == 0 for start, _ in bounds)
+            assert len(bounds) == 1 or min(end - start for start, end in bounds) >= ROW_ALIGN
+            assert max(end - start for start, end in bounds) < rows + ROW_ALIGN
+
+
+def test_chunk_size_keeps_buffers_within_the_byte_limit():
+    from collector.lens.lens import DEFAULT_MAX_CHUNK_BYTES, ROW_ALIGN, chunk_rows
+
+    for vocab, bytes_per_value in ((32064, 4), (32064, 6), (152064, 6), (262208, 4), (262208, 6)):
+        per_row = vocab * bytes_per_value
+        rows = chunk_rows(100_000, per_row)
+        assert rows % ROW_ALIGN == 0
+        assert (rows + ROW_ALIGN - 1) * per_row <= DEFAULT_MAX_CHUNK_BYTES  # joined remainder included
+        assert (rows + 2 * ROW_ALIGN - 1) * per_row > DEFAULT_MAX_CHUNK_BYTES  # and no smaller than need be
+    assert chunk_rows(600, 32064 * 4) == 640  # a whole LLaVA-1.5 sequence is one chunk
+    assert chunk_rows(600, 32064 * 4, chunk_positions=100) == 128
+
+
+def test_final_logits_stand_in_for_the_last_layer(loaded):
+    _, outputs = _forward(loaded)
+    lens = LogitLens(loaded.adapter)
+    computed = lens.top_k(outputs.hidden_states, k=4)
+    reused = lens.top_k(outputs.hidden_states, k=4, final_logits=outputs.logits)
+    assert torch.equal(reused.token_ids, computed.token_ids)
+    assert torch.equal(reused.probs, computed.probs)
+    # The last layer really is read from final_logits (and only the last layer).
+    shuffled = outputs.logits.flip(-1)
+    other = lens.top_k(outputs.hidden_states, k=4, final_logits=shuffled)
+    vocab = outputs.logits.shape[-1]
+    assert torch.equal(other.token_ids[:-1], computed.token_ids[:-1])
+    assert torch.equal(other.token_ids[-1], vocab - 1 - computed.token_ids[-1])
+    with pytest.raises(ValueError, match="final_logits"):
+        lens.top_k(outputs.hidden_states, k=4, final_logits=outputs.logits[:, -1:])
+
+
+@pytest.mark.parametrize("loaded", ["llava-1.5"], indirect=True)  # one model: the other families repeat it
+def test_batch_index_selects_one_sequence(loaded):
+    _, first = _forward(loaded)
+    _, second = _forward(loaded, image=Image.new("RGB", (320, 480), (10, 200, 90)), question="What is it?")
+    n = min(first.hidden_states[0].shape[1], second.hidden_states[0].shape[1])
+    one = [h[:, :n] for h in second.hidden_states]
+    batch = [torch.cat([a[:, :n], b[:, :n]]) for a, b in zip(first.hidden_states, second.hidden_states)]
+    logits = torch.cat([first.logits[:, :n], second.logits[:, :n]])
+    lens = LogitLens(loaded.adapter)
+    alone = lens.top_k(one, k=3)
+    picked = lens.top_k(batch, k=3, batch_index=1, final_logits=logits)
+    assert torch.equal(picked.token_ids, alone.token_ids) and torch.equal(picked.probs, alone.probs)
+    first_alone = lens.top_k([h[:, :n] for h in first.hidden_states], k=3)
+    assert torch.equal(lens.top_k(batch, k=3, batch_index=0).probs, first_alone.probs)
+    assert not torch.equal(first_alone.probs, alone.probs)
+
+
+@pytest.mark.parametrize("loaded", ["llava-1.5"], indirect=True)  # one model: the other families repeat it
+def test_softcapped_unembedding_takes_the_fast_path_and_stays_exact(loaded):
+    """A Gemma-style softcapping unembedding: the in-place cap on the buffer gives exactly
+    the wrapper module's logits (its own ops and order)."""
+    from collector.lens.lens import _fast_weight
+    from collector.readout import Readout, SoftcappedUnembedding
+
+    _, outputs = _forward(loaded)
+    capped = SoftcappedUnembedding(loaded.model.lm_head, 0.5)
+    lens = LogitLens(loaded.adapter, Readout(loaded.adapter.final_norm, loaded.model.lm_head, 0.5))
+    assert _fast_weight(loaded.model.lm_head) is loaded.model.lm_head.weight
+    raw = loaded.model.lm_head(outputs.hidden_states[-1])
+    assert not torch.allclose(capped(outputs.hidden_states[-1]), raw, atol=1e-3)  # the cap matters
+    # The fast path's in-place cap equals the wrapper module's ops at the last layer.
+    assert torch.equal(lens.layer_logits(outputs.hidden_states, -1), capped(outputs.hidden_states[-1]))
+    reference = _reference_top_k(lens, outputs.hidden_states, 4)
+    _assert_same_readout(lens.top_k(outputs.hidden_states, k=4), reference)
+    _assert_same_readout(lens.top_k(outputs.hidden_states, k=4, chunk_positions=64), reference)
+
+
+@pytest.mark.parametrize("loaded", ["llava-1.5"], indirect=True)  # one model: the other families repeat it
+def test_hooked_or_custom_unembeddings_are_called_as_modules(loaded):
+    """Hooks (and accelerate's wrappers, biases, custom linears) must see every call: such an
+    unembedding is called per chunk, with the same results as the fast path."""
+    from collector.lens.lens import _fast_weight, chunk_bounds
+
+    _, outputs = _forward(loaded)
+    lens = LogitLens(loaded.adapter)
+    fast = lens.top_k(outputs.hidden_states, k=3)
+    head = loaded.model.lm_head
+    assert _fast_weight(head) is not None
+    calls = []
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+    try:
+        assert _fast_weight(head) is None
+        hooked = lens.top_k(outputs.hidden_states, k=3, chunk_positions=256)
+    finally:
+        handle.remove()
+    n_positions, vocab = outputs.logits.shape[1:]
+    bounds = chunk_bounds(n_positions, 256)
+    assert len(bounds) > 1
+    assert calls == [(1, end - start, vocab) for start, end in bounds] * len(outputs.hidden_states)
+    assert torch.equal(hooked.token_ids, fast.token_ids) and torch.equal(hooked.probs, fast.probs)
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    assert _fast_weight(biased) is None
+
+
+def test_no_vocabulary_sized_allocation_per_layer(loaded):
+    """The logits buffer is allocated once per call, not once per layer: count allocations of
+    at least half a (positions x vocab) float32 matrix made by any op during top_k."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, outputs = _forward(loaded)
+    n_positions, vocab = outputs.logits.shape[1:]
+    threshold = n_positions * vocab * 4 // 2
+    lens = LogitLens(loaded.adapter)
+
+    def big_allocations(run):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        return [e.name for e in prof.events() if e.self_cpu_memory_usage >= threshold]
+
+    assert len(big_allocations(lambda: lens.top_k(outputs.hidden_states, k=5))) == 1
+    assert len(big_allocations(lambda: lens.top_k(outputs.hidden_states, k=5, final_logits=outputs.logits))) == 1
+    # The check can see per-layer allocations: the straightforward readout makes them.
+    n_entries = len(outputs.hidden_states)
+    assert len(big_allocations(lambda: _reference_top_k(lens, outputs.hidden_states, 5))) >= 2 * n_entries

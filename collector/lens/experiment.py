@@ -50,7 +50,7 @@ def lens_one_image(
     input_ids = inputs["input_ids"][0]
     layout = adapter.image_token_layout(input_ids, inputs)
     outputs = loaded.model(**inputs, output_hidden_states=True, use_cache=False)
-    readout = (lens or LogitLens(adapter)).top_k(outputs.hidden_states, top_k)
+    readout = (lens or LogitLens(adapter)).top_k(outputs.hidden_states, top_k, final_logits=outputs.logits)
     del outputs
     token_ids = readout.token_ids.numpy()
     token_text = decode_tokens(adapter.tokenizer, set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist()))

@@ -2,20 +2,58 @@
 
 `LogitLens` applies the model's own read-out (final norm, unembedding, and the final-logit
 softcap where the model has one; `collector.readout`) to every layer's hidden state at every
-position. It works one layer at a time, so at most one (positions x vocab) logit matrix
-exists at once, never (layers x positions x vocab).
+position, and keeps the top-k tokens of every (layer, position) cell.
+
+How `top_k` works (the lens at its arithmetic floor):
+
+- Work space is allocated once per call and reused by every layer: one float32 logits
+  buffer of (chunk rows, vocab), plus one buffer in the model's dtype where that is not
+  float32; the top-k ids and probabilities of all layers go into (layers, positions, k)
+  tensors on the unembedding's device. No layer allocates a vocabulary-sized tensor.
+- Positions are processed in chunks of whole rows, so the logits buffers hold at most
+  `max_chunk_bytes` (default 256 MiB: with LLaVA-1.5's 32,064-token vocabulary up to
+  1,984 positions per chunk in fp32 and 1,280 in bf16, so a whole 600-token sequence is one
+  chunk; with Gemma 3's 262k vocabulary 192 in fp32 and 64 in bf16). Chunks are multiples of `ROW_ALIGN` rows and a short remainder joins the
+  chunk before it, so the matrix multiply sees the same row blocks as an unchunked one:
+  on CPU a chunked readout equals an unchunked one bit for bit (tested).
+- The unembedding runs as `torch.mm(..., out=buffer)` in the model's dtype (fp32, bf16 or
+  fp16: the same product the model's own lm_head computes), then the logits are widened
+  into the float32 buffer. A softcapping unembedding (Gemma-family `final_logit_softcapping`)
+  applies its cap in place on that buffer in the model's own op order. An unembedding the
+  fast path cannot reproduce (a bias, forward hooks, accelerate's device hooks, a
+  quantized or otherwise custom module) is called as a module per chunk instead, which is
+  always exact.
+- Numerics: the top-k ids are taken from the float32 logits (ranks by logit are meaningful
+  even where a probability underflows to 0); then the buffer is turned into probabilities
+  in place by torch's softmax kernel in float32 (max-subtracted exp, float32 sum) and the
+  k probabilities are gathered at those ids. The probabilities are therefore exactly
+  `torch.softmax(logits.float(), -1)` at those ids, for fp32 and bf16/fp16 models alike;
+  only the matmul runs in the model's dtype, as it does in the model.
+- The model's own final logits can stand in for the last layer (`final_logits=`): that
+  layer's lens equals the logits exactly anyway, so the last matmul is skipped.
+- Nothing waits for the device inside the loop: results stay on the device and come to the
+  host once per image (`.cpu()` of the ids and of the probabilities at the end).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from collector.adapters import ModelAdapter
-from collector.readout import Readout
+from collector.readout import Readout, param_device
+
+# Upper bound of the logits work space of one `top_k` call, in bytes.
+DEFAULT_MAX_CHUNK_BYTES = 256 * 2**20
+# Chunks are multiples of this many positions (rows of the matrix multiply).
+ROW_ALIGN = 64
+
+# Writes the logits of positions [start, end) of one layer into `out` (end - start, vocab)
+# float32; `work` is a buffer of the same shape in the unembedding's dtype, or None.
+ChunkWriter = Callable[[int, int, torch.Tensor, Optional[torch.Tensor]], None]
 
 
 @dataclass(frozen=True)
@@ -42,6 +80,44 @@ class LensTopK:
         return int(self.token_ids.shape[2])
 
 
+@dataclass(frozen=True)
+class _Workspace:
+    """What the logits of a lens look like: vocabulary size, dtype, device."""
+
+    vocab_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+def chunk_bounds(n_positions: int, rows: int) -> list[tuple[int, int]]:
+    """[start, end) of each chunk: `rows` positions each; a remainder shorter than
+    ROW_ALIGN joins the chunk before it (so no chunk but a whole short sequence is shorter
+    than ROW_ALIGN rows, and chunk starts fall on ROW_ALIGN boundaries)."""
+    bounds = [(start, min(n_positions, start + rows)) for start in range(0, n_positions, rows)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < ROW_ALIGN:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
+
+
+def chunk_rows(
+    n_positions: int,
+    bytes_per_row: int,
+    chunk_positions: int | None = None,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> int:
+    """Positions per chunk: `chunk_positions` rounded up to a multiple of ROW_ALIGN, or the
+    most whole ROW_ALIGN blocks whose buffers (plus a joined remainder of up to
+    ROW_ALIGN - 1 rows) fit `max_chunk_bytes`; at least ROW_ALIGN."""
+    if chunk_positions is not None:
+        if chunk_positions < 1:
+            raise ValueError("chunk_positions must be at least 1")
+        rows = -(-chunk_positions // ROW_ALIGN) * ROW_ALIGN
+    else:
+        rows = (max_chunk_bytes // max(1, bytes_per_row) - (ROW_ALIGN - 1)) // ROW_ALIGN * ROW_ALIGN
+    return max(ROW_ALIGN, min(rows, -(-n_positions // ROW_ALIGN) * ROW_ALIGN))
+
+
 class Lens(ABC):
     """Maps the hidden state after a layer to logits over the vocabulary."""
 
@@ -53,22 +129,85 @@ class Lens(ABC):
         (B, T, d_model); entry 0 is the input embeddings.
         """
 
+    # -- the buffered readout; subclasses may write chunks without allocating --------------
+
+    def _workspace(self, hidden_states: Sequence[torch.Tensor]) -> _Workspace:
+        """Vocabulary size, dtype and device of this lens's logits (default: read from one
+        position of layer 0)."""
+        probe = self.layer_logits(_Positions(hidden_states, 0, 1), 0)
+        return _Workspace(int(probe.shape[-1]), probe.dtype, probe.device)
+
+    def _layer_writer(self, hidden_states: Sequence[torch.Tensor], layer: int) -> ChunkWriter:
+        """Writes a chunk of `layer`'s logits (default: `layer_logits` of the chunk's positions)."""
+
+        def write(start: int, end: int, out: torch.Tensor, work: torch.Tensor | None) -> None:
+            out.copy_(self.layer_logits(_Positions(hidden_states, start, end), layer)[0])
+
+        return write
+
     @torch.no_grad()
-    def top_k(self, hidden_states: Sequence[torch.Tensor], k: int, batch_index: int = 0) -> LensTopK:
-        """Top-k tokens and probabilities at every layer and position of one sequence."""
+    def top_k(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        k: int,
+        batch_index: int = 0,
+        *,
+        final_logits: torch.Tensor | None = None,
+        chunk_positions: int | None = None,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> LensTopK:
+        """Top-k tokens and probabilities at every layer and position of one sequence.
+
+        final_logits: the model's own logits (B, T, vocab) from the same forward; when given,
+            the last layer reads them instead of recomputing them (identical values).
+        chunk_positions: positions per chunk (rounded up to a multiple of ROW_ALIGN);
+            default: as many as fit `max_chunk_bytes` of logits buffers.
+        Extra memory: the logits buffers (at most max_chunk_bytes, or ROW_ALIGN rows where
+        one block of rows is larger), one layer's normed hidden states (T, d_model), and the
+        results, (n_layers + 1) * T * k * 12 bytes.
+        """
         if k < 1:
             raise ValueError("k must be at least 1")
         one_sequence = _OneSequence(hidden_states, batch_index)
-        ids_per_layer = []
-        probs_per_layer = []
-        for layer in range(len(hidden_states)):
-            logits = self.layer_logits(one_sequence, layer)
-            probs = torch.softmax(logits[0].float(), dim=-1)
-            top = torch.topk(probs, k=min(k, probs.shape[-1]), dim=-1)
-            ids_per_layer.append(top.indices.cpu())
-            probs_per_layer.append(top.values.cpu())
-            del logits, probs, top
-        return LensTopK(torch.stack(ids_per_layer), torch.stack(probs_per_layer))
+        n_entries = len(hidden_states)
+        n_positions = int(hidden_states[0].shape[1])
+        readout = self._workspace(one_sequence)
+        vocab = readout.vocab_size
+        k = min(k, vocab)
+        if final_logits is not None:
+            expected = (n_positions, vocab)
+            if final_logits.dim() != 3 or tuple(final_logits.shape[1:]) != expected:
+                raise ValueError(
+                    f"final_logits must be (B, {n_positions}, {vocab}) logits of every position, "
+                    f"got {tuple(final_logits.shape)}"
+                )
+        narrow = readout.dtype != torch.float32
+        bytes_per_row = vocab * (4 + (torch.empty((), dtype=readout.dtype).element_size() if narrow else 0))
+        rows = chunk_rows(n_positions, bytes_per_row, chunk_positions, max_chunk_bytes)
+        bounds = chunk_bounds(n_positions, rows)
+        buffer_rows = max(end - start for start, end in bounds)
+        device = readout.device
+        logits = torch.empty(buffer_rows, vocab, dtype=torch.float32, device=device)
+        work = torch.empty(buffer_rows, vocab, dtype=readout.dtype, device=device) if narrow else None
+        top_logits = torch.empty(buffer_rows, k, dtype=torch.float32, device=device)
+        token_ids = torch.empty(n_entries, n_positions, k, dtype=torch.int64, device=device)
+        probs = torch.empty(n_entries, n_positions, k, dtype=torch.float32, device=device)
+        for layer in range(n_entries):
+            reuse_final = final_logits is not None and layer == n_entries - 1
+            write = None if reuse_final else self._layer_writer(one_sequence, layer)
+            for start, end in bounds:
+                n = end - start
+                chunk = logits[:n]
+                if reuse_final:
+                    chunk.copy_(final_logits[batch_index, start:end])
+                else:
+                    write(start, end, chunk, None if work is None else work[:n])
+                ids = token_ids[layer, start:end]
+                torch.topk(chunk, k, dim=-1, out=(top_logits[:n], ids))
+                torch.softmax(chunk, dim=-1, out=chunk)  # in place: the float32 kernel
+                torch.gather(chunk, -1, ids, out=probs[layer, start:end])
+            del write
+        return LensTopK(token_ids.cpu(), probs.cpu())
 
 
 class _OneSequence(Sequence[torch.Tensor]):
@@ -85,22 +224,102 @@ class _OneSequence(Sequence[torch.Tensor]):
         return self._hidden_states[layer][self._batch_index : self._batch_index + 1]
 
 
+class _Positions(Sequence[torch.Tensor]):
+    """`hidden_states` restricted to positions [start, end), sliced lazily per layer."""
+
+    def __init__(self, hidden_states: Sequence[torch.Tensor], start: int, end: int) -> None:
+        self._hidden_states = hidden_states
+        self._start, self._end = start, end
+
+    def __len__(self) -> int:
+        return len(self._hidden_states)
+
+    def __getitem__(self, layer):  # type: ignore[override]
+        return self._hidden_states[layer][:, self._start : self._end]
+
+
 class LogitLens(Lens):
-    """The logit lens: final norm then unembedding, as the model does after its last layer.
+    """The logit lens: the model's read-out (final norm, unembedding, and the final-logit
+    softcap where the model has one; `collector.readout`) at every layer.
 
     transformers has already applied the final norm to the last entry of
     `hidden_states`, so the norm is applied to every entry but that one; the last
-    layer's lens therefore equals the model's own logits. The norm, unembedding and any
-    final-logit softcap come from the adapter's read-out (`collector.readout`).
+    layer's lens therefore equals the model's own logits.
     """
 
     def __init__(self, adapter: ModelAdapter, readout: Readout | None = None) -> None:
         self.adapter = adapter
         self.readout = readout if readout is not None else adapter.readout()
 
-    def layer_logits(self, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
-        last = len(hidden_states) - 1
+    def _is_normed(self, hidden_states: Sequence[torch.Tensor], layer: int) -> bool:
         if layer < 0:
             layer += len(hidden_states)
-        normed = layer == last and self.adapter.last_hidden_state_is_normed
-        return self.readout(hidden_states[layer], normed=normed)
+        return layer == len(hidden_states) - 1 and self.adapter.last_hidden_state_is_normed
+
+    def _normed(self, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+        """hidden_states[layer] through the final norm (all but the already-normed last
+        entry), on the unembedding's device."""
+        hidden = hidden_states[layer]
+        if not self._is_normed(hidden_states, layer):
+            norm = self.readout.final_norm
+            hidden = norm(hidden.to(param_device(norm, hidden)))
+        return hidden.to(param_device(self.readout.lm_head, hidden))
+
+    def layer_logits(self, hidden_states: Sequence[torch.Tensor], layer: int) -> torch.Tensor:
+        return self.readout(hidden_states[layer], normed=self._is_normed(hidden_states, layer))
+
+    def _workspace(self, hidden_states: Sequence[torch.Tensor]) -> _Workspace:
+        weight = getattr(self.readout.lm_head, "weight", None)
+        if weight is None or weight.device.type == "meta" or not weight.is_floating_point():
+            return super()._workspace(hidden_states)  # offloaded or quantized: ask the module
+        return _Workspace(int(weight.shape[0]), weight.dtype, weight.device)
+
+    def _layer_writer(self, hidden_states: Sequence[torch.Tensor], layer: int) -> ChunkWriter:
+        hidden = self._normed(hidden_states, layer)[0]  # (T, d_model), once per layer
+        weight = _fast_weight(self.readout.lm_head)
+        cap = self.readout.softcap
+        if weight is None or hidden.dtype != weight.dtype:
+            readout = self.readout
+
+            def call_module(start: int, end: int, out: torch.Tensor, work: torch.Tensor | None) -> None:
+                out.copy_(readout(hidden[None, start:end], normed=True)[0])
+
+            return call_module
+        hidden = hidden.contiguous()
+        transposed = weight.t()
+
+        def write(start: int, end: int, out: torch.Tensor, work: torch.Tensor | None) -> None:
+            target = out if work is None else work
+            torch.mm(hidden[start:end], transposed, out=target)  # = F.linear, into the buffer
+            if cap is not None:  # softcap_logits' own ops, in its order, in place
+                target.div_(cap).tanh_().mul_(cap)
+            if work is not None:
+                out.copy_(work)
+
+        return write
+
+
+def _fast_weight(lm_head: torch.nn.Module) -> torch.Tensor | None:
+    """The weight where `lm_head` is exactly `hidden @ weight.T`; None where only calling
+    the module is known to be exact (a bias, hooks, a custom or quantized linear, offloaded
+    weights)."""
+    if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None or _hooked(lm_head):
+        return None
+    weight = lm_head.weight
+    if weight.device.type == "meta" or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return weight
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Whether calling `module` may do more than its forward (hooks, accelerate's wrappers)."""
+    from torch.nn.modules import module as module_globals
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or getattr(module, "_hf_hook", None) is not None
+        or getattr(module_globals, "_global_forward_hooks", None)
+        or getattr(module_globals, "_global_forward_pre_hooks", None)
+    )

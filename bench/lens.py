@@ -1,0 +1,281 @@
+"""Logit lens per image: the buffered lens against the lens loop as on main, the original
+project's per-image script, and `collect lens` + `report build` end to end.
+
+Run: .venv/bin/python bench/lens.py [--images 4] [--hidden 128] [--layers 32]
+     (--images 32 for the issue's target: `collect lens` at most 0.5x the original-style CPU time)
+
+The model is LLaVA-1.5-shaped from the REAL llava-1.5-7b-hf config and tokenizer
+(../shared/data/real_configs): the real 32,064-token vocabulary, 32 decoder layers, 576 image
+tokens; only the widths are shrunk (--hidden) so it runs on a CPU. Weights are random.
+Images are synthetic, one size per image. Every mode is timed on every image, interleaved
+(image by image, in alternating order), wall-clock and process CPU time (all threads):
+
+  (a) old lens   the lens loop as on main before the buffered lens (kept below verbatim in
+                 behaviour: per layer a fresh logits tensor, `.float()`, a full softmax,
+                 topk, and a `.cpu()` per layer), on the hidden states of one forward
+  (b) new lens   `LogitLens.top_k(..., final_logits=logits)` on the same hidden states;
+                 its ids and probabilities are checked equal to (a)
+  (c) original   what the original project's `scripts/logit_lens/create_logit_lens.py` does
+                 per image (github.com/clemneo/llava-interp, `src/lvlm_lens.py`,
+                 `create_interactive_logit_lens`): one forward with hidden states; per layer
+                 norm + lm_head + softmax + top-5; per cell five `tokenizer.decode` calls and
+                 five `.item()` string formats; a label per input token (`decode` per text
+                 token, `<IMGnnn>` per image token); the image centre-cropped, resized to
+                 336 px and inlined as base64 PNG; all cells as inline JSON in one HTML page
+                 per image, written to disk. (Restated here, not copied; its template is
+                 replaced by a short one of the same kind.)
+  (d) collect    `collect_lens` for that one image into a results database (forward,
+                 lens, decode once per distinct id, Arrow tables, one DuckDB transaction);
+      report     `report build` of the whole database once at the end, divided per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shutil
+import sys
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from collector.lens.lens import LensTopK, LogitLens  # noqa: E402
+
+REAL_LLAVA15 = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf"
+PROMPT = "Describe the image."
+
+
+# -- (a) the lens loop as on main ------------------------------------------------------------
+
+
+@torch.no_grad()
+def old_top_k(lens: LogitLens, hidden_states, k: int, batch_index: int = 0) -> LensTopK:
+    """`Lens.top_k` as on main before the buffered lens: one fresh logits tensor per layer."""
+    one_sequence = [hidden[batch_index : batch_index + 1] for hidden in hidden_states]
+    ids_per_layer = []
+    probs_per_layer = []
+    for layer in range(len(hidden_states)):
+        logits = lens.layer_logits(one_sequence, layer)
+        probs = torch.softmax(logits[0].float(), dim=-1)
+        top = torch.topk(probs, k=min(k, probs.shape[-1]), dim=-1)
+        ids_per_layer.append(top.indices.cpu())
+        probs_per_layer.append(top.values.cpu())
+        del logits, probs, top
+    return LensTopK(torch.stack(ids_per_layer), torch.stack(probs_per_layer))
+
+
+# -- (c) the original project's per-image work, restated ------------------------------------
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="UTF-8"><title>Logit lens</title>
+<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px}#tip{position:fixed;display:none}</style>
+</head><body><img src="data:image/png;base64,@IMAGE@" width="336" height="336" alt="input">
+<p>Prompt: "@PROMPT@"</p><table id="lens"></table><div id="tip"></div>
+<script>
+const data = @DATA@;
+const labels = @LABELS@;
+const table = document.getElementById('lens');
+for (let pos = 0; pos < labels.length; pos++) {
+  const row = table.insertRow(); row.insertCell().textContent = labels[pos];
+  for (let layer = 0; layer < data.length; layer++) { row.insertCell().textContent = data[layer][pos][0][0]; }
+}
+</script></body></html>
+"""
+
+
+@torch.no_grad()
+def original_style_image(model, processor, image: Image.Image, name: str, out_dir: Path, image_size: int = 336) -> Path:
+    """One image the way the original script handles it (see the module docstring)."""
+    tokenizer = processor.tokenizer
+    norm = model.model.language_model.norm
+    lm_head = model.lm_head
+    prompt = f"USER: <image>\n{PROMPT} ASSISTANT:"
+    labels = []
+    for token_id in tokenizer.encode(prompt):
+        if token_id == model.config.image_token_id:
+            labels.extend(f"<IMG{i + 1:03d}>" for i in range((image_size // 14) ** 2))
+        else:
+            labels.append(tokenizer.decode([token_id]))
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    hidden_states = model(**inputs, output_hidden_states=True).hidden_states
+    cells = []
+    for hidden in hidden_states:
+        probs = torch.softmax(lm_head(norm(hidden)), dim=-1)
+        values, indices = torch.topk(probs, k=5, dim=-1)
+        layer_cells = []
+        for pos in range(hidden.shape[1]):
+            tokens = [tokenizer.decode(index.item()) for index in indices[0, pos]]
+            texts = [f"{value.item():.4f}" for value in values[0, pos]]
+            layer_cells.append(list(zip(tokens, texts)))
+        cells.append(layer_cells)
+    width, height = image.size
+    side = min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    view = image.crop(box).resize((image_size, image_size), Image.LANCZOS)
+    png = BytesIO()
+    view.save(png, format="PNG")
+    page = (
+        _PAGE.replace("@IMAGE@", base64.b64encode(png.getvalue()).decode())
+        .replace("@DATA@", json.dumps(cells))
+        .replace("@LABELS@", json.dumps(labels))
+        .replace("@PROMPT@", PROMPT)
+    )
+    path = out_dir / f"{name}_logit_lens.html"
+    path.write_text(page)
+    return path
+
+
+# -- the model and images --------------------------------------------------------------------
+
+
+def build_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
+    """The real llava-1.5-7b-hf config with its widths shrunk and `layers` decoder layers;
+    the real tokenizer and processor files."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from collector.tiny import _randomise_norms
+
+    if not REAL_LLAVA15.exists():
+        raise SystemExit(f"needs the real LLaVA-1.5 config at {REAL_LLAVA15}")
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoConfig.from_pretrained(REAL_LLAVA15)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 2 * hidden, layers
+    text.num_attention_heads = text.num_key_value_heads = 4
+    vision = config.vision_config
+    vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = 32, 64, 2
+    vision.num_attention_heads, vision.projection_dim = 2, 32
+    config.dtype = text.dtype = "float32"
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    _randomise_norms(model, torch.Generator().manual_seed(seed))
+    model.save_pretrained(out)
+    for item in REAL_LLAVA15.iterdir():
+        if item.name in {"config.json", "model.safetensors.index.json", "generation_config.json"}:
+            continue
+        shutil.copy2(item, out / item.name)
+    return out
+
+
+def write_images(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        width, height = int(rng.integers(320, 640)), int(rng.integers(240, 480))
+        image = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+            draw.ellipse((x, y, x + 40 + int(rng.integers(0, 120)), y + 40 + int(rng.integers(0, 120))),
+                         fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        image.save(folder / f"bench_{i:03d}.png")
+    return folder
+
+
+class Clock:
+    """Accumulated wall-clock and process CPU seconds per mode."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def run(self, mode: str, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = fn()
+        self.wall[mode] = self.wall.get(mode, 0.0) + time.perf_counter() - wall
+        self.cpu[mode] = self.cpu.get(mode, 0.0) + time.process_time() - cpu
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=128, help="LM hidden size (real: 4096)")
+    parser.add_argument("--layers", type=int, default=32, help="LM decoder layers (real: 32)")
+    parser.add_argument("--top-k", type=int, default=5)
+    args = parser.parse_args()
+
+    from collector.lens.experiment import collect_lens
+    from collector.images import folder_images
+    from collector.loading import load_model
+    from db.store import ResultsDB
+    from report.build import build_site
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        model_dir = build_model(tmp / "model", args.hidden, args.layers)
+        records = folder_images(write_images(tmp / "images", args.images))
+        loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+        model, adapter = loaded.model, loaded.adapter
+        lens = LogitLens(adapter)
+        (tmp / "original").mkdir()
+        db_path = tmp / "results.duckdb"
+        clock = Clock()
+        n_positions = 0
+        # Warm-up (first-call costs: allocator, kernels, tokenizer caches), not timed.
+        warm = adapter.build_inputs(records[0].load(), PROMPT)
+        with torch.no_grad():
+            warm_out = model(**warm, output_hidden_states=True, use_cache=False)
+        lens.top_k(warm_out.hidden_states, args.top_k, final_logits=warm_out.logits)
+        old_top_k(lens, warm_out.hidden_states, args.top_k)
+        del warm_out
+        with ResultsDB(db_path) as db:
+            for index, record in enumerate(records):
+                image = record.load()
+                inputs = adapter.build_inputs(image, PROMPT)
+                with torch.no_grad():
+                    outputs = clock.run("forward", lambda: model(**inputs, output_hidden_states=True, use_cache=False))
+                hidden_states, logits = outputs.hidden_states, outputs.logits
+                n_positions = int(hidden_states[0].shape[1])
+                lens_modes = [
+                    ("old lens", lambda: old_top_k(lens, hidden_states, args.top_k)),
+                    ("new lens", lambda: lens.top_k(hidden_states, args.top_k, final_logits=logits)),
+                ]
+                if index % 2:
+                    lens_modes.reverse()
+                results = {mode: clock.run(mode, fn) for mode, fn in lens_modes}
+                old, new = results["old lens"], results["new lens"]
+                if not (torch.equal(old.token_ids, new.token_ids) and torch.equal(old.probs, new.probs)):
+                    raise SystemExit("the buffered lens differs from the lens loop as on main")
+                del outputs, hidden_states, logits, results, old, new
+                pipelines = [
+                    ("original", lambda: original_style_image(model, loaded.processor, image, record.file_name,
+                                                              tmp / "original")),
+                    ("collect", lambda: collect_lens(loaded, [record], db, prompt=PROMPT, top_k=args.top_k,
+                                                     progress=False)),
+                ]
+                if index % 2:
+                    pipelines.reverse()
+                for mode, fn in pipelines:
+                    clock.run(mode, fn)
+        clock.run("report", lambda: build_site(db_path, tmp / "site"))
+
+    n = len(records)
+    per = {mode: (clock.wall[mode] / n, clock.cpu[mode] / n) for mode in clock.wall}
+    print(f"LLaVA-1.5-shaped model from the real config: vocab 32,064, {args.layers} layers, hidden {args.hidden}; "
+          f"{n} images x {n_positions} positions, top-{args.top_k}; torch threads {torch.get_num_threads()}")
+    print(f"  {'mode':<22} {'wall s/image':>12} {'CPU s/image':>12}")
+    for mode in ("forward", "old lens", "new lens", "original", "collect", "report"):
+        print(f"  {mode:<22} {per[mode][0]:>12.3f} {per[mode][1]:>12.3f}")
+    collect_report = (per["collect"][0] + per["report"][0], per["collect"][1] + per["report"][1])
+    print(f"  {'collect + report':<22} {collect_report[0]:>12.3f} {collect_report[1]:>12.3f}")
+
+    def ratio(a, b):
+        return f"wall {a[0] / b[0]:.2f}x, CPU {a[1] / b[1]:.2f}x"
+
+    print("ratios (lower is faster):")
+    print(f"  new lens / old lens:                 {ratio(per['new lens'], per['old lens'])}")
+    print(f"  collect / original-style:            {ratio(per['collect'], per['original'])}  (issue target: CPU <= 0.5x)")
+    print(f"  (collect + report) / original-style: {ratio(collect_report, per['original'])}")
+
+
+if __name__ == "__main__":
+    main()
