@@ -74,6 +74,23 @@ def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str
     return out
 
 
+def _token_dictionary(lens: Any) -> tuple[list[str], np.ndarray, list[int] | None]:
+    """(dictionary strings, each row's dictionary index, dictionary token ids or None).
+
+    One entry per distinct (token id, text) where every row has an id (two ids with the
+    same text stay two entries, so the page can show each id); per distinct text otherwise.
+    """
+    encoded = lens.column("token").combine_chunks().dictionary_encode()
+    string_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    strings = encoded.dictionary.to_pylist()
+    ids_column = lens.column("token_id").combine_chunks()
+    if len(ids_column) and ids_column.null_count == 0:
+        ids = ids_column.to_numpy(zero_copy_only=False).astype(np.int64)
+        pairs, codes = np.unique(np.stack([ids, string_codes], axis=1), axis=0, return_inverse=True)
+        return [strings[int(c)] for c in pairs[:, 1]], codes.astype(np.int64).ravel(), pairs[:, 0].tolist()
+    return strings, string_codes, None
+
+
 def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None,
               top_k: int | None = None) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
@@ -97,14 +114,13 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
     positions = _checked_positions(position_rows, grid_rows, grid_cols, context)
     position_numbers = positions["position"]
 
-    lens = queries.lens_rows(db, run_id, image_id)
+    positions["token_id"] = queries.position_token_ids(db, run_id, image_id)
+    lens = queries.lens_rows_with_ids(db, run_id, image_id)
     layer = lens.column("layer").to_numpy().astype(np.int64)
     position = lens.column("position").to_numpy().astype(np.int64)
     rank = lens.column("rank").to_numpy().astype(np.int64)
     prob = lens.column("prob").to_numpy().astype(np.float64)
-    encoded = lens.column("token").combine_chunks().dictionary_encode()
-    token_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    tokens: list[str] = encoded.dictionary.to_pylist()
+    tokens, token_codes, token_ids = _token_dictionary(lens)
 
     n_rows = len(position_rows)
     if len(layer) and (layer.min() < 0 or rank.min() < 1):
@@ -157,7 +173,7 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
         "view": {"width": view[0], "height": view[1]} if view else None,
         "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
         "objects": objects.page_objects(run_id, image_id, grid_rows, grid_cols),
-        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells),
+        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells, token_ids),
     }
 
 
