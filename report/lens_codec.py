@@ -33,12 +33,14 @@ block fetch() on file://). The JSON object holds:
   "index_bytes", "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
   ``DecompressionStream("deflate-raw")``) whose inflated bytes are, in order:
 
-  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the token dictionary's strings, most
-     frequent first (so frequent tokens get small indices). One entry per distinct
-     token id (two ids with the same text are two entries), or per distinct string
-     where the database has no token ids;
-  1b. ``token_ids_bytes`` bytes (0 or absent: no ids): UTF-8 JSON array of the token id
-     of each dictionary entry, parallel to the strings;
+  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the token dictionary's strings. One
+     entry per distinct (token id, text), or per distinct text where the database has no
+     token ids. Without ids the most frequent come first; with ids the 256 most frequent
+     come first, in id order, then the rest in id order (frequent tokens keep one-byte
+     indices, and the ids below delta-encode into small numbers);
+  1b. ``token_ids_bytes`` bytes (0 or absent: no ids): UTF-8 JSON array of the token ids
+     of the dictionary entries, delta-encoded: the first id, then each id minus the one
+     before it;
   2. ``n_cells * index_bytes`` bytes: the token index (into that array) of every cell,
      little-endian unsigned integers of ``index_bytes`` (1, 2 or 4) bytes stored
      byte-planar (all low bytes, then all next bytes, ...), which deflates better;
@@ -97,10 +99,17 @@ def pack_cells(tokens: list[str], token_codes: np.ndarray, prob: np.ndarray, fla
     # Frequency order: the most common tokens get the smallest indices (fewer high bytes).
     counts = np.bincount(token_codes, minlength=len(tokens))
     order = np.argsort(-counts, kind="stable")
+    if token_ids is not None:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        head, rest = order[:256], order[256:]
+        order = np.concatenate([head[np.argsort(ids[head], kind="stable")], rest[np.argsort(ids[rest], kind="stable")]])
     new_code = np.empty_like(order)
     new_code[order] = np.arange(len(order))
     tokens = [tokens[i] for i in order]
-    ids_json = b"" if token_ids is None else json.dumps([int(token_ids[i]) for i in order]).encode("ascii")
+    ids_json = b""
+    if token_ids is not None:
+        ordered_ids = np.asarray(token_ids, dtype=np.int64)[order]
+        ids_json = json.dumps(np.diff(ordered_ids, prepend=0).tolist(), separators=(",", ":")).encode("ascii")
     index_bytes = 1 if len(tokens) <= 0x100 else 2 if len(tokens) <= 0x10000 else 4
     token_index = np.zeros(n_cells, dtype=np.uint64)
     token_index[flat] = new_code[token_codes]
@@ -146,7 +155,7 @@ def unpack_token_ids(data: dict[str, Any]) -> list[int] | None:
         return None
     raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
     start = packed["tokens_bytes"]
-    return json.loads(raw[start : start + size].decode("ascii"))
+    return np.cumsum(json.loads(raw[start : start + size].decode("ascii"))).tolist()
 
 
 def data_script(data: dict[str, Any]) -> str:

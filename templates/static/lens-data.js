@@ -44,7 +44,12 @@
     var decoder = new global.TextDecoder("utf-8");
     this.tokens = JSON.parse(decoder.decode(raw.subarray(0, packed.tokens_bytes)));
     // The token id of each dictionary entry (null without ids: format 2, or no ids recorded).
-    this.tokenIds = ni ? JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes, nt))) : null;
+    this.tokenIds = null;
+    if (ni) {
+      var deltas = JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes, nt)));
+      for (var d = 1; d < deltas.length; d++) deltas[d] += deltas[d - 1];
+      this.tokenIds = deltas;
+    }
     var index = new Uint32Array(nCells);
     for (var b = 0; b < nb; b++) {
       var plane = raw.subarray(nt + b * nCells, nt + (b + 1) * nCells);
