@@ -186,6 +186,7 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
     for index, view in enumerate(data["extra_views"]):
         site.writer.write(urls.lens_extra_png(run.dir_name, entry.image_id, index),
                           queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]))
+    other_runs = _other_runs(db, entry)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
@@ -200,5 +201,63 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
         extra_views=data["extra_views"],
         top_k=data["top_k"],
         has_objects=bool(data["objects"]),
+        other_runs=other_runs,
     )
+    entry.summary = _summary(data)  # the index's per-image columns
     return data
+
+
+def run_label(record: Any, differing: set[str]) -> str:
+    """A short name for a run that says what sets it apart: model, then prompt / top-k where they differ."""
+    config = record.config or {}
+    parts = [record.model_id]
+    if "prompt" in differing:
+        prompt = str(config.get("prompt") or "no prompt recorded").replace("\n", " ")
+        parts.append("prompt \u201c" + (prompt if len(prompt) <= 40 else prompt[:39] + "\u2026") + "\u201d")
+    if "top_k" in differing:
+        parts.append(f"top-{config.get('top_k', '?')}")
+    if "dtype" in differing:
+        parts.append(str(config.get("dtype")))
+    if not differing:
+        parts.append(record.run_id)
+    return " \u00b7 ".join(parts)
+
+
+def differing_settings(records: list[Any]) -> set[str]:
+    """Which of model, prompt, top-k, dtype differ between runs."""
+    keys = {"model": lambda r: r.model_id, "prompt": lambda r: (r.config or {}).get("prompt"),
+            "top_k": lambda r: (r.config or {}).get("top_k"), "dtype": lambda r: (r.config or {}).get("dtype")}
+    return {name for name, get in keys.items() if len({json_key(get(r)) for r in records}) > 1}
+
+
+def json_key(value: Any) -> str:
+    return repr(value)
+
+
+def _other_runs(db: ResultsDB, entry: LensEntry) -> list[dict[str, str]]:
+    """Links to the same image in every other lens run, each named by what differs."""
+    records = queries.lens_runs_of_image(db, entry.image_id)
+    if len(records) < 2:
+        return []
+    differing = differing_settings(records)
+    out = []
+    here = (entry.run.dir_name, entry.image_id)
+    for record in records:
+        if record.run_id == entry.run.run_id:
+            continue
+        dir_name = urls.run_dir_name(record.run_id)
+        out.append({"run_id": record.run_id, "label": run_label(record, differing),
+                    "page": urls.lens_page(dir_name, entry.image_id),
+                    "compare": urls.compare_page(here, (dir_name, entry.image_id))})
+    return out
+
+
+def _summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-image numbers for the index: positions, layers, and the last layer's top-1 at
+    the last position (what the model predicts next) with its probability."""
+    tokens, index, prob = lens_codec.unpack_lens_data(data)
+    n_rows, top_k, n_layers = len(data["positions"]["position"]), data["top_k"], data["n_layers"]
+    at = ((n_layers - 1) * n_rows + (n_rows - 1)) * top_k
+    return {"positions": n_rows, "layers": n_layers, "top_k": top_k,
+            "image_positions": sum(1 for k in data["positions"]["kind"] if k == "image"),
+            "next_token": tokens[int(index[at])], "next_prob": float(prob[at])}
