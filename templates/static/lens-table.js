@@ -294,8 +294,10 @@
 
   // The width of the pinned pos/label/kind columns (what a scrolled layer column hides under).
   LensTable.prototype.pinnedWidth = function () {
-    var cells = this.table.tHead.rows[0].cells;
-    return cells[HEAD_CELLS - 1].offsetLeft + cells[HEAD_CELLS - 1].offsetWidth;
+    // Widths, not offsets: a stuck (sticky) cell reports where it is stuck.
+    var cells = this.table.tHead.rows[0].cells, width = 0;
+    for (var i = 0; i < HEAD_CELLS; i++) width += cells[i].offsetWidth;
+    return width;
   };
 
   // Scroll inside the table only, never the page: the row into view vertically.

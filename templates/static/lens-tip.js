@@ -39,7 +39,9 @@
     this.key = "";
   }
 
-  Tip.prototype.show = function (layer, row, event) {
+  // from: "table" or "image" (what the pointer is over).
+  Tip.prototype.show = function (layer, row, event, from) {
+    this.from = from;
     var key = layer + ":" + row;
     if (key !== this.key) {
       this.key = key;

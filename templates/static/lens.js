@@ -258,7 +258,7 @@
         select(row, currentLayer);
         follow(row);
       }
-      tip.show(currentLayer, row, event);
+      tip.show(currentLayer, row, event, "image");
     }
     function clickRow(row) {
       toggleLock(row, currentLayer);
@@ -275,11 +275,12 @@
       var target = table.cellTarget(event, currentLayer);
       if (!target) return;
       if (!locked) select(target.row, target.layer);
-      tip.show(target.layer, target.row, event);
+      tip.show(target.layer, target.row, event, "table");
     });
     table.table.addEventListener("mousemove", function (event) { tip.move(event); });
     table.table.addEventListener("mouseleave", function () { tip.hide(); });
-    wrap.addEventListener("scroll", function () { tip.hide(); }, { passive: true });
+    // A tooltip over the table would point at another cell once the table scrolls.
+    wrap.addEventListener("scroll", function () { if (tip.from === "table") tip.hide(); }, { passive: true });
     table.table.addEventListener("click", function (event) {
       var target = table.cellTarget(event, currentLayer);
       if (!target) return;
