@@ -62,10 +62,10 @@ def lens_extra_png(run_dir: str, image_id: int, index: int) -> str:
     return f"lens/{run_dir}/{image_id}.extra{index}.png"
 
 
-def compare_page(a: tuple[str, int], b: tuple[str, int] | None = None) -> str:
-    """The two-run view with (run_dir, image_id) `a` (and `b`) chosen (a URL fragment)."""
-    fragment = f"a={a[0]}/{a[1]}" + (f"&b={b[0]}/{b[1]}" if b else "")
-    return f"{COMPARE}#{fragment}"
+def compare_fragment(a: tuple[str, int], b: tuple[str, int] | None = None) -> str:
+    """The fragment choosing (run_dir, image_id) `a` (and `b`) on the two-run view:
+    link with `href(COMPARE) + "#" + compare_fragment(...)` (run dirs are URL-safe)."""
+    return f"a={a[0]}/{a[1]}" + (f"&b={b[0]}/{b[1]}" if b else "")
 
 
 def experiment_page(experiment: str, run_dir: str) -> str:

@@ -261,7 +261,7 @@ def test_every_link_resolves_and_is_relative(built: tuple[Path, Path, dict[str, 
     _, out, _ = built
     html_files = list(out.rglob("*.html"))
     names = {p.relative_to(out).as_posix() for p in html_files if not p.parent.name == "experiments"}
-    assert len(names) == 7 and {"index.html", "quantitative.html", "downloads.html", "sql.html"} <= names
+    assert len(names) == 8 and {"index.html", "quantitative.html", "downloads.html", "sql.html", "compare.html"} <= names
     for page in html_files:
         parser = _Links()
         parser.feed(page.read_text(encoding="utf-8"))

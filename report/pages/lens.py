@@ -248,7 +248,7 @@ def _other_runs(db: ResultsDB, entry: LensEntry) -> list[dict[str, str]]:
         dir_name = urls.run_dir_name(record.run_id)
         out.append({"run_id": record.run_id, "label": run_label(record, differing),
                     "page": urls.lens_page(dir_name, entry.image_id),
-                    "compare": urls.compare_page(here, (dir_name, entry.image_id))})
+                    "compare": urls.compare_fragment(here, (dir_name, entry.image_id))})
     return out
 
 
