@@ -317,3 +317,146 @@ def test_data_file_carries_the_token_ids(site: tuple[Path, Path, dict[str, str]]
             assert data["positions"]["token_id"] == [r[0] for r in db.sql(
                 "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id))]
     assert json  # noqa: B018
+
+
+# -- index, comparison and the quantitative overlay (a site with two runs of the same model, two prompts) --
+
+from test_report import _write_image  # noqa: E402
+
+
+def _make_two_run_db(path: Path) -> list[str]:
+    """Two lens runs of one model with different prompts, on images named img10.jpg (id 101) and img2.jpg (id 102)."""
+    square = [[0, 0, 300, 0, 300, 300, 0, 300]]
+    with ResultsDB(path) as db:
+        db.add_image(101, "img10.jpg", 640, 480, "coco", annotations=[
+            {"id": 1, "category_id": 17, "category": "cat", "area": 10.0, "bbox": [0, 0, 300, 300], "segmentation": square}])
+        db.add_image(102, "img2.jpg", 640, 480, "coco", annotations=[
+            {"id": 2, "category_id": 17, "category": "cat", "area": 10.0, "bbox": [0, 0, 300, 300], "segmentation": square}])
+        ids = []
+        # The second run's positions are column-major: the view aligns patches by cell, not by position number.
+        for prompt, column_major in (("Describe.", False), ("What is it?", True)):
+            run = db.start_run("lens", "llava-hf/llava-1.5-7b-hf", {"model_id": "m", "prompt": prompt},
+                               {"model_id": "llava-hf/llava-1.5-7b-hf", "prompt": "USER: <image>\n" + prompt,
+                                "top_k": TOP_K})
+            _write_image(db, run, 101, complete=True, column_major=column_major)
+            _write_image(db, run, 102, complete=True, column_major=column_major)
+            db.finish_run(run)
+            ids.append(run)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    root = tmp_path_factory.mktemp("lens-two-runs")
+    db_path = root / "two.duckdb"
+    ids = _make_two_run_db(db_path)
+    out = root / "site"
+    build_site(db_path, out, downloads=False)
+    return db_path, out, ids
+
+
+@pytest.fixture
+def two(browser: Any, two_runs: tuple[Path, Path, list[str]]) -> Iterator[tuple[Watched, Path, Path, list[str]]]:  # noqa: F811
+    db_path, out, ids = two_runs
+    watched = _watched(browser, out, 1280, 800)
+    try:
+        yield watched, db_path, out, ids
+        watched.check()
+    finally:
+        watched.context.close()
+
+
+def _index_rows(page: Any) -> list[tuple[str, str]]:
+    return [tuple(r) for r in page.locator("#lens-list tbody tr:visible").evaluate_all(
+        "rows => rows.map(r => [r.dataset.file, r.dataset.run])")]
+
+
+def test_index_sorts_filters_and_keeps_its_state_in_the_url(two: Any) -> None:
+    watched, _, _, ids = two
+    page = watched.goto("index.html")
+    # Natural order of file names: img2 before img10.
+    assert [f for f, _ in _index_rows(page)] == ["img2.jpg", "img2.jpg", "img10.jpg", "img10.jpg"]
+    page.click("#lens-list button.sort[data-sort='file']")  # descending
+    assert [f for f, _ in _index_rows(page)] == ["img10.jpg", "img10.jpg", "img2.jpg", "img2.jpg"]
+    assert page.locator("#lens-list th[aria-sort='descending'] button").inner_text() == "File name"
+    page.click("#lens-list button.sort[data-sort='image']")
+    assert page.locator("#lens-list tbody tr:visible").first.get_attribute("data-image") == "101"
+    # Image id is an exact filter: "1" matches nothing, "102" exactly its two rows.
+    page.fill("#filter-image", "1")
+    assert page.locator("#match-count").inner_text().startswith("0 of 4")
+    page.fill("#filter-image", "102")
+    assert {f for f, _ in _index_rows(page)} == {"img2.jpg"} and len(_index_rows(page)) == 2
+    page.select_option("#filter-run", ids[1])
+    assert _index_rows(page) == [("img2.jpg", ids[1])]
+    hash_ = page.evaluate("location.hash")
+    assert "id=102" in hash_ and f"run={ids[1]}" in hash_ and "sort=image" in hash_
+    page.reload()
+    assert _index_rows(page) == [("img2.jpg", ids[1])]
+    assert page.input_value("#filter-image") == "102"
+    # The any-column filter matches words within one column, not across the joined row.
+    page.select_option("#filter-run", "")
+    page.fill("#filter-image", "")
+    page.fill("#search", "img2")
+    assert page.locator("#match-count").inner_text().startswith("2 of 4")
+    page.fill("#filter-file", "img1")
+    assert page.locator("#match-count").inner_text().startswith("0 of 4")
+    # Per-image summary columns: positions, layers, predicted next token.
+    row = page.locator("#lens-list tbody tr").first
+    assert row.get_attribute("data-layers") == str(N_LAYERS)
+    assert int(row.get_attribute("data-positions")) > 0
+
+
+def test_lens_page_links_the_same_image_in_other_runs_and_compares_them(two: Any) -> None:
+    watched, db_path, out, ids = two
+    page = _open_lens(watched, ids[0], 102)
+    links = page.locator(".other-runs a:not(.compare-link)")
+    assert links.count() == 1
+    assert "What is it?" in links.first.inner_text()  # named by what differs: the prompt
+    links.first.click()
+    page.wait_for_selector("body[data-lens-ready]")
+    assert page.url.split("#")[0].endswith(f"lens/{run_dir_name(ids[1])}/102.html")
+    page.locator(".other-runs a.compare-link").first.click()
+    page.wait_for_selector("body[data-compare-ready]", timeout=10_000)
+    assert page.input_value("#pick-a") == f"{run_dir_name(ids[1])}/102"
+    assert page.input_value("#pick-b") == f"{run_dir_name(ids[0])}/102"
+    assert "What is it?" in page.locator("#title-a").inner_text() and "Describe." in page.locator("#title-b").inner_text()
+    with ResultsDB(db_path, read_only=True) as db:
+        top1 = {(run, layer, position): token for run, layer, position, token in db.sql(
+            "SELECT run_id, layer, position, token FROM lens_top1 WHERE image_id = 102")}
+    with ResultsDB(db_path, read_only=True) as db:
+        cell_of = {(run, position): (r, c) for run, position, r, c in db.sql(
+            "SELECT run_id, position, patch_row, patch_col FROM positions WHERE image_id = 102")}
+    rows = page.locator("#compare-table tbody tr")
+    n_diff = 0
+    for i in range(rows.count()):
+        row = rows.nth(i)
+        pa_, pb = (int(t) for t in row.locator("th.pos").all_inner_texts())
+        assert cell_of[(ids[1], pa_)] == cell_of[(ids[0], pb)]  # aligned by patch cell (text: both None)
+        cells = row.locator("td")
+        for layer in range(N_LAYERS):
+            differs = top1[(ids[1], layer, pa_)] != top1[(ids[0], layer, pb)]
+            assert ("differ" in cells.nth(layer).get_attribute("class")) == differs
+            n_diff += differs
+    assert n_diff > 0
+    page.check("#cmp-only-diff")
+    page.wait_for_selector("body[data-compare-ready]")
+    assert page.locator("#compare-table tbody tr:visible").count() == page.locator("#compare-table tbody tr.row-differs").count()
+    assert "diff=1" in page.evaluate("location.hash")
+
+
+def test_quantitative_page_overlays_runs_and_saves_svg(two: Any) -> None:
+    watched, _, _, _ = two
+    page = watched.goto("quantitative.html")
+    headings = page.locator("section.quant-run h2").all_inner_texts()
+    assert len(headings) == 2 and headings[0] != headings[1]
+    assert "Describe." in headings[0] and "What is it?" in headings[1]
+    overlay = page.locator("svg.overlay-chart")
+    assert overlay.locator("g.series").count() == 4  # top-1 and top-k of each run
+    assert overlay.locator("g.series polyline").first.bounding_box()["width"] > 100
+    strokes = set(overlay.locator("g.series polyline").evaluate_all("ls => ls.map(l => l.getAttribute('stroke'))"))
+    assert len(strokes) == 2
+    with page.expect_download() as info:
+        page.locator("#overlay-section .svg-save").click()
+    svg = Path(info.value.path()).read_text(encoding="utf-8")
+    assert "<svg" in svg and "polyline" in svg and "What is it?" in svg
+    assert page.locator("figure[data-figure-name] .svg-save").count() == 3
