@@ -77,9 +77,14 @@
     byId("title-b").textContent = "B: " + eb.label;
     byId("meta-a").textContent = meta(ea, a);
     byId("meta-b").textContent = meta(eb, b);
-    [["img-a", ea], ["img-b", eb]].forEach(function (pair) {
-      var img = byId(pair[0]);
-      if (pair[1].png) { img.src = pair[1].png; img.hidden = false; } else { img.hidden = true; }
+    [["img-a", ea, "A"], ["img-b", eb, "B"]].forEach(function (pair) {
+      var box = byId(pair[0]);
+      while (box.firstChild) box.removeChild(box.firstChild);
+      if (!pair[1].png) return;
+      var img = document.createElement("img");
+      img.src = pair[1].png;
+      img.alt = "image " + pair[1].image_id + " as run " + pair[2] + "'s model saw it";
+      box.appendChild(img);
     });
     var nLayers = Math.min(a.nLayers, b.nLayers);
     from.max = to.max = String(nLayers - 1);
