@@ -460,3 +460,25 @@ def test_quantitative_page_overlays_runs_and_saves_svg(two: Any) -> None:
     svg = Path(info.value.path()).read_text(encoding="utf-8")
     assert "<svg" in svg and "polyline" in svg and "What is it?" in svg
     assert page.locator("figure[data-figure-name] .svg-save").count() == 3
+
+
+def test_blocking_windows_table_fits_at_1280(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: F811
+    """The per-image blocking table shows its last ("Correct") column without a sideways scroll."""
+    from test_report_experiments import image_page, make_experiment_db
+
+    root = tmp_path_factory.mktemp("blocking-fit")
+    ids = make_experiment_db(root / "e.duckdb")
+    build_site(root / "e.duckdb", root / "site", downloads=False)
+    watched = _watched(browser, root / "site", 1280, 800)
+    try:
+        page = watched.goto(image_page(root / "site", "blocking", ids["blocking"], 303).relative_to(root / "site").as_posix())
+        page.wait_for_selector("body[data-overlay-ready]")
+        scroller = page.locator("#windows").locator("xpath=..")
+        assert scroller.evaluate("s => s.scrollWidth <= s.clientWidth")
+        correct = page.locator("#windows thead th").last
+        assert correct.inner_text() == "Correct"
+        box, frame = correct.bounding_box(), scroller.bounding_box()
+        assert box["x"] + box["width"] <= frame["x"] + frame["width"] + 0.5
+        watched.check()
+    finally:
+        watched.context.close()
