@@ -108,9 +108,15 @@ def test_hovering_a_patch_shows_its_top_k_at_the_pointer_and_the_table_follows(b
     panel = page.locator("#panel").bounding_box()
     assert panel["y"] + panel["height"] <= 800
     assert page.locator("#panel-rows td.token-id").all_inner_texts() == ids
-    # The table follows the hovered patch: its row scrolls into the table's view.
+    # The hovered row shows at once under the table's headers (the mirrored row, drawn on canvases) ...
+    assert page.locator("#lens-table thead tr.hover-row").get_attribute("data-position") == str(position)
+    wrap_box = page.locator("#lens-table-wrap").bounding_box()
+    assert _in_box(page.locator("#lens-table thead th.mirror-pin").bounding_box(), wrap_box)
+    layers = page.locator("#lens-table thead th.mirror-layers").bounding_box()
+    assert wrap_box["y"] <= layers["y"] and layers["y"] + layers["height"] <= wrap_box["y"] + 80  # under the headers
+    # ... and the table follows the hovered patch once the pointer rests: its row scrolls into view.
     page.wait_for_function(f"document.querySelector('#lens-table tbody tr.row-active th.pos').textContent === '{position}'")
-    page.wait_for_timeout(300)
+    page.wait_for_function("document.querySelector('#lens-table tbody tr.row-active td.cell-active') !== null", timeout=3000)
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active th.pos")
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active td:nth-child(36)")  # L32, the current layer
     # Leaving the image hides the tooltip.

@@ -34,10 +34,10 @@
     this.matches = null; // (layer, row) -> bool, or null
     this.rowHeight = 0;
     this.live = [0, -1]; // rows [first, last] with their cells
-    this.overscan = 6;
+    this.overscan = 3;
     // Only the layer columns in and near view get their text (cells stay, empty): a jump
     // to a far row then writes ~15 columns of text, not 33.
-    this.colOverscan = 3;
+    this.colOverscan = 1;
     this.textCols = [0, -1];
     this.geometry = null; // cached: row pitch, header height, column offsets (measure())
   }
@@ -59,6 +59,25 @@
       head.appendChild(th);
       this.headerCells.push(th);
     }
+    // The hovered row, mirrored under the layer headers: the hovered position's top-1 at every
+    // layer is in view at once, aligned with the columns, without scrolling the table. It is
+    // drawn on two canvases (pinned part, layer part): new text on a hover then lays out
+    // nothing (text in the table's cells would lay out all 593 rows again).
+    var mirror = thead.insertRow();
+    mirror.className = "hover-row";
+    mirror.setAttribute("aria-hidden", "true");
+    this.mirror = mirror;
+    var pin = el("th", "mirror-pin");
+    pin.colSpan = HEAD_CELLS;
+    this.pinCanvas = document.createElement("canvas");
+    pin.appendChild(this.pinCanvas);
+    mirror.appendChild(pin);
+    var layers = el("th", "mirror-layers");
+    layers.colSpan = model.nLayers;
+    this.layerCanvas = document.createElement("canvas");
+    layers.appendChild(this.layerCanvas);
+    mirror.appendChild(layers);
+    this.mirrorLayersCell = layers;
     var colgroup = document.createElement("colgroup");
     ["col-pos", "col-label", "col-kind"].forEach(function (name) { colgroup.appendChild(el("col", name)); });
     this.cols = [];
@@ -136,7 +155,8 @@
   LensTable.prototype.measure = function () {
     var rows = this.bodyRows, n = rows.length, table = this.table;
     var g = { top: table.offsetTop, left: table.offsetLeft, head: table.tHead.offsetHeight, pitch: 0,
-      row0: 0, colLeft: [], colWidth: [], width: table.offsetWidth, pinned: this.pinnedWidth() };
+      row0: 0, colLeft: [], colWidth: [], width: table.offsetWidth, pinned: this.pinnedWidth(), pinWidths: [] };
+    for (var p = 0; p < HEAD_CELLS; p++) g.pinWidths.push(table.tHead.rows[0].cells[p].offsetWidth);
     if (n) {
       g.row0 = rows[0].offsetTop;
       g.pitch = n > 1 ? (rows[n - 1].offsetTop - g.row0) / (n - 1) : rows[0].offsetHeight;
@@ -147,6 +167,11 @@
       g.colWidth.push(this.headerCells[l].offsetWidth);
     }
     this.geometry = g.pitch > 0 ? g : null;
+    var headRow = table.tHead.rows[0].offsetHeight + "px";
+    if (this.mirror && this.mirror.cells[0].style.top !== headRow) {
+      for (var i = 0; i < this.mirror.cells.length; i++) this.mirror.cells[i].style.top = headRow;
+    }
+    if (this.geometry) this.sizeMirror();
     return this.geometry;
   };
 
@@ -226,7 +251,82 @@
   };
 
   // Positions from the cached geometry: no layout is read on a hover.
+  // Size the mirror's canvases to the pinned and the shown layer columns (after measure()).
+  LensTable.prototype.sizeMirror = function () {
+    var g = this.geometry;
+    if (!g) return;
+    var dpr = global.devicePixelRatio || 1, height = g.rowHeight;
+    var layersWidth = 0;
+    for (var l = 0; l < g.colWidth.length; l++) layersWidth += g.colWidth[l];
+    this.mirrorLayersCell.colSpan = this.range[1] - this.range[0] + 1;
+    [[this.pinCanvas, g.pinned], [this.layerCanvas, layersWidth]].forEach(function (pair) {
+      var canvas = pair[0];
+      canvas.width = Math.max(1, Math.round(pair[1] * dpr));
+      canvas.height = Math.max(1, Math.round(height * dpr));
+      canvas.style.width = pair[1] + "px";
+      canvas.style.height = height + "px";
+    });
+    var style = global.getComputedStyle(this.table);
+    this.mirrorFont = "12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
+    this.mirrorColour = style.color;
+    this.mirrorRow = undefined;
+    if (this.mirrorLast) this.showMirror(this.mirrorLast[0], this.mirrorLast[1]);
+  };
+
+  function clipText(ctx, text, width) {
+    if (ctx.measureText(text).width <= width) return text;
+    var lo = 0, hi = text.length;
+    while (lo < hi) {
+      var mid = (lo + hi + 1) >> 1;
+      if (ctx.measureText(text.slice(0, mid) + "\u2026").width <= width) lo = mid; else hi = mid - 1;
+    }
+    return text.slice(0, lo) + "\u2026";
+  }
+
+  // Show `row` in the mirrored row under the headers (its top-1 at every shown layer).
+  LensTable.prototype.showMirror = function (row, layer) {
+    var model = this.model, g = this.geometry, showToken = ns.text.showToken;
+    if (row === this.mirrorRow && layer === this.mirrorLayer) return;
+    this.mirrorRow = row;
+    this.mirrorLayer = layer;
+    this.mirrorLast = [row, layer];
+    this.mirror.setAttribute("data-position", String(model.positions.position[row]));
+    if (!g) return;
+    var dpr = global.devicePixelRatio || 1, h = g.rowHeight, pad = 4, base = Math.round(h * 0.68);
+    var pin = this.pinCanvas.getContext("2d"), ctx = this.layerCanvas.getContext("2d");
+    [pin, ctx].forEach(function (c) {
+      c.setTransform(dpr, 0, 0, dpr, 0, 0);
+      c.clearRect(0, 0, c.canvas.width, c.canvas.height);
+      c.font = this.mirrorFont;
+      c.fillStyle = this.mirrorColour;
+    }, this);
+    var x = 0;
+    var texts = [String(model.positions.position[row]), showToken(model.positions.label[row]), model.positions.kind[row]];
+    for (var i = 0; i < HEAD_CELLS; i++) {
+      var w = g.pinWidths[i];
+      pin.fillText(clipText(pin, texts[i], w - 2 * pad), x + pad, base);
+      x += w;
+    }
+    var first = -1;
+    for (var l = 0; l < model.nLayers; l++) {
+      if (!g.colWidth[l]) continue;
+      if (first < 0) first = g.colLeft[l];
+      var left = g.colLeft[l] - first, at = (l * model.nRows + row) * model.topK;
+      var prob = model.probTable[model.probCodes[at]];
+      ctx.fillStyle = "rgba(10, 102, 194, " + (0.05 * Math.min(9, Math.floor(prob * 10))).toFixed(2) + ")";
+      ctx.fillRect(left, 0, g.colWidth[l], h);
+      if (l === layer) {
+        ctx.strokeStyle = "#e0a800";
+        ctx.lineWidth = 2;
+        ctx.strokeRect(left + 1, 1, g.colWidth[l] - 2, h - 2);
+      }
+      ctx.fillStyle = this.mirrorColour;
+      ctx.fillText(clipText(ctx, showToken(model.tokens[model.tokenIndex[at]]), g.colWidth[l] - 2 * pad), left + pad, base);
+    }
+  };
+
   LensTable.prototype.placeBoxes = function (row, layer, state) {
+    this.showMirror(row, layer);
     var g = this.geometry || this.measure();
     if (!g) return;
     var band = this.rowBand, box = this.cellBox, top = this.rowTop(row);

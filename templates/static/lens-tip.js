@@ -54,7 +54,11 @@
 
   Tip.prototype.move = function (event) {
     if (this.element.hidden || !event) return;
-    var el = this.element, width = el.offsetWidth, height = el.offsetHeight;
+    var el = this.element;
+    // The tooltip has a fixed size (one title line, top-k rows): read it once, so moving it
+    // never forces a layout.
+    if (!this.size) this.size = [el.offsetWidth, el.offsetHeight];
+    var width = this.size[0], height = this.size[1];
     var vw = document.documentElement.clientWidth, vh = document.documentElement.clientHeight;
     var x = event.clientX + 16, y = event.clientY + 16;
     if (x + width > vw - 4) x = event.clientX - width - 12;

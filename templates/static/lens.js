@@ -243,9 +243,10 @@
     var ARROWS = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
 
     // --- build and wire -----------------------------------------------------------------
-    // The table follows the hovered patch once the pointer rests on it (FOLLOW_MS), so
-    // sweeping across the image does not scroll the table at every patch it crosses.
-    var FOLLOW_MS = 90;
+    // The hovered row shows at once in the mirrored row under the table's headers; the
+    // table itself scrolls to the row once the pointer rests on the patch (FOLLOW_MS), so
+    // sweeping across the image does not scroll (and rebuild) the table at every patch.
+    var FOLLOW_MS = 350;
     var followTimer = 0;
     function follow(row) {
       global.clearTimeout(followTimer);
