@@ -15,17 +15,17 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from test_report import N_LAYERS, TOP_K, _load_data
+from test_site_browser import Watched, _open_lens, browser, site  # noqa: F401  (fixtures)
 
 from db.store import ResultsDB
 from report.build import build_site, run_dir_name
 from report.lens_codec import unpack_lens_data, unpack_token_ids
-from test_report import N_LAYERS, TOP_K, _load_data
-from test_site_browser import Watched, _open_lens, browser, site  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,8 @@ def big_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]
     return db_path, out, run_id
 
 
-def _watched(browser: Any, out: Path, width: int = 1280, height: int = 800) -> Watched:
-    watched = Watched(browser, out.resolve().as_uri() + "/")
+def _watched(chromium: Any, out: Path, width: int = 1280, height: int = 800) -> Watched:
+    watched = Watched(chromium, out.resolve().as_uri() + "/")
     watched.page.set_viewport_size({"width": width, "height": height})
     return watched
 
@@ -322,7 +322,6 @@ def test_data_file_carries_the_token_ids(site: tuple[Path, Path, dict[str, str]]
                 assert (ids[index[at]], tokens[index[at]]) == (token_id, token)
             assert data["positions"]["token_id"] == [r[0] for r in db.sql(
                 "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id))]
-    assert json  # noqa: B018
 
 
 # -- index, comparison and the quantitative overlay (a site with two runs of the same model, two prompts) --
