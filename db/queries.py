@@ -558,3 +558,44 @@ def export_console_database(db: ResultsDB, path: Path, root: Path, parquet: dict
     finally:
         con.close()
 
+
+# -- lens page additions (report/pages/lens.py, index.py, compare) ------------------------
+# Added by the lens-page work; kept together at the end of the file.
+
+
+def lens_rows_with_ids(db: ResultsDB, run_id: str, image_id: int) -> pa.Table:
+    """The image's logit-lens rows (layer, position, rank, token_id, token, prob) as Arrow, unordered."""
+    return db.duck.sql(
+        "SELECT layer, position, rank, token_id, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",
+        params=[run_id, image_id],
+    ).to_arrow_table()
+
+
+def position_token_ids(db: ResultsDB, run_id: str, image_id: int) -> list[int | None]:
+    """The input token id of every position of an image, in LM input order."""
+    return [row[0] for row in db.sql(
+        "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id))]
+
+
+def lens_runs_of_image(db: ResultsDB, image_id: int) -> list[RunRecord]:
+    """Every lens run with the image completely written (not skipped), by run start."""
+    ids = {row[0] for row in db.sql(
+        "SELECT ri.run_id FROM run_images ri JOIN runs r USING (run_id) WHERE r.experiment = 'lens' "
+        "AND ri.image_id = ? AND NOT EXISTS (SELECT 1 FROM skipped s WHERE s.run_id = ri.run_id "
+        "AND s.image_id = ri.image_id)", (image_id,))}
+    return [record for record in runs(db, "lens") if record.run_id in ids]
+
+
+def last_position_top1(db: ResultsDB, run_id: str) -> dict[int, tuple[str, float, int]]:
+    """Per image of a lens run: (token, prob, layer) of the last layer's top-1 at the last position."""
+    rows = db.sql(
+        """
+        SELECT l.image_id, l.token, l.prob, l.layer FROM logit_lens l
+        JOIN (SELECT image_id, max(position) AS position FROM positions WHERE run_id = ? GROUP BY image_id) p
+          ON p.image_id = l.image_id AND p.position = l.position
+        JOIN (SELECT image_id, n_layers FROM run_images WHERE run_id = ?) m ON m.image_id = l.image_id
+        WHERE l.run_id = ? AND l.rank = 1 AND l.layer = m.n_layers - 1
+        """,
+        (run_id, run_id, run_id),
+    )
+    return {int(image_id): (token, float(prob), int(layer)) for image_id, token, prob, layer in rows}

@@ -29,6 +29,7 @@ from report.downloads import write_downloads
 from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages
 from report.pages.blocking import write_blocking_pages
+from report.pages.compare import write_compare_page
 from report.pages.downloads import write_downloads_page
 from report.pages.index import write_index_page
 from report.pages.lens import write_lens_page
@@ -153,6 +154,7 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True, database
                                                 database_copy=database_copy)
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
+            write_compare_page(db, site, entries)  # compare.html: one image in two lens runs
             for page in experiment_pages:
                 _EXPERIMENT_WRITERS[page.experiment](db, site, page)
             write_index_page(site, runs, entries, db_name=db_path.name, has_downloads=download_info is not None,

@@ -1,7 +1,10 @@
 """The lens data codec: one lens page's data file, and the packing of its cells.
 
-Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/2")
+Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/3")
 -----------------------------------------------------------------------------------
+Version 3 adds the token ids (``token_ids_bytes`` and ``positions.token_id``); a version 2
+file is a version 3 file without them and still decodes.
+
 The file is exactly ``window.LENS_DATA = <json>;`` (a classic script, because browsers
 block fetch() on file://). The JSON object holds:
 
@@ -9,7 +12,8 @@ block fetch() on file://). The JSON object holds:
   ``grid_rows``, ``grid_cols``, ``n_cells`` (= n_layers * n_positions * top_k).
 - ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text', or a further
   image kind such as LLaVA-NeXT's 'image_hr' and 'image_newline'), ``label``,
-  ``patch_row``, ``patch_col`` (null for text), sorted by LM input position. The index
+  ``patch_row``, ``patch_col`` (null for text), ``token_id`` (the input token id, null
+  where unrecorded), sorted by LM input position. The index
   into these arrays is the table row ("row" below); the overlay maps patch
   (patch_row, patch_col) to its row through these arrays, never through row order. For
   kind 'image' the cell is of the main grid; for another kind, of the extra view of
@@ -25,12 +29,18 @@ block fetch() on file://). The JSON object holds:
   category's non-crowd masks, see report/object_cells.py) and ``outlines`` (per
   annotation: ``annotation_id``, ``polygons`` as flat [u0, v0, u1, v1, ...] lists in view
   pixels, or ``bbox`` [u, v, w, h] for RLE masks).
-- ``packed``: ``{"encoding": "deflate-raw", "b64", "tokens_bytes", "index_bytes",
-  "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
+- ``packed``: ``{"encoding": "deflate-raw", "b64", "tokens_bytes", "token_ids_bytes",
+  "index_bytes", "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
   ``DecompressionStream("deflate-raw")``) whose inflated bytes are, in order:
 
-  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the distinct token strings, most
-     frequent first (so frequent tokens get small indices);
+  1. ``tokens_bytes`` bytes: UTF-8 JSON array of the token dictionary's strings. One
+     entry per distinct (token id, text), or per distinct text where the database has no
+     token ids. Without ids the most frequent come first; with ids the 256 most frequent
+     come first, in id order, then the rest in id order (frequent tokens keep one-byte
+     indices, and the ids below delta-encode into small numbers);
+  1b. ``token_ids_bytes`` bytes (0 or absent: no ids): UTF-8 JSON array of the token ids
+     of the dictionary entries, delta-encoded: the first id, then each id minus the one
+     before it;
   2. ``n_cells * index_bytes`` bytes: the token index (into that array) of every cell,
      little-endian unsigned integers of ``index_bytes`` (1, 2 or 4) bytes stored
      byte-planar (all low bytes, then all next bytes, ...), which deflates better;
@@ -59,7 +69,7 @@ import numpy as np
 
 from report.site import script_json
 
-DATA_FORMAT = "llava-interp-lens/2"
+DATA_FORMAT = "llava-interp-lens/3"
 # Probability code c >= 1 <-> p = exp((c - 255) / PROB_LOG_SCALE); 0 <-> below the floor.
 PROB_LOG_SCALE = 20.0
 
@@ -78,19 +88,28 @@ def decode_probs(codes: np.ndarray) -> np.ndarray:
 
 
 def pack_cells(tokens: list[str], token_codes: np.ndarray, prob: np.ndarray, flat: np.ndarray,
-               n_cells: int) -> dict[str, Any]:
+               n_cells: int, token_ids: list[int] | None = None) -> dict[str, Any]:
     """The ``packed`` object of a lens data file.
 
     `tokens` are the distinct token strings, `token_codes` each lens row's index into
     them, `prob` its probability and `flat` its cell index; every cell must be covered
-    exactly once (the caller checks).
+    exactly once (the caller checks). `token_ids`, parallel to `tokens`, are the
+    dictionary's token ids (None: not recorded).
     """
     # Frequency order: the most common tokens get the smallest indices (fewer high bytes).
     counts = np.bincount(token_codes, minlength=len(tokens))
     order = np.argsort(-counts, kind="stable")
+    if token_ids is not None:
+        ids = np.asarray(token_ids, dtype=np.int64)
+        head, rest = order[:256], order[256:]
+        order = np.concatenate([head[np.argsort(ids[head], kind="stable")], rest[np.argsort(ids[rest], kind="stable")]])
     new_code = np.empty_like(order)
     new_code[order] = np.arange(len(order))
     tokens = [tokens[i] for i in order]
+    ids_json = b""
+    if token_ids is not None:
+        ordered_ids = np.asarray(token_ids, dtype=np.int64)[order]
+        ids_json = json.dumps(np.diff(ordered_ids, prepend=0).tolist(), separators=(",", ":")).encode("ascii")
     index_bytes = 1 if len(tokens) <= 0x100 else 2 if len(tokens) <= 0x10000 else 4
     token_index = np.zeros(n_cells, dtype=np.uint64)
     token_index[flat] = new_code[token_codes]
@@ -100,10 +119,11 @@ def pack_cells(tokens: list[str], token_codes: np.ndarray, prob: np.ndarray, fla
     planes = planes.reshape(n_cells, index_bytes).T.tobytes()
     tokens_json = json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    packed = compressor.compress(tokens_json + planes + codes.tobytes()) + compressor.flush()
+    packed = compressor.compress(tokens_json + ids_json + planes + codes.tobytes()) + compressor.flush()
     return {
         "encoding": "deflate-raw",
         "tokens_bytes": len(tokens_json),
+        "token_ids_bytes": len(ids_json),
         "index_bytes": index_bytes,
         "prob_log_scale": PROB_LOG_SCALE,
         "b64": base64.b64encode(packed).decode("ascii"),
@@ -114,8 +134,9 @@ def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.nd
     """(tokens, token index per cell, probability per cell) of a lens data object."""
     packed = data["packed"]
     raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
-    n_cells, nb, nt = data["n_cells"], packed["index_bytes"], packed["tokens_bytes"]
-    tokens = json.loads(raw[:nt].decode("utf-8"))
+    n_cells, nb = data["n_cells"], packed["index_bytes"]
+    tokens = json.loads(raw[: packed["tokens_bytes"]].decode("utf-8"))
+    nt = packed["tokens_bytes"] + packed.get("token_ids_bytes", 0)
     planes = np.frombuffer(raw[nt : nt + n_cells * nb], dtype=np.uint8).reshape(nb, n_cells)
     index = np.zeros(n_cells, dtype=np.int64)
     for b in range(nb):
@@ -124,6 +145,17 @@ def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.nd
     if len(codes) != n_cells:
         raise ValueError("packed lens data has the wrong length")
     return tokens, index, decode_probs(codes)
+
+
+def unpack_token_ids(data: dict[str, Any]) -> list[int] | None:
+    """The token id of each dictionary entry of a lens data object (None: not recorded)."""
+    packed = data["packed"]
+    size = packed.get("token_ids_bytes", 0)
+    if not size:
+        return None
+    raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
+    start = packed["tokens_bytes"]
+    return np.cumsum(json.loads(raw[start : start + size].decode("ascii"))).tolist()
 
 
 def data_script(data: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ INDEX = "index.html"
 QUANTITATIVE = "quantitative.html"
 DOWNLOADS = "downloads.html"
 SQL = "sql.html"
+COMPARE = "compare.html"
 NOJEKYLL = ".nojekyll"
 STATIC_DIR = "static"
 SITE_DATABASE = "data/results.duckdb"
@@ -24,7 +25,7 @@ DUCKDB_WASM_DIR = "vendor/duckdb-wasm"
 
 # What the build owns inside out_dir (top-level names); everything else there is left alone.
 OWNED_PATHS = (
-    INDEX, QUANTITATIVE, DOWNLOADS, SQL, "experiments", "lens", STATIC_DIR, "downloads", "data", "vendor", NOJEKYLL,
+    INDEX, QUANTITATIVE, DOWNLOADS, SQL, COMPARE, "experiments", "lens", STATIC_DIR, "downloads", "data", "vendor", NOJEKYLL,
 )
 
 _SAFE_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
@@ -59,6 +60,12 @@ def lens_png(run_dir: str, image_id: int) -> str:
 def lens_extra_png(run_dir: str, image_id: int, index: int) -> str:
     """The index-th extra view's PNG, next to the lens page."""
     return f"lens/{run_dir}/{image_id}.extra{index}.png"
+
+
+def compare_fragment(a: tuple[str, int], b: tuple[str, int] | None = None) -> str:
+    """The fragment choosing (run_dir, image_id) `a` (and `b`) on the two-run view:
+    link with `href(COMPARE) + "#" + compare_fragment(...)` (run dirs are URL-safe)."""
+    return f"a={a[0]}/{a[1]}" + (f"&b={b[0]}/{b[1]}" if b else "")
 
 
 def experiment_page(experiment: str, run_dir: str) -> str:

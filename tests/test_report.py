@@ -261,7 +261,7 @@ def test_every_link_resolves_and_is_relative(built: tuple[Path, Path, dict[str, 
     _, out, _ = built
     html_files = list(out.rglob("*.html"))
     names = {p.relative_to(out).as_posix() for p in html_files if not p.parent.name == "experiments"}
-    assert len(names) == 7 and {"index.html", "quantitative.html", "downloads.html", "sql.html"} <= names
+    assert len(names) == 8 and {"index.html", "quantitative.html", "downloads.html", "sql.html", "compare.html"} <= names
     for page in html_files:
         parser = _Links()
         parser.feed(page.read_text(encoding="utf-8"))
@@ -308,7 +308,7 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
             n_rows = len(pos["position"])
             tokens, index, prob = unpack_lens_data(data)
             assert len(index) == len(prob) == data["n_cells"] == N_LAYERS * n_rows * TOP_K
-            assert data["format"] == "llava-interp-lens/2" and data["packed"]["encoding"] == "deflate-raw"
+            assert data["format"] == "llava-interp-lens/3" and data["packed"]["encoding"] == "deflate-raw"
             row_of = {p: r for r, p in enumerate(pos["position"])}
             lens = db.sql(
                 "SELECT layer, position, rank, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",

@@ -74,6 +74,23 @@ def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str
     return out
 
 
+def _token_dictionary(lens: Any) -> tuple[list[str], np.ndarray, list[int] | None]:
+    """(dictionary strings, each row's dictionary index, dictionary token ids or None).
+
+    One entry per distinct (token id, text) where every row has an id (two ids with the
+    same text stay two entries, so the page can show each id); per distinct text otherwise.
+    """
+    encoded = lens.column("token").combine_chunks().dictionary_encode()
+    string_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    strings = encoded.dictionary.to_pylist()
+    ids_column = lens.column("token_id").combine_chunks()
+    if len(ids_column) and ids_column.null_count == 0:
+        ids = ids_column.to_numpy(zero_copy_only=False).astype(np.int64)
+        pairs, codes = np.unique(np.stack([ids, string_codes], axis=1), axis=0, return_inverse=True)
+        return [strings[int(c)] for c in pairs[:, 1]], codes.astype(np.int64).ravel(), pairs[:, 0].tolist()
+    return strings, string_codes, None
+
+
 def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None,
               top_k: int | None = None) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
@@ -97,14 +114,13 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
     positions = _checked_positions(position_rows, grid_rows, grid_cols, context)
     position_numbers = positions["position"]
 
-    lens = queries.lens_rows(db, run_id, image_id)
+    positions["token_id"] = queries.position_token_ids(db, run_id, image_id)
+    lens = queries.lens_rows_with_ids(db, run_id, image_id)
     layer = lens.column("layer").to_numpy().astype(np.int64)
     position = lens.column("position").to_numpy().astype(np.int64)
     rank = lens.column("rank").to_numpy().astype(np.int64)
     prob = lens.column("prob").to_numpy().astype(np.float64)
-    encoded = lens.column("token").combine_chunks().dictionary_encode()
-    token_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    tokens: list[str] = encoded.dictionary.to_pylist()
+    tokens, token_codes, token_ids = _token_dictionary(lens)
 
     n_rows = len(position_rows)
     if len(layer) and (layer.min() < 0 or rank.min() < 1):
@@ -157,7 +173,7 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
         "view": {"width": view[0], "height": view[1]} if view else None,
         "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
         "objects": objects.page_objects(run_id, image_id, grid_rows, grid_cols),
-        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells),
+        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells, token_ids),
     }
 
 
@@ -170,6 +186,7 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
     for index, view in enumerate(data["extra_views"]):
         site.writer.write(urls.lens_extra_png(run.dir_name, entry.image_id, index),
                           queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]))
+    other_runs = _other_runs(db, entry)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
@@ -184,5 +201,63 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
         extra_views=data["extra_views"],
         top_k=data["top_k"],
         has_objects=bool(data["objects"]),
+        other_runs=other_runs,
     )
+    entry.summary = _summary(data)  # the index's per-image columns
     return data
+
+
+def run_label(record: Any, differing: set[str]) -> str:
+    """A short name for a run that says what sets it apart: model, then prompt / top-k where they differ."""
+    config = record.config or {}
+    parts = [record.model_id]
+    if "prompt" in differing:
+        prompt = str(config.get("prompt") or "no prompt recorded").replace("\n", " ")
+        parts.append("prompt \u201c" + (prompt if len(prompt) <= 40 else prompt[:39] + "\u2026") + "\u201d")
+    if "top_k" in differing:
+        parts.append(f"top-{config.get('top_k', '?')}")
+    if "dtype" in differing:
+        parts.append(str(config.get("dtype")))
+    if not differing:
+        parts.append(record.run_id)
+    return " \u00b7 ".join(parts)
+
+
+def differing_settings(records: list[Any]) -> set[str]:
+    """Which of model, prompt, top-k, dtype differ between runs."""
+    keys = {"model": lambda r: r.model_id, "prompt": lambda r: (r.config or {}).get("prompt"),
+            "top_k": lambda r: (r.config or {}).get("top_k"), "dtype": lambda r: (r.config or {}).get("dtype")}
+    return {name for name, get in keys.items() if len({json_key(get(r)) for r in records}) > 1}
+
+
+def json_key(value: Any) -> str:
+    return repr(value)
+
+
+def _other_runs(db: ResultsDB, entry: LensEntry) -> list[dict[str, str]]:
+    """Links to the same image in every other lens run, each named by what differs."""
+    records = queries.lens_runs_of_image(db, entry.image_id)
+    if len(records) < 2:
+        return []
+    differing = differing_settings(records)
+    out = []
+    here = (entry.run.dir_name, entry.image_id)
+    for record in records:
+        if record.run_id == entry.run.run_id:
+            continue
+        dir_name = urls.run_dir_name(record.run_id)
+        out.append({"run_id": record.run_id, "label": run_label(record, differing),
+                    "page": urls.lens_page(dir_name, entry.image_id),
+                    "compare": urls.compare_fragment(here, (dir_name, entry.image_id))})
+    return out
+
+
+def _summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Per-image numbers for the index: positions, layers, and the last layer's top-1 at
+    the last position (what the model predicts next) with its probability."""
+    tokens, index, prob = lens_codec.unpack_lens_data(data)
+    n_rows, top_k, n_layers = len(data["positions"]["position"]), data["top_k"], data["n_layers"]
+    at = ((n_layers - 1) * n_rows + (n_rows - 1)) * top_k
+    return {"positions": n_rows, "layers": n_layers, "top_k": top_k,
+            "image_positions": sum(1 for k in data["positions"]["kind"] if k == "image"),
+            "next_token": tokens[int(index[at])], "next_prob": float(prob[at])}

@@ -21,6 +21,7 @@ from db.store import ResultsDB
 from report import charts, urls
 from report.catalogue import LENS_EXPERIMENT, LensEntry, RunInfo
 from report.object_cells import ObjectCells
+from report.pages.lens import differing_settings, run_label
 from report.site import Site
 
 
@@ -145,6 +146,29 @@ def write_quantitative_page(db: ResultsDB, site: Site, runs: list[RunInfo], entr
         )
         pages = {e.image_id: e.page for e in run_entries}
         quant_runs.append({"run": run, "result": result, "chart": chart, "pages": pages})
-    site.render("quantitative.html.j2", urls.QUANTITATIVE, quant_runs=quant_runs,
-                runs_here=[q["run"] for q in quant_runs])
+    overlay, differing = None, set()
+    if quant_runs:
+        records = [queries.run(db, q["run"].run_id) for q in quant_runs]
+        differing = differing_settings([r for r in records if r is not None])
+        for q, record in zip(quant_runs, records):
+            q["label"] = run_label(record, differing) if record is not None else q["run"].model_id
+        if len(quant_runs) > 1:
+            overlay = _overlay_chart(quant_runs)
+    site.render("quantitative.html.j2", urls.QUANTITATIVE, quant_runs=quant_runs, overlay=overlay,
+                differing=sorted(differing), runs_here=[q["run"] for q in quant_runs])
     return quant_runs
+
+
+def _overlay_chart(quant_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every run on one chart: top-1 share solid, top-k dashed, one colour per run."""
+    n_layers = max(q["result"].n_layers for q in quant_runs)
+    series = []
+    for i, q in enumerate(quant_runs):
+        r = q["result"]
+        series.append((f"{q['label']}: top-1", r.top1, f"run-{i}"))
+        series.append((f"{q['label']}: top-{r.top_k}", r.topk, f"run-{i}"))
+    chart = charts.layer_share_chart(series, n_layers, width=720, height=320)
+    for j, line in enumerate(chart["lines"]):
+        line["stroke"] = charts.PALETTE[(j // 2) % len(charts.PALETTE)]
+        line["dash"] = "" if j % 2 == 0 else "6 3"
+    return chart

@@ -1,5 +1,5 @@
 // Logit-lens page, data decoding: window.LENS_DATA (a classic script written by
-// report/lens_codec.py; format "llava-interp-lens/2" documented there) -> LensModel, the
+// report/lens_codec.py; format "llava-interp-lens/3", or /2 without token ids, documented there) -> LensModel, the
 // decoded cells with lookups by (layer, row, rank) and by patch.
 // The lens page's scripts are classic scripts (ES module imports are blocked on file://)
 // sharing one namespace, window.LlavaLens; this one also exposes window.LensModel.
@@ -37,10 +37,19 @@
     this.nRows = data.positions.position.length;
     var nCells = data.n_cells;
     if (nCells !== this.nLayers * this.nRows * this.topK) throw new Error("lens data: cell count mismatch");
-    var nt = packed.tokens_bytes;
+    var ni = packed.token_ids_bytes || 0;
+    var nt = packed.tokens_bytes + ni;
     var nb = packed.index_bytes;
     if (raw.length !== nt + nCells * (nb + 1)) throw new Error("lens data: packed length mismatch");
-    this.tokens = JSON.parse(new global.TextDecoder("utf-8").decode(raw.subarray(0, nt)));
+    var decoder = new global.TextDecoder("utf-8");
+    this.tokens = JSON.parse(decoder.decode(raw.subarray(0, packed.tokens_bytes)));
+    // The token id of each dictionary entry (null without ids: format 2, or no ids recorded).
+    this.tokenIds = null;
+    if (ni) {
+      var deltas = JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes, nt)));
+      for (var d = 1; d < deltas.length; d++) deltas[d] += deltas[d - 1];
+      this.tokenIds = deltas;
+    }
     var index = new Uint32Array(nCells);
     for (var b = 0; b < nb; b++) {
       var plane = raw.subarray(nt + b * nCells, nt + (b + 1) * nCells);
@@ -51,6 +60,9 @@
     this.probTable = new Float64Array(256);
     for (var c = 1; c < 256; c++) this.probTable[c] = Math.exp((c - 255) / packed.prob_log_scale);
     this.probFloor = Math.exp(-254.5 / packed.prob_log_scale);
+    // A code stands for every probability within half a step of it: this relative error.
+    this.probScale = packed.prob_log_scale;
+    this.probRelError = Math.exp(0.5 / packed.prob_log_scale) - 1;
     // Patches map to rows through the recorded (patch_row, patch_col), never through
     // row order, so a reordered or partial grid still lines up.
     this.rowOfPatch = new Int32Array(this.gridRows * this.gridCols).fill(-1);
@@ -91,7 +103,9 @@
   LensModel.prototype.cell = function (layer, row, rank) {
     var at = this.at(layer, row, rank);
     var code = this.probCodes[at];
-    return { token: this.tokens[this.tokenIndex[at]], prob: this.probTable[code], belowFloor: code === 0 };
+    var index = this.tokenIndex[at];
+    return { token: this.tokens[index], id: this.tokenIds ? this.tokenIds[index] : null, prob: this.probTable[code],
+      code: code, belowFloor: code === 0 };
   };
 
   LensModel.prototype.topk = function (layer, row) {
@@ -106,6 +120,11 @@
 
   LensModel.prototype.top1 = function (layer, row) {
     return this.cell(layer, row, 1);
+  };
+
+  // The top-1 token's dictionary index (no object allocated: for loops over many cells).
+  LensModel.prototype.top1Index = function (layer, row) {
+    return this.tokenIndex[(layer * this.nRows + row) * this.topK];
   };
 
   ns.LensModel = LensModel;

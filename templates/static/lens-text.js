@@ -23,11 +23,33 @@
     return token.replace(/^[\s\u2581\u0120]+|[\s\u2581]+$/g, "").toLowerCase();
   }
 
-  // Two significant digits below 10% so small probabilities do not all read "0.0%".
+  // The page holds each probability as a 1-byte log code: within about 2.5 % (relative)
+  // of the model's value. Two significant digits is all that code can back, so that is
+  // what is printed ("43%", "4.3%", "0.043%"); the database holds the exact value.
+  function formatPercent(p) {
+    var percent = 100 * p;
+    if (percent >= 99.5) return "100%";
+    return (percent >= 10 ? String(Math.round(percent)) : percent.toPrecision(2)) + "%";
+  }
+
   function formatProb(cell) {
     if (cell.belowFloor) return "<0.0003%";
-    var percent = 100 * cell.prob;
-    return (percent >= 10 ? percent.toFixed(1) : percent.toPrecision(2)) + "%";
+    return formatPercent(cell.prob);
+  }
+
+  // The range of probabilities a stored code stands for, e.g. "42%–44%".
+  function probRange(model, cell) {
+    if (cell.belowFloor) return "below " + formatPercent(model.probFloor);
+    var low = Math.exp((cell.code - 255.5) / model.probScale);
+    var high = Math.min(1, Math.exp((cell.code - 254.5) / model.probScale));
+    return formatPercent(low) + "–" + formatPercent(high);
+  }
+
+  // The token text exactly as stored, as a JSON string literal (quotes, escapes visible).
+  function rawToken(token) {
+    return JSON.stringify(token).replace(/[\u007f-\u009f\u00ad\u200b-\u200f\u2028\u2029\u2060\ufeff]/g, function (ch) {
+      return "\\u" + ch.charCodeAt(0).toString(16).padStart(4, "0");
+    });
   }
 
   // A colour per token string, the same on every page (FNV-1a hash -> hue).
@@ -57,7 +79,8 @@
   }
 
   ns.text = {
-    showToken: showToken, normalToken: normalToken, formatProb: formatProb, tokenColour: tokenColour,
+    showToken: showToken, normalToken: normalToken, formatProb: formatProb, formatPercent: formatPercent,
+    probRange: probRange, rawToken: rawToken, tokenColour: tokenColour,
     positionText: positionText, el: el,
   };
 })(typeof window !== "undefined" ? window : globalThis);

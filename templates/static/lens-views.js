@@ -16,19 +16,30 @@
     this.extraCellEls = []; // per extra view, its cell elements
   }
 
+  // Cells are items of a CSS grid (set on the container), not positioned boxes: 576
+  // positioned boxes would each be a paint layer that every hover hit-tests and repaints.
   function cellElement(r, c, rows, cols, attribute, value) {
     var cell = ns.text.el("div", "patch");
-    cell.style.left = (100 * c / cols) + "%";
-    cell.style.top = (100 * r / rows) + "%";
-    cell.style.width = (100 / cols) + "%";
-    cell.style.height = (100 / rows) + "%";
     cell.setAttribute(attribute, String(value));
     return cell;
+  }
+
+  function gridTemplate(container, rows, cols) {
+    container.style.gridTemplateColumns = "repeat(" + cols + ", 1fr)";
+    container.style.gridTemplateRows = "repeat(" + rows + ", 1fr)";
   }
 
   PatchViews.prototype.buildGrid = function () {
     var grid = this.elements.grid, model = this.model;
     if (!grid) return;
+    gridTemplate(grid, model.gridRows, model.gridCols);
+    // The active / locked patch is drawn by one box moved with a transform.
+    this.box = ns.text.el("div", "patch-box");
+    this.box.setAttribute("aria-hidden", "true");
+    this.box.hidden = true;
+    this.box.style.width = (100 / model.gridCols) + "%";
+    this.box.style.height = (100 / model.gridRows) + "%";
+    grid.parentNode.appendChild(this.box);
     var fragment = document.createDocumentFragment();
     for (var r = 0; r < model.gridRows; r++) {
       for (var c = 0; c < model.gridCols; c++) {
@@ -58,6 +69,7 @@
       self.extraCellEls.push(cells);
       if (!container) return;
       var rows = extra.view.grid_rows, cols = extra.view.grid_cols;
+      gridTemplate(container, rows, cols);
       var fragment = document.createDocumentFragment();
       for (var r = 0; r < rows; r++) {
         for (var c = 0; c < cols; c++) {
@@ -76,7 +88,7 @@
       }
       container.addEventListener("mouseover", function (event) {
         var row = target(event);
-        if (row !== null) hover(row);
+        if (row !== null) hover(row, event);
       });
       container.addEventListener("click", function (event) {
         var row = target(event);
@@ -103,6 +115,18 @@
       cell.classList.remove("patch-active", "patch-locked");
       if (state) cell.classList.add("patch-" + state);
     });
+    var patch = this.model.patchOfRow[row], box = this.box;
+    if (!box || patch < 0) return;
+    if (!state) {
+      if (this.boxPatch === patch) box.hidden = true;
+      return;
+    }
+    this.boxPatch = patch;
+    box.className = "patch-box patch-box-" + state;
+    // translate() percentages are of the box itself: one step = one cell.
+    box.style.transform = "translate(" + (100 * (patch % this.model.gridCols)) + "%," +
+      (100 * Math.floor(patch / this.model.gridCols)) + "%)";
+    box.hidden = false;
   };
 
   PatchViews.prototype.buildOutlines = function (data) {
@@ -157,7 +181,7 @@
       var row = model.rowOfPatch[index];
       patch.classList.toggle("match", row >= 0 && matches(row));
       if (row < 0) return;
-      var token = model.top1(layer, row).token;
+      var token = model.tokens[model.top1Index(layer, row)];
       if (mapOn) {
         patch.style.backgroundColor = text.tokenColour(token);
         counts.set(token, (counts.get(token) || 0) + 1);

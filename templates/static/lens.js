@@ -1,8 +1,9 @@
 // Logit-lens page, the controller: the current layer and the active or locked
-// (row, layer), the top-k panel, the controls (layer slider, search, token map, outlines),
-// keyboard navigation and the URL state. Loaded last, after lens-data.js (LensModel),
-// lens-text.js, lens-table.js, lens-views.js, lens-search.js and lens-url.js, which share
-// the namespace window.LlavaLens (classic scripts: module imports are blocked on file://).
+// (row, layer), the top-k panel and the tooltip, the controls (layer slider, layer range,
+// shading, search, token map, outlines), keyboard navigation, exports and the URL state.
+// Loaded last, after lens-data.js (LensModel), lens-text.js, lens-table.js, lens-views.js,
+// lens-search.js, lens-tip.js, lens-export.js and lens-url.js, which share the namespace
+// window.LlavaLens (classic scripts: module imports are blocked on file://).
 (function (global) {
   "use strict";
   var ns = global.LlavaLens;
@@ -35,6 +36,10 @@
     var panelTitle = byId("panel-title");
     var panelSubtitle = byId("panel-subtitle");
     var panelRows = byId("panel-rows");
+    var layerFrom = byId("layer-from");
+    var layerTo = byId("layer-to");
+    var shade = byId("shade");
+    var tip = new ns.Tip(model, byId("lens-tip"));
 
     var table = new ns.LensTable(model, byId("lens-table"), wrap);
     var views = new ns.PatchViews(model, {
@@ -57,19 +62,7 @@
     function showPanel(row, layer) {
       panelTitle.textContent = "Top-" + model.topK + " at layer " + layer + (layer === 0 ? " (embeddings)" : "");
       panelSubtitle.textContent = text.positionText(model, row) + (locked ? " \u2014 locked (click again to unlock)" : "");
-      while (panelRows.firstChild) panelRows.removeChild(panelRows.firstChild);
-      model.topk(layer, row).forEach(function (entry) {
-        var tr = text.el("tr");
-        tr.appendChild(text.el("td", "rank", String(entry.rank)));
-        tr.appendChild(text.el("td", "token", text.showToken(entry.token)));
-        var probCell = text.el("td", "prob");
-        var bar = text.el("span", "bar");
-        bar.style.width = (100 * entry.prob).toFixed(1) + "%";
-        probCell.appendChild(bar);
-        probCell.appendChild(text.el("span", "prob-text", text.formatProb(entry)));
-        tr.appendChild(probCell);
-        panelRows.appendChild(tr);
-      });
+      ns.renderTopk(panelRows, model, layer, row);
     }
 
     function select(row, layer) {
@@ -99,8 +92,16 @@
 
     function setLayer(layer) {
       layer = Math.max(0, Math.min(model.nLayers - 1, layer));
+      // The shown layer range follows the current layer (keeping its width).
+      var range = table.range;
+      if (layer < range[0] || layer > range[1]) {
+        var width = range[1] - range[0];
+        var first = layer < range[0] ? layer : layer - width;
+        applyRange(first, first + width);
+      }
       table.setCurrentLayer(currentLayer, layer);
       currentLayer = layer;
+      table.scrollToLayer(layer);
       slider.value = String(layer);
       layerValue.textContent = String(layer);
       if (locked) {
@@ -136,6 +137,22 @@
       updateUrl();
     }
 
+    function applyRange(first, last) {
+      var range = table.setRange(first, last);
+      if (layerFrom) layerFrom.value = String(range[0]);
+      if (layerTo) layerTo.value = String(range[1]);
+      if (active) table.mark(active.row, active.layer, locked ? "locked" : "active");
+    }
+
+    function onRangeInput() {
+      var first = parseInt(layerFrom.value, 10), last = parseInt(layerTo.value, 10);
+      if (isNaN(first) || isNaN(last)) return;
+      applyRange(first, last);
+      if (currentLayer < table.range[0] || currentLayer > table.range[1]) setLayer(Math.max(table.range[0], Math.min(table.range[1], currentLayer)));
+      table.scrollToLayer(currentLayer);
+      updateUrl();
+    }
+
     // --- URL state ----------------------------------------------------------------------
     var applyingUrl = true; // until applyUrl has read the URL, nothing may overwrite it
     function urlHash() {
@@ -149,6 +166,9 @@
         topk: !!(searchTopk && searchTopk.checked),
         map: !!(tokenMap && tokenMap.checked),
         outlines: !showOutlines || showOutlines.checked,
+        from: table.range[0] > 0 || table.range[1] < model.nLayers - 1 ? table.range[0] : null,
+        to: table.range[0] > 0 || table.range[1] < model.nLayers - 1 ? table.range[1] : null,
+        shade: !shade || shade.checked,
       });
     }
 
@@ -171,6 +191,9 @@
         if (tokenMap) tokenMap.checked = state.map;
         if (showOutlines) showOutlines.checked = state.outlines;
         views.setOutlinesVisible();
+        if (shade) shade.checked = state.shade;
+        table.setShading(!shade || shade.checked);
+        applyRange(state.from === null ? 0 : state.from, state.to === null ? model.nLayers - 1 : state.to);
         setLayer(state.layer === null ? currentLayer : state.layer);
         var row = -1;
         var rc = state.patch;
@@ -220,8 +243,23 @@
     var ARROWS = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
 
     // --- build and wire -----------------------------------------------------------------
-    function hoverRow(row) {
-      if (!locked) select(row, currentLayer);
+    // The hovered row shows at once in the mirrored row under the table's headers; the
+    // table itself scrolls to the row once the pointer rests on the patch (FOLLOW_MS), so
+    // sweeping across the image does not scroll (and rebuild) the table at every patch.
+    var FOLLOW_MS = 350;
+    var followTimer = 0;
+    function follow(row) {
+      global.clearTimeout(followTimer);
+      followTimer = global.setTimeout(function () {
+        if (!locked && active && active.row === row) table.scrollToRow(row);
+      }, FOLLOW_MS);
+    }
+    function hoverRow(row, event) {
+      if (!locked) {
+        select(row, currentLayer);
+        follow(row);
+      }
+      tip.show(currentLayer, row, event, "image");
     }
     function clickRow(row) {
       toggleLock(row, currentLayer);
@@ -236,8 +274,14 @@
 
     table.table.addEventListener("mouseover", function (event) {
       var target = table.cellTarget(event, currentLayer);
-      if (target && !locked) select(target.row, target.layer);
+      if (!target) return;
+      if (!locked) select(target.row, target.layer);
+      tip.show(target.layer, target.row, event, "table");
     });
+    table.table.addEventListener("mousemove", function (event) { tip.move(event); });
+    table.table.addEventListener("mouseleave", function () { tip.hide(); });
+    // A tooltip over the table would point at another cell once the table scrolls.
+    wrap.addEventListener("scroll", function () { if (tip.from === "table") tip.hide(); }, { passive: true });
     table.table.addEventListener("click", function (event) {
       var target = table.cellTarget(event, currentLayer);
       if (!target) return;
@@ -250,8 +294,10 @@
     if (grid) {
       grid.addEventListener("mouseover", function (event) {
         var row = views.patchTarget(event);
-        if (row !== null) hoverRow(row);
+        if (row !== null) hoverRow(row, event);
       });
+      grid.addEventListener("mousemove", function (event) { tip.move(event); });
+      grid.addEventListener("mouseleave", function () { tip.hide(); });
       grid.addEventListener("click", function (event) {
         var row = views.patchTarget(event);
         if (row !== null) clickRow(row);
@@ -274,15 +320,37 @@
         if (current()) table.scrollToCell(current().row, currentLayer);
       }
     });
+    // [ and ] work whatever has focus, except where they are typed (text inputs).
+    var TEXT_TYPES = { text: 1, search: 1, number: 1, email: 1, url: 1, password: 1, tel: 1 };
+    function typesText(target) {
+      if (!target || !target.tagName) return false;
+      if (target.isContentEditable || target.tagName === "TEXTAREA") return true;
+      return target.tagName === "INPUT" && TEXT_TYPES[(target.type || "text").toLowerCase()] === 1;
+    }
     document.addEventListener("keydown", function (event) {
-      var tag = event.target && event.target.tagName;
-      if (tag === "INPUT" || tag === "TEXTAREA" || event.ctrlKey || event.metaKey || event.altKey) return;
+      if (typesText(event.target) || event.ctrlKey || event.metaKey || event.altKey) return;
+      if (event.key === "Escape") tip.hide();
       if (event.key === "[" || event.key === "]") {
         event.preventDefault();
         setLayer(currentLayer + (event.key === "[" ? -1 : 1));
       }
     });
     slider.addEventListener("input", function () { setLayer(Number(slider.value)); });
+    if (layerFrom && layerTo) {
+      layerFrom.addEventListener("change", onRangeInput);
+      layerTo.addEventListener("change", onRangeInput);
+    }
+    var allLayers = byId("layer-all");
+    if (allLayers) allLayers.addEventListener("click", function () {
+      applyRange(0, model.nLayers - 1);
+      table.scrollToLayer(currentLayer);
+      updateUrl();
+    });
+    if (shade) shade.addEventListener("change", function () { table.setShading(shade.checked); updateUrl(); });
+    ns.lensExport.wire(model, table, {
+      mapSvg: byId("export-map-svg"), mapPng: byId("export-map-png"), tableSvg: byId("export-table-svg"),
+      tablePng: byId("export-table-png"), csv: byId("export-csv"),
+    }, "lens-" + String(model.data.image_id), function () { return currentLayer; });
     tokenSearch.addEventListener("input", onSearch);
     [searchExact, searchTopk, tokenMap].forEach(function (box) { if (box) box.addEventListener("change", onSearch); });
     if (showOutlines) {
