@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from collector.options import CleanErrorGroup, input_config, input_options, model_options, resolve_images
+from collector.options import CleanErrorGroup, input_config, input_options, model_options, resolve_images, run_options
 
 
 
@@ -55,6 +55,7 @@ def collect_lens_command(
     from db.store import ResultsDB
 
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
+    handling = run_options()
     group = ProcessGroup.from_env()  # torchrun / accelerate / srun: this process's shard
 
     def run_one(path: Path, share: list) -> object:
@@ -64,7 +65,7 @@ def collect_lens_command(
             return collect_lens(
                 loaded, share, db, prompt=prompt, top_k=top_k,
                 extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
-                progress=not quiet,
+                progress=not quiet, **handling,
             )
 
     outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))

@@ -194,6 +194,27 @@ class ResultsDB:
             ).scalars()
             return set(rows)
 
+    def forget_skipped_images(self, run_id: str, reasons: Sequence[str]) -> set[int]:
+        """Remove every row of this run's images skipped for one of `reasons` (their
+        completion marker included), so that a resumed run processes them again. Returns
+        their ids."""
+        table = schema.skipped
+        with self.transaction() as conn:
+            ids = set(conn.execute(
+                sa.select(table.c.image_id).where(table.c.run_id == run_id, table.c.reason.in_(list(reasons)))
+            ).scalars())
+            if not ids:
+                return ids
+            for per_image in schema.metadata.sorted_tables:
+                if {"run_id", "image_id"} <= set(per_image.c.keys()) and self._has_table(per_image.name):
+                    conn.execute(per_image.delete().where(
+                        per_image.c.run_id == run_id, per_image.c.image_id.in_(sorted(ids))
+                    ))
+        return ids
+
+    def _has_table(self, name: str) -> bool:
+        return sa.inspect(self.conn).has_table(name)
+
     # -- mean vectors ----------------------------------------------------------------
 
     def add_mean_vector(
@@ -253,6 +274,11 @@ class ResultsDB:
                 "VALUES (?, ?, ?, ?, ?)",
                 (image_id, file_name, width, height, source),
             )
+            if width and height:  # a size first unknown (unreadable header) once the file is readable
+                self.conn.exec_driver_sql(
+                    "UPDATE images SET width = ?, height = ? WHERE image_id = ? AND width = 0 AND height = 0",
+                    (width, height, image_id),
+                )
             for ann in annotations:
                 self.conn.exec_driver_sql(
                     "INSERT OR IGNORE INTO annotations (image_id, annotation_id, category_id, "

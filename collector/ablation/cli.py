@@ -89,7 +89,7 @@ def ablation_command(
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
-    from collector.options import input_config, resolve_images
+    from collector.options import input_config, resolve_images, run_options
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -117,7 +117,7 @@ def ablation_command(
             loaded, records, db, annotation_file, options, vector, limit=limit,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
             | {"questions": str(questions) if questions else None},
-            progress=not quiet,
+            progress=not quiet, **run_options(),
         )
     click.echo(summary.line(db_path))
 
@@ -137,7 +137,7 @@ def mean_vector_command(
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
     memory): the replacement vector for `collect ablation --replacement`."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
-    from collector.options import input_config, resolve_images
+    from collector.options import input_config, resolve_images, run_options
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -145,9 +145,12 @@ def mean_vector_command(
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
     loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
-    mean = compute_mean_vector(loaded, records, progress=not quiet)
+    mean = compute_mean_vector(loaded, records, progress=not quiet, strict=run_options()["strict"])
     save_mean_vector(out_path, mean)
     message = f"mean of {mean.n_tokens} image tokens over {mean.n_images} images -> {out_path}"
+    if mean.skipped:
+        reasons = sorted({reason for _, reason, _ in mean.skipped})
+        message += f" ({len(mean.skipped)} image files skipped: {', '.join(reasons)}; first {mean.skipped[0][0]})"
     if db_path is not None:
         with ResultsDB(db_path) as db:
             config = input_config(images_dir, annotations, coco_root, split, limit, model_id)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from collector.adapters import ModelAdapter
 from collector.errors import UserError, first_line
-from collector.images import ImageRecord
+from collector.images import ImageRecord, ImageUnusable
 from collector.loading import LoadedModel
 from db.store import ResultsDB
 
@@ -178,28 +178,45 @@ def image_token_embeddings(loaded: LoadedModel, image: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MeanVector:
-    """vector: (hidden_size,) float64 mean over every image token of every image."""
+    """vector: (hidden_size,) float64 mean over every image token of every image.
+
+    skipped: (file name, reason, detail) of each image file that could not be used.
+    """
 
     vector: torch.Tensor
     n_images: int
     n_tokens: int
+    skipped: tuple[tuple[str, str, str], ...] = ()
 
 
-def compute_mean_vector(loaded: LoadedModel, records: Sequence[ImageRecord], progress: bool = True) -> MeanVector:
+def compute_mean_vector(
+    loaded: LoadedModel, records: Sequence[ImageRecord], progress: bool = True, strict: bool = False
+) -> MeanVector:
     """Mean post-projector image-token embedding over images, streamed in constant memory.
 
     A float64 running sum (not a stack of every token) keeps memory at one vector and
-    keeps the sum exact enough over millions of tokens.
+    keeps the sum exact enough over millions of tokens. An image file that cannot be used
+    is left out and listed in `skipped` (strict: UserError instead).
     """
     if not records:
         raise UserError("no images to average over")
     total = torch.zeros(loaded.adapter.hidden_size, dtype=torch.float64)
     n_tokens = 0
+    skipped: list[tuple[str, str, str]] = []
     for record in tqdm(records, desc="mean vector", unit="image", disable=not progress):
-        embeddings = image_token_embeddings(loaded, record.load())
+        try:
+            image = record.load()
+        except ImageUnusable as error:
+            if strict:
+                raise UserError(f"cannot read image {record.path}: {error.detail} (--strict)") from None
+            skipped.append((record.file_name, error.reason, error.detail))
+            continue
+        embeddings = image_token_embeddings(loaded, image)
         total += embeddings.double().sum(dim=0).cpu()
         n_tokens += int(embeddings.shape[0])
-    return MeanVector(total / n_tokens, len(records), n_tokens)
+    if n_tokens == 0:
+        raise UserError(f"none of the {len(records)} images could be used (first: {skipped[0][0]}: {skipped[0][2]})")
+    return MeanVector(total / n_tokens, len(records) - len(skipped), n_tokens, tuple(skipped))
 
 
 def save_mean_vector(path: str | Path, mean: MeanVector) -> None:

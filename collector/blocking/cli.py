@@ -13,7 +13,7 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
-from collector.options import input_config, input_options, model_options, resolve_images
+from collector.options import input_config, input_options, model_options, resolve_images, run_options
 from collector.errors import UserError
 
 
@@ -149,6 +149,6 @@ def blocking_command(
                 **input_config(images_dir, annotations, coco_root, split, limit, model_id),
                 "questions_file": str(questions_file),
             },
-            progress=not quiet,
+            progress=not quiet, **run_options(),
         )
     click.echo(summary.line(db_path))
