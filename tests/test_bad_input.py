@@ -1,0 +1,213 @@
+"""Bad inputs through the real command line: each ends in one `Error:` line (exit 1) or is
+recorded and the run goes on; the database afterwards says what happened."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from collector.cli import cli
+from db.store import ResultsDB
+from tests.conftest import COCO_SAMPLE, require_shared
+
+
+def _run(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _assert_one_line_error(result, pattern, exit_code=1):
+    assert result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.output
+    assert not [line for line in lines if line.startswith("Usage:") or line.startswith("Try ")], result.output
+    assert re.search(pattern, error_lines[0]), error_lines[0]
+
+
+def _real_image() -> Image.Image:
+    with Image.open(require_shared(COCO_SAMPLE / "images" / "000000039769.png")) as image:
+        return image.convert("RGB")
+
+
+def _jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says width x height (one gray channel) and whose pixel data is a
+    few bytes: enough for the size check, which must come before any decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def lens_args(tiny_checkpoints):
+    def args(folder: Path, db: Path, *more):
+        return ["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", folder, "--db", db,
+                "--top-k", "2", "--quiet", *more]
+
+    return args
+
+
+def _folder_with_bad_files(tmp_path: Path, demo_images) -> Path:
+    image_dir, _ = demo_images
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_dir, folder)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_bytes(b"these are my notes, not a picture")
+    whole = _jpeg_bytes(_real_image())
+    # A numeric stem is the image id (a fixed file keeps it; other names are content hashes).
+    (folder / "000000039769.jpg").write_bytes(whole[: len(whole) // 2])
+    return folder
+
+
+def _skipped(db_path: Path) -> dict[str, tuple[str, str]]:
+    with ResultsDB(db_path, read_only=True) as db:
+        rows = db.sql("SELECT i.file_name, s.reason, s.detail FROM skipped s JOIN images i USING (image_id) ORDER BY 1")
+    return {name: (reason, detail) for name, reason, detail in rows}
+
+
+def test_bad_image_files_are_skipped_and_the_run_goes_on(tmp_path, demo_images, lens_args):
+    folder = _folder_with_bad_files(tmp_path, demo_images)
+    n_good = len(list(demo_images[0].iterdir()))
+    db_path = tmp_path / "r.duckdb"
+
+    result = _run(lens_args(folder, db_path))
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "Error" not in result.output
+    assert (f"{n_good + 3} images selected, {n_good + 3} written ({n_good} kept, 3 skipped: "
+            "1 truncated, 2 unreadable), 0 already complete") in result.output
+    sql = re.search(r"list the skipped images: (SELECT .*)$", result.output, re.M)
+    assert sql, result.output
+    skipped = _skipped(db_path)
+    assert {name: reason for name, (reason, _) in skipped.items()} == {
+        "empty.jpg": "unreadable", "notes.png": "unreadable", "000000039769.jpg": "truncated"}
+    assert "empty file" in skipped["empty.jpg"][1]
+    with ResultsDB(db_path, read_only=True) as db:
+        assert len(db.sql(sql.group(1))) == 3  # the printed SQL lists them
+        assert db.runs()[0]["status"] == "complete"
+        assert db.sql("SELECT count(DISTINCT image_id) FROM logit_lens")[0][0] == n_good
+
+    # A rerun passes over the skipped images (it does not stop at them, nor retry them).
+    again = _run(lens_args(folder, db_path))
+    assert again.exit_code == 0, again.output
+    assert f"0 written (0 kept, 0 skipped), {n_good + 3} already complete" in again.output
+
+    # Fixed file + --retry-skipped: processed again; the others stay skipped.
+    (folder / "000000039769.jpg").write_bytes(_jpeg_bytes(_real_image()))
+    retry = _run(lens_args(folder, db_path, "--retry-skipped"))
+    assert retry.exit_code == 0, retry.output
+    assert "3 written (1 kept, 2 skipped: 2 unreadable)" in retry.output, retry.output
+    assert set(_skipped(db_path)) == {"empty.jpg", "notes.png"}
+    with ResultsDB(db_path, read_only=True) as db:
+        assert db.sql("SELECT width, height FROM images WHERE image_id = 39769") == [(640, 480)]
+        assert db.sql("SELECT count(DISTINCT image_id) FROM logit_lens")[0][0] == n_good + 1
+
+
+def test_strict_stops_at_the_first_bad_file_before_the_model_loads(tmp_path, demo_images, lens_args):
+    folder = _folder_with_bad_files(tmp_path, demo_images)
+    db_path = tmp_path / "r.duckdb"
+    result = _run(lens_args(folder, db_path, "--strict"))
+    _assert_one_line_error(result, r"cannot read image .*empty\.jpg: empty file .*--strict")
+    assert not db_path.exists()  # refused while listing: nothing written
+
+
+def test_strict_stops_at_a_truncated_file_during_the_run(tmp_path, demo_images, lens_args):
+    image_dir, _ = demo_images
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_dir, folder)
+    whole = _jpeg_bytes(_real_image())
+    (folder / "zz_truncated.jpg").write_bytes(whole[: len(whole) // 2])  # its header is fine
+    db_path = tmp_path / "r.duckdb"
+    result = _run(lens_args(folder, db_path, "--strict"))
+    _assert_one_line_error(result, r"cannot read image .*zz_truncated\.jpg: .*truncated.*--strict")
+    with ResultsDB(db_path, read_only=True) as db:
+        assert db.runs()[0]["status"] == "failed"
+        assert db.sql("SELECT count(*) FROM skipped")[0][0] == 0
+        # the images before it are kept
+        assert db.sql("SELECT count(*) FROM run_images")[0][0] == len(list(image_dir.iterdir()))
+
+
+@pytest.mark.parametrize("side", [10_000, 14_000])
+def test_huge_image_is_skipped_as_too_large_without_pil_warning(tmp_path, demo_images, lens_args, side):
+    image_dir, _ = demo_images
+    folder = tmp_path / "imgs"
+    shutil.copytree(image_dir, folder)
+    _png_header_only(folder / "huge.png", side, side)
+    db_path = tmp_path / "r.duckdb"
+    result = _run(lens_args(folder, db_path))
+    assert result.exit_code == 0, result.output
+    assert "DecompressionBomb" not in result.output and "Traceback" not in result.output
+    assert "1 skipped: 1 too_large" in result.output
+    reason, detail = _skipped(db_path)["huge.png"]
+    assert reason == "too_large"
+    assert f"{side}x{side}" in detail and "89,478,485" in detail and "--max-image-pixels" in detail
+
+
+def test_max_image_pixels_sets_the_limit(tmp_path, demo_images, lens_args):
+    image_dir, _ = demo_images
+    sizes = {p.name: Image.open(p).size for p in image_dir.iterdir()}
+    smallest = min(w * h for w, h in sizes.values())
+    db_path = tmp_path / "r.duckdb"
+    low = _run(lens_args(image_dir, db_path, "--max-image-pixels", smallest - 1))
+    assert low.exit_code == 0, low.output
+    assert f"{len(sizes)} skipped: {len(sizes)} too_large" in low.output
+    raised = _run(lens_args(image_dir, db_path, "--max-image-pixels", 10**9, "--retry-skipped"))
+    assert raised.exit_code == 0, raised.output
+    assert f"({len(sizes)} kept, 0 skipped)" in raised.output
+    assert _skipped(db_path) == {}
+
+
+def test_exif_orientation_is_applied_like_transformers(tmp_path, lens_args):
+    """A real photo stored sideways with EXIF orientation 6 gives exactly what the upright
+    photo gives: the model's view, the stored size, the lens results."""
+    from transformers.image_utils import load_image
+
+    from collector.images import folder_images
+
+    upright = _real_image()
+    # Orientation 6: "rotate 90° clockwise to display"; stored as the upright image turned back.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "upright").mkdir()
+    (tmp_path / "rotated").mkdir()
+    upright.save(tmp_path / "upright" / "000000039769.png")
+    stored.save(tmp_path / "rotated" / "000000039769.png", exif=exif.tobytes())
+    assert Image.open(tmp_path / "rotated" / "000000039769.png").size == (480, 640)
+
+    record = folder_images(tmp_path / "rotated")[0]
+    assert (record.width, record.height) == (640, 480)
+    loaded = record.load()
+    assert loaded.tobytes() == upright.tobytes()
+    assert loaded.tobytes() == load_image(str(tmp_path / "rotated" / "000000039769.png")).tobytes()
+
+    results = {}
+    for name in ("upright", "rotated"):
+        db_path = tmp_path / f"{name}.duckdb"
+        result = _run(lens_args(tmp_path / name, db_path))
+        assert result.exit_code == 0, result.output
+        with ResultsDB(db_path, read_only=True) as db:
+            results[name] = (
+                db.sql("SELECT width, height FROM images"),
+                db.sql("SELECT png, view_width, view_height, scale_x, scale_y, offset_x, offset_y FROM image_views"),
+                db.sql("SELECT layer, position, rank, token_id FROM logit_lens ORDER BY 1, 2, 3"),
+            )
+    assert results["rotated"] == results["upright"]
+    assert results["rotated"][0] == [(640, 480)]
