@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from collector.options import CleanErrorGroup, input_config, input_options, model_options, resolve_images, run_options
+from collector.options import CleanErrorGroup, input_config, input_options, model_options, load_options, resolve_images, run_options
 
 
 
@@ -61,7 +61,7 @@ def collect_lens_command(
     def run_one(path: Path, share: list) -> object:
         # Open the database before loading the model: a locked or newer file fails fast.
         with ResultsDB(path) as db:
-            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision)
+            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options())
             return collect_lens(
                 loaded, share, db, prompt=prompt, top_k=top_k,
                 extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,39 @@ def _device_map(device: str) -> Any:
     return {"": device}
 
 
+def incomplete_weights(loading_info: dict[str, Any] | None) -> dict[str, list[str]]:
+    """{'missing' | 'unexpected' | 'mismatched': sorted tensor names} from `from_pretrained`'s
+    loading info, only the kinds that occur (empty: the checkpoint matches the model)."""
+    problems: dict[str, list[str]] = {}
+    for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mismatched", "mismatched_keys")):
+        names = sorted(str(item[0] if isinstance(item, (tuple, list)) else item) for item in (loading_info or {}).get(key) or ())
+        if names:
+            problems[kind] = names
+    return problems
+
+
+def describe_incomplete(problems: dict[str, list[str]], first: int = 3) -> str:
+    """'1 missing: model.language_model.norm.weight; 2 unexpected: a, b' (the first names of each kind)."""
+    parts = []
+    for kind, names in problems.items():
+        shown = ", ".join(names[:first]) + (f", ... ({len(names) - first} more)" if len(names) > first else "")
+        parts.append(f"{len(names)} {kind}: {shown}")
+    return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers prints its own table of missing/unexpected keys; the caller reports them in one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(
     model_id: str,
     device: str | None = None,
@@ -54,11 +88,15 @@ def load_model(
     prompt_template: str | None = None,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    allow_incomplete_weights: bool = False,
 ) -> LoadedModel:
     """Load a hub id or local folder with `from_pretrained`, plus its adapter.
 
     Raises UserError (one line) for an unknown or unreachable model, an unsupported
-    family, a bad dtype/device, or missing bitsandbytes.
+    family, a bad dtype/device, missing bitsandbytes, or a checkpoint whose weights do not
+    match the model (missing, unexpected or mismatched tensors: transformers would
+    initialise the missing ones randomly). `allow_incomplete_weights` loads such a
+    checkpoint anyway and records what was wrong in the provenance (`weights_incomplete`).
     """
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -100,9 +138,18 @@ def load_model(
         kwargs["device_map"] = _device_map(device)
     try:
         processor = adapter_class.load_processor(model_id, revision=revision)
-        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        with _quiet_load_report():
+            model, loading_info = AutoModelForImageTextToText.from_pretrained(
+                model_id, output_loading_info=True, **kwargs
+            )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load model {model_id!r}: {first_line(error)}") from None
+    weight_problems = incomplete_weights(loading_info)
+    if weight_problems and not allow_incomplete_weights:
+        raise UserError(
+            f"{model_id}: the checkpoint's weights do not match the model ({describe_incomplete(weight_problems)}); "
+            "missing tensors would be randomly initialised. Pass --allow-incomplete-weights to run anyway"
+        )
     model.eval()
     try:
         adapter = adapter_class(model, processor, prompt_template)
@@ -123,6 +170,8 @@ def load_model(
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
     }
+    if weight_problems:
+        provenance["weights_incomplete"] = weight_problems
     return LoadedModel(
         model=model,
         processor=processor,

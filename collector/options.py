@@ -24,6 +24,15 @@ class CleanErrorGroup(click.Group):
             raise click.ClickException(str(error)) from None
 
 
+_META_KEY = "llava_interp.image_handling"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep an image-handling option for `resolve_images` / `run_options` (not a command argument)."""
+    ctx.meta.setdefault(_META_KEY, {})[param.name] = value
+    return value
+
+
 def model_options(command: Callable) -> Callable:
     """Options shared by every command that loads a model."""
     options = [
@@ -55,19 +64,19 @@ def model_options(command: Callable) -> Callable:
             help="Override the family's prompt format; must contain {question} and the image token "
             "(LLaVA-1.5 default: 'USER: <image>\\n{question} ASSISTANT:').",
         ),
+        click.option(
+            "--allow-incomplete-weights",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember,
+            help="Run even when the checkpoint lacks tensors the model needs (transformers initialises them "
+            "randomly) or holds ones it does not use; recorded in the run (runs.config weights_incomplete). "
+            "Default: refuse such a checkpoint.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
-
-
-_META_KEY = "llava_interp.image_handling"
-
-
-def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-    """Keep an image-handling option for `resolve_images` / `run_options` (not a command argument)."""
-    ctx.meta.setdefault(_META_KEY, {})[param.name] = value
-    return value
 
 
 def _image_handling() -> dict[str, Any]:
@@ -80,6 +89,13 @@ def run_options() -> dict[str, Any]:
     """The runner's image-handling options of this command (`run_experiment(strict=, retry_skipped=)`)."""
     handling = _image_handling()
     return {"strict": bool(handling["strict"]), "retry_skipped": bool(handling["retry_skipped"])}
+
+
+def load_options() -> dict[str, Any]:
+    """`load_model` keyword arguments set by this command's model options."""
+    ctx = click.get_current_context(silent=True)
+    handling = ctx.meta.get(_META_KEY, {}) if ctx is not None else {}
+    return {"allow_incomplete_weights": bool(handling.get("allow_incomplete_weights", False))}
 
 
 def input_options(command: Callable) -> Callable:

@@ -211,3 +211,56 @@ def test_exif_orientation_is_applied_like_transformers(tmp_path, lens_args):
             )
     assert results["rotated"] == results["upright"]
     assert results["rotated"][0] == [(640, 480)]
+
+
+# -- models ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_without_final_norm(tmp_path_factory):
+    """The tiny LLaVA-1.5 with its final norm removed from the weights file."""
+    from safetensors.torch import load_file, save_file
+
+    from collector.tiny import build_tiny_llava
+
+    folder = build_tiny_llava(tmp_path_factory.mktemp("no_norm") / "model", "llava-1.5", seed=1)
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    (norm,) = [key for key in state if key.endswith("model.norm.weight") and "layers" not in key]
+    del state[norm]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def test_checkpoint_missing_weights_is_refused(tmp_path, demo_images, checkpoint_without_final_norm):
+    image_dir, _ = demo_images
+    db_path = tmp_path / "r.duckdb"
+    args = ["collect", "lens", "--model", checkpoint_without_final_norm, "--images", image_dir, "--db", db_path,
+            "--quiet", "--top-k", "2"]
+    result = _run(args)
+    _assert_one_line_error(result, r"weights do not match the model \(1 missing: model\.language_model\.norm\.weight\)"
+                                   r".*--allow-incomplete-weights")
+    assert "MISSING" not in result.output  # transformers' own table is not printed
+    if db_path.exists():
+        with ResultsDB(db_path, read_only=True) as db:
+            assert db.runs() == []
+
+
+def test_checkpoint_missing_weights_allowed_is_recorded_and_shown(tmp_path, demo_images, checkpoint_without_final_norm):
+    image_dir, _ = demo_images
+    db_path = tmp_path / "r.duckdb"
+    result = _run(["collect", "lens", "--model", checkpoint_without_final_norm, "--images", image_dir, "--db", db_path,
+                   "--quiet", "--top-k", "2", "--limit", "1", "--allow-incomplete-weights"])
+    assert result.exit_code == 0, result.output
+    with ResultsDB(db_path, read_only=True) as db:
+        (run,) = db.runs()
+    assert run["config"]["weights_incomplete"] == {"missing": ["model.language_model.norm.weight"]}
+    site = tmp_path / "site"
+    built = _run(["report", "build", "--db", db_path, "--out", site, "--no-downloads"])
+    assert built.exit_code == 0, built.output
+    pages = [p for p in site.rglob("*.html") if "Run" in p.read_text() and run["run_id"] in p.read_text()]
+    assert pages
+    for page in pages:
+        assert "incomplete checkpoint weights" in page.read_text(), page
+    lens_pages = list((site / "lens").rglob("*.html"))
+    assert lens_pages and all("1 missing (model.language_model.norm.weight)" in p.read_text() for p in lens_pages)

@@ -89,7 +89,7 @@ def ablation_command(
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
-    from collector.options import input_config, resolve_images, run_options
+    from collector.options import input_config, load_options, resolve_images, run_options
     from collector.loading import load_model
     from db.store import ResultsDB
 
@@ -111,7 +111,7 @@ def ablation_command(
     # --limit counts kept images, so every listed image is a candidate.
     records = resolve_images(images_dir, annotations, coco_root, split, None)
     with ResultsDB(db_path) as db:
-        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
+        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
         vector = load_replacement(replacement, loaded.adapter.hidden_size, db)
         summary = collect_ablation(
             loaded, records, db, annotation_file, options, vector, limit=limit,
@@ -137,14 +137,14 @@ def mean_vector_command(
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
     memory): the replacement vector for `collect ablation --replacement`."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
-    from collector.options import input_config, resolve_images, run_options
+    from collector.options import input_config, load_options, resolve_images, run_options
     from collector.loading import load_model
     from db.store import ResultsDB
 
     if not out_path.parent.exists():
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
-    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
+    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
     mean = compute_mean_vector(loaded, records, progress=not quiet, strict=run_options()["strict"])
     save_mean_vector(out_path, mean)
     message = f"mean of {mean.n_tokens} image tokens over {mean.n_images} images -> {out_path}"

@@ -13,7 +13,7 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
-from collector.options import input_config, input_options, model_options, resolve_images, run_options
+from collector.options import input_config, input_options, model_options, load_options, resolve_images, run_options
 from collector.errors import UserError
 
 
@@ -139,7 +139,8 @@ def blocking_command(
     questions = load_questions(questions_file)
     with ResultsDB(db_path) as db:
         loaded = load_model(
-            model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation
+            model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation,
+            **load_options(),
         )
         summary = collect_blocking(
             loaded, records, db, annotation_file, questions,
