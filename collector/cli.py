@@ -51,10 +51,11 @@ def collect_lens_command(
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
     from collector.distributed import ProcessGroup, run_sharded
     from collector.lens.experiment import collect_lens
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
+    check_before_load(model_id, revision, prompt_template, [prompt], top_k)  # before any weight is read
     handling = run_options()
     group = ProcessGroup.from_env()  # torchrun / accelerate / srun: this process's shard
 

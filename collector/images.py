@@ -165,7 +165,28 @@ def read_coco_annotations(annotation_file: Path) -> dict[str, Any]:
         raise UserError(
             f"{annotation_file} is not a COCO instances file (needs images, annotations, categories)"
         )
+    _check_coco_entries(annotation_file, data)
     return data
+
+
+_ANNOTATION_FIELDS = {"id": int, "image_id": int, "category_id": int, "area": (int, float), "bbox": list,
+                      "segmentation": (list, dict)}
+
+
+def _check_coco_entries(annotation_file: Path, data: dict[str, Any]) -> None:
+    """Every entry has the fields the collector reads, with the right types (UserError naming the first bad one)."""
+    for kind, fields in (("images", {"id": int, "file_name": str}), ("categories", {"id": int, "name": str}),
+                         ("annotations", _ANNOTATION_FIELDS)):
+        entries = data[kind]
+        if not isinstance(entries, list):
+            raise UserError(f"{annotation_file}: '{kind}' must be a list")
+        for index, entry in enumerate(entries):
+            bad = [name for name, types in fields.items()
+                   if not isinstance(entry, dict) or not isinstance(entry.get(name), types) or isinstance(entry.get(name), bool)]
+            if bad:
+                raise UserError(
+                    f"{annotation_file}: {kind}[{index}] lacks or has a wrong type for {', '.join(bad)}"
+                )
 
 
 def _annotations_by_file(data: dict[str, Any]) -> dict[str, tuple[int, tuple[dict[str, Any], ...]]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -80,6 +80,76 @@ def _quiet_load_report():
         hf_logging.set_verbosity(level)
 
 
+# The image placeholder of each family's template, most specific first.
+_PLACEHOLDERS = ("<start_of_image>", "<|image_pad|>", "<image>")
+
+
+def image_placeholder(adapter_class: type[ModelAdapter]) -> str | None:
+    """The text that marks the image in the family's prompt template ('<image>', ...)."""
+    template = adapter_class.default_prompt_template
+    return next((p for p in _PLACEHOLDERS if p in template), None)
+
+
+def check_prompt_template(template: str | None, adapter_class: type[ModelAdapter]) -> None:
+    """UserError unless `template` has '{question}' and exactly one image placeholder."""
+    if template is None:
+        return
+    placeholder = image_placeholder(adapter_class)
+    if "{question}" not in template:
+        raise UserError("--prompt-template must contain '{question}' (where the question goes)")
+    if placeholder is not None and template.count(placeholder) != 1:
+        raise UserError(
+            f"--prompt-template must contain the image placeholder {placeholder!r} exactly once "
+            f"(found {template.count(placeholder)}), e.g. {adapter_class.default_prompt_template!r}"
+        )
+
+
+def read_model_config(model_id: str, revision: str | None = None) -> Any:
+    """The checkpoint's config (no weights); UserError for an unknown or unreachable model."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_id, revision=revision)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model {model_id!r}: {first_line(error)}") from None
+
+
+def text_config_value(config: Any, name: str) -> int | None:
+    """A text-model setting (hidden_size, vocab_size) from a VLM config, None when absent."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, name, None)
+    return int(value) if value else None
+
+
+def check_before_load(
+    model_id: str,
+    revision: str | None = None,
+    prompt_template: str | None = None,
+    prompts: Sequence[str] = (),
+    top_k: int | None = None,
+) -> Any:
+    """What can be checked from the config alone, before any weight is read: the family,
+    the template, image placeholders in the question(s), --top-k against the vocabulary.
+    Returns the config. UserError (one line) for the first problem."""
+    config = read_model_config(model_id, revision)
+    try:
+        adapter_class = adapter_class_for(config)
+    except UnsupportedModelError as error:
+        raise UserError(f"{model_id}: {error}") from None
+    check_prompt_template(prompt_template, adapter_class)
+    placeholder = image_placeholder(adapter_class)
+    for prompt in prompts:
+        if placeholder is not None and placeholder in prompt:
+            raise UserError(
+                f"--prompt must not contain the image placeholder {placeholder!r}: the prompt template places "
+                "the image (change the template with --prompt-template)"
+            )
+    vocab = text_config_value(config, "vocab_size")
+    if top_k is not None and vocab is not None and top_k > vocab:
+        raise UserError(f"--top-k {top_k} is larger than the model's vocabulary ({vocab} tokens)")
+    return config
+
+
 def load_model(
     model_id: str,
     device: str | None = None,
@@ -99,7 +169,7 @@ def load_model(
     checkpoint anyway and records what was wrong in the provenance (`weights_incomplete`).
     """
     import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -109,14 +179,12 @@ def load_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available here")
 
-    try:
-        config = AutoConfig.from_pretrained(model_id, revision=revision)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model {model_id!r}: {first_line(error)}") from None
+    config = read_model_config(model_id, revision)
     try:
         adapter_class = adapter_class_for(config)
     except UnsupportedModelError as error:
         raise UserError(f"{model_id}: {error}") from None
+    check_prompt_template(prompt_template, adapter_class)  # before the weights are read
 
     kwargs: dict[str, Any] = {"revision": revision, "dtype": DTYPES[dtype]}
     if attn_implementation:

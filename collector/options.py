@@ -15,13 +15,28 @@ MODEL_HELP = "Hugging Face model id (e.g. llava-hf/llava-1.5-7b-hf) or local che
 
 
 class CleanErrorGroup(click.Group):
-    """Turns user mistakes raised anywhere below into a one-line `Error:` and exit 1."""
+    """Turns user mistakes raised anywhere below into a one-line `Error:` and exit 1: our own
+    errors, and click's usage errors (bad option values, unknown options or commands), whose
+    usage text and exit code 2 would otherwise set them apart. `--help` is unchanged."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _one_line(error) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (UserError, DatabaseError) as error:
             raise click.ClickException(str(error)) from None
+        except click.UsageError as error:
+            raise _one_line(error) from None
+
+
+def _one_line(error: click.UsageError) -> click.ClickException:
+    return click.ClickException(" ".join(error.format_message().split()))
 
 
 _META_KEY = "llava_interp.image_handling"

@@ -264,3 +264,94 @@ def test_checkpoint_missing_weights_allowed_is_recorded_and_shown(tmp_path, demo
         assert "incomplete checkpoint weights" in page.read_text(), page
     lens_pages = list((site / "lens").rglob("*.html"))
     assert lens_pages and all("1 missing (model.language_model.norm.weight)" in p.read_text() for p in lens_pages)
+
+
+# -- checked before the weights are read ------------------------------------------------
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--prompt", "x <image>"], r"--prompt must not contain the image placeholder '<image>'"),
+    (["--prompt-template", "USER: {question} ASSISTANT:"], r"--prompt-template must contain the image placeholder '<image>' exactly once \(found 0\)"),
+    (["--prompt-template", "USER: <image><image> {question} ASSISTANT:"], r"exactly once \(found 2\)"),
+    (["--top-k", "100000"], None),
+])
+def test_prompt_and_top_k_are_checked_before_loading(tmp_path, demo_images, tiny_checkpoints, extra, pattern):
+    image_dir, _ = demo_images
+    db_path = tmp_path / "r.duckdb"
+    result = _run(["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
+                   "--db", db_path, "--quiet", *extra])
+    if pattern is None:  # --top-k has a range of its own (1..100): click's message, same form
+        pattern = r"--top-k"
+    _assert_one_line_error(result, pattern)
+    assert "Loading weights" not in result.output
+    assert not db_path.exists()
+
+
+def test_top_k_larger_than_the_vocabulary(tiny_checkpoints):
+    from collector.errors import UserError
+    from collector.loading import check_before_load
+
+    with pytest.raises(UserError, match=r"--top-k 99999 is larger than the model's vocabulary \(\d+ tokens\)"):
+        check_before_load(str(tiny_checkpoints["llava-1.5"]), top_k=99999)
+
+
+def test_replacement_of_the_wrong_size_is_refused_before_loading(tmp_path, demo_images, tiny_checkpoints):
+    import torch
+
+    image_dir, annotation_file = demo_images
+    vector = tmp_path / "v.pt"
+    torch.save(torch.zeros(7), vector)
+    db_path = tmp_path / "r.duckdb"
+    result = _run(["collect", "ablation", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
+                   "--annotations", annotation_file, "--db", db_path, "--replacement", vector, "--quiet"])
+    _assert_one_line_error(result, r"replacement vector .*v\.pt has size 7 but the model's hidden size is \d+")
+    assert "Loading weights" not in result.output
+
+
+def test_pickled_replacement_never_suggests_weights_only_false(tmp_path, demo_images, tiny_checkpoints):
+    import torch
+
+    image_dir, annotation_file = demo_images
+    vector = tmp_path / "v.pt"
+    torch.save({"vector": torch.zeros(8), "made": __import__("datetime").datetime(2024, 1, 1)}, vector)
+    result = _run(["collect", "ablation", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
+                   "--annotations", annotation_file, "--db", tmp_path / "r.duckdb", "--replacement", vector, "--quiet"])
+    _assert_one_line_error(result, r"cannot load replacement vector .*v\.pt: it holds Python objects")
+    assert "weights_only" not in result.output
+
+
+def test_malformed_annotations_are_refused_while_listing(tmp_path, demo_images, tiny_checkpoints):
+    import json
+
+    image_dir, annotation_file = demo_images
+    data = json.loads(annotation_file.read_text())
+    del data["annotations"][1]["bbox"]
+    bad = tmp_path / "ann.json"
+    bad.write_text(json.dumps(data))
+    db_path = tmp_path / "r.duckdb"
+    result = _run(["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
+                   "--annotations", bad, "--db", db_path, "--quiet"])
+    _assert_one_line_error(result, r"ann\.json: annotations\[1\] lacks or has a wrong type for bbox")
+    assert not db_path.exists()
+
+
+# -- every mistake looks the same ------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["collect", "lens", "--top-k", "0"], r"Invalid value for '--top-k': 0 is not in the range"),
+    (["collect", "lens", "--limit", "0"], r"Invalid value for '--limit': 0 is not in the range"),
+    (["collect", "lens", "--no-such-option"], r"No such option '--no-such-option'"),
+    (["collect", "nonsense"], r"No such command 'nonsense'"),
+    (["report", "build", "--db", "x.duckdb", "--out", "FILE"], r"Invalid value for '--out'.* is a file"),
+])
+def test_usage_mistakes_are_one_error_line_exit_1(tmp_path, args, pattern):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result = _run([str(a_file) if arg == "FILE" else arg for arg in args])
+    _assert_one_line_error(result, pattern)
+
+
+def test_help_still_works():
+    result = _run(["collect", "lens", "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output and "--retry-skipped" in result.output

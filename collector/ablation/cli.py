@@ -90,7 +90,7 @@ def ablation_command(
     from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
     from collector.options import input_config, load_options, resolve_images, run_options
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model, text_config_value
     from db.store import ResultsDB
 
     settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
@@ -110,9 +110,15 @@ def ablation_command(
     annotation_file = _annotation_file(annotations, coco_root, split)
     # --limit counts kept images, so every listed image is a candidate.
     records = resolve_images(images_dir, annotations, coco_root, split, None)
+    # Before any weight is read: the template, the questions, the replacement's size.
+    hidden_size = text_config_value(check_before_load(model_id, revision, prompt_template), "hidden_size")
     with ResultsDB(db_path) as db:
+        vector = load_replacement(replacement, hidden_size, db) if hidden_size else None
         loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
-        vector = load_replacement(replacement, loaded.adapter.hidden_size, db)
+        vector = vector or load_replacement(replacement, loaded.adapter.hidden_size, db)
+        if vector.hidden_size != loaded.adapter.hidden_size:
+            raise UserError(f"replacement vector {vector.source} has size {vector.hidden_size} but the model's "
+                            f"hidden size is {loaded.adapter.hidden_size}")
         summary = collect_ablation(
             loaded, records, db, annotation_file, options, vector, limit=limit,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
@@ -138,12 +144,13 @@ def mean_vector_command(
     memory): the replacement vector for `collect ablation --replacement`."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
     from collector.options import input_config, load_options, resolve_images, run_options
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     if not out_path.parent.exists():
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
+    check_before_load(model_id, revision, prompt_template)
     loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
     mean = compute_mean_vector(loaded, records, progress=not quiet, strict=run_options()["strict"])
     save_mean_vector(out_path, mean)

@@ -77,7 +77,7 @@ def load_replacement(spec: str, hidden_size: int, db: ResultsDB | None = None) -
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a bad file
-            raise UserError(f"cannot load replacement vector {path}: {first_line(error)}") from None
+            raise UserError(f"cannot load replacement vector {path}: {_load_failure(error)}") from None
         if not isinstance(loaded, torch.Tensor) or loaded.dim() != 1 or not loaded.is_floating_point():
             shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded).__name__
             raise UserError(f"replacement vector {path} must be a 1-D float tensor, got {shape}")
@@ -89,6 +89,18 @@ def load_replacement(spec: str, hidden_size: int, db: ResultsDB | None = None) -
             f"replacement vector {source} has size {vector.numel()} but the model's hidden size is {hidden_size}"
         )
     return Replacement(vector, source, digest)
+
+
+def _load_failure(error: BaseException) -> str:
+    """Why torch.load refused a file, without torch's advice to load it with weights_only=False
+    (which would run arbitrary code from the file)."""
+    import pickle
+
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return ("it holds Python objects besides tensors, which are not loaded "
+                "(save the vector alone: torch.save(vector, path))")
+    return first_line(error)
 
 
 # -- the ablation hook ----------------------------------------------------------------

@@ -126,7 +126,7 @@ def blocking_command(
     same command resumes."""
     from collector.blocking.experiment import collect_blocking
     from collector.vqa import load_questions
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     area_range = parse_area_range(object_area)
@@ -137,6 +137,7 @@ def blocking_command(
     records = resolve_images(images_dir, annotations, coco_root, split, None)
     annotation_file = annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
     questions = load_questions(questions_file)
+    check_before_load(model_id, revision, prompt_template)  # before any weight is read
     with ResultsDB(db_path) as db:
         loaded = load_model(
             model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation,
