@@ -63,6 +63,7 @@ class ResultsDB:
             raise DatabaseError(f"cannot open database {self.path}: {message}") from None
         try:
             with self.transaction():
+                self._check_identity()
                 if read_only:
                     self._check_readable()
                 else:
@@ -70,6 +71,23 @@ class ResultsDB:
         except BaseException:
             self.close()
             raise
+
+    def _check_identity(self) -> None:
+        """Refuse, before anything is written, a database that holds tables but is not a
+        llava-interp results database (no `schema_migrations` rows). An empty database is a
+        new results database. `collect` (writable) and `report` (read-only) agree on this."""
+        names = [row[0] for row in self.conn.exec_driver_sql(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('information_schema', 'pg_catalog')"
+        ).fetchall()]
+        if not names:
+            return
+        if schema.schema_migrations.name not in names or not applied_versions(self.conn):
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            raise DatabaseError(
+                f"{self.path} is not a llava-interp results database (it holds other tables: {shown}); "
+                "it was left untouched: give another --db"
+            )
 
     def _check_readable(self) -> None:
         versions = applied_versions(self.conn)

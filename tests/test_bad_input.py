@@ -355,3 +355,38 @@ def test_usage_mistakes_are_one_error_line_exit_1(tmp_path, args, pattern):
 def test_help_still_works():
     result = _run(["collect", "lens", "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output and "--retry-skipped" in result.output
+
+
+# -- databases ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("table", ["runs", "my_notes"])
+def test_a_foreign_duckdb_file_is_refused_untouched(tmp_path, demo_images, tiny_checkpoints, table):
+    import duckdb
+
+    image_dir, _ = demo_images
+    db_path = tmp_path / "theirs.duckdb"
+    with duckdb.connect(str(db_path)) as con:
+        con.execute(f"CREATE TABLE {table} (x INTEGER)")
+        con.execute(f"INSERT INTO {table} VALUES (42)")
+    for args in (["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
+                  "--db", db_path, "--quiet"],
+                 ["report", "build", "--db", db_path, "--out", tmp_path / "site"]):
+        result = _run(args)
+        _assert_one_line_error(result, r"theirs\.duckdb is not a llava-interp results database")
+        assert "Loading weights" not in result.output
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        assert con.execute("SELECT table_name FROM information_schema.tables").fetchall() == [(table,)]
+        assert con.execute(f"SELECT x FROM {table}").fetchall() == [(42,)]
+
+
+def test_collect_and_report_agree_on_a_dropped_migrations_table(tmp_path, demo_images, tiny_checkpoints):
+    image_dir, _ = demo_images
+    db_path = tmp_path / "r.duckdb"
+    lens = ["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir, "--db", db_path,
+            "--quiet", "--limit", "1", "--top-k", "2"]
+    assert _run(lens).exit_code == 0
+    with ResultsDB(db_path) as db:
+        db.sql("DROP TABLE schema_migrations")
+    for args in (lens, ["report", "build", "--db", db_path, "--out", tmp_path / "site"]):
+        _assert_one_line_error(_run(args), r"is not a llava-interp results database")
