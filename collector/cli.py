@@ -70,7 +70,7 @@ def collect_lens_command(
             )
 
     outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))
-    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.line(outcome.db_path)}")
+    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.report(outcome.db_path)}")
     for line in outcome.merge.lines() if outcome.merge else ():
         click.echo(line)
 

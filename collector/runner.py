@@ -156,9 +156,14 @@ class RunSummary:
             f"run {self.run_id}: {self.images_selected} images selected, {self.images_written} written "
             f"({self.images_kept} kept, {self.images_skipped} skipped{': ' + reasons if reasons else ''}), "
             f"{self.images_already_complete} already complete; {self.images_kept_total} kept in total -> {db_path}"
-            + (f"\nlist the skipped images: SELECT image_id, reason, detail FROM skipped WHERE run_id = '{self.run_id}'"
-               if self.images_skipped else "")
         )
+
+    def report(self, db_path: Any) -> str:
+        """`line`, then, when images were skipped now, the SQL that lists them."""
+        if not self.images_skipped:
+            return self.line(db_path)
+        return (f"{self.line(db_path)}\nlist the skipped images: "
+                f"SELECT image_id, reason, detail FROM skipped WHERE run_id = '{self.run_id}'")
 
 
 def run_config(experiment: Experiment, identity: Mapping[str, Any], limit: int | None,

@@ -125,7 +125,7 @@ def ablation_command(
             | {"questions": str(questions) if questions else None},
             progress=not quiet, **run_options(),
         )
-    click.echo(summary.line(db_path))
+    click.echo(summary.report(db_path))
 
 
 @click.command("mean-vector")

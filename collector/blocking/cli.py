@@ -153,4 +153,4 @@ def blocking_command(
             },
             progress=not quiet, **run_options(),
         )
-    click.echo(summary.line(db_path))
+    click.echo(summary.report(db_path))
