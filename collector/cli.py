@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from collector.options import CleanErrorGroup, input_config, input_options, model_options, resolve_images
+from collector.options import CleanErrorGroup, input_config, input_options, model_options, load_options, resolve_images, run_options
 
 
 
@@ -51,24 +51,26 @@ def collect_lens_command(
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
     from collector.distributed import ProcessGroup, run_sharded
     from collector.lens.experiment import collect_lens
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
+    check_before_load(model_id, revision, prompt_template, [prompt], top_k)  # before any weight is read
+    handling = run_options()
     group = ProcessGroup.from_env()  # torchrun / accelerate / srun: this process's shard
 
     def run_one(path: Path, share: list) -> object:
         # Open the database before loading the model: a locked or newer file fails fast.
         with ResultsDB(path) as db:
-            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision)
+            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options())
             return collect_lens(
                 loaded, share, db, prompt=prompt, top_k=top_k,
                 extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
-                progress=not quiet,
+                progress=not quiet, **handling,
             )
 
     outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))
-    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.line(outcome.db_path)}")
+    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.report(outcome.db_path)}")
     for line in outcome.merge.lines() if outcome.merge else ():
         click.echo(line)
 

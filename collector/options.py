@@ -8,19 +8,44 @@ from typing import Any, Callable
 import click
 
 from collector.errors import UserError
+from collector.images import DEFAULT_MAX_PIXELS
 from db.errors import DatabaseError
 
 MODEL_HELP = "Hugging Face model id (e.g. llava-hf/llava-1.5-7b-hf) or local checkpoint folder."
 
 
 class CleanErrorGroup(click.Group):
-    """Turns user mistakes raised anywhere below into a one-line `Error:` and exit 1."""
+    """Turns user mistakes raised anywhere below into a one-line `Error:` and exit 1: our own
+    errors, and click's usage errors (bad option values, unknown options or commands), whose
+    usage text and exit code 2 would otherwise set them apart. `--help` is unchanged."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _one_line(error) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (UserError, DatabaseError) as error:
             raise click.ClickException(str(error)) from None
+        except click.UsageError as error:
+            raise _one_line(error) from None
+
+
+def _one_line(error: click.UsageError) -> click.ClickException:
+    return click.ClickException(" ".join(error.format_message().split()))
+
+
+_META_KEY = "llava_interp.image_handling"
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keep an image-handling option for `resolve_images` / `run_options` (not a command argument)."""
+    ctx.meta.setdefault(_META_KEY, {})[param.name] = value
+    return value
 
 
 def model_options(command: Callable) -> Callable:
@@ -54,10 +79,38 @@ def model_options(command: Callable) -> Callable:
             help="Override the family's prompt format; must contain {question} and the image token "
             "(LLaVA-1.5 default: 'USER: <image>\\n{question} ASSISTANT:').",
         ),
+        click.option(
+            "--allow-incomplete-weights",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember,
+            help="Run even when the checkpoint lacks tensors the model needs (transformers initialises them "
+            "randomly) or holds ones it does not use; recorded in the run (runs.config weights_incomplete). "
+            "Default: refuse such a checkpoint.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _image_handling() -> dict[str, Any]:
+    ctx = click.get_current_context(silent=True)
+    handling = dict(ctx.meta.get(_META_KEY, {})) if ctx is not None else {}
+    return {"max_image_pixels": DEFAULT_MAX_PIXELS, "strict": False, "retry_skipped": False, **handling}
+
+
+def run_options() -> dict[str, Any]:
+    """The runner's image-handling options of this command (`run_experiment(strict=, retry_skipped=)`)."""
+    handling = _image_handling()
+    return {"strict": bool(handling["strict"]), "retry_skipped": bool(handling["retry_skipped"])}
+
+
+def load_options() -> dict[str, Any]:
+    """`load_model` keyword arguments set by this command's model options."""
+    ctx = click.get_current_context(silent=True)
+    handling = ctx.meta.get(_META_KEY, {}) if ctx is not None else {}
+    return {"allow_incomplete_weights": bool(handling.get("allow_incomplete_weights", False))}
 
 
 def input_options(command: Callable) -> Callable:
@@ -84,6 +137,32 @@ def input_options(command: Callable) -> Callable:
         ),
         click.option("--split", default=None, help="COCO split with --coco-root, e.g. val2017."),
         click.option("--limit", type=click.IntRange(min=1), default=None, help="Process at most N images."),
+        click.option(
+            "--max-image-pixels",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_PIXELS,
+            show_default=True,
+            expose_value=False,
+            callback=_remember,
+            help="Images with more pixels (width x height) are skipped with reason too_large, "
+            "before they are decoded (the default is PIL's decompression-bomb limit).",
+        ),
+        click.option(
+            "--strict",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember,
+            help="Stop at the first image file that cannot be used (unreadable, truncated, too large) "
+            "instead of recording it in the skipped table and going on.",
+        ),
+        click.option(
+            "--retry-skipped",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember,
+            help="On a resumed run, process again the images skipped because their file could not be "
+            "used (reasons unreadable, truncated, too_large); other skips stay.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -93,6 +172,28 @@ def input_options(command: Callable) -> Callable:
 def resolve_images(images_dir: Path | None, annotations: Path | None, coco_root: Path | None, split: str | None, limit: int | None):
     from collector.images import coco_images, folder_images
 
+    handling = _image_handling()
+    records = _resolve(images_dir, annotations, coco_root, split, limit, handling["max_image_pixels"])
+    if handling["strict"]:
+        _check_up_front(records)
+    return records
+
+
+def _check_up_front(records) -> None:
+    """--strict: every image's header read and its size checked before the model loads."""
+    from collector.images import ImageUnusable, check_pixels, open_header
+
+    for record in records:
+        try:
+            with open_header(record.path) as image:
+                check_pixels(record.path, image.size, record.max_pixels)
+        except ImageUnusable as error:
+            raise UserError(f"cannot read image {record.path}: {error.detail} (--strict)") from None
+
+
+def _resolve(images_dir, annotations, coco_root, split, limit, max_pixels):
+    from collector.images import coco_images, folder_images
+
     if (images_dir is None) == (coco_root is None):
         raise UserError("give exactly one input: --images DIR or --coco-root ROOT --split SPLIT")
     if coco_root is not None:
@@ -100,10 +201,10 @@ def resolve_images(images_dir: Path | None, annotations: Path | None, coco_root:
             raise UserError("--coco-root needs --split (e.g. --split val2017)")
         if annotations is not None:
             raise UserError("--annotations goes with --images; --coco-root reads ROOT/annotations/")
-        return coco_images(coco_root, split, limit)
+        return coco_images(coco_root, split, limit, max_pixels)
     if split is not None:
         raise UserError("--split goes with --coco-root")
-    return folder_images(images_dir, annotations, limit)
+    return folder_images(images_dir, annotations, limit, max_pixels)
 
 
 def input_config(images_dir, annotations, coco_root, split, limit, model_id: str) -> dict[str, Any]:

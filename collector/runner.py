@@ -40,7 +40,8 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from collector.images import ImageRecord
+from collector.errors import UserError
+from collector.images import ImageRecord, ImageUnusable
 from collector.loading import LoadedModel
 from collector.tables import skipped_table
 from db.store import ResultsDB
@@ -70,6 +71,10 @@ class SkipReason(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+# Reasons about the image file itself: what `--retry-skipped` processes again.
+FILE_SKIP_REASONS = (SkipReason.UNREADABLE, SkipReason.TRUNCATED, SkipReason.TOO_LARGE)
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,13 @@ class RunSummary:
             f"{self.images_already_complete} already complete; {self.images_kept_total} kept in total -> {db_path}"
         )
 
+    def report(self, db_path: Any) -> str:
+        """`line`, then, when images were skipped now, the SQL that lists them."""
+        if not self.images_skipped:
+            return self.line(db_path)
+        return (f"{self.line(db_path)}\nlist the skipped images: "
+                f"SELECT image_id, reason, detail FROM skipped WHERE run_id = '{self.run_id}'")
+
 
 def run_config(experiment: Experiment, identity: Mapping[str, Any], limit: int | None,
                extra_config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -176,13 +188,21 @@ def run_experiment(
     limit: int | None = None,
     extra_config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    strict: bool = False,
+    retry_skipped: bool = False,
 ) -> RunSummary:
     """Run `experiment` over `records` into `db`, resuming a run with the same identity.
 
     `limit` counts kept images of the run (earlier invocations included): selection,
     skips and curation drop images, so the loop stops once `limit` images were kept.
+    An image file that cannot be used (`ImageUnusable`) is recorded in `skipped` and the
+    run goes on; `strict` stops the run at it instead (UserError). A resumed run passes over
+    its skipped images; `retry_skipped` processes those skipped for their file
+    (`FILE_SKIP_REASONS`) again.
     """
-    return _Run(experiment, db, limit, progress).run(records, extra_config)
+    run = _Run(experiment, db, limit, progress)
+    run.strict, run.retry_skipped = strict, retry_skipped
+    return run.run(records, extra_config)
 
 
 class _Run:
@@ -196,6 +216,8 @@ class _Run:
         self.kept = 0
         self.kept_total = 0
         self.skip_reasons: dict[str, int] = {}
+        self.strict = False
+        self.retry_skipped = False
 
     def run(self, records: Sequence[ImageRecord], extra_config: Mapping[str, Any] | None) -> RunSummary:
         experiment, db = self.experiment, self.db
@@ -204,6 +226,8 @@ class _Run:
         selected = experiment.select(records)
         config = run_config(experiment, identity, self.limit, extra_config)
         run_id = db.start_run(experiment.name, experiment.loaded.model_id, identity, config)
+        if self.retry_skipped:
+            db.forget_skipped_images(run_id, [str(reason) for reason in FILE_SKIP_REASONS])
         done = db.completed_images(run_id)
         self.kept_total = len(done - db.skipped_images(run_id))
         already = sum(1 for record in selected if record.image_id in done)
@@ -264,9 +288,14 @@ class _Run:
             bar.close()
 
     def _process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
-        """The experiment's work on one image (where unreadable / truncated / too-large files
-        will become recorded skips)."""
-        return self.experiment.process(record, run_id)
+        """The experiment's work on one image; an unreadable / truncated / too-large file is a
+        recorded skip (or, strict, the end of the run)."""
+        try:
+            return self.experiment.process(record, run_id)
+        except ImageUnusable as error:
+            if self.strict:
+                raise UserError(f"cannot read image {record.path}: {error.detail} (--strict)") from None
+            return ImageOutcome.skip(SkipReason(error.reason), error.detail, {"run_images": file_skip_marker(run_id, record)})
 
     @staticmethod
     def _tables(run_id: str, record: ImageRecord, outcome: ImageOutcome) -> Mapping[str, pa.Table]:
@@ -277,3 +306,17 @@ class _Run:
             raise ValueError("an experiment's skip outcome must not carry its own skipped rows")
         row = skipped_table(run_id, record.image_id, outcome.skip_reason, outcome.skip_detail)
         return {**outcome.tables, "skipped": row}
+
+
+def file_skip_marker(run_id: str, record: ImageRecord) -> pa.Table:
+    """The `run_images` marker of an image skipped for its file: nothing ran (no positions, no grid)."""
+    import datetime as dt
+
+    from db.arrow import table_from_columns
+
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return table_from_columns(
+        "run_images",
+        {"run_id": [run_id], "image_id": [record.image_id], "n_positions": [0], "n_layers": [None],
+         "grid_rows": [0], "grid_cols": [0], "written_at": [now]},
+    )

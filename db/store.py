@@ -63,6 +63,7 @@ class ResultsDB:
             raise DatabaseError(f"cannot open database {self.path}: {message}") from None
         try:
             with self.transaction():
+                self._check_identity()
                 if read_only:
                     self._check_readable()
                 else:
@@ -70,6 +71,23 @@ class ResultsDB:
         except BaseException:
             self.close()
             raise
+
+    def _check_identity(self) -> None:
+        """Refuse, before anything is written, a database that holds tables but is not a
+        llava-interp results database (no `schema_migrations` rows). An empty database is a
+        new results database. `collect` (writable) and `report` (read-only) agree on this."""
+        names = [row[0] for row in self.conn.exec_driver_sql(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('information_schema', 'pg_catalog')"
+        ).fetchall()]
+        if not names:
+            return
+        if schema.schema_migrations.name not in names or not applied_versions(self.conn):
+            shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+            raise DatabaseError(
+                f"{self.path} is not a llava-interp results database (it holds other tables: {shown}); "
+                "it was left untouched: give another --db"
+            )
 
     def _check_readable(self) -> None:
         versions = applied_versions(self.conn)
@@ -194,6 +212,27 @@ class ResultsDB:
             ).scalars()
             return set(rows)
 
+    def forget_skipped_images(self, run_id: str, reasons: Sequence[str]) -> set[int]:
+        """Remove every row of this run's images skipped for one of `reasons` (their
+        completion marker included), so that a resumed run processes them again. Returns
+        their ids."""
+        table = schema.skipped
+        with self.transaction() as conn:
+            ids = set(conn.execute(
+                sa.select(table.c.image_id).where(table.c.run_id == run_id, table.c.reason.in_(list(reasons)))
+            ).scalars())
+            if not ids:
+                return ids
+            for per_image in schema.metadata.sorted_tables:
+                if {"run_id", "image_id"} <= set(per_image.c.keys()) and self._has_table(per_image.name):
+                    conn.execute(per_image.delete().where(
+                        per_image.c.run_id == run_id, per_image.c.image_id.in_(sorted(ids))
+                    ))
+        return ids
+
+    def _has_table(self, name: str) -> bool:
+        return sa.inspect(self.conn).has_table(name)
+
     # -- mean vectors ----------------------------------------------------------------
 
     def add_mean_vector(
@@ -253,6 +292,11 @@ class ResultsDB:
                 "VALUES (?, ?, ?, ?, ?)",
                 (image_id, file_name, width, height, source),
             )
+            if width and height:  # a size first unknown (unreadable header) once the file is readable
+                self.conn.exec_driver_sql(
+                    "UPDATE images SET width = ?, height = ? WHERE image_id = ? AND width = 0 AND height = 0",
+                    (width, height, image_id),
+                )
             for ann in annotations:
                 self.conn.exec_driver_sql(
                     "INSERT OR IGNORE INTO annotations (image_id, annotation_id, category_id, "

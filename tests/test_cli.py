@@ -57,7 +57,8 @@ def test_unreadable_image(tmp_path, tiny_checkpoints):
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
-    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]),
+    # --strict: the fail-fast behaviour (without it the file is recorded in `skipped`).
+    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--strict",
                    "--images", str(folder), "--db", str(tmp_path / "r.duckdb")])
     _assert_one_line_error(result, "cannot read image .*broken.jpg")
 

@@ -89,8 +89,8 @@ def ablation_command(
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
-    from collector.options import input_config, resolve_images
-    from collector.loading import load_model
+    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.loading import check_before_load, load_model, text_config_value
     from db.store import ResultsDB
 
     settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
@@ -110,16 +110,22 @@ def ablation_command(
     annotation_file = _annotation_file(annotations, coco_root, split)
     # --limit counts kept images, so every listed image is a candidate.
     records = resolve_images(images_dir, annotations, coco_root, split, None)
+    # Before any weight is read: the template, the questions, the replacement's size.
+    hidden_size = text_config_value(check_before_load(model_id, revision, prompt_template), "hidden_size")
     with ResultsDB(db_path) as db:
-        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
-        vector = load_replacement(replacement, loaded.adapter.hidden_size, db)
+        vector = load_replacement(replacement, hidden_size, db) if hidden_size else None
+        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+        vector = vector or load_replacement(replacement, loaded.adapter.hidden_size, db)
+        if vector.hidden_size != loaded.adapter.hidden_size:
+            raise UserError(f"replacement vector {vector.source} has size {vector.hidden_size} but the model's "
+                            f"hidden size is {loaded.adapter.hidden_size}")
         summary = collect_ablation(
             loaded, records, db, annotation_file, options, vector, limit=limit,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
             | {"questions": str(questions) if questions else None},
-            progress=not quiet,
+            progress=not quiet, **run_options(),
         )
-    click.echo(summary.line(db_path))
+    click.echo(summary.report(db_path))
 
 
 @click.command("mean-vector")
@@ -137,17 +143,21 @@ def mean_vector_command(
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
     memory): the replacement vector for `collect ablation --replacement`."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
-    from collector.options import input_config, resolve_images
-    from collector.loading import load_model
+    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     if not out_path.parent.exists():
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
-    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision)
-    mean = compute_mean_vector(loaded, records, progress=not quiet)
+    check_before_load(model_id, revision, prompt_template)
+    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+    mean = compute_mean_vector(loaded, records, progress=not quiet, strict=run_options()["strict"])
     save_mean_vector(out_path, mean)
     message = f"mean of {mean.n_tokens} image tokens over {mean.n_images} images -> {out_path}"
+    if mean.skipped:
+        reasons = sorted({reason for _, reason, _ in mean.skipped})
+        message += f" ({len(mean.skipped)} image files skipped: {', '.join(reasons)}; first {mean.skipped[0][0]})"
     if db_path is not None:
         with ResultsDB(db_path) as db:
             config = input_config(images_dir, annotations, coco_root, split, limit, model_id)

@@ -338,6 +338,7 @@ def collect_ablation(
     limit: int | None = None,
     extra_config: dict[str, Any] | None = None,
     progress: bool = True,
+    **run_options: Any,  # run_experiment's strict, retry_skipped
 ) -> RunSummary:
     """Run token ablation over the selected images into `db`, resuming a matching earlier run.
 
@@ -345,4 +346,4 @@ def collect_ablation(
     drop images, so the loop stops after `limit` images were ablated, not listed.
     """
     experiment = AblationExperiment(loaded, annotation_file, options, replacement)
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress)
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress, **run_options)

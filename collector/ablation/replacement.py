@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from collector.adapters import ModelAdapter
 from collector.errors import UserError, first_line
-from collector.images import ImageRecord
+from collector.images import ImageRecord, ImageUnusable
 from collector.loading import LoadedModel
 from db.store import ResultsDB
 
@@ -77,7 +77,7 @@ def load_replacement(spec: str, hidden_size: int, db: ResultsDB | None = None) -
         try:
             loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a bad file
-            raise UserError(f"cannot load replacement vector {path}: {first_line(error)}") from None
+            raise UserError(f"cannot load replacement vector {path}: {_load_failure(error)}") from None
         if not isinstance(loaded, torch.Tensor) or loaded.dim() != 1 or not loaded.is_floating_point():
             shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded).__name__
             raise UserError(f"replacement vector {path} must be a 1-D float tensor, got {shape}")
@@ -89,6 +89,18 @@ def load_replacement(spec: str, hidden_size: int, db: ResultsDB | None = None) -
             f"replacement vector {source} has size {vector.numel()} but the model's hidden size is {hidden_size}"
         )
     return Replacement(vector, source, digest)
+
+
+def _load_failure(error: BaseException) -> str:
+    """Why torch.load refused a file, without torch's advice to load it with weights_only=False
+    (which would run arbitrary code from the file)."""
+    import pickle
+
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
+        return ("it holds Python objects besides tensors, which are not loaded "
+                "(save the vector alone: torch.save(vector, path))")
+    return first_line(error)
 
 
 # -- the ablation hook ----------------------------------------------------------------
@@ -178,28 +190,45 @@ def image_token_embeddings(loaded: LoadedModel, image: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MeanVector:
-    """vector: (hidden_size,) float64 mean over every image token of every image."""
+    """vector: (hidden_size,) float64 mean over every image token of every image.
+
+    skipped: (file name, reason, detail) of each image file that could not be used.
+    """
 
     vector: torch.Tensor
     n_images: int
     n_tokens: int
+    skipped: tuple[tuple[str, str, str], ...] = ()
 
 
-def compute_mean_vector(loaded: LoadedModel, records: Sequence[ImageRecord], progress: bool = True) -> MeanVector:
+def compute_mean_vector(
+    loaded: LoadedModel, records: Sequence[ImageRecord], progress: bool = True, strict: bool = False
+) -> MeanVector:
     """Mean post-projector image-token embedding over images, streamed in constant memory.
 
     A float64 running sum (not a stack of every token) keeps memory at one vector and
-    keeps the sum exact enough over millions of tokens.
+    keeps the sum exact enough over millions of tokens. An image file that cannot be used
+    is left out and listed in `skipped` (strict: UserError instead).
     """
     if not records:
         raise UserError("no images to average over")
     total = torch.zeros(loaded.adapter.hidden_size, dtype=torch.float64)
     n_tokens = 0
+    skipped: list[tuple[str, str, str]] = []
     for record in tqdm(records, desc="mean vector", unit="image", disable=not progress):
-        embeddings = image_token_embeddings(loaded, record.load())
+        try:
+            image = record.load()
+        except ImageUnusable as error:
+            if strict:
+                raise UserError(f"cannot read image {record.path}: {error.detail} (--strict)") from None
+            skipped.append((record.file_name, error.reason, error.detail))
+            continue
+        embeddings = image_token_embeddings(loaded, image)
         total += embeddings.double().sum(dim=0).cpu()
         n_tokens += int(embeddings.shape[0])
-    return MeanVector(total / n_tokens, len(records), n_tokens)
+    if n_tokens == 0:
+        raise UserError(f"none of the {len(records)} images could be used (first: {skipped[0][0]}: {skipped[0][2]})")
+    return MeanVector(total / n_tokens, len(records) - len(skipped), n_tokens, tuple(skipped))
 
 
 def save_mean_vector(path: str | Path, mean: MeanVector) -> None:

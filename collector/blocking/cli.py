@@ -13,7 +13,7 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
-from collector.options import input_config, input_options, model_options, resolve_images
+from collector.options import input_config, input_options, model_options, load_options, resolve_images, run_options
 from collector.errors import UserError
 
 
@@ -126,7 +126,7 @@ def blocking_command(
     same command resumes."""
     from collector.blocking.experiment import collect_blocking
     from collector.vqa import load_questions
-    from collector.loading import load_model
+    from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
     area_range = parse_area_range(object_area)
@@ -137,9 +137,11 @@ def blocking_command(
     records = resolve_images(images_dir, annotations, coco_root, split, None)
     annotation_file = annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
     questions = load_questions(questions_file)
+    check_before_load(model_id, revision, prompt_template)  # before any weight is read
     with ResultsDB(db_path) as db:
         loaded = load_model(
-            model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation
+            model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation,
+            **load_options(),
         )
         summary = collect_blocking(
             loaded, records, db, annotation_file, questions,
@@ -149,6 +151,6 @@ def blocking_command(
                 **input_config(images_dir, annotations, coco_root, split, limit, model_id),
                 "questions_file": str(questions_file),
             },
-            progress=not quiet,
+            progress=not quiet, **run_options(),
         )
-    click.echo(summary.line(db_path))
+    click.echo(summary.report(db_path))

@@ -546,6 +546,7 @@ def collect_blocking(
     targets: Sequence[str] = TARGET_SETS,
     extra_config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    **run_options: Any,  # run_experiment's strict, retry_skipped
 ) -> RunSummary:
     """Run attention blocking over the selected images into `db`, resuming a matching run.
 
@@ -564,4 +565,4 @@ def collect_blocking(
     experiment = BlockingExperiment(
         loaded, annotation_file, questions, settings, max_annotations, area_range, batch_size, questions_path
     )
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress)
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress, **run_options)

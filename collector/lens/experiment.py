@@ -97,7 +97,8 @@ def collect_lens(
     top_k: int = 5,
     extra_config: dict[str, Any] | None = None,
     progress: bool = True,
+    **run_options: Any,  # run_experiment's strict, retry_skipped
 ) -> RunSummary:
     """Run the logit lens over images into `db`, resuming a matching earlier run."""
     experiment = LensExperiment(loaded, prompt, top_k)
-    return run_experiment(experiment, images, db, extra_config=extra_config, progress=progress)
+    return run_experiment(experiment, images, db, extra_config=extra_config, progress=progress, **run_options)
