@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from db.store import ResultsDB
 from report import catalogue
@@ -188,10 +189,11 @@ def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedW
                       objects: ObjectCells, jobs: int) -> Shapes:
     """Every lens page, one image at a time (in `jobs` processes when > 1); returns
     (run, image) -> (n_layers, grid_rows, grid_cols)."""
+    published = frozenset((entry.run.run_id, entry.image_id) for entry in entries)  # links only to these
     if jobs <= 1 or len(entries) < 2 * jobs:
         shapes: Shapes = {}
         for entry in entries:
-            data = write_lens_page(db, site, entry, objects)
+            data = write_lens_page(db, site, entry, objects, published)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
         return shapes
     import multiprocessing
@@ -199,16 +201,21 @@ def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedW
     shares = [entries[i::jobs] for i in range(jobs)]
     context = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
     with context.Pool(jobs) as pool:
-        results = pool.starmap(_lens_worker, [(db_path, writer.root, share, site.common)
+        results = pool.starmap(_lens_worker, [(db_path, writer.root, share, site.common, published)
                                               for share in shares])
     shapes = {}
-    for worker_shapes, files, size, largest, largest_bytes in results:
+    summaries: dict[tuple[str, int], Any] = {}
+    for worker_shapes, worker_summaries, files, size, largest, largest_bytes in results:
         shapes.update(worker_shapes)
+        summaries.update(worker_summaries)
         writer.absorb(files, size, largest, largest_bytes)
+    for entry in entries:  # the index's per-image columns, computed in the workers
+        entry.summary = summaries.get((entry.run.run_id, entry.image_id))
     return shapes
 
 
-def _lens_worker(db_path: Path, root: Path, entries: list[LensEntry], common: dict) -> tuple:
+def _lens_worker(db_path: Path, root: Path, entries: list[LensEntry], common: dict,
+                 published: frozenset[tuple[str, int]]) -> tuple:
     writer = LimitedWriter(root, None, None)  # the parent checks the limits on what comes back
     site = Site(writer, site_plumbing.environment(), common)
     shapes: Shapes = {}
@@ -217,6 +224,7 @@ def _lens_worker(db_path: Path, root: Path, entries: list[LensEntry], common: di
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
         for entry in entries:
-            data = write_lens_page(db, site, entry, objects)
+            data = write_lens_page(db, site, entry, objects, published)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
-    return shapes, writer.files, writer.bytes, writer.largest, writer.largest_bytes
+    summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}
+    return shapes, summaries, writer.files, writer.bytes, writer.largest, writer.largest_bytes

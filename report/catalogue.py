@@ -55,6 +55,7 @@ class LensEntry:
     view_height: int | None
     page: str = ""
     search_text: str = ""
+    summary: dict[str, Any] | None = None  # the index's per-image columns, set when its page is written
 
     @property
     def png(self) -> str:

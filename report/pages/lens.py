@@ -177,8 +177,12 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
     }
 
 
-def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: ObjectCells) -> dict[str, Any]:
-    """Write one lens page with its data file and PNGs; returns its data object."""
+def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: ObjectCells,
+                    published: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """Write one lens page with its data file and PNGs; returns its data object.
+
+    published: the (run_id, image_id) lens pages this build writes (None: all), so the links
+    to the same image in other runs never point at a page left out (`--lens-pages`)."""
     run = entry.run
     data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k)
     if entry.has_view:
@@ -186,7 +190,7 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
     for index, view in enumerate(data["extra_views"]):
         site.writer.write(urls.lens_extra_png(run.dir_name, entry.image_id, index),
                           queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]))
-    other_runs = _other_runs(db, entry)
+    other_runs = _other_runs(db, entry, published)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
@@ -234,9 +238,11 @@ def json_key(value: Any) -> str:
     return repr(value)
 
 
-def _other_runs(db: ResultsDB, entry: LensEntry) -> list[dict[str, str]]:
-    """Links to the same image in every other lens run, each named by what differs."""
-    records = queries.lens_runs_of_image(db, entry.image_id)
+def _other_runs(db: ResultsDB, entry: LensEntry,
+                published: frozenset[tuple[str, int]] | None) -> list[dict[str, str]]:
+    """Links to the same image in every other lens run whose page is written, each named by what differs."""
+    records = [record for record in queries.lens_runs_of_image(db, entry.image_id)
+               if published is None or (record.run_id, entry.image_id) in published]
     if len(records) < 2:
         return []
     differing = differing_settings(records)
