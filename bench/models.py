@@ -48,7 +48,7 @@ REAL_CONFIG_DIR = Path(os.environ.get(
 # receives the working tree, shared/ included, but not /work/shared).
 _REPO = Path(__file__).resolve().parents[1]
 _REAL_CONFIG_FALLBACKS = (REAL_CONFIG_DIR, _REPO / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf",
-                          _REPO / "bench" / "real_config")
+                          _REPO.parent / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf")
 
 
 def real_config_dir() -> Path:
