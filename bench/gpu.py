@@ -35,16 +35,23 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from bench.models import (  # noqa: E402
-    SHAPES, build_model, describe, environment, project_lens, synchronize, write_synthetic_images,
+    SHAPES,
+    build_model,
+    describe,
+    environment,
+    project_lens,
+    synchronize,
+    write_synthetic_images,
 )
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -182,6 +189,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     parser.add_argument("--json", default=None, help="default: $OUT/bench_gpu.json when $OUT is set")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--layers", type=int, default=None, help="7b shape only: fewer LM layers (to test on a CPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,12 +210,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         work = Path(tmp)
         try:
-            bench_model = build_model(args.shape, work / "model", args.device, args.dtype)
+            bench_model = build_model(args.shape, work / "model", args.device, args.dtype, n_layers=args.layers)
         except Exception as error:  # nothing else can run
             report["errors"]["build"] = traceback.format_exc()
             print(f"build: FAILED {type(error).__name__}: {error}")
             save()
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         report["model"] = describe(bench_model)
         print(f"model: {report['model']}; built in {bench_model.build_seconds:.1f} s")
         save()
@@ -243,7 +251,7 @@ def main() -> None:
             batch_size=args.batch_size, warmup=True), lambda r: print_blocking(r, "  ") or print(
             f"blocking: {r['project_s_per_image'] * 1000:.0f} ms/image, ratio {r['ratio_vectorised']:.2f}x "
             f"(vectorised-mask baseline), {r['ratio_pairwise']:.2f}x (pairwise, as the original)"))
-        del bench_model
+        bench_model = None  # frees the device for the two-device section (the sections above have run)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         run_section("two-devices", lambda: section_two_devices(args, work / "two"), lambda r: print(

@@ -32,9 +32,10 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,8 +196,10 @@ def build_model(shape: str, work: Path, device: str = "cpu", dtype: str | None =
 
         dtype = dtype or "bfloat16"
         model = build_7b_in_memory(device, DTYPES[dtype], seed, n_layers)
-        model.config._attn_implementation = attn_implementation
-        model.set_attn_implementation(attn_implementation) if hasattr(model, "set_attn_implementation") else None
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(attn_implementation)
+        else:  # pragma: no cover - older transformers
+            model.config._attn_implementation = attn_implementation
         adapter_class = adapter_class_for(model.config)
         processor = adapter_class.load_processor(str(real_config_dir()))
         adapter = adapter_class(model, processor, None)
@@ -340,11 +343,11 @@ class Stopwatch:
         self.seconds: dict[str, float] = {}
         self._label: str | None = None
 
-    def __call__(self, label: str) -> "Stopwatch":
+    def __call__(self, label: str) -> Stopwatch:
         self._label = label
         return self
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         synchronize(self.device)
         self._start = time.perf_counter()
         return self
