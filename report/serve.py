@@ -25,15 +25,23 @@ def site_server(
     `on_bytes(path, n)` the body bytes sent per response. Raises OSError when the port
     cannot be bound."""
 
+    root = os.path.realpath(directory)
+
     class Handler(http.server.SimpleHTTPRequestHandler):
         extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
 
         def send_head(self):  # type: ignore[no-untyped-def]
             """Files with `Accept-Ranges: bytes`; a single `Range: bytes=a-b` gets 206 and
-            only those bytes (the SQL console reads Parquet files in parts)."""
+            only those bytes (the SQL console reads Parquet files in parts). Only what lies
+            inside the site folder once links are followed is served: a symlink in the site
+            pointing elsewhere on the machine is a 404."""
             self._range = None
             header = self.headers.get("Range")
             path = self.translate_path(self.path)
+            real = os.path.realpath(path)
+            if real != root and not real.startswith(root + os.sep):
+                self.send_error(404, "File not found")
+                return None
             if header is None or not os.path.isfile(path):
                 return super().send_head()
             match = _RANGE.fullmatch(header.strip())

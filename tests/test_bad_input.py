@@ -390,3 +390,30 @@ def test_collect_and_report_agree_on_a_dropped_migrations_table(tmp_path, demo_i
         db.sql("DROP TABLE schema_migrations")
     for args in (lens, ["report", "build", "--db", db_path, "--out", tmp_path / "site"]):
         _assert_one_line_error(_run(args), r"is not a llava-interp results database")
+
+
+def test_serve_never_follows_a_symlink_out_of_the_site(tmp_path):
+    """`report serve` answers only files inside the site folder, links resolved: a symlink
+    in the site to a file elsewhere on the machine is a 404, one to a file inside is served."""
+    import urllib.error
+    import urllib.request
+
+    from report.serve import serving
+
+    site, outside = tmp_path / "site", tmp_path / "secret.txt"
+    site.mkdir()
+    outside.write_text("not for the web")
+    (site / "page.html").write_text("<p>hi</p>")
+    (site / "leak.txt").symlink_to(outside)
+    (site / "alias.html").symlink_to(site / "page.html")
+    (site / "outdir").symlink_to(tmp_path)
+    with serving(site) as base:
+        assert urllib.request.urlopen(base + "page.html").read() == b"<p>hi</p>"
+        assert urllib.request.urlopen(base + "alias.html").read() == b"<p>hi</p>"
+        for name in ("leak.txt", "outdir/secret.txt", "outdir/"):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(base + name)
+            assert error.value.code == 404
+            with pytest.raises(urllib.error.HTTPError) as error:
+                urllib.request.urlopen(urllib.request.Request(base + name, headers={"Range": "bytes=0-3"}))
+            assert error.value.code == 404
