@@ -50,6 +50,9 @@ class ResultsDB:
             raise DatabaseError(f"database not found: {self.path}")
         if not read_only and not self.path.parent.exists():
             raise DatabaseError(f"folder for the database does not exist: {self.path.parent}")
+        # A file this object creates is removed again when the work that opened it fails
+        # before writing anything (e.g. the model does not load): no empty .duckdb is left.
+        self.created = not read_only and not self.path.exists()
         self.engine = sa.create_engine(
             f"duckdb:///{self.path}",
             connect_args={"read_only": read_only},
@@ -70,6 +73,7 @@ class ResultsDB:
                     migrate(self.conn)
         except BaseException:
             self.close()
+            self._remove_if_created_and_empty(written=False)
             raise
 
     def _check_identity(self) -> None:
@@ -114,8 +118,30 @@ class ResultsDB:
     def __enter__(self) -> ResultsDB:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        written = True
+        if exc_type is not None and self.created:
+            written = self._has_rows()
         self.close()
+        if not written:
+            self._remove_if_created_and_empty(written=False)
+
+    def _has_rows(self) -> bool:
+        """Whether anything was committed: a run, an image or a mean vector."""
+        try:
+            if self.conn.in_transaction():
+                self.conn.rollback()
+            count = self.conn.exec_driver_sql(
+                "SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM images) + (SELECT count(*) FROM mean_vectors)"
+            ).scalar()
+            return bool(count)
+        except Exception:  # noqa: BLE001 - an unreadable file is not removed
+            return True
+
+    def _remove_if_created_and_empty(self, written: bool) -> None:
+        if self.created and not written:
+            for leftover in (self.path, self.path.with_name(self.path.name + ".wal")):
+                leftover.unlink(missing_ok=True)
 
     @property
     def duck(self) -> Any:

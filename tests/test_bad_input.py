@@ -417,3 +417,21 @@ def test_serve_never_follows_a_symlink_out_of_the_site(tmp_path):
             with pytest.raises(urllib.error.HTTPError) as error:
                 urllib.request.urlopen(urllib.request.Request(base + name, headers={"Range": "bytes=0-3"}))
             assert error.value.code == 404
+
+
+def test_a_failed_model_load_leaves_no_database_behind(tmp_path, demo_images):
+    """The database file is opened before the model loads (a locked file fails fast), but a
+    file created for a run that never wrote anything is removed again; an existing one stays."""
+    image_folder, _ = demo_images
+    db_path = tmp_path / "new.duckdb"
+    missing_model = tmp_path / "no-such-model"
+    result = CliRunner().invoke(cli, ["collect", "lens", "--model", str(missing_model), "--images",
+                                      str(image_folder), "--db", str(db_path), "--quiet"])
+    assert result.exit_code == 1 and result.output.startswith("Error:"), result.output
+    assert not db_path.exists() and not db_path.with_name("new.duckdb.wal").exists()
+    kept = tmp_path / "kept.duckdb"
+    ResultsDB(kept).close()
+    before = kept.read_bytes()
+    result = CliRunner().invoke(cli, ["collect", "lens", "--model", str(missing_model), "--images",
+                                      str(image_folder), "--db", str(kept), "--quiet"])
+    assert result.exit_code == 1 and kept.read_bytes() == before
