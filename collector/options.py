@@ -9,7 +9,7 @@ import click
 
 from collector.errors import UserError
 from collector.images import DEFAULT_MAX_PIXELS
-from db.errors import DatabaseError
+from db.errors import DatabaseError, disk_full
 
 MODEL_HELP = "Hugging Face model id (e.g. llava-hf/llava-1.5-7b-hf) or local checkpoint folder."
 
@@ -27,12 +27,33 @@ class CleanErrorGroup(click.Group):
             raise _one_line(error) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        # The command line below this group, read before click consumes it: the disk-full
+        # message names the database the command was writing.
+        below = [str(arg) for arg in (*getattr(ctx, "_protected_args", []), *ctx.args)]
+        ctx.meta.setdefault(DB_PATH_KEY, _option_value(below, "--db"))
         try:
             return super().invoke(ctx)
         except (UserError, DatabaseError) as error:
             raise click.ClickException(str(error)) from None
         except click.UsageError as error:
             raise _one_line(error) from None
+        except Exception as error:
+            if disk_full(error):
+                target = ctx.meta.get(DB_PATH_KEY) or "the output"
+                raise click.ClickException(
+                    f"disk full while writing {target}: images finished before this one are kept; "
+                    "free space and rerun the same command to resume"
+                ) from None
+            raise
+
+
+def _option_value(args: list[str], name: str) -> str | None:
+    for index, arg in enumerate(args):
+        if arg == name and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith(name + "="):
+            return arg[len(name) + 1 :]
+    return None
 
 
 def _one_line(error: click.UsageError) -> click.ClickException:
@@ -40,6 +61,7 @@ def _one_line(error: click.UsageError) -> click.ClickException:
 
 
 _META_KEY = "llava_interp.image_handling"
+DB_PATH_KEY = "llava_interp.db_path"  # the database a command writes, for error messages
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

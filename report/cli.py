@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from db.errors import DatabaseError
+from db.errors import DatabaseError, disk_full
 from report.build import ReportError, build_site
 
 
@@ -80,8 +80,15 @@ def build(db_path: Path, out_dir: Path, downloads: bool, database_copy: str, len
                              max_file_bytes=int(max_file_mb * 1e6), max_site_bytes=int(max_site_mb * 1e6), jobs=jobs)
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
-    except OSError as error:
-        raise click.ClickException(f"cannot write the site: {error}") from None
+    except Exception as error:
+        if disk_full(error):
+            raise click.ClickException(
+                f"disk full while writing the site to {out_dir}: the previous site there is left as it was; "
+                "free space and rebuild"
+            ) from None
+        if isinstance(error, OSError):
+            raise click.ClickException(f"cannot write the site: {error}") from None
+        raise
     click.echo(
         f"Wrote {summary.lens_pages} lens pages for {summary.runs} runs "
         f"({summary.files_written} files, {summary.bytes_written / 1e6:.1f} MB) to {summary.out_dir}"

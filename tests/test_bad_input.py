@@ -435,3 +435,53 @@ def test_a_failed_model_load_leaves_no_database_behind(tmp_path, demo_images):
     result = CliRunner().invoke(cli, ["collect", "lens", "--model", str(missing_model), "--images",
                                       str(image_folder), "--db", str(kept), "--quiet"])
     assert result.exit_code == 1 and kept.read_bytes() == before
+
+
+def test_disk_full_is_one_line_and_keeps_finished_images(tmp_path, demo_images, lens_args, monkeypatch):
+    """A full disk (here: the second image's commit fails with ENOSPC, as DuckDB reports it)
+    gives one line naming the database; the first image stays written and a rerun resumes."""
+    import errno
+
+    image_dir, _ = demo_images
+    db_path = tmp_path / "r.duckdb"
+    real_write = ResultsDB.write_image_results
+    calls = []
+
+    def write_until_full(self, run_id, image_id, tables):
+        calls.append(image_id)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(db_path) + ".wal")
+        return real_write(self, run_id, image_id, tables)
+
+    monkeypatch.setattr(ResultsDB, "write_image_results", write_until_full)
+    result = CliRunner().invoke(cli, lens_args(image_dir, db_path))
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: disk full while writing") and str(db_path) in lines[-1], result.output
+    assert "Traceback" not in result.output
+    with ResultsDB(db_path, read_only=True) as db:
+        assert db.sql("SELECT count(*) FROM run_images")[0][0] == 1
+    monkeypatch.setattr(ResultsDB, "write_image_results", real_write)
+    result = CliRunner().invoke(cli, lens_args(image_dir, db_path))
+    assert result.exit_code == 0, result.output
+    with ResultsDB(db_path, read_only=True) as db:
+        assert db.sql("SELECT count(*) FROM run_images")[0][0] == len(list(image_dir.iterdir()))
+
+
+def test_report_build_disk_full_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from report import build as report_build
+    from report.cli import report
+
+    db_path = tmp_path / "r.duckdb"
+    ResultsDB(db_path).close()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_build, "build_site", full)
+    monkeypatch.setattr("report.cli.build_site", full, raising=False)
+    result = CliRunner().invoke(report, ["build", "--db", str(db_path), "--out", str(tmp_path / "site")])
+    assert result.exit_code == 1 and result.output.startswith("Error: disk full while writing the site")
+    assert len(result.output.strip().splitlines()) == 1
