@@ -88,18 +88,18 @@ class ImageOutcome:
     """What one image produced.
 
     tables: table name -> Arrow rows of this image, its `run_images` marker included (the
-        runner adds the `skipped` row of a skipped image itself); or a function without
-        arguments that builds them, which the runner calls in its writer thread, so that
-        building Arrow tables and encoding pictures overlap the next images' model work.
+        runner adds the `skipped` row of a skipped image itself). A `DeferredTables` is
+        built when first read, in the runner's writer thread, so that building Arrow
+        tables and encoding pictures overlap the next images' model work.
     skip_reason: None when the image was kept (the experiment ran on it).
     """
 
-    tables: Mapping[str, pa.Table] | Callable[[], Mapping[str, pa.Table]]
+    tables: Mapping[str, pa.Table]
     skip_reason: SkipReason | None = None
     skip_detail: str | None = None
 
     @classmethod
-    def keep(cls, tables: Mapping[str, pa.Table] | Callable[[], Mapping[str, pa.Table]]) -> ImageOutcome:
+    def keep(cls, tables: Mapping[str, pa.Table]) -> ImageOutcome:
         return cls(tables)
 
     @classmethod
@@ -110,9 +110,28 @@ class ImageOutcome:
     def kept(self) -> bool:
         return self.skip_reason is None
 
-    def built_tables(self) -> Mapping[str, pa.Table]:
-        """The tables, built now where the experiment deferred them."""
-        return self.tables() if callable(self.tables) else self.tables
+
+class DeferredTables(Mapping):
+    """Tables of one image built on first read by `build()` (then kept), e.g. in the writer
+    thread; the build must use only CPU data and thread-safe objects."""
+
+    def __init__(self, build: Callable[[], Mapping[str, pa.Table]]) -> None:
+        self._build: Callable[[], Mapping[str, pa.Table]] | None = build
+        self._tables: Mapping[str, pa.Table] = {}
+
+    def _built(self) -> Mapping[str, pa.Table]:
+        if self._build is not None:
+            self._tables, self._build = dict(self._build()), None
+        return self._tables
+
+    def __getitem__(self, name: str) -> pa.Table:
+        return self._built()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
 
 
 def unusable_reason(error: BaseException) -> SkipReason | None:
@@ -592,8 +611,8 @@ class _Run:
 
     @staticmethod
     def _tables(run_id: str, record: ImageRecord, outcome: ImageOutcome) -> Mapping[str, pa.Table]:
-        """The outcome's tables (built now where deferred), plus the `skipped` row of a skipped image."""
-        tables = outcome.built_tables()
+        """The outcome's tables, plus the `skipped` row of a skipped image."""
+        tables = outcome.tables
         if outcome.kept:
             return tables
         if "skipped" in tables:
