@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from collector.options import CleanErrorGroup, input_config, input_options, model_options, load_options, resolve_images, run_options
+from collector.options import (
+    CleanErrorGroup,
+    input_config,
+    input_options,
+    load_options,
+    loader_workers_option,
+    model_options,
+    resolve_images,
+    run_options,
+)
 
 
 
@@ -29,6 +38,11 @@ def collect() -> None:
 @click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
 @click.option("--prompt", default="Describe the image.", show_default=True, help="Question placed into the family's prompt template.")
 @click.option("--top-k", type=click.IntRange(min=1, max=100), default=5, show_default=True, help="Tokens kept per (layer, position) cell.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images per forward, among consecutive images with prompts of equal token count (LLaVA-1.5: "
+              "all); halved for the rest of the run after a device out-of-memory error (recorded in "
+              "runs.config.oom_events). Results do not change.")
+@loader_workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def collect_lens_command(
     model_id: str,
@@ -45,34 +59,30 @@ def collect_lens_command(
     db_path: Path,
     prompt: str,
     top_k: int,
+    batch_size: int,
+    loader_workers: int,
     quiet: bool,
 ) -> None:
     """Logit lens: final norm + unembedding on every layer's hidden state at every
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
-    from collector.distributed import ProcessGroup, run_sharded
+    from collector.distributed import run_collect
     from collector.lens.experiment import collect_lens
     from collector.loading import check_before_load, load_model
-    from db.store import ResultsDB
 
     records = resolve_images(images_dir, annotations, coco_root, split, limit)
     check_before_load(model_id, revision, prompt_template, [prompt], top_k)  # before any weight is read
     handling = run_options()
-    group = ProcessGroup.from_env()  # torchrun / accelerate / srun: this process's shard
 
-    def run_one(path: Path, share: list) -> object:
-        # Open the database before loading the model: a locked or newer file fails fast.
-        with ResultsDB(path) as db:
-            loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options())
-            return collect_lens(
-                loaded, share, db, prompt=prompt, top_k=top_k,
-                extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
-                progress=not quiet, **handling,
-            )
+    def run_one(db, share: list, group) -> object:
+        loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
+                            **load_options())
+        return collect_lens(
+            loaded, share, db, prompt=prompt, top_k=top_k,
+            extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
+            progress=not quiet, batch_size=batch_size, loader_workers=loader_workers, **handling,
+        )
 
-    outcome = run_sharded(db_path, records, run_one, group=group, log=lambda line: click.echo(line, err=True))
-    click.echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.report(outcome.db_path)}")
-    for line in outcome.merge.lines() if outcome.merge else ():
-        click.echo(line)
+    run_collect(db_path, records, run_one, echo=click.echo)
 
 
 @cli.command("demo")

@@ -314,3 +314,49 @@ def _wait_for_ranks(
             log(f"rank 0/{world}: waiting for rank(s) {', '.join(str(r) for r in sorted(waiting))} to finish")
             announced = True
         time.sleep(poll_s)
+
+
+# -- one entry point for every collect command ---------------------------------------------------
+
+
+def run_collect(
+    db_path: str | Path,
+    records: Sequence[R],
+    run_one: Callable[[Any, list[R], ProcessGroup], S],
+    *,
+    echo: Callable[..., None] = print,
+    refuse_sharded: str | None = None,
+    group: ProcessGroup | None = None,
+) -> ShardedOutcome[S]:
+    """What every `collect` command does with its images: run `run_one(db, share, group)`
+    on this process's share (all of them for one process) with its database open, shard
+    and merge as `run_sharded` does, then print the summary line (prefixed with the rank)
+    and the merge report.
+
+    refuse_sharded: when given and the launch has several processes, this one-line
+    UserError is raised before anything is opened or loaded (e.g. a limit on kept images,
+    which shards cannot share).
+    """
+    group = ProcessGroup.from_env() if group is None else group
+    if refuse_sharded is not None and group.world_size > 1:
+        raise UserError(refuse_sharded)
+
+    def one(path: Path, share: list[R]) -> S:
+        from db.store import ResultsDB
+
+        # The database opens before the model loads: a locked or newer file fails fast.
+        with ResultsDB(path) as db:
+            return run_one(db, share, group)
+
+    outcome = run_sharded(db_path, records, one, group=group, log=lambda line: echo(line, err=True))
+    echo(f"{group.label + ': ' if group.label else ''}{outcome.summary.report(outcome.db_path)}")
+    for line in outcome.merge.lines() if outcome.merge else ():
+        echo(line)
+    return outcome
+
+
+def refuse_several_processes(what: str, group: ProcessGroup | None = None) -> None:
+    """A one-line UserError when this launch has several processes and `what` cannot be sharded."""
+    group = ProcessGroup.from_env() if group is None else group
+    if group.world_size > 1:
+        raise UserError(f"{what} runs as one process, not {group.world_size} ({group.source}): launch it without torchrun/srun")

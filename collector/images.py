@@ -51,6 +51,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 HASHED_ID_BASE = 10**13
 
 
+class ImageUnusable(Exception):
+    """An image file that cannot be used (unreadable, truncated, too large): the runner
+    records the image as skipped with `reason` (a `collector.runner.SkipReason` value)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     """One input image and what is known about it.

@@ -191,6 +191,18 @@ def input_options(command: Callable) -> Callable:
     return command
 
 
+def loader_workers_option(command: Callable) -> Callable:
+    """--loader-workers, shared by every collect command that runs through the runner."""
+    return click.option(
+        "--loader-workers",
+        type=click.IntRange(min=0),
+        default=2,
+        show_default=True,
+        help="Threads that decode and preprocess the next images while the model works; with any, "
+        "a writer thread also stores finished images meanwhile. 0: no pipelining. Results do not change.",
+    )(command)
+
+
 def resolve_images(images_dir: Path | None, annotations: Path | None, coco_root: Path | None, split: str | None, limit: int | None):
     from collector.images import coco_images, folder_images
 

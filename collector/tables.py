@@ -92,7 +92,7 @@ def image_view_table(
             f"but the model received {view.size[0]}x{view.size[1]}"
         )
     buffer = io.BytesIO()
-    view.save(buffer, format="PNG", optimize=True)
+    view.save(buffer, format="PNG")  # no optimize: 5-10x slower for a few % smaller
     return table_from_columns(
         "image_views",
         {
@@ -114,7 +114,7 @@ def extra_views_table(run_id: str, image_id: int, views: list[NamedView]) -> pa.
     pngs = []
     for view in views:
         buffer = io.BytesIO()
-        view.image.save(buffer, format="PNG", optimize=True)
+        view.image.save(buffer, format="PNG")  # no optimize (see image_view_table)
         pngs.append(buffer.getvalue())
     return table_from_columns(
         "extra_views",
@@ -133,9 +133,10 @@ def extra_views_table(run_id: str, image_id: int, views: list[NamedView]) -> pa.
 
 
 def run_image_marker(
-    run_id: str, image_id: int, n_positions: int, layout: ImageTokenLayout, n_layers: int | None
+    run_id: str, image_id: int, n_positions: int, layout: ImageTokenLayout | None, n_layers: int | None
 ) -> pa.Table:
-    """The row that says every result of (run, image) is written."""
+    """The row that says every result of (run, image) is written. Without a layout (an
+    image that could not be used at all) the grid is 0 x 0."""
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     return table_from_columns(
         "run_images",
@@ -144,8 +145,8 @@ def run_image_marker(
             "image_id": [image_id],
             "n_positions": [n_positions],
             "n_layers": [n_layers],
-            "grid_rows": [layout.grid_rows],
-            "grid_cols": [layout.grid_cols],
+            "grid_rows": [layout.grid_rows if layout is not None else 0],
+            "grid_cols": [layout.grid_cols if layout is not None else 0],
             "written_at": [now],
         },
     )

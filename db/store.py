@@ -369,3 +369,15 @@ class ResultsDB:
                     duck.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {view_name}")
                 finally:
                     duck.unregister(view_name)
+
+    # -- run provenance added while a run is in progress ------------------------------------
+
+    def append_run_config_entry(self, run_id: str, key: str, entry: Any) -> None:
+        """Append `entry` (JSON-able) to the list `runs.config[key]` of run `run_id` (created
+        when missing), e.g. the device out-of-memory events of a run."""
+        runs = schema.runs
+        with self.transaction():
+            config = self.conn.execute(sa.select(runs.c.config).where(runs.c.run_id == run_id)).scalar_one()
+            config = dict(config or {})
+            config[key] = [*config.get(key, []), json.loads(json.dumps(entry, default=str))]
+            self.conn.execute(runs.update().where(runs.c.run_id == run_id).values(config=config))

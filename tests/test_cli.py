@@ -112,3 +112,27 @@ def test_collect_lens_from_coco_layout(tmp_path, tiny_checkpoints, demo_images):
         assert db.sql("SELECT count(*) FROM annotations")[0][0] == 3
     again = _run(args)
     assert again.exit_code == 0 and "0 written (0 kept, 0 skipped), 2 already complete" in again.output
+
+
+def test_pipeline_options_on_every_collect_command(tmp_path, tiny_checkpoints, demo_images):
+    """collect lens --batch-size N --loader-workers W writes what the defaults write, and
+    records both; ablation and blocking take --loader-workers (their --batch-size batches
+    conditions of one image, documented in --help)."""
+    image_dir, annotation_file = demo_images
+    common = ["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--images", str(image_dir),
+              "--limit", "3", "--top-k", "2", "--quiet"]
+    plain, batched = tmp_path / "plain.duckdb", tmp_path / "batched.duckdb"
+    assert _run([*common, "--db", str(plain)]).exit_code == 0
+    result = _run([*common, "--db", str(batched), "--batch-size", "3", "--loader-workers", "0"])
+    assert result.exit_code == 0, result.output
+    with ResultsDB(plain, read_only=True) as a, ResultsDB(batched, read_only=True) as b:
+        assert b.runs()[0]["config"]["batch_size"] == 3 and b.runs()[0]["config"]["loader_workers"] == 0
+        query = "SELECT image_id, layer, position, rank, token_id FROM logit_lens ORDER BY ALL"
+        assert a.sql(query) == b.sql(query)
+    for command in ("lens", "ablation", "blocking"):
+        help_text = " ".join(_run(["collect", command, "--help"]).output.split())
+        assert "--loader-workers" in help_text
+        assert ("Images per forward" in help_text) == (command == "lens")
+        if command != "lens":
+            assert "Images are processed one at a time" in help_text
+    _assert_one_line_error(_run([*common, "--db", str(plain), "--batch-size", "0"]), "--batch-size")

@@ -285,3 +285,70 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_checkpoints, de
     assert len(expected["run_images"]) == 4
     with ResultsDB(target, read_only=True) as db:
         assert db.sql("SELECT status FROM runs") == [("complete",)]
+
+
+# -- every collect command shards the same way (collector.distributed.run_collect) ------------------
+
+
+BLOCKING_TABLES = ("runs", "images", "annotations", "positions", "run_images", "image_views", "blocking", "skipped")
+
+
+def _blocking_args(tiny_checkpoints, demo_images, questions, *extra):
+    image_dir, annotation_file = demo_images
+    return ["collect", "blocking", "--model", str(tiny_checkpoints["llava-1.5"]), "--device", "cpu",
+            "--images", str(image_dir), "--annotations", str(annotation_file), "--questions", str(questions),
+            "--object-area", "4000:12000", "--window", "2", "--sources", "object_1", "--targets", "last",
+            "--no-curate", "--quiet", *extra]
+
+
+def test_sharded_blocking_equals_one_process(tmp_path, tiny_checkpoints, demo_images):
+    """`collect blocking` as rank 1 then rank 0 of two, merged, equals one process row for row
+    (kept images and the skip of image 3, which has no question)."""
+    from collector.cli import cli
+
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps({"1": ["What is the shape?"], "2": ["What shape is it?"], "3": []}))
+    args = _blocking_args(tiny_checkpoints, demo_images, questions)
+    single = tmp_path / "single.duckdb"
+    result = CliRunner().invoke(cli, [*args, "--db", str(single)], env={"RANK": None, "WORLD_SIZE": None})
+    assert result.exit_code == 0, result.output
+    target = tmp_path / "sharded.duckdb"
+    outputs = {}
+    for rank in (1, 0):
+        env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "TORCHELASTIC_RUN_ID": "b"}
+        result = CliRunner().invoke(cli, [*args, "--db", str(target)], env=env)
+        assert result.exit_code == 0, result.output
+        outputs[rank] = result.output
+    assert "rank 1/2: run blocking-" in outputs[1] and "merged 2 shard(s) into" in outputs[0]
+    merged, expected = dump(target), dump(single)
+    for table in BLOCKING_TABLES:
+        assert merged[table] == expected[table], table
+    assert len(expected["run_images"]) == 3 and len(expected["skipped"]) == 1 and expected["blocking"]
+
+
+def test_limits_on_kept_images_and_mean_vectors_refuse_several_processes(tmp_path, tiny_checkpoints, demo_images):
+    from collector.cli import cli
+
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps({"1": ["What?"]}))
+    image_dir, annotation_file = demo_images
+    env = {"RANK": "0", "WORLD_SIZE": "2"}
+    model = str(tiny_checkpoints["llava-1.5"])
+    cases = {
+        "--limit counts kept images of the whole run": [
+            *_blocking_args(tiny_checkpoints, demo_images, questions, "--limit", "1"), "--db", str(tmp_path / "b.duckdb")],
+        "--replacement db:ID reads the target database": [
+            "collect", "ablation", "--model", model, "--images", str(image_dir), "--annotations", str(annotation_file),
+            "--replacement", "db:v1", "--db", str(tmp_path / "a.duckdb")],
+        "collect mean-vector runs as one process, not 2": [
+            "collect", "mean-vector", "--model", model, "--images", str(image_dir), "--out", str(tmp_path / "m.pt")],
+    }
+    for message, args in cases.items():
+        result = CliRunner().invoke(cli, args, env=env)
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {message}") and result.output.count("\n") == 1, result.output
+    ablation_limit = ["collect", "ablation", "--model", model, "--images", str(image_dir), "--annotations",
+                      str(annotation_file), "--limit", "1", "--db", str(tmp_path / "a.duckdb")]
+    result = CliRunner().invoke(cli, ablation_limit, env=env)
+    assert result.exit_code == 1 and result.output.startswith("Error: --limit counts kept images"), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["questions.json"]  # nothing opened or written

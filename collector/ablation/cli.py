@@ -46,6 +46,18 @@ def _model_and_input_options(command):
     return model_options(input_options(command))
 
 
+def _loader_workers(command):
+    from collector.options import loader_workers_option
+
+    return loader_workers_option(command)
+
+
+# Under torchrun / srun every process keeps its own count, so a limit on kept images of the
+# whole run cannot be honoured exactly; refused rather than approximated.
+SHARDED_LIMIT = ("--limit counts kept images of the whole run, which several processes cannot share: "
+                 "leave out --limit under torchrun/srun, or run one process")
+
+
 @click.command("ablation")
 @_model_and_input_options
 @click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
@@ -75,23 +87,28 @@ def _model_and_input_options(command):
               help="Greedy tokens generated in the generative setting.")
 @click.option("--noise-std", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Std of the image_noise Gaussian, in normalised pixel units.")
+@_loader_workers
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def ablation_command(
     model_id: str, revision: str | None, device: str | None, dtype: str, quantization: str,
     prompt_template: str | None, images_dir: Path | None, annotations: Path | None, coco_root: Path | None,
     split: str | None, limit: int | None, db_path: Path, settings_text: str, questions: Path | None,
     replacement: str, no_curate: bool, max_annotations: int, object_area: str, k_text: str, seed: int,
-    ig_steps: int, batch_size: int, max_new_tokens: int, noise_std: float, quiet: bool,
+    ig_steps: int, batch_size: int, max_new_tokens: int, noise_std: float, loader_workers: int, quiet: bool,
 ) -> None:
     """Token ablation: replace image-token embeddings (object patches, register tokens, random,
     top-gradient) at the LM input and check whether the model still identifies the object.
-    --limit counts kept images. Rerunning the same command resumes."""
+    --limit counts kept images. Rerunning the same command resumes. Images are processed one
+    at a time (--batch-size batches the conditions of one image); --loader-workers overlaps
+    reading images and writing results with the model. Under torchrun/srun each process
+    takes a share of the images (see `collect lens`); --limit and --replacement db:ID are
+    then refused."""
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
-    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.distributed import ProcessGroup, run_collect
     from collector.loading import check_before_load, load_model, text_config_value
-    from db.store import ResultsDB
+    from collector.options import input_config, load_options, resolve_images, run_options
 
     settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
     options = AblationOptions(
@@ -108,24 +125,33 @@ def ablation_command(
         batch_size=batch_size,
     )
     annotation_file = _annotation_file(annotations, coco_root, split)
+    group = ProcessGroup.from_env()
+    if group.world_size > 1 and replacement.startswith("db:"):
+        raise UserError("--replacement db:ID reads the target database, which the processes of a sharded "
+                        "launch do not open: give the vector's .pt file (collect mean-vector --out)")
     # --limit counts kept images, so every listed image is a candidate.
     records = resolve_images(images_dir, annotations, coco_root, split, None)
     # Before any weight is read: the template, the questions, the replacement's size.
     hidden_size = text_config_value(check_before_load(model_id, revision, prompt_template), "hidden_size")
-    with ResultsDB(db_path) as db:
+    handling = run_options()
+
+    def run_one(db, share: list, group: ProcessGroup):
         vector = load_replacement(replacement, hidden_size, db) if hidden_size else None
-        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+        loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
+                            **load_options())
         vector = vector or load_replacement(replacement, loaded.adapter.hidden_size, db)
         if vector.hidden_size != loaded.adapter.hidden_size:
             raise UserError(f"replacement vector {vector.source} has size {vector.hidden_size} but the model's "
                             f"hidden size is {loaded.adapter.hidden_size}")
-        summary = collect_ablation(
-            loaded, records, db, annotation_file, options, vector, limit=limit,
+        return collect_ablation(
+            loaded, share, db, annotation_file, options, vector, limit=limit,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
             | {"questions": str(questions) if questions else None},
-            progress=not quiet, **run_options(),
+            progress=not quiet, loader_workers=loader_workers, **handling,
         )
-    click.echo(summary.report(db_path))
+
+    run_collect(db_path, records, run_one, echo=click.echo, group=group,
+                refuse_sharded=SHARDED_LIMIT if limit is not None else None)
 
 
 @click.command("mean-vector")
@@ -141,12 +167,15 @@ def mean_vector_command(
     split: str | None, limit: int | None, out_path: Path, db_path: Path | None, quiet: bool,
 ) -> None:
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
-    memory): the replacement vector for `collect ablation --replacement`."""
+    memory): the replacement vector for `collect ablation --replacement`. One process only
+    (a mean over shards would need a weighted merge)."""
+    from collector.distributed import refuse_several_processes
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
     from collector.options import input_config, load_options, resolve_images, run_options
     from collector.loading import check_before_load, load_model
     from db.store import ResultsDB
 
+    refuse_several_processes("collect mean-vector")
     if not out_path.parent.exists():
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
     records = resolve_images(images_dir, annotations, coco_root, split, limit)

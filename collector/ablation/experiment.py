@@ -46,7 +46,7 @@ from collector.coco import AblationTarget, load_coco, select_targets
 from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
-from collector.runner import Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
+from collector.runner import DEFAULT_LOADER_WORKERS, Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells
 from collector.vqa import class_first_token, vqa_prompt
@@ -338,6 +338,7 @@ def collect_ablation(
     limit: int | None = None,
     extra_config: dict[str, Any] | None = None,
     progress: bool = True,
+    loader_workers: int = DEFAULT_LOADER_WORKERS,
     **run_options: Any,  # run_experiment's strict, retry_skipped
 ) -> RunSummary:
     """Run token ablation over the selected images into `db`, resuming a matching earlier run.
@@ -346,4 +347,5 @@ def collect_ablation(
     drop images, so the loop stops after `limit` images were ablated, not listed.
     """
     experiment = AblationExperiment(loaded, annotation_file, options, replacement)
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress, **run_options)
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress,
+                          loader_workers=loader_workers, **run_options)

@@ -13,7 +13,15 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
-from collector.options import input_config, input_options, model_options, load_options, resolve_images, run_options
+from collector.options import (
+    input_config,
+    input_options,
+    load_options,
+    loader_workers_option,
+    model_options,
+    resolve_images,
+    run_options,
+)
 from collector.errors import UserError
 
 
@@ -94,6 +102,7 @@ def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, 
     show_default=True,
     help="Comma-separated target sets (blocked query positions).",
 )
+@loader_workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def blocking_command(
     model_id: str,
@@ -117,17 +126,22 @@ def blocking_command(
     batch_size: int,
     sources: str,
     targets: str,
+    loader_workers: int,
     quiet: bool,
 ) -> None:
     """Attention blocking (knockout): stop the last position (or the last row of image
     tokens) attending to object / non-object image tokens in a window of layers, and record
     whether the model still names the object ("... It is a <class>"). Needs COCO
     annotations. --limit counts images kept after selection and curation. Rerunning the
-    same command resumes."""
+    same command resumes. Images are processed one at a time (--batch-size batches the
+    conditions of one image); --loader-workers overlaps reading images and writing results
+    with the model. Under torchrun/srun each process takes a share of the images (see
+    `collect lens`); --limit is then refused."""
     from collector.blocking.experiment import collect_blocking
     from collector.vqa import load_questions
+    from collector.ablation.cli import SHARDED_LIMIT
+    from collector.distributed import run_collect
     from collector.loading import check_before_load, load_model
-    from db.store import ResultsDB
 
     area_range = parse_area_range(object_area)
     source_names = parse_names(sources, SOURCE_SETS, "--sources")
@@ -138,19 +152,23 @@ def blocking_command(
     annotation_file = annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
     questions = load_questions(questions_file)
     check_before_load(model_id, revision, prompt_template)  # before any weight is read
-    with ResultsDB(db_path) as db:
+    handling = run_options()
+
+    def run_one(db, share: list, group):
         loaded = load_model(
-            model_id, device, dtype, quantization, prompt_template, revision, attn_implementation=attn_implementation,
-            **load_options(),
+            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
+            attn_implementation=attn_implementation, **load_options(),
         )
-        summary = collect_blocking(
-            loaded, records, db, annotation_file, questions,
+        return collect_blocking(
+            loaded, share, db, annotation_file, questions,
             max_annotations=max_annotations, area_range=area_range, curate=not no_curate, window=window,
             batch_size=batch_size, limit=limit, sources=source_names, targets=target_names,
             extra_config={
                 **input_config(images_dir, annotations, coco_root, split, limit, model_id),
                 "questions_file": str(questions_file),
             },
-            progress=not quiet, **run_options(),
+            progress=not quiet, loader_workers=loader_workers, **handling,
         )
-    click.echo(summary.report(db_path))
+
+    run_collect(db_path, records, run_one, echo=click.echo,
+                refuse_sharded=SHARDED_LIMIT if limit is not None else None)

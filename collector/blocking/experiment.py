@@ -49,7 +49,7 @@ from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.loading import LoadedModel
 from collector.readout import Readout
-from collector.runner import Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
+from collector.runner import DEFAULT_LOADER_WORKERS, Experiment, ImageOutcome, RunSummary, SkipReason, run_experiment
 from collector.tables import decode_tokens, image_view_table, positions_table, run_image_marker
 from collector.targets import object_cells, object_positions
 from collector.vqa import ASSISTANT_PREFIX, class_first_token, load_questions, vqa_prompt
@@ -546,6 +546,7 @@ def collect_blocking(
     targets: Sequence[str] = TARGET_SETS,
     extra_config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    loader_workers: int = DEFAULT_LOADER_WORKERS,
     **run_options: Any,  # run_experiment's strict, retry_skipped
 ) -> RunSummary:
     """Run attention blocking over the selected images into `db`, resuming a matching run.
@@ -565,4 +566,5 @@ def collect_blocking(
     experiment = BlockingExperiment(
         loaded, annotation_file, questions, settings, max_annotations, area_range, batch_size, questions_path
     )
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress, **run_options)
+    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress,
+                          loader_workers=loader_workers, **run_options)
