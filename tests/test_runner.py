@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from PIL import Image
 import torch
 
 from collector.adapters import ImageTokenLayout
@@ -17,8 +19,19 @@ from db.store import ResultsDB
 LAYOUT = ImageTokenLayout.row_major(torch.arange(4), 2, 2)
 
 
+_IMAGE_DIR = Path(tempfile.mkdtemp(prefix="llava-interp-runner-"))
+
+
 def _records(n: int) -> list[ImageRecord]:
-    return [ImageRecord(i, f"{i}.png", Path(f"/nowhere/{i}.png"), 10, 10, "test") for i in range(1, n + 1)]
+    """n real 10x10 images (the pipelined runner decodes every image ahead of the experiment;
+    a file that cannot be read would be a recorded 'unreadable' skip)."""
+    records = []
+    for i in range(1, n + 1):
+        path = _IMAGE_DIR / f"{i}.png"
+        if not path.exists():
+            Image.new("RGB", (10, 10), (i, 0, 0)).save(path)
+        records.append(ImageRecord(i, f"{i}.png", path, 10, 10, "test"))
+    return records
 
 
 class Scripted(Experiment):
