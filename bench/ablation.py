@@ -44,8 +44,16 @@ from bench.models import (  # noqa: E402
 from bench.original import OriginalModel, original_ablation_image  # noqa: E402
 
 
-def run_ablation_bench(bench_model: Any, work: Path, n_images: int, max_new_tokens: int, ig_steps: int = 50,
-                       rounds: int = 1, batch_size: int = 16, warmup: bool = False) -> dict[str, Any]:
+def run_ablation_bench(
+    bench_model: Any,
+    work: Path,
+    n_images: int,
+    max_new_tokens: int,
+    ig_steps: int = 50,
+    rounds: int = 1,
+    batch_size: int = 16,
+    warmup: bool = False,
+) -> dict[str, Any]:
     """Time the project and the original-style baseline on the same images; returns the figures."""
     from collector.ablation.token_sets import yes_token_id
 
@@ -62,8 +70,16 @@ def run_ablation_bench(bench_model: Any, work: Path, n_images: int, max_new_toke
     def project(batch: list) -> float:
         synchronize(device)
         start = time.perf_counter()
-        summary = project_ablation(loaded, batch, work / f"ablation-{next(runs)}.duckdb", annotation_file, questions,
-                                   max_new_tokens, ig_steps, batch_size)
+        summary = project_ablation(
+            loaded,
+            batch,
+            work / f"ablation-{next(runs)}.duckdb",
+            annotation_file,
+            questions,
+            max_new_tokens,
+            ig_steps,
+            batch_size,
+        )
         synchronize(device)
         assert summary.images_kept == len(batch), summary
         return time.perf_counter() - start
@@ -72,9 +88,19 @@ def run_ablation_bench(bench_model: Any, work: Path, n_images: int, max_new_toke
         start = time.perf_counter()
         for record in batch:
             annotation = record.annotations[0]
-            original_ablation_image(om, record.load(), annotation["segmentation"], annotation["category"],
-                                    questions[record.image_id][0], vector, max_new_tokens, ig_steps, yes_id,
-                                    watch, work / "original-results.json")
+            original_ablation_image(
+                om,
+                record.load(),
+                annotation["segmentation"],
+                annotation["category"],
+                questions[record.image_id][0],
+                vector,
+                max_new_tokens,
+                ig_steps,
+                yes_id,
+                watch,
+                work / "original-results.json",
+            )
         synchronize(device)
         return time.perf_counter() - start
 
@@ -89,9 +115,15 @@ def run_ablation_bench(bench_model: Any, work: Path, n_images: int, max_new_toke
             totals[side] += project(records) if side == "project" else baseline(records, phases)
     n = len(records) * rounds
     result = {
-        "shape": bench_model.shape, "model": describe(bench_model), "images": len(records), "rounds": rounds,
-        "max_new_tokens": max_new_tokens, "polling_max_new_tokens": 10, "ig_steps": ig_steps,
-        "batch_size": batch_size, "project_s_per_image": totals["project"] / n,
+        "shape": bench_model.shape,
+        "model": describe(bench_model),
+        "images": len(records),
+        "rounds": rounds,
+        "max_new_tokens": max_new_tokens,
+        "polling_max_new_tokens": 10,
+        "ig_steps": ig_steps,
+        "batch_size": batch_size,
+        "project_s_per_image": totals["project"] / n,
         "baseline_s_per_image": totals["baseline"] / n,
         "baseline_phases_s_per_image": {k: v / n for k, v in phases.seconds.items()},
     }
@@ -100,13 +132,19 @@ def run_ablation_bench(bench_model: Any, work: Path, n_images: int, max_new_toke
 
 
 def print_ablation(result: dict[str, Any], prefix: str = "") -> None:
-    print(f"{prefix}ablation, full protocol (generative {result['max_new_tokens']} + polling 10 tokens, fixed; "
-          f"VQA; IG {result['ig_steps']} steps) on {result['model']}; {result['images']} images x "
-          f"{result['rounds']} rounds")
-    print(f"{prefix}  project  (collect_ablation, batch {result['batch_size']}): "
-          f"{result['project_s_per_image']:.3f} s/image = {3600 / result['project_s_per_image']:.0f} images/h")
-    print(f"{prefix}  baseline (original per-image work):    {result['baseline_s_per_image']:.3f} s/image = "
-          f"{3600 / result['baseline_s_per_image']:.0f} images/h")
+    print(
+        f"{prefix}ablation, full protocol (generative {result['max_new_tokens']} + polling 10 tokens, fixed; "
+        f"VQA; IG {result['ig_steps']} steps) on {result['model']}; {result['images']} images x "
+        f"{result['rounds']} rounds"
+    )
+    print(
+        f"{prefix}  project  (collect_ablation, batch {result['batch_size']}): "
+        f"{result['project_s_per_image']:.3f} s/image = {3600 / result['project_s_per_image']:.0f} images/h"
+    )
+    print(
+        f"{prefix}  baseline (original per-image work):    {result['baseline_s_per_image']:.3f} s/image = "
+        f"{3600 / result['baseline_s_per_image']:.0f} images/h"
+    )
     for phase, seconds in result["baseline_phases_s_per_image"].items():
         print(f"{prefix}      {phase}: {seconds:.3f} s")
     print(f"{prefix}  ratio baseline/project: {result['ratio']:.2f}x")
@@ -114,7 +152,11 @@ def print_ablation(result: dict[str, Any], prefix: str = "") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="tiny", help=f"comma-separated, of {', '.join(SHAPES)} (real-vocab: ~3-4 min on 1 CPU thread)")
+    parser.add_argument(
+        "--shape",
+        default="tiny",
+        help=f"comma-separated, of {', '.join(SHAPES)} (real-vocab: ~3-4 min on 1 CPU thread)",
+    )
     parser.add_argument("--images", type=int, default=1, help="timed images per round")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds (project/baseline order flips)")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="generative answer length (paper: 200)")
@@ -123,9 +165,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 (tiny, real-vocab), bfloat16 (7b)")
     parser.add_argument("--warmup", action="store_true", help="one untimed image per side first")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared, loaded machine 2 OpenMP threads spin "
-                             "and run tiny forwards 20x slower)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared, loaded machine 2 OpenMP threads spin "
+        "and run tiny forwards 20x slower)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
@@ -133,8 +179,16 @@ def main() -> None:
         for shape in args.shape.split(","):
             work = Path(tmp) / shape
             bench_model = build_model(shape, work, args.device, args.dtype)
-            result = run_ablation_bench(bench_model, work, args.images, args.max_new_tokens, args.ig_steps,
-                                        args.rounds, args.batch_size, args.warmup)
+            result = run_ablation_bench(
+                bench_model,
+                work,
+                args.images,
+                args.max_new_tokens,
+                args.ig_steps,
+                args.rounds,
+                args.batch_size,
+                args.warmup,
+            )
             print_ablation(result)
             del bench_model
 

@@ -62,8 +62,9 @@ def _conditions(loaded: Any, record: Any, question: str, window: int) -> tuple[l
     inputs = adapter.build_inputs_for_text(record.load(), text)
     layout = adapter.image_token_layout(inputs["input_ids"][0], inputs)
     annotation = record.annotations[0]
-    cells = object_cells(annotation["segmentation"], adapter, record.width, record.height,
-                         layout.grid_rows, layout.grid_cols)
+    cells = object_cells(
+        annotation["segmentation"], adapter, record.width, record.height, layout.grid_rows, layout.grid_cols
+    )
     windows = preset_windows(adapter.n_layers) + sliding_windows(adapter.n_layers, window)
     conditions = conditions_for(source_sets(cells, layout), target_sets(layout, inputs["input_ids"].shape[1]), windows)
     return conditions, text
@@ -76,9 +77,17 @@ def _sample(items: list[Any], n: int) -> list[Any]:
     return [items[int(i * step + step / 2)] for i in range(n)]
 
 
-def run_blocking_bench(bench_model: Any, work: Path, n_images: int, baseline_conditions: int = 24,
-                       rounds: int = 1, batch_size: int = 16, window: int = 9, warmup: bool = False,
-                       mask_modes: tuple[str, ...] = MASK_MODES) -> dict[str, Any]:
+def run_blocking_bench(
+    bench_model: Any,
+    work: Path,
+    n_images: int,
+    baseline_conditions: int = 24,
+    rounds: int = 1,
+    batch_size: int = 16,
+    window: int = 9,
+    warmup: bool = False,
+    mask_modes: tuple[str, ...] = MASK_MODES,
+) -> dict[str, Any]:
     loaded = bench_model.loaded
     device = loaded.device
     records, annotation_file, questions = write_synthetic_images(work / "blocking-images", n_images + int(warmup))
@@ -90,8 +99,9 @@ def run_blocking_bench(bench_model: Any, work: Path, n_images: int, baseline_con
     def project(batch: list) -> float:
         synchronize(device)
         start = time.perf_counter()
-        summary = project_blocking(loaded, batch, work / f"blocking-{next(runs)}.duckdb", annotation_file, questions,
-                                   batch_size, window)
+        summary = project_blocking(
+            loaded, batch, work / f"blocking-{next(runs)}.duckdb", annotation_file, questions, batch_size, window
+        )
         synchronize(device)
         assert summary.images_kept == len(batch), summary
         return time.perf_counter() - start
@@ -104,8 +114,9 @@ def run_blocking_bench(bench_model: Any, work: Path, n_images: int, baseline_con
             sample = _sample(conditions, n_sample)
             annotation = record.annotations[0]
             before = dict(watch.seconds)
-            original_blocking_image(om, record.load(), annotation["segmentation"], annotation["category"], prompt,
-                                    sample, mode, watch)
+            original_blocking_image(
+                om, record.load(), annotation["segmentation"], annotation["category"], prompt, sample, mode, watch
+            )
             spent = {k: v - before.get(k, 0.0) for k, v in watch.seconds.items()}
             for label, seconds in spent.items():
                 scale = len(conditions) / len(sample) if label.startswith("conditions") else 1.0
@@ -128,9 +139,15 @@ def run_blocking_bench(bench_model: Any, work: Path, n_images: int, baseline_con
     n_conditions = sum(len(plans[r.image_id][0]) for r in records) / len(records)
     timed = sum(len(_sample(plans[r.image_id][0], baseline_conditions)) for r in records) / len(records)
     result = {
-        "shape": bench_model.shape, "model": describe(bench_model), "images": len(records), "rounds": rounds,
-        "conditions_per_image": n_conditions, "baseline_conditions_timed_per_image": timed,
-        "batch_size": batch_size, "window": window, "project_s_per_image": totals["project"] / n,
+        "shape": bench_model.shape,
+        "model": describe(bench_model),
+        "images": len(records),
+        "rounds": rounds,
+        "conditions_per_image": n_conditions,
+        "baseline_conditions_timed_per_image": timed,
+        "batch_size": batch_size,
+        "window": window,
+        "project_s_per_image": totals["project"] / n,
     }
     for mode in mask_modes:
         result[f"baseline_{mode}_s_per_image"] = totals[mode] / n
@@ -140,28 +157,42 @@ def run_blocking_bench(bench_model: Any, work: Path, n_images: int, baseline_con
 
 
 def print_blocking(result: dict[str, Any], prefix: str = "") -> None:
-    print(f"{prefix}blocking on {result['model']}; {result['images']} images x {result['rounds']} rounds, "
-          f"{result['conditions_per_image']:.0f} conditions per image (baseline: "
-          f"{result['baseline_conditions_timed_per_image']:.0f} timed per image, extrapolated)")
-    print(f"{prefix}  project  (collect_blocking, batch {result['batch_size']}): "
-          f"{result['project_s_per_image']:.3f} s/image = {3600 / result['project_s_per_image']:.0f} images/h")
+    print(
+        f"{prefix}blocking on {result['model']}; {result['images']} images x {result['rounds']} rounds, "
+        f"{result['conditions_per_image']:.0f} conditions per image (baseline: "
+        f"{result['baseline_conditions_timed_per_image']:.0f} timed per image, extrapolated)"
+    )
+    print(
+        f"{prefix}  project  (collect_blocking, batch {result['batch_size']}): "
+        f"{result['project_s_per_image']:.3f} s/image = {3600 / result['project_s_per_image']:.0f} images/h"
+    )
     for mode in MASK_MODES:
         if f"ratio_{mode}" not in result:
             continue
         seconds = result[f"baseline_{mode}_s_per_image"]
-        print(f"{prefix}  baseline (original forwards, {mode} mask): {seconds:.3f} s/image = "
-              f"{3600 / seconds:.0f} images/h; ratio baseline/project {result[f'ratio_{mode}']:.2f}x")
+        print(
+            f"{prefix}  baseline (original forwards, {mode} mask): {seconds:.3f} s/image = "
+            f"{3600 / seconds:.0f} images/h; ratio baseline/project {result[f'ratio_{mode}']:.2f}x"
+        )
         for phase, phase_seconds in result[f"baseline_{mode}_phases_s"].items():
             print(f"{prefix}      timed {phase}: {phase_seconds:.3f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="tiny", help=f"comma-separated, of {', '.join(SHAPES)} (real-vocab: ~3-4 min on 1 CPU thread)")
+    parser.add_argument(
+        "--shape",
+        default="tiny",
+        help=f"comma-separated, of {', '.join(SHAPES)} (real-vocab: ~3-4 min on 1 CPU thread)",
+    )
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--baseline-conditions", type=int, default=24,
-                        help="conditions the baseline times per image, extrapolated (0: all)")
+    parser.add_argument(
+        "--baseline-conditions",
+        type=int,
+        default=24,
+        help="conditions the baseline times per image, extrapolated (0: all)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--window", type=int, default=9)
     parser.add_argument("--device", default="cpu")
@@ -175,8 +206,16 @@ def main() -> None:
         for shape in args.shape.split(","):
             work = Path(tmp) / shape
             bench_model = build_model(shape, work, args.device, args.dtype)
-            result = run_blocking_bench(bench_model, work, args.images, args.baseline_conditions, args.rounds,
-                                        args.batch_size, args.window, args.warmup)
+            result = run_blocking_bench(
+                bench_model,
+                work,
+                args.images,
+                args.baseline_conditions,
+                args.rounds,
+                args.batch_size,
+                args.window,
+                args.warmup,
+            )
             print_blocking(result)
             del bench_model
 

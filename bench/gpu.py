@@ -93,15 +93,20 @@ class SpanTimer:
 def lens_flops_per_image(loaded: Any, n_positions: int) -> float:
     model = loaded.model
     text = model.config.text_config
-    vision_params = sum(p.numel() for n, p in model.named_parameters()
-                        if "vision_tower" in n or "multi_modal_projector" in n)
+    vision_params = sum(
+        p.numel() for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n
+    )
     embedding_params = loaded.adapter.input_embeddings.weight.numel()
     total = sum(p.numel() for p in model.parameters())
     lm_params = total - vision_params - embedding_params
     layers, d, vocab = loaded.adapter.n_layers, text.hidden_size, text.vocab_size
     image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
-    return (2 * vision_params * image_tokens + 2 * lm_params * n_positions + 4 * layers * n_positions ** 2 * d
-            + 2 * d * vocab * n_positions * (layers + 1))
+    return (
+        2 * vision_params * image_tokens
+        + 2 * lm_params * n_positions
+        + 4 * layers * n_positions**2 * d
+        + 2 * d * vocab * n_positions * (layers + 1)
+    )
 
 
 def section_lens(bench_model: Any, work: Path, n_images: int, peak_tflops: float) -> dict[str, Any]:
@@ -126,9 +131,14 @@ def section_lens(bench_model: Any, work: Path, n_images: int, peak_tflops: float
         timer.close()
     flops = lens_flops_per_image(loaded, n_positions)
     result = {
-        "images": summary.images_kept, "positions": n_positions, "wall_s": wall,
-        "ms_per_image": 1000 * wall / n_images, "images_per_s": n_images / wall,
-        "flops_per_image": flops, "achieved_tflops": flops * n_images / wall / 1e12, "peak_tflops": peak_tflops,
+        "images": summary.images_kept,
+        "positions": n_positions,
+        "wall_s": wall,
+        "ms_per_image": 1000 * wall / n_images,
+        "images_per_s": n_images / wall,
+        "flops_per_image": flops,
+        "achieved_tflops": flops * n_images / wall / 1e12,
+        "peak_tflops": peak_tflops,
         "device_busy_share": busy / wall if busy is not None else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
@@ -142,8 +152,10 @@ def print_lens(r: dict[str, Any]) -> None:
     print(f"lens: {r['images']} images, {r['positions']} positions each")
     print(f"lens: {r['ms_per_image']:.1f} ms/image")
     print(f"lens: {r['images_per_s']:.2f} images/s")
-    print(f"lens: model FLOPs {r['flops_per_image'] / 1e12:.3g} TFLOP/image, {r['achieved_tflops']:.3g} TFLOP/s = "
-          f"{100 * r['mfu']:.3g}% of bf16 peak ({r['peak_tflops']:.0f} TFLOP/s)")
+    print(
+        f"lens: model FLOPs {r['flops_per_image'] / 1e12:.3g} TFLOP/image, {r['achieved_tflops']:.3g} TFLOP/s = "
+        f"{100 * r['mfu']:.3g}% of bf16 peak ({r['peak_tflops']:.0f} TFLOP/s)"
+    )
     print(f"lens: device busy {busy} of wall time")
     print(f"lens: peak device memory {memory}")
 
@@ -151,14 +163,32 @@ def print_lens(r: dict[str, Any]) -> None:
 def section_two_devices(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Lens throughput of two processes on two devices over one process on one device."""
     if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        return {"skipped": f"needs 2 CUDA devices, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}"}
+        return {
+            "skipped": f"needs 2 CUDA devices, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}"
+        }
     script = Path(__file__).resolve()
 
     def launch(device: str, out: Path) -> subprocess.Popen:
-        command = [sys.executable, str(script), "--device", device, "--shape", args.shape, "--images",
-                   str(args.images), "--sections", "lens", "--json", str(out)]
-        return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(script.parents[1])},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [
+            sys.executable,
+            str(script),
+            "--device",
+            device,
+            "--shape",
+            args.shape,
+            "--images",
+            str(args.images),
+            "--sections",
+            "lens",
+            "--json",
+            str(out),
+        ]
+        return subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONPATH": str(script.parents[1])},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def lens_rate(out: Path) -> float:
         return json.loads(out.read_text())["sections"]["lens"]["images_per_s"]
@@ -193,9 +223,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    json_path = Path(args.json) if args.json else (Path(os.environ["OUT"]) / "bench_gpu.json" if os.environ.get("OUT") else None)
-    report: dict[str, Any] = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                              "argv": sys.argv[1:], "environment": environment(), "sections": {}, "errors": {}}
+    json_path = (
+        Path(args.json)
+        if args.json
+        else (Path(os.environ["OUT"]) / "bench_gpu.json" if os.environ.get("OUT") else None)
+    )
+    report: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "environment": environment(),
+        "sections": {},
+        "errors": {},
+    }
 
     def save() -> None:
         if json_path is not None:
@@ -242,22 +281,53 @@ def main() -> None:
         from bench.blocking import print_blocking, run_blocking_bench
 
         run_section("lens", lambda: section_lens(bench_model, work / "lens", args.images, args.peak_tflops), print_lens)
-        run_section("ablation", lambda: run_ablation_bench(
-            bench_model, work / "ablation", args.ablation_images, args.max_new_tokens, args.ig_steps,
-            batch_size=args.batch_size, warmup=True), lambda r: print_ablation(r, "  ") or print(
-            f"ablation: {r['project_s_per_image'] * 1000:.0f} ms/image, ratio {r['ratio']:.2f}x"))
-        run_section("blocking", lambda: run_blocking_bench(
-            bench_model, work / "blocking", args.blocking_images, args.baseline_conditions,
-            batch_size=args.batch_size, warmup=True), lambda r: print_blocking(r, "  ") or print(
-            f"blocking: {r['project_s_per_image'] * 1000:.0f} ms/image, ratio {r['ratio_vectorised']:.2f}x "
-            f"(vectorised-mask baseline), {r['ratio_pairwise']:.2f}x (pairwise, as the original)"))
+        run_section(
+            "ablation",
+            lambda: run_ablation_bench(
+                bench_model,
+                work / "ablation",
+                args.ablation_images,
+                args.max_new_tokens,
+                args.ig_steps,
+                batch_size=args.batch_size,
+                warmup=True,
+            ),
+            lambda r: (
+                print_ablation(r, "  ")
+                or print(f"ablation: {r['project_s_per_image'] * 1000:.0f} ms/image, ratio {r['ratio']:.2f}x")
+            ),
+        )
+        run_section(
+            "blocking",
+            lambda: run_blocking_bench(
+                bench_model,
+                work / "blocking",
+                args.blocking_images,
+                args.baseline_conditions,
+                batch_size=args.batch_size,
+                warmup=True,
+            ),
+            lambda r: (
+                print_blocking(r, "  ")
+                or print(
+                    f"blocking: {r['project_s_per_image'] * 1000:.0f} ms/image, ratio {r['ratio_vectorised']:.2f}x "
+                    f"(vectorised-mask baseline), {r['ratio_pairwise']:.2f}x (pairwise, as the original)"
+                )
+            ),
+        )
         bench_model = None  # frees the device for the two-device section (the sections above have run)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        run_section("two-devices", lambda: section_two_devices(args, work / "two"), lambda r: print(
-            f"two-devices: {r['skipped']}" if "skipped" in r else
-            f"two-devices: {r['two_devices_images_per_s']:.2f} vs {r['one_device_images_per_s']:.2f} images/s, "
-            f"ratio {r['ratio']:.2f}x"))
+        run_section(
+            "two-devices",
+            lambda: section_two_devices(args, work / "two"),
+            lambda r: print(
+                f"two-devices: {r['skipped']}"
+                if "skipped" in r
+                else f"two-devices: {r['two_devices_images_per_s']:.2f} vs {r['one_device_images_per_s']:.2f} images/s, "
+                f"ratio {r['ratio']:.2f}x"
+            ),
+        )
     report["total_seconds"] = time.perf_counter() - started
     save()
     print(f"total: {report['total_seconds']:.1f} s; errors in: {', '.join(report['errors']) or 'none'}")

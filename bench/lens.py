@@ -174,8 +174,10 @@ def write_images(folder: Path, n: int) -> Path:
         draw = ImageDraw.Draw(image)
         for _ in range(4):
             x, y = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-            draw.ellipse((x, y, x + 40 + int(rng.integers(0, 120)), y + 40 + int(rng.integers(0, 120))),
-                         fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+            draw.ellipse(
+                (x, y, x + 40 + int(rng.integers(0, 120)), y + 40 + int(rng.integers(0, 120))),
+                fill=tuple(int(v) for v in rng.integers(0, 255, 3)),
+            )
         image.save(folder / f"bench_{i:03d}.png")
     return folder
 
@@ -203,8 +205,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=5)
     args = parser.parse_args()
 
-    from collector.lens.experiment import collect_lens
     from collector.images import folder_images
+    from collector.lens.experiment import collect_lens
     from collector.loading import load_model
     from db.store import ResultsDB
     from report.build import build_site
@@ -232,12 +234,14 @@ def main() -> None:
                 image = record.load()
                 inputs = adapter.build_inputs(image, PROMPT)
                 with torch.no_grad():
-                    outputs = clock.run("forward", lambda: model(**inputs, output_hidden_states=True, use_cache=False))
+                    outputs = clock.run(
+                        "forward", lambda inputs=inputs: model(**inputs, output_hidden_states=True, use_cache=False)
+                    )
                 hidden_states, logits = outputs.hidden_states, outputs.logits
                 n_positions = int(hidden_states[0].shape[1])
                 lens_modes = [
-                    ("old lens", lambda: old_top_k(lens, hidden_states, args.top_k)),
-                    ("new lens", lambda: lens.top_k(hidden_states, args.top_k, final_logits=logits)),
+                    ("old lens", lambda hs=hidden_states: old_top_k(lens, hs, args.top_k)),
+                    ("new lens", lambda hs=hidden_states, lg=logits: lens.top_k(hs, args.top_k, final_logits=lg)),
                 ]
                 if index % 2:
                     lens_modes.reverse()
@@ -247,10 +251,18 @@ def main() -> None:
                     raise SystemExit("the buffered lens differs from the lens loop as on main")
                 del outputs, hidden_states, logits, results, old, new
                 pipelines = [
-                    ("original", lambda: original_style_image(model, loaded.processor, image, record.file_name,
-                                                              tmp / "original")),
-                    ("collect", lambda: collect_lens(loaded, [record], db, prompt=PROMPT, top_k=args.top_k,
-                                                     progress=False)),
+                    (
+                        "original",
+                        lambda image=image, record=record: original_style_image(
+                            model, loaded.processor, image, record.file_name, tmp / "original"
+                        ),
+                    ),
+                    (
+                        "collect",
+                        lambda record=record: collect_lens(
+                            loaded, [record], db, prompt=PROMPT, top_k=args.top_k, progress=False
+                        ),
+                    ),
                 ]
                 if index % 2:
                     pipelines.reverse()
@@ -260,8 +272,10 @@ def main() -> None:
 
     n = len(records)
     per = {mode: (clock.wall[mode] / n, clock.cpu[mode] / n) for mode in clock.wall}
-    print(f"LLaVA-1.5-shaped model from the real config: vocab 32,064, {args.layers} layers, hidden {args.hidden}; "
-          f"{n} images x {n_positions} positions, top-{args.top_k}; torch threads {torch.get_num_threads()}")
+    print(
+        f"LLaVA-1.5-shaped model from the real config: vocab 32,064, {args.layers} layers, hidden {args.hidden}; "
+        f"{n} images x {n_positions} positions, top-{args.top_k}; torch threads {torch.get_num_threads()}"
+    )
     print(f"  {'mode':<22} {'wall s/image':>12} {'CPU s/image':>12}")
     for mode in ("forward", "old lens", "new lens", "original", "collect", "report"):
         print(f"  {mode:<22} {per[mode][0]:>12.3f} {per[mode][1]:>12.3f}")
@@ -273,7 +287,9 @@ def main() -> None:
 
     print("ratios (lower is faster):")
     print(f"  new lens / old lens:                 {ratio(per['new lens'], per['old lens'])}")
-    print(f"  collect / original-style:            {ratio(per['collect'], per['original'])}  (issue target: CPU <= 0.5x)")
+    print(
+        f"  collect / original-style:            {ratio(per['collect'], per['original'])}  (issue target: CPU <= 0.5x)"
+    )
     print(f"  (collect + report) / original-style: {ratio(collect_report, per['original'])}")
 
 

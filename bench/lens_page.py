@@ -60,42 +60,76 @@ def make_db(path: Path, seed: int = 3) -> str:
         tok[layer, :, 0] = current
         tok[layer, :, 1:] = draw(N_POS * (TOP_K - 1)).reshape(N_POS, TOP_K - 1)
     prob = np.sort(rng.dirichlet(np.full(TOP_K + 15, 0.3), (N_LAYERS, N_POS)), axis=-1)[:, :, ::-1][:, :, :TOP_K]
-    layer, position, rank = (a.ravel() for a in np.meshgrid(
-        np.arange(N_LAYERS), np.arange(N_POS), np.arange(1, TOP_K + 1), indexing="ij"))
+    layer, position, rank = (
+        a.ravel() for a in np.meshgrid(np.arange(N_LAYERS), np.arange(N_POS), np.arange(1, TOP_K + 1), indexing="ij")
+    )
     kinds = ["text"] * N_PRE + ["image"] * (GRID * GRID) + ["text"] * N_POST
     patch = [None] * N_PRE + list(range(GRID * GRID)) + [None] * N_POST
     labels = [f"<IMG{p + 1:03d}>" if p is not None else f"t{i}" for i, p in enumerate(patch)]
     n = len(layer)
     with ResultsDB(path) as db:
         db.add_image(1, "000000000001.jpg", 640, 480, "coco")
-        run = db.start_run("lens", "bench/model", {"model_id": "bench/model"},
-                           {"model_id": "bench/model", "top_k": TOP_K, "prompt": "USER: <image>\nDescribe."})
+        run = db.start_run(
+            "lens",
+            "bench/model",
+            {"model_id": "bench/model"},
+            {"model_id": "bench/model", "top_k": TOP_K, "prompt": "USER: <image>\nDescribe."},
+        )
         view = _png(336, 336, rng)
-        db.write_image_results(run, 1, {
-            "positions": pa.table({
-                "run_id": [run] * N_POS, "image_id": pa.array([1] * N_POS, pa.int64()),
-                "position": pa.array(range(N_POS), pa.int32()), "kind": kinds,
-                "patch_row": pa.array([None if p is None else p // GRID for p in patch], pa.int32()),
-                "patch_col": pa.array([None if p is None else p % GRID for p in patch], pa.int32()),
-                "label": labels, "token_id": pa.array(range(N_POS), pa.int32()),
-            }),
-            "logit_lens": pa.table({
-                "run_id": [run] * n, "image_id": pa.array(np.ones(n, dtype=np.int64)),
-                "layer": pa.array(layer.astype(np.int16)), "position": pa.array(position.astype(np.int32)),
-                "rank": pa.array(rank.astype(np.int16)), "token_id": pa.array(tok.ravel().astype(np.int32)),
-                "token": [words[i] for i in tok.ravel()], "prob": pa.array(prob.ravel()),
-            }),
-            "image_views": pa.table({
-                "run_id": [run], "image_id": pa.array([1], pa.int64()), "png": [view],
-                "view_width": [336], "view_height": [336], "scale_x": [336 / 640], "scale_y": [336 / 480],
-                "offset_x": [0.0], "offset_y": [0.0],
-            }),
-            "run_images": pa.table({
-                "run_id": [run], "image_id": pa.array([1], pa.int64()), "n_positions": [N_POS],
-                "n_layers": [N_LAYERS], "grid_rows": [GRID], "grid_cols": [GRID],
-                "written_at": [dt.datetime(2025, 1, 1)],
-            }),
-        })
+        db.write_image_results(
+            run,
+            1,
+            {
+                "positions": pa.table(
+                    {
+                        "run_id": [run] * N_POS,
+                        "image_id": pa.array([1] * N_POS, pa.int64()),
+                        "position": pa.array(range(N_POS), pa.int32()),
+                        "kind": kinds,
+                        "patch_row": pa.array([None if p is None else p // GRID for p in patch], pa.int32()),
+                        "patch_col": pa.array([None if p is None else p % GRID for p in patch], pa.int32()),
+                        "label": labels,
+                        "token_id": pa.array(range(N_POS), pa.int32()),
+                    }
+                ),
+                "logit_lens": pa.table(
+                    {
+                        "run_id": [run] * n,
+                        "image_id": pa.array(np.ones(n, dtype=np.int64)),
+                        "layer": pa.array(layer.astype(np.int16)),
+                        "position": pa.array(position.astype(np.int32)),
+                        "rank": pa.array(rank.astype(np.int16)),
+                        "token_id": pa.array(tok.ravel().astype(np.int32)),
+                        "token": [words[i] for i in tok.ravel()],
+                        "prob": pa.array(prob.ravel()),
+                    }
+                ),
+                "image_views": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([1], pa.int64()),
+                        "png": [view],
+                        "view_width": [336],
+                        "view_height": [336],
+                        "scale_x": [336 / 640],
+                        "scale_y": [336 / 480],
+                        "offset_x": [0.0],
+                        "offset_y": [0.0],
+                    }
+                ),
+                "run_images": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([1], pa.int64()),
+                        "n_positions": [N_POS],
+                        "n_layers": [N_LAYERS],
+                        "grid_rows": [GRID],
+                        "grid_cols": [GRID],
+                        "written_at": [dt.datetime(2025, 1, 1)],
+                    }
+                ),
+            },
+        )
         db.finish_run(run)
     return run
 
@@ -117,8 +151,9 @@ def original_page(repo: Path, out: Path) -> Path:
     if (repo / "src" / "lvlm_lens.py").is_file():
         shutil.copyfile(repo / "src" / "lvlm_lens.py", source)
     else:  # a bare clone
-        text = subprocess.run(["git", "--git-dir", str(repo), "show", "HEAD:src/lvlm_lens.py"],
-                              capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            ["git", "--git-dir", str(repo), "show", "HEAD:src/lvlm_lens.py"], capture_output=True, text=True, check=True
+        ).stdout
         source.write_text(text)
     spec = importlib.util.spec_from_file_location("original_lvlm_lens", source)
     module = importlib.util.module_from_spec(spec)
@@ -142,8 +177,16 @@ def original_page(repo: Path, out: Path) -> Path:
     lm_head = torch.nn.Linear(d, vocab, bias=False)
     with torch.no_grad():
         module.create_interactive_logit_lens(
-            hidden, torch.nn.Identity(), lm_head, Tokenizer(), Image.new("RGB", (336, 336), (120, 90, 60)),
-            "bench", "bench.jpg", "prompt", save_folder=str(out))
+            hidden,
+            torch.nn.Identity(),
+            lm_head,
+            Tokenizer(),
+            Image.new("RGB", (336, 336), (120, 90, 60)),
+            "bench",
+            "bench.jpg",
+            "prompt",
+            save_folder=str(out),
+        )
     pages = sorted(out.glob("*.html"))
     if not pages:
         raise RuntimeError("the original generator wrote no page")
@@ -164,8 +207,15 @@ def _metrics(cdp: Any) -> dict[str, float]:
     return {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
 
 
-def measure(browser: Any, url: str, image_selector: str, cell_selector: str, hovers: int,
-            viewport: dict[str, int], ready: str | None = None) -> dict[str, float]:
+def measure(
+    browser: Any,
+    url: str,
+    image_selector: str,
+    cell_selector: str,
+    hovers: int,
+    viewport: dict[str, int],
+    ready: str | None = None,
+) -> dict[str, float]:
     """Per hover: main-thread task, style and layout ms; long tasks while hovering."""
     context = browser.new_context(viewport=viewport)
     page = context.new_page()
@@ -177,7 +227,9 @@ def measure(browser: Any, url: str, image_selector: str, cell_selector: str, hov
     img = page.locator(image_selector).first.bounding_box()
     cells = page.locator(cell_selector)
     cell_boxes = [cells.nth(i).bounding_box() for i in range(min(cells.count(), 40))]
-    cell_boxes = [b for b in cell_boxes if b and 0 < b["y"] < viewport["height"] - 10 and b["x"] < viewport["width"] - 10]
+    cell_boxes = [
+        b for b in cell_boxes if b and 0 < b["y"] < viewport["height"] - 10 and b["x"] < viewport["width"] - 10
+    ]
     cdp = context.new_cdp_session(page)
     cdp.send("Performance.enable")
     rng = np.random.default_rng(1)
@@ -204,9 +256,14 @@ def measure(browser: Any, url: str, image_selector: str, cell_selector: str, hov
     def per(name: str) -> float:
         return 1000 * (after.get(name, 0) - before.get(name, 0)) / hovers
 
-    return {"task_ms": per("TaskDuration"), "style_ms": per("RecalcStyleDuration"), "layout_ms": per("LayoutDuration"),
-            "script_ms": per("ScriptDuration"), "longtasks": len(longtasks),
-            "longest_ms": max(longtasks, default=0.0)}
+    return {
+        "task_ms": per("TaskDuration"),
+        "style_ms": per("RecalcStyleDuration"),
+        "layout_ms": per("LayoutDuration"),
+        "script_ms": per("ScriptDuration"),
+        "longtasks": len(longtasks),
+        "longest_ms": max(longtasks, default=0.0),
+    }
 
 
 def _chromium() -> str:
@@ -245,20 +302,34 @@ def main() -> None:
         results = {}
         for viewport in VIEWPORTS:
             size = f"{viewport['width']}x{viewport['height']}"
-            results[("this page", size)] = measure(browser, lens_url, "#patch-grid", "#lens-table tbody td",
-                                                   args.hovers, viewport, ready="body[data-lens-ready]")
+            results[("this page", size)] = measure(
+                browser,
+                lens_url,
+                "#patch-grid",
+                "#lens-table tbody td",
+                args.hovers,
+                viewport,
+                ready="body[data-lens-ready]",
+            )
             if original_url:
-                results[("original page", size)] = measure(browser, original_url, ".image-container img",
-                                                           "#logitLens td", args.hovers, viewport)
+                results[("original page", size)] = measure(
+                    browser, original_url, ".image-container img", "#logitLens td", args.hovers, viewport
+                )
         browser.close()
 
-    print(f"lens page hover, {N_LAYERS} layers x {N_POS} positions x top-{TOP_K}, {args.hovers} hovers per page "
-          "(half patches, half table cells), main-thread time per hover")
-    print(f"{'page':<15}{'viewport':>10}{'main thread ms':>16}{'style ms':>10}{'layout ms':>11}{'script ms':>11}"
-          f"{'long tasks':>12}{'longest ms':>12}")
+    print(
+        f"lens page hover, {N_LAYERS} layers x {N_POS} positions x top-{TOP_K}, {args.hovers} hovers per page "
+        "(half patches, half table cells), main-thread time per hover"
+    )
+    print(
+        f"{'page':<15}{'viewport':>10}{'main thread ms':>16}{'style ms':>10}{'layout ms':>11}{'script ms':>11}"
+        f"{'long tasks':>12}{'longest ms':>12}"
+    )
     for (name, size), r in results.items():
-        print(f"{name:<15}{size:>10}{r['task_ms']:>16.1f}{r['style_ms']:>10.1f}{r['layout_ms']:>11.1f}"
-              f"{r['script_ms']:>11.1f}{r['longtasks']:>12d}{r['longest_ms']:>12.1f}")
+        print(
+            f"{name:<15}{size:>10}{r['task_ms']:>16.1f}{r['style_ms']:>10.1f}{r['layout_ms']:>11.1f}"
+            f"{r['script_ms']:>11.1f}{r['longtasks']:>12d}{r['longest_ms']:>12.1f}"
+        )
     if not original_url:
         print(f"{'original page':<15}{why}")
     else:
@@ -266,8 +337,10 @@ def main() -> None:
             size = f"{viewport['width']}x{viewport['height']}"
             ratio = results[("this page", size)]["task_ms"] / max(results[("original page", size)]["task_ms"], 1e-9)
             print(f"ratio this/original main-thread time per hover at {size}: {ratio:.2f}")
-    print("target: <= 16 ms main-thread time per hover, no long tasks (absolute times depend on the machine's load;"
-          " compare within one run)")
+    print(
+        "target: <= 16 ms main-thread time per hover, no long tasks (absolute times depend on the machine's load;"
+        " compare within one run)"
+    )
     if args.keep is None:
         shutil.rmtree(root, ignore_errors=True)
 

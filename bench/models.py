@@ -42,14 +42,15 @@ import torch
 from PIL import Image, ImageDraw
 
 SHAPES = ("tiny", "real-vocab", "7b")
-REAL_CONFIG_DIR = Path(os.environ.get(
-    "LLAVA_REAL_CONFIG", "/work/shared/data/real_configs/llava-hf__llava-1.5-7b-hf"
-))
+REAL_CONFIG_DIR = Path(os.environ.get("LLAVA_REAL_CONFIG", "/work/shared/data/real_configs/llava-hf__llava-1.5-7b-hf"))
 # Fall back to the copy shipped in the repository's shared/ folder (the device machine
 # receives the working tree, shared/ included, but not /work/shared).
 _REPO = Path(__file__).resolve().parents[1]
-_REAL_CONFIG_FALLBACKS = (REAL_CONFIG_DIR, _REPO / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf",
-                          _REPO.parent / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf")
+_REAL_CONFIG_FALLBACKS = (
+    REAL_CONFIG_DIR,
+    _REPO / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf",
+    _REPO.parent / "shared" / "data" / "real_configs" / "llava-hf__llava-1.5-7b-hf",
+)
 
 
 def real_config_dir() -> Path:
@@ -124,8 +125,9 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def build_7b_in_memory(device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       n_layers: int | None = None) -> Any:
+def build_7b_in_memory(
+    device: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, n_layers: int | None = None
+) -> Any:
     """A LLaVA-1.5-7B-shaped model with random weights, built on `device` in seconds.
 
     Parameters are allocated on the device without the library's initialisation, then
@@ -171,8 +173,15 @@ class BenchModel:
         return sum(p.numel() for p in self.loaded.model.parameters())
 
 
-def build_model(shape: str, work: Path, device: str = "cpu", dtype: str | None = None,
-                attn_implementation: str = "sdpa", seed: int = 1, n_layers: int | None = None) -> BenchModel:
+def build_model(
+    shape: str,
+    work: Path,
+    device: str = "cpu",
+    dtype: str | None = None,
+    attn_implementation: str = "sdpa",
+    seed: int = 1,
+    n_layers: int | None = None,
+) -> BenchModel:
     """A `LoadedModel` of the given shape (see the module docstring)."""
     from collector.loading import DTYPES, LoadedModel, load_model
 
@@ -183,12 +192,14 @@ def build_model(shape: str, work: Path, device: str = "cpu", dtype: str | None =
         from collector.tiny import build_tiny_llava
 
         folder = build_tiny_llava(work / "tiny", "llava-1.5", seed=seed)
-        loaded = load_model(str(folder), device=device, dtype=dtype or "float32",
-                            attn_implementation=attn_implementation)
+        loaded = load_model(
+            str(folder), device=device, dtype=dtype or "float32", attn_implementation=attn_implementation
+        )
     elif shape == "real-vocab":
         folder = build_real_vocab_checkpoint(work / "real-vocab", seed=seed)
-        loaded = load_model(str(folder), device=device, dtype=dtype or "float32",
-                            attn_implementation=attn_implementation)
+        loaded = load_model(
+            str(folder), device=device, dtype=dtype or "float32", attn_implementation=attn_implementation
+        )
     else:
         import transformers
 
@@ -205,13 +216,21 @@ def build_model(shape: str, work: Path, device: str = "cpu", dtype: str | None =
         adapter = adapter_class(model, processor, None)
         model_id = "bench:llava-1.5-7b-shaped-random" + (f"-{n_layers}layers" if n_layers else "")
         provenance = {
-            "model_id": model_id, "revision": None, "family": adapter.family, "dtype": dtype, "device": device,
-            "quantization": "none", "attn_implementation": attn_implementation,
-            "prompt_template": adapter.prompt_template, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "python_version": platform.python_version(),
+            "model_id": model_id,
+            "revision": None,
+            "family": adapter.family,
+            "dtype": dtype,
+            "device": device,
+            "quantization": "none",
+            "attn_implementation": attn_implementation,
+            "prompt_template": adapter.prompt_template,
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "python_version": platform.python_version(),
         }
-        loaded = LoadedModel(model, processor, adapter, model_id, None, dtype, device, "none",
-                             attn_implementation, provenance)
+        loaded = LoadedModel(
+            model, processor, adapter, model_id, None, dtype, device, "none", attn_implementation, provenance
+        )
     synchronize(device)
     return BenchModel(loaded, shape, time.perf_counter() - start)
 
@@ -219,9 +238,11 @@ def build_model(shape: str, work: Path, device: str = "cpu", dtype: str | None =
 def describe(bench_model: BenchModel) -> str:
     loaded = bench_model.loaded
     text = loaded.model.config.text_config
-    return (f"{bench_model.shape}: {loaded.adapter.n_layers} LM layers, d_model {text.hidden_size}, "
-            f"vocab {text.vocab_size}, {bench_model.n_parameters / 1e6:.1f} M parameters, {loaded.dtype}, "
-            f"{loaded.device}, attention {loaded.attn_implementation}")
+    return (
+        f"{bench_model.shape}: {loaded.adapter.n_layers} LM layers, d_model {text.hidden_size}, "
+        f"vocab {text.vocab_size}, {bench_model.n_parameters / 1e6:.1f} M parameters, {loaded.dtype}, "
+        f"{loaded.device}, attention {loaded.attn_implementation}"
+    )
 
 
 def fix_generation_lengths(loaded: Any) -> list[int]:
@@ -239,8 +260,14 @@ def fix_generation_lengths(loaded: Any) -> list[int]:
 CATEGORIES = ({"id": 17, "name": "cat"}, {"id": 18, "name": "dog"}, {"id": 3, "name": "car"})
 
 
-def write_synthetic_images(folder: Path, n: int, width: int = 640, height: int = 480, seed: int = 0,
-                           area: tuple[float, float] = (1000.0, 2000.0)) -> tuple[list[Any], Path, dict[int, list[str]]]:
+def write_synthetic_images(
+    folder: Path,
+    n: int,
+    width: int = 640,
+    height: int = 480,
+    seed: int = 0,
+    area: tuple[float, float] = (1000.0, 2000.0),
+) -> tuple[list[Any], Path, dict[int, list[str]]]:
     """n noisy `width`x`height` images, each with one polygon object of the paper's size
     (1000-2000 px²) inside the centre crop, COCO annotations and a VQA question per image.
 
@@ -262,23 +289,32 @@ def write_synthetic_images(folder: Path, n: int, width: int = 640, height: int =
         radius = math.sqrt(target_area / math.pi) / math.cos(math.pi / 16) ** 0.5
         cx = left + rng.uniform(radius + 20, crop - radius - 20)
         cy = top + rng.uniform(radius + 20, crop - radius - 20)
-        points = [(cx + radius * math.cos(2 * math.pi * i / 16), cy + radius * math.sin(2 * math.pi * i / 16))
-                  for i in range(16)]
+        points = [
+            (cx + radius * math.cos(2 * math.pi * i / 16), cy + radius * math.sin(2 * math.pi * i / 16))
+            for i in range(16)
+        ]
         ImageDraw.Draw(image).polygon(points, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
         polygon_area = abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         file_name = f"synthetic_{index:05d}.jpg"
         image.save(image_dir / file_name, quality=90)
         images.append({"id": index, "file_name": file_name, "width": width, "height": height})
-        annotations.append({
-            "id": index, "image_id": index, "category_id": category["id"],
-            "segmentation": [[round(v, 2) for point in points for v in point]], "area": round(polygon_area, 2),
-            "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)], "iscrowd": 0,
-        })
+        annotations.append(
+            {
+                "id": index,
+                "image_id": index,
+                "category_id": category["id"],
+                "segmentation": [[round(v, 2) for point in points for v in point]],
+                "area": round(polygon_area, 2),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                "iscrowd": 0,
+            }
+        )
         questions[index] = ["What animal is in the picture?"]
     annotation_file = folder / "annotations.json"
-    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                           "categories": list(CATEGORIES)}))
+    annotation_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": list(CATEGORIES)})
+    )
     (folder / "questions.json").write_text(json.dumps({str(k): v for k, v in questions.items()}))
     records = folder_images(image_dir, annotation_file)
     return records, annotation_file, questions
@@ -295,9 +331,16 @@ def project_lens(loaded: Any, records: Sequence[Any], db_path: Path, top_k: int 
         return collect_lens(loaded, records, db, top_k=top_k, progress=False)
 
 
-def project_ablation(loaded: Any, records: Sequence[Any], db_path: Path, annotation_file: Path,
-                     questions: dict[int, list[str]], max_new_tokens: int, ig_steps: int = 50,
-                     batch_size: int = 16) -> Any:
+def project_ablation(
+    loaded: Any,
+    records: Sequence[Any],
+    db_path: Path,
+    annotation_file: Path,
+    questions: dict[int, list[str]],
+    max_new_tokens: int,
+    ig_steps: int = 50,
+    batch_size: int = 16,
+) -> Any:
     """The paper's full protocol: generative, polling and VQA; 50-step IG; every k.
 
     Curation is off: random weights never name the object, so curation would skip every
@@ -310,21 +353,43 @@ def project_ablation(loaded: Any, records: Sequence[Any], db_path: Path, annotat
 
     vector = torch.zeros(loaded.adapter.hidden_size)
     replacement = Replacement(vector, "zero", "0" * 64)
-    options = AblationOptions(settings=("generative", "polling", "vqa"), questions=questions, curate=False,
-                              ig_steps=ig_steps, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    options = AblationOptions(
+        settings=("generative", "polling", "vqa"),
+        questions=questions,
+        curate=False,
+        ig_steps=ig_steps,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     with ResultsDB(db_path) as db:
         return collect_ablation(loaded, records, db, annotation_file, options, replacement, progress=False)
 
 
-def project_blocking(loaded: Any, records: Sequence[Any], db_path: Path, annotation_file: Path,
-                     questions: dict[int, list[str]], batch_size: int = 16, window: int = 9) -> Any:
+def project_blocking(
+    loaded: Any,
+    records: Sequence[Any],
+    db_path: Path,
+    annotation_file: Path,
+    questions: dict[int, list[str]],
+    batch_size: int = 16,
+    window: int = 9,
+) -> Any:
     """Every source set x target set x (preset and sliding) window; curation off (random weights)."""
     from collector.blocking.experiment import collect_blocking
     from db.store import ResultsDB
 
     with ResultsDB(db_path) as db:
-        return collect_blocking(loaded, records, db, annotation_file, questions, curate=False, window=window,
-                                batch_size=batch_size, progress=False)
+        return collect_blocking(
+            loaded,
+            records,
+            db,
+            annotation_file,
+            questions,
+            curate=False,
+            window=window,
+            batch_size=batch_size,
+            progress=False,
+        )
 
 
 # -- timing -----------------------------------------------------------------------------------
@@ -366,8 +431,12 @@ def environment() -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

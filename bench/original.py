@@ -123,7 +123,7 @@ def noised_crop(image: Image.Image, segmentation: list[list[float]]) -> Image.Im
     noise = (np.random.rand(patch, patch, 3) * 255).astype(np.uint8)
     for index in indices:
         row, col = divmod(index, GRID)
-        pixels[row * patch:(row + 1) * patch, col * patch:(col + 1) * patch] = noise
+        pixels[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] = noise
     return Image.fromarray(pixels)
 
 
@@ -144,8 +144,11 @@ class OriginalModel:
     def inputs(self, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
         batch = self.processor(text=prompt, images=image, return_tensors="pt")
         dtype = self.model.dtype
-        return {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
-                for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return {
+            k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)
+        }
 
     @torch.no_grad()
     def forward(self, image: Image.Image, prompt: str) -> Any:
@@ -153,10 +156,12 @@ class OriginalModel:
 
     @torch.no_grad()
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int) -> str:
-        output = self.model.generate(**self.inputs(image, prompt), max_new_tokens=max_new_tokens,
-                                     return_dict_in_generate=True, do_sample=False)
-        return self.processor.batch_decode(output.sequences, skip_special_tokens=True,
-                                           clean_up_tokenization_spaces=False)[0]
+        output = self.model.generate(
+            **self.inputs(image, prompt), max_new_tokens=max_new_tokens, return_dict_in_generate=True, do_sample=False
+        )
+        return self.processor.batch_decode(
+            output.sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )[0]
 
     @torch.no_grad()
     def text_model_in(self, image: Image.Image, prompt: str) -> torch.Tensor:
@@ -219,8 +224,10 @@ class OriginalModel:
             return hook
 
         layers = self.loaded.adapter.decoder_layers
-        handles = [layers[layer].self_attn.register_forward_pre_hook(make_hook(pairs), with_kwargs=True)
-                   for layer, pairs in blocked.items()]
+        handles = [
+            layers[layer].self_attn.register_forward_pre_hook(make_hook(pairs), with_kwargs=True)
+            for layer, pairs in blocked.items()
+        ]
         try:
             yield
         finally:
@@ -232,22 +239,27 @@ def _vqa(om: OriginalModel, image: Image.Image, prompt: str, category: str) -> d
     """The original's `run_experiment` read-out after a forward (argmax, softmax, class token)."""
     logits = om.forward(image, prompt)["logits"]
     last = logits[:, -1, :]
-    token = om.processor.batch_decode(last.argmax(dim=-1), skip_special_tokens=True,
-                                      clean_up_tokenization_spaces=False)[0]
+    token = om.processor.batch_decode(
+        last.argmax(dim=-1), skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )[0]
     probs = torch.softmax(last, dim=-1)
     first = om.tokenizer.tokenize(category.lower())[0].strip()
     correct_id = om.tokenizer.convert_tokens_to_ids(first)
-    return {"token": token, "prob": probs[:, last.argmax(dim=-1)].item(),
-            "correct_prob": probs[0, correct_id].item() if correct_id is not None else None}
+    return {
+        "token": token,
+        "prob": probs[:, last.argmax(dim=-1)].item(),
+        "correct_prob": probs[0, correct_id].item() if correct_id is not None else None,
+    }
 
 
-def integrated_gradients(om: OriginalModel, image: Image.Image, prompt: str, vector: torch.Tensor,
-                         target_id: int, steps: int) -> torch.Tensor:
+def integrated_gradients(
+    om: OriginalModel, image: Image.Image, prompt: str, vector: torch.Tensor, target_id: int, steps: int
+) -> torch.Tensor:
     """The original's IG loop: `steps` LM forwards and backwards, batch 1, every logit computed."""
     embeds = om.text_model_in(image, prompt)
     start = om.image_start(prompt)
     baseline = embeds.clone()
-    baseline[:, start:start + GRID * GRID, :] = vector.to(embeds.dtype).to(embeds.device)
+    baseline[:, start : start + GRID * GRID, :] = vector.to(embeds.dtype).to(embeds.device)
     difference = embeds - baseline
     total = torch.zeros_like(embeds)
     flags = [(p, p.requires_grad) for p in om.model.parameters()]
@@ -272,7 +284,7 @@ def _ranked(attributions: torch.Tensor, start: int) -> list[int]:
 
 
 def _register(embeds: torch.Tensor, start: int) -> list[int]:
-    image = embeds[0, start:start + GRID * GRID].float().cpu()
+    image = embeds[0, start : start + GRID * GRID].float().cpu()
     norms = image.norm(dim=-1)
     return (torch.where(norms > norms.mean() + 2 * norms.std())[0] + start).tolist()
 
@@ -280,9 +292,19 @@ def _register(embeds: torch.Tensor, start: int) -> list[int]:
 # -- per-image work ---------------------------------------------------------------------------------
 
 
-def original_ablation_image(om: OriginalModel, image: Image.Image, segmentation: list[list[float]],
-                            category: str, vqa_question: str, vector: torch.Tensor, max_new_tokens: int,
-                            ig_steps: int, yes_id: int, watch: Stopwatch, results_file: Path) -> dict[str, Any]:
+def original_ablation_image(
+    om: OriginalModel,
+    image: Image.Image,
+    segmentation: list[list[float]],
+    category: str,
+    vqa_question: str,
+    vector: torch.Tensor,
+    max_new_tokens: int,
+    ig_steps: int,
+    yes_id: int,
+    watch: Stopwatch,
+    results_file: Path,
+) -> dict[str, Any]:
     """Both original ablation scripts' work on one image (generative + polling, then VQA)."""
     results: dict[str, Any] = {}
 
@@ -335,14 +357,23 @@ def original_ablation_image(om: OriginalModel, image: Image.Image, segmentation:
     return results
 
 
-def blocked_pairs(sources: Sequence[int], targets: Sequence[int], layers: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
+def blocked_pairs(
+    sources: Sequence[int], targets: Sequence[int], layers: Sequence[int]
+) -> dict[int, list[tuple[int, int]]]:
     pairs = [(t, s) for t in targets for s in sources]
     return {layer: pairs for layer in layers}
 
 
-def original_blocking_image(om: OriginalModel, image: Image.Image, segmentation: list[list[float]],
-                            category: str, prompt: str, conditions: Sequence[Any], mask_mode: str,
-                            watch: Stopwatch) -> list[dict[str, Any]]:
+def original_blocking_image(
+    om: OriginalModel,
+    image: Image.Image,
+    segmentation: list[list[float]],
+    category: str,
+    prompt: str,
+    conditions: Sequence[Any],
+    mask_mode: str,
+    watch: Stopwatch,
+) -> list[dict[str, Any]]:
     """attention_experiment_curate.py's work on one image, over the given conditions
     (`collector.blocking.experiment.BlockingCondition`s: sources, targets, layer window)."""
     with watch("prediction + embeddings forwards, object patches (x9)"):
@@ -355,7 +386,9 @@ def original_blocking_image(om: OriginalModel, image: Image.Image, segmentation:
     results = []
     with watch(f"conditions ({mask_mode} mask)"):
         for condition in conditions:
-            blocked = blocked_pairs(condition.source_positions, condition.target_positions, list(condition.window.layers))
+            blocked = blocked_pairs(
+                condition.source_positions, condition.target_positions, list(condition.window.layers)
+            )
             with om.block(blocked, mask_mode):
                 results.append(_vqa(om, image, prompt, category))
     return results

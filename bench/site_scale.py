@@ -66,9 +66,17 @@ def make_database(path: Path, n_images: int) -> None:
     if path.exists():
         path.unlink()
     with ResultsDB(path) as db:
-        run_id = db.start_run("lens", "llava-hf/llava-1.5-7b-hf", {"model_id": "llava-hf/llava-1.5-7b-hf", "bench": n_images},
-                     {"model_id": "llava-hf/llava-1.5-7b-hf", "revision": "bench", "top_k": TOP_K,
-                      "prompt": "USER: <image>\nDescribe the image. ASSISTANT:"})
+        run_id = db.start_run(
+            "lens",
+            "llava-hf/llava-1.5-7b-hf",
+            {"model_id": "llava-hf/llava-1.5-7b-hf", "bench": n_images},
+            {
+                "model_id": "llava-hf/llava-1.5-7b-hf",
+                "revision": "bench",
+                "top_k": TOP_K,
+                "prompt": "USER: <image>\nDescribe the image. ASSISTANT:",
+            },
+        )
     words = vocabulary()
     con = duckdb.connect(str(path))
     try:
@@ -85,12 +93,19 @@ def make_database(path: Path, n_images: int) -> None:
         con.execute(f"""INSERT INTO annotations SELECT 1000000 + i, i, 17, 'cat', 40000.0,
                         [100.0, 100.0, 200.0, 200.0], false,
                         '[[100,100,300,100,300,300,100,300]]'::JSON FROM range({n_images}) t(i)""")
-        con.execute(f"""INSERT INTO run_images SELECT ?, 1000000 + i, {N_POS}, {N_LAYERS}, {GRID}, {GRID},
-                        TIMESTAMP '2025-01-01' FROM range({n_images}) t(i)""", [run_id])
-        con.execute(f"""INSERT INTO image_views SELECT ?, 1000000 + i, ?, 336, 336, 0.7, 0.7, 56.0, 0.0
-                        FROM range({n_images}) t(i)""", [run_id, _png()])
+        con.execute(
+            f"""INSERT INTO run_images SELECT ?, 1000000 + i, {N_POS}, {N_LAYERS}, {GRID}, {GRID},
+                        TIMESTAMP '2025-01-01' FROM range({n_images}) t(i)""",
+            [run_id],
+        )
+        con.execute(
+            f"""INSERT INTO image_views SELECT ?, 1000000 + i, ?, 336, 336, 0.7, 0.7, 56.0, 0.0
+                        FROM range({n_images}) t(i)""",
+            [run_id, _png()],
+        )
         n_before = 5
-        con.execute(f"""
+        con.execute(
+            f"""
             INSERT INTO positions
             SELECT ?, 1000000 + i, p,
                    CASE WHEN p >= {n_before} AND p < {n_before + GRID * GRID} THEN 'image' ELSE 'text' END,
@@ -100,12 +115,15 @@ def make_database(path: Path, n_images: int) -> None:
                         THEN printf('<IMG%03d>', p - {n_before} + 1) ELSE 'tok' || p END,
                    p
             FROM range({n_images}) t(i), range({N_POS}) q(p)
-            ORDER BY i, p""", [run_id])
+            ORDER BY i, p""",
+            [run_id],
+        )
         # Lens rows: in image order (as the collector writes them), tokens realistic.
         chunk = 100
         for start in range(0, n_images, chunk):
             stop = min(n_images, start + chunk)
-            con.execute(f"""
+            con.execute(
+                f"""
                 INSERT INTO logit_lens
                 WITH cells AS (
                     SELECT i, l, p, r,
@@ -124,7 +142,9 @@ def make_database(path: Path, n_images: int) -> None:
                 SELECT ?, 1000000 + i, l::SMALLINT, p, r::SMALLINT, ids.token_id, vocab.token,
                        (0.95 * exp(-1.3 * (r - 1 + u_prob)))::FLOAT
                 FROM ids JOIN vocab USING (token_id)
-                ORDER BY i, l, p, r""", [run_id])
+                ORDER BY i, l, p, r""",
+                [run_id],
+            )
         con.execute("CHECKPOINT")
     finally:
         con.close()
@@ -136,12 +156,17 @@ def _peak_rss_children_mb() -> float:
 
 def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str]:
     """Build in a fresh process; (seconds, peak RSS MB, CLI output)."""
-    code = ("import sys; from report.cli import report; "
-            "sys.exit(report.main(sys.argv[1:], prog_name='report', standalone_mode=True))")
+    code = (
+        "import sys; from report.cli import report; "
+        "sys.exit(report.main(sys.argv[1:], prog_name='report', standalone_mode=True))"
+    )
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-c", code, "build", "--db", str(db_path), "--out", str(out), *extra],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     seconds = time.perf_counter() - started
     # RUSAGE_CHILDREN is the maximum over waited-for children: measure one child per process.
@@ -152,8 +177,13 @@ def site_stats(out: Path) -> dict[str, float | str]:
     sizes = {p: p.stat().st_size for p in out.rglob("*") if p.is_file()}
     largest = max(sizes, key=sizes.__getitem__)
     pictures = sum(size for p, size in sizes.items() if p.suffix == ".png")
-    return {"bytes": sum(sizes.values()), "pictures": pictures, "files": len(sizes),
-            "largest": str(largest.relative_to(out)), "largest_bytes": sizes[largest]}
+    return {
+        "bytes": sum(sizes.values()),
+        "pictures": pictures,
+        "files": len(sizes),
+        "largest": str(largest.relative_to(out)),
+        "largest_bytes": sizes[largest],
+    }
 
 
 def main() -> None:
@@ -170,8 +200,10 @@ def main() -> None:
         if not db_path.exists():
             started = time.perf_counter()
             make_database(db_path, n)
-            print(f"generated {db_path} ({db_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s",
-                  flush=True)
+            print(
+                f"generated {db_path} ({db_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
         if args.only_db:
             continue
         out = args.cache / f"site-{n}"
@@ -181,7 +213,9 @@ def main() -> None:
             seconds, rss, output = build(db_path, out, args.build_args.split())
             print(output.strip(), flush=True)
             stats = site_stats(out)
-            print(json.dumps({"images": n, "seconds": round(seconds, 1), "peak_rss_mb": round(rss), **stats}), flush=True)
+            print(
+                json.dumps({"images": n, "seconds": round(seconds, 1), "peak_rss_mb": round(rss), **stats}), flush=True
+            )
             os._exit(0)
         os.wait()
         results.append(n)

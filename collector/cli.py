@@ -19,7 +19,6 @@ from collector.options import (
 )
 
 
-
 @click.group(cls=CleanErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llava-interp", message="llava-interp %(version)s")
 def cli() -> None:
@@ -35,13 +34,31 @@ def collect() -> None:
 @collect.command("lens")
 @model_options
 @input_options
-@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
-@click.option("--prompt", default="Describe the image.", show_default=True, help="Question placed into the family's prompt template.")
-@click.option("--top-k", type=click.IntRange(min=1, max=100), default=5, show_default=True, help="Tokens kept per (layer, position) cell.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images per forward, among consecutive images with prompts of equal token count (LLaVA-1.5: "
-              "all); halved for the rest of the run after a device out-of-memory error (recorded in "
-              "runs.config.oom_events). Results do not change.")
+@click.option(
+    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
+)
+@click.option(
+    "--prompt",
+    default="Describe the image.",
+    show_default=True,
+    help="Question placed into the family's prompt template.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1, max=100),
+    default=5,
+    show_default=True,
+    help="Tokens kept per (layer, position) cell.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Images per forward, among consecutive images with prompts of equal token count (LLaVA-1.5: "
+    "all); halved for the rest of the run after a device out-of-memory error (recorded in "
+    "runs.config.oom_events). Results do not change.",
+)
 @loader_workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def collect_lens_command(
@@ -74,19 +91,34 @@ def collect_lens_command(
     handling = run_options()
 
     def run_one(db, share: list, group) -> object:
-        loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
-                            **load_options())
+        loaded = load_model(
+            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options()
+        )
         return collect_lens(
-            loaded, share, db, prompt=prompt, top_k=top_k,
+            loaded,
+            share,
+            db,
+            prompt=prompt,
+            top_k=top_k,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
-            progress=not quiet, batch_size=batch_size, loader_workers=loader_workers, **handling,
+            progress=not quiet,
+            batch_size=batch_size,
+            loader_workers=loader_workers,
+            **handling,
         )
 
     run_collect(db_path, records, run_one, echo=click.echo)
 
 
 @cli.command("demo")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True, help="Folder for the tiny model, images, results.duckdb and site/.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Folder for the tiny model, images, results.duckdb and site/.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out_dir: Path, quiet: bool) -> None:
     """Offline end-to-end demo on a tiny random-weight LLaVA: synthetic images ->
@@ -100,8 +132,8 @@ def demo_command(out_dir: Path, quiet: bool) -> None:
 def _add_commands() -> None:
     from collector.ablation.cli import ablation_command, mean_vector_command
     from collector.blocking.cli import blocking_command
-    from report.cli import report
     from collector.db_cli import db
+    from report.cli import report
 
     collect.add_command(ablation_command)
     collect.add_command(mean_vector_command)

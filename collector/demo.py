@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
 
@@ -43,7 +44,8 @@ def write_demo_images(folder: Path) -> Path:
     """Synthetic images with polygon annotations in COCO format; returns the annotations file."""
     image_dir = folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[Any] = []
+    annotations: list[Any] = []
     for index, (width, height, shapes) in enumerate(DEMO_SCENES, start=1):
         image = Image.new("RGB", (width, height), (245, 243, 236))
         draw = ImageDraw.Draw(image)
@@ -85,8 +87,8 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.ablation.replacement import compute_mean_vector, load_replacement, store_mean_vector
     from collector.blocking.experiment import collect_blocking
-    from collector.lens.experiment import collect_lens
     from collector.images import folder_images
+    from collector.lens.experiment import collect_lens
     from collector.loading import load_model
     from collector.tiny import build_tiny_llava
     from collector.vqa import load_questions
@@ -120,13 +122,26 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
             max_new_tokens=12,
         )
         collect_ablation(
-            loaded, records, db, annotation_file, options, replacement,
-            extra_config=demo_config, progress=progress,
+            loaded,
+            records,
+            db,
+            annotation_file,
+            options,
+            replacement,
+            extra_config=demo_config,
+            progress=progress,
         )
         collect_blocking(
-            loaded, records, db, annotation_file, questions,
-            area_range=DEMO_AREA_RANGE, curate=False, window=2,
-            extra_config=demo_config, progress=progress,
+            loaded,
+            records,
+            db,
+            annotation_file,
+            questions,
+            area_range=DEMO_AREA_RANGE,
+            curate=False,
+            window=2,
+            extra_config=demo_config,
+            progress=progress,
         )
     site_dir = out / "site"
     build_site(db_path, site_dir)

@@ -39,9 +39,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 from collector.errors import UserError, first_line
 
@@ -99,8 +100,10 @@ class ProcessGroup:
         if rank is not None or world is not None:
             if rank is None or world is None:
                 missing = "RANK" if rank is None else "WORLD_SIZE"
-                raise UserError(f"{missing} is not set but {'WORLD_SIZE' if rank is None else 'RANK'} is: "
-                                "launch with torchrun or accelerate launch, or unset both")
+                raise UserError(
+                    f"{missing} is not set but {'WORLD_SIZE' if rank is None else 'RANK'} is: "
+                    "launch with torchrun or accelerate launch, or unset both"
+                )
             local = _env_int(env, "LOCAL_RANK")
             source = "torchrun"
         else:
@@ -131,9 +134,7 @@ def _image_id(record: Any) -> int:
     return record.image_id
 
 
-def shard_records(
-    records: Iterable[R], rank: int, world_size: int, key: Callable[[R], Any] = _image_id
-) -> list[R]:
+def shard_records(records: Iterable[R], rank: int, world_size: int, key: Callable[[R], Any] = _image_id) -> list[R]:
     """This rank's share of `records`: the distinct keys (image ids) sorted, every
     world_size-th from position `rank` on. Records sharing a key go to the same rank.
 
@@ -265,8 +266,13 @@ def run_sharded(
         return ShardedOutcome(group, shard, summary)
 
     expected = {
-        rank: {"rank": rank, "world_size": world, "launch": group.launch_id,
-               "share": _share_hash(shard_records(records, rank, world, key), key), "run_id": run_id}
+        rank: {
+            "rank": rank,
+            "world_size": world,
+            "launch": group.launch_id,
+            "share": _share_hash(shard_records(records, rank, world, key), key),
+            "run_id": run_id,
+        }
         for rank in range(1, world)
     }
     _wait_for_ranks(target, world, expected, _timeout(timeout), poll_s, log)
@@ -359,4 +365,6 @@ def refuse_several_processes(what: str, group: ProcessGroup | None = None) -> No
     """A one-line UserError when this launch has several processes and `what` cannot be sharded."""
     group = ProcessGroup.from_env() if group is None else group
     if group.world_size > 1:
-        raise UserError(f"{what} runs as one process, not {group.world_size} ({group.source}): launch it without torchrun/srun")
+        raise UserError(
+            f"{what} runs as one process, not {group.world_size} ({group.source}): launch it without torchrun/srun"
+        )

@@ -51,16 +51,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 HASHED_ID_BASE = 10**13
 
 
-class ImageUnusable(Exception):
-    """An image file that cannot be used (unreadable, truncated, too large): the runner
-    records the image as skipped with `reason` (a `collector.runner.SkipReason` value)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass(frozen=True)
 class ImageRecord:
     """One input image and what is known about it.
@@ -172,31 +162,41 @@ def read_coco_annotations(annotation_file: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise UserError(f"cannot read annotations {annotation_file}: {error}") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise UserError(
-            f"{annotation_file} is not a COCO instances file (needs images, annotations, categories)"
-        )
+        raise UserError(f"{annotation_file} is not a COCO instances file (needs images, annotations, categories)")
     _check_coco_entries(annotation_file, data)
     return data
 
 
-_ANNOTATION_FIELDS = {"id": int, "image_id": int, "category_id": int, "area": (int, float), "bbox": list,
-                      "segmentation": (list, dict)}
+_ANNOTATION_FIELDS = {
+    "id": int,
+    "image_id": int,
+    "category_id": int,
+    "area": (int, float),
+    "bbox": list,
+    "segmentation": (list, dict),
+}
 
 
 def _check_coco_entries(annotation_file: Path, data: dict[str, Any]) -> None:
     """Every entry has the fields the collector reads, with the right types (UserError naming the first bad one)."""
-    for kind, fields in (("images", {"id": int, "file_name": str}), ("categories", {"id": int, "name": str}),
-                         ("annotations", _ANNOTATION_FIELDS)):
+    for kind, fields in (
+        ("images", {"id": int, "file_name": str}),
+        ("categories", {"id": int, "name": str}),
+        ("annotations", _ANNOTATION_FIELDS),
+    ):
         entries = data[kind]
         if not isinstance(entries, list):
             raise UserError(f"{annotation_file}: '{kind}' must be a list")
         for index, entry in enumerate(entries):
-            bad = [name for name, types in fields.items()
-                   if not isinstance(entry, dict) or not isinstance(entry.get(name), types) or isinstance(entry.get(name), bool)]
+            bad = [
+                name
+                for name, types in fields.items()
+                if not isinstance(entry, dict)
+                or not isinstance(entry.get(name), types)
+                or isinstance(entry.get(name), bool)
+            ]
             if bad:
-                raise UserError(
-                    f"{annotation_file}: {kind}[{index}] lacks or has a wrong type for {', '.join(bad)}"
-                )
+                raise UserError(f"{annotation_file}: {kind}[{index}] lacks or has a wrong type for {', '.join(bad)}")
 
 
 def _annotations_by_file(data: dict[str, Any]) -> dict[str, tuple[int, tuple[dict[str, Any], ...]]]:
@@ -216,7 +216,9 @@ def _annotations_by_file(data: dict[str, Any]) -> dict[str, tuple[int, tuple[dic
 
 
 def folder_images(
-    directory: str | Path, annotation_file: str | Path | None = None, limit: int | None = None,
+    directory: str | Path,
+    annotation_file: str | Path | None = None,
+    limit: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[ImageRecord]:
     """Images in a folder (not recursive), sorted by file name.
@@ -264,7 +266,9 @@ def coco_images(
         raise UserError(f"COCO image folder not found: {image_dir}")
     by_file = _annotations_by_file(data)
     entries = sorted(by_file.items(), key=lambda item: item[1][0])
-    listed_sizes = {str(img["file_name"]): (int(img.get("width") or 0), int(img.get("height") or 0)) for img in data["images"]}
+    listed_sizes = {
+        str(img["file_name"]): (int(img.get("width") or 0), int(img.get("height") or 0)) for img in data["images"]
+    }
     if limit is not None:
         entries = entries[:limit]
     records = []

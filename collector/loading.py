@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,8 +52,14 @@ def incomplete_weights(loading_info: dict[str, Any] | None) -> dict[str, list[st
     """{'missing' | 'unexpected' | 'mismatched': sorted tensor names} from `from_pretrained`'s
     loading info, only the kinds that occur (empty: the checkpoint matches the model)."""
     problems: dict[str, list[str]] = {}
-    for kind, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mismatched", "mismatched_keys")):
-        names = sorted(str(item[0] if isinstance(item, (tuple, list)) else item) for item in (loading_info or {}).get(key) or ())
+    for kind, key in (
+        ("missing", "missing_keys"),
+        ("unexpected", "unexpected_keys"),
+        ("mismatched", "mismatched_keys"),
+    ):
+        names = sorted(
+            str(item[0] if isinstance(item, (tuple, list)) else item) for item in (loading_info or {}).get(key) or ()
+        )
         if names:
             problems[kind] = names
     return problems
@@ -193,9 +200,7 @@ def load_model(
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise UserError(
-                "quantized loading needs bitsandbytes: pip install 'llava-interp[quantization]'"
-            ) from None
+            raise UserError("quantized loading needs bitsandbytes: pip install 'llava-interp[quantization]'") from None
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_8bit=quantization == "8bit",
             load_in_4bit=quantization == "4bit",

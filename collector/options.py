@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -19,8 +20,9 @@ class CleanErrorGroup(click.Group):
     errors, and click's usage errors (bad option values, unknown options or commands), whose
     usage text and exit code 2 would otherwise set them apart. `--help` is unchanged."""
 
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as error:
@@ -203,8 +205,9 @@ def loader_workers_option(command: Callable) -> Callable:
     )(command)
 
 
-def resolve_images(images_dir: Path | None, annotations: Path | None, coco_root: Path | None, split: str | None, limit: int | None):
-    from collector.images import coco_images, folder_images
+def resolve_images(
+    images_dir: Path | None, annotations: Path | None, coco_root: Path | None, split: str | None, limit: int | None
+):
 
     handling = _image_handling()
     records = _resolve(images_dir, annotations, coco_root, split, limit, handling["max_image_pixels"])

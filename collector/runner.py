@@ -44,9 +44,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -259,12 +260,15 @@ class RunSummary:
         """`line`, then, when images were skipped now, the SQL that lists them."""
         if not self.images_skipped:
             return self.line(db_path)
-        return (f"{self.line(db_path)}\nlist the skipped images: "
-                f"SELECT image_id, reason, detail FROM skipped WHERE run_id = '{self.run_id}'")
+        return (
+            f"{self.line(db_path)}\nlist the skipped images: "
+            f"SELECT image_id, reason, detail FROM skipped WHERE run_id = '{self.run_id}'"
+        )
 
 
-def run_config(experiment: Experiment, identity: Mapping[str, Any], limit: int | None,
-               extra_config: Mapping[str, Any] | None) -> dict[str, Any]:
+def run_config(
+    experiment: Experiment, identity: Mapping[str, Any], limit: int | None, extra_config: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """runs.config: how the model was loaded, the identity, the experiment's provenance, the
     read-out's weight hash (computed once per run), the limit, then the caller's entries."""
     loaded = experiment.loaded
@@ -462,8 +466,15 @@ class _Writer:
 class _Run:
     """One invocation of `run_experiment` (state shared by its steps)."""
 
-    def __init__(self, experiment: Experiment, db: ResultsDB, limit: int | None, progress: bool,
-                 batch_size: int = 1, loader_workers: int = 0) -> None:
+    def __init__(
+        self,
+        experiment: Experiment,
+        db: ResultsDB,
+        limit: int | None,
+        progress: bool,
+        batch_size: int = 1,
+        loader_workers: int = 0,
+    ) -> None:
         self.experiment = experiment
         self.db = db
         self.limit = limit
@@ -501,7 +512,13 @@ class _Run:
         finally:
             db.finish_run(run_id, status)
         return RunSummary(
-            run_id, experiment.name, len(selected), already, self.kept, self.kept_total, dict(self.skip_reasons),
+            run_id,
+            experiment.name,
+            len(selected),
+            already,
+            self.kept,
+            self.kept_total,
+            dict(self.skip_reasons),
             tuple(self.oom_events),
         )
 
@@ -541,8 +558,9 @@ class _Run:
         batch: list[PreparedImage] = []
         try:
             for prepared in loader:
-                if batch and (len(batch) >= self._room() or prepared.batch_key is None
-                              or prepared.batch_key != batch[0].batch_key):
+                if batch and (
+                    len(batch) >= self._room() or prepared.batch_key is None or prepared.batch_key != batch[0].batch_key
+                ):
                     self._finish(run_id, batch, writer, bar)
                     batch = []
                 if self._limit_reached():

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,9 +78,7 @@ def positions_table(
     )
 
 
-def image_view_table(
-    run_id: str, record: ImageRecord, adapter: ModelAdapter, pixel_values: torch.Tensor
-) -> pa.Table:
+def image_view_table(run_id: str, record: ImageRecord, adapter: ModelAdapter, pixel_values: torch.Tensor) -> pa.Table:
     """The model's view of the image as PNG, with the original→view geometry.
 
     pixel_values: (3, H, W) as given to the model.
@@ -159,7 +158,9 @@ def skipped_table(run_id: str, image_id: int, reason: str, detail: str | None) -
     )
 
 
-def lens_table(run_id: str, image_id: int, token_ids: np.ndarray, probs: np.ndarray, token_text: dict[int, str]) -> pa.Table:
+def lens_table(
+    run_id: str, image_id: int, token_ids: np.ndarray, probs: np.ndarray, token_text: dict[int, str]
+) -> pa.Table:
     """Long-format logit-lens rows from (layers, T, k) arrays of ids and probabilities."""
     n_layers, n_positions, k = token_ids.shape
     layer = np.repeat(np.arange(n_layers), n_positions * k)

@@ -9,9 +9,9 @@ image with patch 14 gives 576 image tokens on a 24x24 grid.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -59,6 +59,6 @@ def load_questions(path: str | Path) -> dict[int, list[str]]:
     questions: dict[int, list[str]] = {}
     for key, value in data.items():
         if not str(key).strip().isdigit() or not isinstance(value, list) or not all(isinstance(q, str) for q in value):
-            raise UserError(f"questions file {path}: entry {key!r} must be \"<image id>\": [\"question\", ...]")
+            raise UserError(f'questions file {path}: entry {key!r} must be "<image id>": ["question", ...]')
         questions[int(key)] = list(value)
     return questions

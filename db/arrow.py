@@ -25,7 +25,8 @@ column's type, no nulls where the column is NOT NULL) and returns it cast to the
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -68,11 +69,14 @@ def _table(name: str) -> sa.Table:
         raise RowBatchError(f"unknown table {name!r}") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def arrow_schema(name: str) -> pa.Schema:
     """The Arrow schema of table `name`: every column in declaration order, nullability as declared."""
     return pa.schema(
-        [pa.field(column.name, arrow_type(column.type), nullable=bool(column.nullable)) for column in _table(name).columns]
+        [
+            pa.field(column.name, arrow_type(column.type), nullable=bool(column.nullable))
+            for column in _table(name).columns
+        ]
     )
 
 

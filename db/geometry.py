@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-Segmentation = Union[Sequence[Sequence[float]], Mapping[str, Any]]
+Segmentation = Sequence[Sequence[float]] | Mapping[str, Any]
 
 
 class GeometryError(ValueError):

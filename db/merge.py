@@ -29,9 +29,9 @@ the same merge finishes it.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import duckdb
 import sqlalchemy as sa
@@ -71,8 +71,7 @@ class MergeReport:
     def lines(self) -> list[str]:
         """Human-readable report: one line per shard, then one for the target."""
         out = [
-            f"{s.shard}: {len(s.runs)} run(s), {s.images_merged} images merged, "
-            f"{s.images_present} already present"
+            f"{s.shard}: {len(s.runs)} run(s), {s.images_merged} images merged, {s.images_present} already present"
             for s in self.shards
         ]
         runs = ", ".join(f"{run_id} ({status})" for run_id, status in sorted(self.run_status.items()))
@@ -158,7 +157,7 @@ def _read_shard(path: Path) -> _ShardInfo:
         tables = {row[0] for row in connection.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         if schema.schema_migrations.name not in tables or schema.runs.name not in tables:
             raise DatabaseError(f"{path} is not a llava-interp results database")
-        version = connection.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        version = (connection.execute("SELECT max(version) FROM schema_migrations").fetchone() or (None,))[0]
         rows = connection.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY run_id").fetchall()
     finally:
         connection.close()
@@ -219,7 +218,7 @@ def _final_runs(infos: Sequence[_ShardInfo]) -> dict[str, tuple[str, dt.datetime
             )
         started = min((row.started_at for row in rows if row.started_at is not None), default=None)
         finished_all = [row.finished_at for row in rows]
-        finished = max(finished_all) if all(f is not None for f in finished_all) else None
+        finished = max(f for f in finished_all if f is not None) if all(f is not None for f in finished_all) else None
         final[run_id] = (status, started, finished)
     return final
 
@@ -270,8 +269,7 @@ def _merge_one(db: ResultsDB, info: _ShardInfo, rules: dict[str, str]) -> ShardR
                 cols = ", ".join(_quote(c) for c in _columns(table))
                 if rule == "keyed":
                     duck.execute(
-                        f"INSERT OR IGNORE INTO main.{_quote(name)} ({cols}) "
-                        f"SELECT {cols} FROM {shard}.{_quote(name)}"
+                        f"INSERT OR IGNORE INTO main.{_quote(name)} ({cols}) SELECT {cols} FROM {shard}.{_quote(name)}"
                     )
                 elif rule == "per_image":
                     duck.execute(

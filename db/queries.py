@@ -70,9 +70,14 @@ def runs(db: ResultsDB, experiment: str | None = None) -> list[RunRecord]:
     """Every run (of one experiment), by start time then id."""
     return [
         RunRecord(
-            run_id=row["run_id"], experiment=row["experiment"], model_id=row["model_id"],
-            config=parse_config(row["config"]), status=row["status"], started_at=row["started_at"],
-            finished_at=row["finished_at"], tool_version=row["tool_version"],
+            run_id=row["run_id"],
+            experiment=row["experiment"],
+            model_id=row["model_id"],
+            config=parse_config(row["config"]),
+            status=row["status"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            tool_version=row["tool_version"],
         )
         for row in db.runs(experiment)
     ]
@@ -93,8 +98,9 @@ def skipped_image_counts(db: ResultsDB) -> dict[str, int]:
 
 def skipped(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
     """image_id, reason, detail of every skipped image of a run, by image and reason."""
-    return _records(db, "SELECT image_id, reason, detail FROM skipped WHERE run_id = ? ORDER BY image_id, reason",
-                    [run_id])
+    return _records(
+        db, "SELECT image_id, reason, detail FROM skipped WHERE run_id = ? ORDER BY image_id, reason", [run_id]
+    )
 
 
 def schema_version(db: ResultsDB) -> int | None:
@@ -121,8 +127,13 @@ def annotations_by_image(db: ResultsDB) -> dict[int, list[dict[str, Any]]]:
         "ORDER BY image_id, annotation_id"
     ):
         out.setdefault(int(image_id), []).append(
-            {"annotation_id": int(annotation_id), "category": category, "bbox": bbox,
-             "iscrowd": bool(iscrowd), "segmentation": segmentation}
+            {
+                "annotation_id": int(annotation_id),
+                "category": category,
+                "bbox": bbox,
+                "iscrowd": bool(iscrowd),
+                "segmentation": segmentation,
+            }
         )
     return out
 
@@ -143,7 +154,9 @@ def view_geometries(db: ResultsDB) -> dict[tuple[str, int], ViewGeometry]:
         "v.scale_x, v.scale_y, v.offset_x, v.offset_y FROM image_views v JOIN images i USING (image_id)"
     )
     return {
-        (run_id, int(image_id)): ViewGeometry(int(w), int(h), int(vw), int(vh), float(sx), float(sy), float(ox), float(oy))
+        (run_id, int(image_id)): ViewGeometry(
+            int(w), int(h), int(vw), int(vh), float(sx), float(sy), float(ox), float(oy)
+        )
         for run_id, image_id, w, h, vw, vh, sx, sy, ox, oy in rows
     }
 
@@ -153,13 +166,16 @@ def view_sizes(db: ResultsDB, run_id: str) -> dict[int, tuple[int, int]]:
     return {
         int(image_id): (int(width), int(height))
         for image_id, width, height in db.sql(
-            "SELECT image_id, view_width, view_height FROM image_views WHERE run_id = ?", (run_id,))
+            "SELECT image_id, view_width, view_height FROM image_views WHERE run_id = ?", (run_id,)
+        )
     }
 
 
 def view_size(db: ResultsDB, run_id: str, image_id: int) -> tuple[int, int] | None:
     """(view_width, view_height) of one image's recorded view, if any."""
-    rows = db.sql("SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    rows = db.sql(
+        "SELECT view_width, view_height FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id)
+    )
     return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
@@ -195,8 +211,9 @@ def extra_views(db: ResultsDB, run_id: str, image_id: int) -> list[ExtraView]:
 
 
 def extra_view_png(db: ResultsDB, run_id: str, image_id: int, name: str) -> bytes:
-    (png,) = db.sql("SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?",
-                    (run_id, image_id, name))[0]
+    (png,) = db.sql(
+        "SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?", (run_id, image_id, name)
+    )[0]
     return bytes(png)
 
 
@@ -214,15 +231,21 @@ class ImageMarker:
 
 
 def image_marker(db: ResultsDB, run_id: str, image_id: int) -> ImageMarker | None:
-    rows = db.sql("SELECT n_positions, n_layers, grid_rows, grid_cols FROM run_images "
-                  "WHERE run_id = ? AND image_id = ?", (run_id, image_id))
+    rows = db.sql(
+        "SELECT n_positions, n_layers, grid_rows, grid_cols FROM run_images WHERE run_id = ? AND image_id = ?",
+        (run_id, image_id),
+    )
     return ImageMarker(*rows[0]) if rows else None
 
 
 def image_grids(db: ResultsDB, run_id: str) -> dict[int, tuple[int | None, int | None]]:
     """(grid_rows, grid_cols) of every image of a run with a completion marker."""
-    return {int(image_id): (rows, cols) for image_id, rows, cols in
-            db.sql("SELECT image_id, grid_rows, grid_cols FROM run_images WHERE run_id = ?", [run_id])}
+    return {
+        int(image_id): (rows, cols)
+        for image_id, rows, cols in db.sql(
+            "SELECT image_id, grid_rows, grid_cols FROM run_images WHERE run_id = ?", [run_id]
+        )
+    }
 
 
 @dataclass(frozen=True)
@@ -277,15 +300,19 @@ class Position:
 
 def positions(db: ResultsDB, run_id: str, image_id: int) -> list[Position]:
     """Every position of an image, in LM input order."""
-    return [Position(*row) for row in db.sql(
-        "SELECT position, kind, patch_row, patch_col, label FROM positions "
-        "WHERE run_id = ? AND image_id = ? ORDER BY position",
-        (run_id, image_id),
-    )]
+    return [
+        Position(*row)
+        for row in db.sql(
+            "SELECT position, kind, patch_row, patch_col, label FROM positions "
+            "WHERE run_id = ? AND image_id = ? ORDER BY position",
+            (run_id, image_id),
+        )
+    ]
 
 
-def positions_by_image(db: ResultsDB, run_id: str, *, kind: str | None = None,
-                       images_of: str | None = None) -> dict[int, dict[int, Position]]:
+def positions_by_image(
+    db: ResultsDB, run_id: str, *, kind: str | None = None, images_of: str | None = None
+) -> dict[int, dict[int, Position]]:
     """Per image, its positions by number; `kind` keeps one kind, `images_of` ('ablations'
     or 'blocking') keeps the images with rows in that table."""
     query = "SELECT image_id, position, kind, patch_row, patch_col, label FROM positions WHERE run_id = ?"
@@ -350,8 +377,12 @@ def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) ->
 
 def ablation_summary(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
     """The `ablation_summary` view's rows of a run (unordered)."""
-    return _records(db, "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
-                        "FROM ablation_summary WHERE run_id = ?", [run_id])
+    return _records(
+        db,
+        "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
+        "FROM ablation_summary WHERE run_id = ?",
+        [run_id],
+    )
 
 
 def ablation_rows(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
@@ -367,8 +398,12 @@ def ablation_rows(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
 
 def ablation_baseline(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
     """Per setting, the images with a 'none' row (n_images) and how many it got right (n_correct)."""
-    return _records(db, "SELECT setting, count(*) AS n_images, count(*) FILTER (WHERE correct) AS n_correct "
-                        "FROM ablations WHERE run_id = ? AND condition = 'none' GROUP BY setting", [run_id])
+    return _records(
+        db,
+        "SELECT setting, count(*) AS n_images, count(*) FILTER (WHERE correct) AS n_correct "
+        "FROM ablations WHERE run_id = ? AND condition = 'none' GROUP BY setting",
+        [run_id],
+    )
 
 
 # -- attention blocking ------------------------------------------------------------------
@@ -429,10 +464,13 @@ def blocking_rows(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
 
 def relations(db: ResultsDB) -> set[str]:
     """Names of the tables and views of the database."""
-    return {name for (name,) in db.sql(
-        "SELECT table_name FROM information_schema.tables "
-        "WHERE table_schema = 'main' AND table_catalog = current_database()"
-    )}
+    return {
+        name
+        for (name,) in db.sql(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = 'main' AND table_catalog = current_database()"
+        )
+    }
 
 
 def table_columns(db: ResultsDB) -> dict[str, set[str]]:
@@ -461,8 +499,9 @@ def count_rows(db: ResultsDB, table: str, run_id: str | None = None) -> int:
     return int(db.sql(f"SELECT count(*) FROM {name} WHERE run_id = ?", (run_id,))[0][0])
 
 
-def export_csv(db: ResultsDB, table: str, path: Path, *, run_id: str | None = None,
-               exclude: tuple[str, ...] = ()) -> None:
+def export_csv(
+    db: ResultsDB, table: str, path: Path, *, run_id: str | None = None, exclude: tuple[str, ...] = ()
+) -> None:
     """Write a table (one run's rows, without the `exclude` columns) as gzipped CSV with a header."""
     select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
     query = f"SELECT {select} FROM {_table_name(table, db)}"
@@ -474,13 +513,25 @@ def export_csv(db: ResultsDB, table: str, path: Path, *, run_id: str | None = No
 def image_row_counts(db: ResultsDB, table: str, run_id: str) -> list[tuple[int, int]]:
     """(image_id, rows) of one run's rows of a table with an image_id column, by image."""
     name = _table_name(table, db)
-    return [(int(i), int(n)) for i, n in db.sql(
-        f"SELECT image_id, count(*) FROM {name} WHERE run_id = ? GROUP BY image_id ORDER BY image_id", (run_id,))]
+    return [
+        (int(i), int(n))
+        for i, n in db.sql(
+            f"SELECT image_id, count(*) FROM {name} WHERE run_id = ? GROUP BY image_id ORDER BY image_id", (run_id,)
+        )
+    ]
 
 
-def export_parquet(db: ResultsDB, table: str, path: Path, *, run_id: str | None = None,
-                   image_range: tuple[int, int] | None = None, exclude: tuple[str, ...] = (),
-                   order_by: tuple[str, ...] = (), row_group_size: int = 122_880) -> int:
+def export_parquet(
+    db: ResultsDB,
+    table: str,
+    path: Path,
+    *,
+    run_id: str | None = None,
+    image_range: tuple[int, int] | None = None,
+    exclude: tuple[str, ...] = (),
+    order_by: tuple[str, ...] = (),
+    row_group_size: int = 122_880,
+) -> int:
     """Write a table (one run's rows, optionally only image_id in [lo, hi], without the
     `exclude` columns) as one zstd Parquet file, sorted by `order_by` so row-group min/max
     statistics prune; text columns are dictionary-encoded. Returns the rows written."""
@@ -508,9 +559,13 @@ def export_parquet(db: ResultsDB, table: str, path: Path, *, run_id: str | None 
 
 def view_definitions(db: ResultsDB) -> list[tuple[str, str]]:
     """(name, CREATE VIEW statement) of the database's views, in creation order."""
-    return [(name, sql) for name, sql in db.sql(
-        "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
-        "AND database_name = current_database() ORDER BY view_oid")]
+    return [
+        (name, sql)
+        for name, sql in db.sql(
+            "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal AND schema_name = 'main' "
+            "AND database_name = current_database() ORDER BY view_oid"
+        )
+    ]
 
 
 def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
@@ -527,8 +582,9 @@ def export_database(db: ResultsDB, path: Path, storage_version: str) -> None:
         db.duck.execute(f"DETACH {alias}")
 
 
-def export_console_database(db: ResultsDB, path: Path, root: Path, parquet: dict[str, list[str]],
-                            storage_version: str) -> None:
+def export_console_database(
+    db: ResultsDB, path: Path, root: Path, parquet: dict[str, list[str]], storage_version: str
+) -> None:
     """A small database of views only: each table a view over its Parquet files (paths
     relative to `root`, the site folder, as a browser resolves them against the site) and
     the database's own views on top, for the SQL console."""
@@ -573,16 +629,25 @@ def lens_rows_with_ids(db: ResultsDB, run_id: str, image_id: int) -> pa.Table:
 
 def position_token_ids(db: ResultsDB, run_id: str, image_id: int) -> list[int | None]:
     """The input token id of every position of an image, in LM input order."""
-    return [row[0] for row in db.sql(
-        "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id))]
+    return [
+        row[0]
+        for row in db.sql(
+            "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id)
+        )
+    ]
 
 
 def lens_runs_of_image(db: ResultsDB, image_id: int) -> list[RunRecord]:
     """Every lens run with the image completely written (not skipped), by run start."""
-    ids = {row[0] for row in db.sql(
-        "SELECT ri.run_id FROM run_images ri JOIN runs r USING (run_id) WHERE r.experiment = 'lens' "
-        "AND ri.image_id = ? AND NOT EXISTS (SELECT 1 FROM skipped s WHERE s.run_id = ri.run_id "
-        "AND s.image_id = ri.image_id)", (image_id,))}
+    ids = {
+        row[0]
+        for row in db.sql(
+            "SELECT ri.run_id FROM run_images ri JOIN runs r USING (run_id) WHERE r.experiment = 'lens' "
+            "AND ri.image_id = ? AND NOT EXISTS (SELECT 1 FROM skipped s WHERE s.run_id = ri.run_id "
+            "AND s.image_id = ri.image_id)",
+            (image_id,),
+        )
+    }
     return [record for record in runs(db, "lens") if record.run_id in ids]
 
 

@@ -7,14 +7,14 @@ it has applied in `schema_migrations`, as sqlite-utils does.
 Column names are the contract users query with SQL: add columns, never rename.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the table `annotations` below would clash with it.
 
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
 
 
-def _pk(name: str, type_: sa.types.TypeEngine) -> sa.Column:
+def _pk(name: str, type_: type[sa.types.TypeEngine] | sa.types.TypeEngine) -> sa.Column:
     # duckdb-engine maps autoincrementing integer keys to SERIAL, which DuckDB lacks.
     return sa.Column(name, type_, primary_key=True, autoincrement=False)
 

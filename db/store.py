@@ -13,8 +13,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import sqlalchemy as sa
@@ -80,10 +81,13 @@ class ResultsDB:
         """Refuse, before anything is written, a database that holds tables but is not a
         llava-interp results database (no `schema_migrations` rows). An empty database is a
         new results database. `collect` (writable) and `report` (read-only) agree on this."""
-        names = [row[0] for row in self.conn.exec_driver_sql(
-            "SELECT table_name FROM information_schema.tables "
-            "WHERE table_schema NOT IN ('information_schema', 'pg_catalog')"
-        ).fetchall()]
+        names = [
+            row[0]
+            for row in self.conn.exec_driver_sql(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema NOT IN ('information_schema', 'pg_catalog')"
+            ).fetchall()
+        ]
         if not names:
             return
         if schema.schema_migrations.name not in names or not applied_versions(self.conn):
@@ -157,11 +161,11 @@ class ResultsDB:
         with self.conn.begin():
             yield self.conn
 
-    def sql(self, query: str, params: Iterable[Any] | None = None) -> list[tuple]:
-        """Run raw SQL (committed) and return all rows (empty for statements without rows)."""
+    def sql(self, query: str, params: Iterable[Any] | None = None) -> list[Any]:
+        """Run raw SQL (committed) and return all rows, tuple-like (empty for statements without rows)."""
         with self.transaction() as conn:
             result = conn.exec_driver_sql(query, tuple(params or ()))
-            return result.fetchall() if result.returns_rows else []
+            return list(result.fetchall()) if result.returns_rows else []
 
     # -- runs ------------------------------------------------------------------------
 
@@ -181,9 +185,7 @@ class ResultsDB:
         key = run_key(experiment, identity)
         runs = schema.runs
         with self.transaction():
-            existing = self.conn.execute(
-                sa.select(runs.c.run_id).where(runs.c.run_key == key)
-            ).scalar_one_or_none()
+            existing = self.conn.execute(sa.select(runs.c.run_id).where(runs.c.run_key == key)).scalar_one_or_none()
             if existing is not None:
                 self.conn.execute(
                     runs.update()
@@ -210,9 +212,7 @@ class ResultsDB:
     def finish_run(self, run_id: str, status: str = "complete") -> None:
         with self.transaction():
             self.conn.execute(
-                schema.runs.update()
-                .where(schema.runs.c.run_id == run_id)
-                .values(status=status, finished_at=_now())
+                schema.runs.update().where(schema.runs.c.run_id == run_id).values(status=status, finished_at=_now())
             )
 
     def runs(self, experiment: str | None = None) -> list[dict[str, Any]]:
@@ -244,16 +244,18 @@ class ResultsDB:
         their ids."""
         table = schema.skipped
         with self.transaction() as conn:
-            ids = set(conn.execute(
-                sa.select(table.c.image_id).where(table.c.run_id == run_id, table.c.reason.in_(list(reasons)))
-            ).scalars())
+            ids = set(
+                conn.execute(
+                    sa.select(table.c.image_id).where(table.c.run_id == run_id, table.c.reason.in_(list(reasons)))
+                ).scalars()
+            )
             if not ids:
                 return ids
             for per_image in schema.metadata.sorted_tables:
                 if {"run_id", "image_id"} <= set(per_image.c.keys()) and self._has_table(per_image.name):
-                    conn.execute(per_image.delete().where(
-                        per_image.c.run_id == run_id, per_image.c.image_id.in_(sorted(ids))
-                    ))
+                    conn.execute(
+                        per_image.delete().where(per_image.c.run_id == run_id, per_image.c.image_id.in_(sorted(ids)))
+                    )
         return ids
 
     def _has_table(self, name: str) -> bool:
@@ -314,8 +316,7 @@ class ResultsDB:
         """Record an image and its annotations once (later calls leave them as they are)."""
         with self.transaction():
             self.conn.exec_driver_sql(
-                "INSERT OR IGNORE INTO images (image_id, file_name, width, height, source) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO images (image_id, file_name, width, height, source) VALUES (?, ?, ?, ?, ?)",
                 (image_id, file_name, width, height, source),
             )
             if width and height:  # a size first unknown (unreadable header) once the file is readable

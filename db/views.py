@@ -84,6 +84,7 @@ def wilson_sql(successes: str, n: str, bound: str) -> str:
         f"sqrt({p} * (1 - {p}) / {n} + {z2} / (4.0 * {n} * {n}))) / (1 + {z2} / {n})))"
     )
 
+
 # Token ablation (Neo et al. §5): among the images a setting answers correctly with
 # nothing ablated (condition 'none'), the share that become incorrect under each
 # condition. mean_tokens_ablated averages over those same baseline-correct images.

@@ -82,11 +82,13 @@ class LimitedWriter(Writer):
             raise ReportError(
                 f"{relative} would be {human_size(size)}, over the {human_size(self.max_file)} limit per file "
                 "(GitHub Pages refuses files over 100 MB); leave it out (--no-downloads, --lens-pages N) "
-                "or raise the limit with --max-file-mb")
+                "or raise the limit with --max-file-mb"
+            )
         if self.max_site is not None and self.bytes > self.max_site:
             raise ReportError(
                 f"the site would pass {human_size(self.max_site)} (GitHub Pages' limit is 1 GB) at {relative}; "
-                "publish less (--no-downloads, --lens-pages N) or raise the limit with --max-site-mb")
+                "publish less (--no-downloads, --lens-pages N) or raise the limit with --max-site-mb"
+            )
 
     def write(self, relative: str, content: str | bytes) -> None:
         before = self.bytes
@@ -106,10 +108,17 @@ class LimitedWriter(Writer):
             self._check(largest, largest_bytes)
 
 
-def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True, database_copy: str = "auto",
-               lens_pages: int | None = None,
-               max_file_bytes: int | None = MAX_FILE_BYTES, max_site_bytes: int | None = MAX_SITE_BYTES,
-               jobs: int = 1) -> SiteSummary:
+def build_site(
+    db_path: Path,
+    out_dir: Path,
+    *,
+    downloads: bool = True,
+    database_copy: str = "auto",
+    lens_pages: int | None = None,
+    max_file_bytes: int | None = MAX_FILE_BYTES,
+    max_site_bytes: int | None = MAX_SITE_BYTES,
+    jobs: int = 1,
+) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
     The site is rendered into a staging folder inside `out_dir` first, so a failed build
@@ -151,23 +160,37 @@ def build_site(db_path: Path, out_dir: Path, *, downloads: bool = True, database
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
             download_info = None
             if downloads:
-                download_info = write_downloads(db, writer, runs, source_bytes=db_path.stat().st_size,
-                                                database_copy=database_copy)
+                download_info = write_downloads(
+                    db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
+                )
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
             write_compare_page(db, site, entries)  # compare.html: one image in two lens runs
             for page in experiment_pages:
                 _EXPERIMENT_WRITERS[page.experiment](db, site, page)
-            write_index_page(site, runs, entries, db_name=db_path.name, has_downloads=download_info is not None,
-                             quant_count=len(quant_runs), experiment_pages=experiment_pages)
+            write_index_page(
+                site,
+                runs,
+                entries,
+                db_name=db_path.name,
+                has_downloads=download_info is not None,
+                quant_count=len(quant_runs),
+                experiment_pages=experiment_pages,
+            )
             site_plumbing.replace_owned(stage, out_dir)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    return SiteSummary(out_dir=out_dir, runs=len(runs), lens_pages=len(entries),
-                       files_written=writer.files, bytes_written=writer.bytes,
-                       largest_file=writer.largest, largest_bytes=writer.largest_bytes,
-                       lens_images=len(all_entries))
+    return SiteSummary(
+        out_dir=out_dir,
+        runs=len(runs),
+        lens_pages=len(entries),
+        files_written=writer.files,
+        bytes_written=writer.bytes,
+        largest_file=writer.largest,
+        largest_bytes=writer.largest_bytes,
+        lens_images=len(all_entries),
+    )
 
 
 def _limit_pages(entries: list[LensEntry], per_run: int | None) -> list[LensEntry]:
@@ -185,8 +208,15 @@ def _limit_pages(entries: list[LensEntry], per_run: int | None) -> list[LensEntr
 Shapes = dict[tuple[str, int], tuple[int, int, int]]
 
 
-def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedWriter, entries: list[LensEntry],
-                      objects: ObjectCells, jobs: int) -> Shapes:
+def _write_lens_pages(
+    db: ResultsDB,
+    db_path: Path,
+    site: Site,
+    writer: LimitedWriter,
+    entries: list[LensEntry],
+    objects: ObjectCells,
+    jobs: int,
+) -> Shapes:
     """Every lens page, one image at a time (in `jobs` processes when > 1); returns
     (run, image) -> (n_layers, grid_rows, grid_cols)."""
     published = frozenset((entry.run.run_id, entry.image_id) for entry in entries)  # links only to these
@@ -201,8 +231,9 @@ def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedW
     shares = [entries[i::jobs] for i in range(jobs)]
     context = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
     with context.Pool(jobs) as pool:
-        results = pool.starmap(_lens_worker, [(db_path, writer.root, share, site.common, published)
-                                              for share in shares])
+        results = pool.starmap(
+            _lens_worker, [(db_path, writer.root, share, site.common, published) for share in shares]
+        )
     shapes = {}
     summaries: dict[tuple[str, int], Any] = {}
     for worker_shapes, worker_summaries, files, size, largest, largest_bytes in results:
@@ -214,8 +245,9 @@ def _write_lens_pages(db: ResultsDB, db_path: Path, site: Site, writer: LimitedW
     return shapes
 
 
-def _lens_worker(db_path: Path, root: Path, entries: list[LensEntry], common: dict,
-                 published: frozenset[tuple[str, int]]) -> tuple:
+def _lens_worker(
+    db_path: Path, root: Path, entries: list[LensEntry], common: dict, published: frozenset[tuple[str, int]]
+) -> tuple:
     writer = LimitedWriter(root, None, None)  # the parent checks the limits on what comes back
     site = Site(writer, site_plumbing.environment(), common)
     shapes: Shapes = {}

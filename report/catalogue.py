@@ -120,9 +120,15 @@ def load_lens_entries(db: ResultsDB, runs: list[RunInfo]) -> list[LensEntry]:
     for image in queries.written_images(db, LENS_EXPERIMENT):
         run = by_id[image.run_id]
         entry = LensEntry(
-            run=run, image_id=image.image_id, file_name=image.file_name,
-            categories=categories.get(image.image_id, []), width=image.width, height=image.height,
-            has_view=image.has_view, view_width=image.view_width, view_height=image.view_height,
+            run=run,
+            image_id=image.image_id,
+            file_name=image.file_name,
+            categories=categories.get(image.image_id, []),
+            width=image.width,
+            height=image.height,
+            has_view=image.has_view,
+            view_width=image.view_width,
+            view_height=image.view_height,
             page=urls.lens_page(run.dir_name, image.image_id),
         )
         entry.search_text = " ".join(
@@ -134,8 +140,12 @@ def load_lens_entries(db: ResultsDB, runs: list[RunInfo]) -> list[LensEntry]:
 
 def experiment_pages(runs: list[RunInfo]) -> list[ExperimentPage]:
     """One run page per ablation and blocking run, experiments in EXPERIMENT_TITLES order."""
-    return [ExperimentPage(run, experiment, title) for experiment, title in EXPERIMENT_TITLES.items()
-            for run in runs if run.experiment == experiment]
+    return [
+        ExperimentPage(run, experiment, title)
+        for experiment, title in EXPERIMENT_TITLES.items()
+        for run in runs
+        if run.experiment == experiment
+    ]
 
 
 def experiment_nav(pages: list[ExperimentPage]) -> list[dict[str, str]]:
@@ -144,6 +154,11 @@ def experiment_nav(pages: list[ExperimentPage]) -> list[dict[str, str]]:
     counts: dict[str, int] = {}
     for page in pages:
         counts[page.experiment] = counts.get(page.experiment, 0) + 1
-    return [{"href": page.path, "run_id": page.run.run_id,
-             "label": page.title if counts[page.experiment] == 1 else f"{page.title} ({page.run.run_id})"}
-            for page in pages]
+    return [
+        {
+            "href": page.path,
+            "run_id": page.run.run_id,
+            "label": page.title if counts[page.experiment] == 1 else f"{page.title} ({page.run.run_id})",
+        }
+        for page in pages
+    ]

@@ -17,8 +17,14 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 DASHES = ("", "7 3", "2 2", "9 3 2 3", "4 4", "1 3", "12 4", "6 2 2 2")
 
 
-def layer_share_chart(series: list[tuple[str, list[float], str]], n_layers: int, *, width: int = 640, height: int = 260,
-                      y_label: str = "share of object-patch positions") -> dict[str, Any]:
+def layer_share_chart(
+    series: list[tuple[str, list[float], str]],
+    n_layers: int,
+    *,
+    width: int = 640,
+    height: int = 260,
+    y_label: str = "share of object-patch positions",
+) -> dict[str, Any]:
     """Geometry of an inline SVG line chart (rendered by a template; all text autoescaped).
 
     `series` is [(name, values per layer, css class)]; y runs 0..max (at least 0.05).
@@ -37,19 +43,32 @@ def layer_share_chart(series: list[tuple[str, list[float], str]], n_layers: int,
     lines = []
     for name, values, css in series:
         points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(values))
-        dots = [{"x": round(x_of(i), 1), "y": round(y_of(v), 1), "title": f"{name}, layer {i}: {100 * v:.1f}%"}
-                for i, v in enumerate(values)]
+        dots = [
+            {"x": round(x_of(i), 1), "y": round(y_of(v), 1), "title": f"{name}, layer {i}: {100 * v:.1f}%"}
+            for i, v in enumerate(values)
+        ]
         lines.append({"name": name, "points": points, "css": css, "dots": dots})
     step = max(1, int(np.ceil(n_layers / 12)))
     x_ticks = [{"x": round(x_of(i), 1), "label": str(i)} for i in range(0, n_layers, step)]
     y_ticks = [{"y": round(y_of(y_max * f), 1), "label": f"{100 * y_max * f:.0f}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width, "height": height, "left": left, "top": top, "plot_w": plot_w, "plot_h": plot_h,
-        "bottom_y": top + plot_h, "lines": lines, "x_ticks": x_ticks, "y_ticks": y_ticks, "y_label": y_label,
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "plot_w": plot_w,
+        "plot_h": plot_h,
+        "bottom_y": top + plot_h,
+        "lines": lines,
+        "x_ticks": x_ticks,
+        "y_ticks": y_ticks,
+        "y_label": y_label,
     }
 
 
-def flip_rate_bar_chart(rows: list[dict[str, Any]], y_max: float, *, width: int = 640, height: int = 300) -> dict[str, Any]:
+def flip_rate_bar_chart(
+    rows: list[dict[str, Any]], y_max: float, *, width: int = 640, height: int = 300
+) -> dict[str, Any]:
     """Geometry of one setting's bar chart: one bar per `ablation_summary` row (% flipped).
 
     `y_max` (percent) is shared by the charts of a run so their bars compare. Every text
@@ -65,17 +84,35 @@ def flip_rate_bar_chart(rows: list[dict[str, Any]], y_max: float, *, width: int 
         pct = row["pct_flipped"]
         h = plot_h * min(pct, y_max) / y_max
         cx = left + slot * (i + 0.5)
-        bars.append({
-            "x": round(cx - bar_w / 2, 2), "y": round(top + plot_h - h, 2), "w": round(bar_w, 2), "h": round(h, 2),
-            "cx": round(cx, 2), "label_y": round(top + plot_h - h - 4, 2), "value": f"{pct:.1f}",
-            "condition": row["condition"],
-            "title": (f"{row['setting']} / {row['condition']}: {row['n_flipped']} of {row['n_baseline_correct']} "
-                      f"baseline-correct answers flipped ({pct:.2f}%); mean {row['mean_tokens_ablated']:.2f} "
-                      "tokens ablated"),
-        })
+        bars.append(
+            {
+                "x": round(cx - bar_w / 2, 2),
+                "y": round(top + plot_h - h, 2),
+                "w": round(bar_w, 2),
+                "h": round(h, 2),
+                "cx": round(cx, 2),
+                "label_y": round(top + plot_h - h - 4, 2),
+                "value": f"{pct:.1f}",
+                "condition": row["condition"],
+                "title": (
+                    f"{row['setting']} / {row['condition']}: {row['n_flipped']} of {row['n_baseline_correct']} "
+                    f"baseline-correct answers flipped ({pct:.2f}%); mean {row['mean_tokens_ablated']:.2f} "
+                    "tokens ablated"
+                ),
+            }
+        )
     ticks = [{"y": round(top + plot_h * (1 - f), 2), "label": f"{y_max * f:g}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
-    return {"width": width, "height": height, "left": left, "top": top, "plot_w": plot_w, "plot_h": plot_h,
-            "bottom_y": top + plot_h, "bars": bars, "y_ticks": ticks}
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "plot_w": plot_w,
+        "plot_h": plot_h,
+        "bottom_y": top + plot_h,
+        "bars": bars,
+        "y_ticks": ticks,
+    }
 
 
 def flip_rate_y_max(summary: list[dict[str, Any]]) -> float:
@@ -93,8 +130,15 @@ def _nice_ceiling(value: float) -> float:
     return round(step * scale, 12)
 
 
-def blocking_curve_chart(curve: dict[str, Any], measure: str, *, y_label: str, width: int = 640, height: int = 300,
-                         reference: float | None = None) -> dict[str, Any]:
+def blocking_curve_chart(
+    curve: dict[str, Any],
+    measure: str,
+    *,
+    y_label: str,
+    width: int = 640,
+    height: int = 300,
+    reference: float | None = None,
+) -> dict[str, Any]:
     """Geometry of one blocking-curve chart: x = window start layer, one line per source set.
 
     `curve` is one entry of a blocking page's `curves`; `measure` one of its series keys.
@@ -120,7 +164,9 @@ def blocking_curve_chart(curve: dict[str, Any], measure: str, *, y_label: str, w
 
     lines = []
     for i, series in enumerate(curve["series"]):
-        segments, current, dots = [], [], []
+        segments: list[Any] = []
+        current: list[Any] = []
+        dots: list[Any] = []
         for j, x in enumerate(x_values):
             value = series[measure][j]
             if value is None:
@@ -132,25 +178,46 @@ def blocking_curve_chart(curve: dict[str, Any], measure: str, *, y_label: str, w
             current.append(point)
             end = curve["window_ends"][j]
             accuracy = series["accuracy"][j]
-            dots.append({
-                "x": point[0], "y": point[1],
-                "title": (f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} "
-                          f"(accuracy {accuracy:.4g}, n = {series['n'][j]})" if accuracy is not None
-                          else f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} (n = {series['n'][j]})"),
-            })
+            dots.append(
+                {
+                    "x": point[0],
+                    "y": point[1],
+                    "title": (
+                        f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} "
+                        f"(accuracy {accuracy:.4g}, n = {series['n'][j]})"
+                        if accuracy is not None
+                        else f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} (n = {series['n'][j]})"
+                    ),
+                }
+            )
         if current:
             segments.append(current)
-        lines.append({
-            "name": series["source"], "color": PALETTE[i % len(PALETTE)], "dash": DASHES[i % len(DASHES)],
-            "segments": [" ".join(f"{x},{y}" for x, y in seg) for seg in segments], "dots": dots,
-            "legend_y": top + 10 + 20 * i,
-        })
+        lines.append(
+            {
+                "name": series["source"],
+                "color": PALETTE[i % len(PALETTE)],
+                "dash": DASHES[i % len(DASHES)],
+                "segments": [" ".join(f"{x},{y}" for x, y in seg) for seg in segments],
+                "dots": dots,
+                "legend_y": top + 10 + 20 * i,
+            }
+        )
     step = max(1, math.ceil(len(x_values) / 16))
     x_ticks = [{"x": round(x_of(x), 2), "label": str(x)} for x in x_values[::step]]
     y_ticks = [{"y": round(y_of(y_max * f), 2), "label": f"{y_max * f:.4g}"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width, "height": height, "left": left, "top": top, "plot_w": plot_w, "plot_h": plot_h,
-        "bottom_y": top + plot_h, "legend_x": left + plot_w + 18, "lines": lines, "x_ticks": x_ticks,
-        "y_ticks": y_ticks, "y_label": y_label, "empty": not values,
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "plot_w": plot_w,
+        "plot_h": plot_h,
+        "bottom_y": top + plot_h,
+        "legend_x": left + plot_w + 18,
+        "lines": lines,
+        "x_ticks": x_ticks,
+        "y_ticks": y_ticks,
+        "y_label": y_label,
+        "empty": not values,
         "reference_y": round(y_of(reference), 2) if reference is not None and values else None,
     }

@@ -70,14 +70,31 @@ def report() -> None:
     show_default=True,
     help="Refuse to write a site larger than this (GitHub Pages sites are limited to 1 GB).",
 )
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Render lens pages in this many processes.")
-def build(db_path: Path, out_dir: Path, downloads: bool, database_copy: str, lens_pages: int | None,
-          max_file_mb: float, max_site_mb: float, jobs: int) -> None:
+@click.option(
+    "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Render lens pages in this many processes."
+)
+def build(
+    db_path: Path,
+    out_dir: Path,
+    downloads: bool,
+    database_copy: str,
+    lens_pages: int | None,
+    max_file_mb: float,
+    max_site_mb: float,
+    jobs: int,
+) -> None:
     """Build the site and print what was written."""
     try:
-        summary = build_site(db_path, out_dir, downloads=downloads, database_copy=database_copy, lens_pages=lens_pages,
-                             max_file_bytes=int(max_file_mb * 1e6), max_site_bytes=int(max_site_mb * 1e6), jobs=jobs)
+        summary = build_site(
+            db_path,
+            out_dir,
+            downloads=downloads,
+            database_copy=database_copy,
+            lens_pages=lens_pages,
+            max_file_bytes=int(max_file_mb * 1e6),
+            max_site_bytes=int(max_site_mb * 1e6),
+            jobs=jobs,
+        )
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
     except Exception as error:
@@ -95,8 +112,10 @@ def build(db_path: Path, out_dir: Path, downloads: bool, database_copy: str, len
     )
     if summary.lens_pages < summary.lens_images:
         click.echo(f"Lens pages for {summary.lens_pages} of {summary.lens_images} images (--lens-pages)")
-    click.echo(f"Site size {summary.bytes_written / 1e6:.1f} MB of {max_site_mb:g} MB allowed; largest file "
-               f"{summary.largest_file} ({summary.largest_bytes / 1e6:.1f} MB, limit {max_file_mb:g} MB)")
+    click.echo(
+        f"Site size {summary.bytes_written / 1e6:.1f} MB of {max_site_mb:g} MB allowed; largest file "
+        f"{summary.largest_file} ({summary.largest_bytes / 1e6:.1f} MB, limit {max_file_mb:g} MB)"
+    )
     click.echo(f"Open {summary.out_dir / 'index.html'}")
 
 
@@ -109,7 +128,9 @@ def build(db_path: Path, out_dir: Path, downloads: bool, database_copy: str, len
     type=click.Path(path_type=Path, file_okay=False, exists=True),
     help="Folder of a built site (the --out of `report build`).",
 )
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one.")
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port; 0 picks a free one."
+)
 def serve(site_dir: Path, port: int) -> None:
     """Serve the folder with the standard library's threaded HTTP server."""
     from report.serve import site_server

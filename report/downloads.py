@@ -28,7 +28,15 @@ from report.site import Writer, human_size
 SITE_DB_STORAGE_VERSION = "v1.4.0"
 # Tables exported per run (those with a run_id column) and once (those without).
 RUN_TABLES = (
-    "runs", "run_images", "skipped", "positions", "logit_lens", "image_views", "extra_views", "ablations", "blocking",
+    "runs",
+    "run_images",
+    "skipped",
+    "positions",
+    "logit_lens",
+    "image_views",
+    "extra_views",
+    "ablations",
+    "blocking",
     "class_tokens",
 )
 # Run tables whose PNG column is left out (the images sit next to the pages).
@@ -70,7 +78,8 @@ def _image_batches(counts: list[tuple[int, int]], rows_per_file: int) -> list[tu
     """Consecutive image ranges (first_id, last_id, rows) of at most rows_per_file rows each
     (an image is never split: one image with more rows gets a file of its own)."""
     batches: list[tuple[int, int, int]] = []
-    first = last = None
+    first: int | None = None
+    last = 0
     rows = 0
     for image_id, n in counts:
         if first is not None and rows + n > rows_per_file:
@@ -109,8 +118,15 @@ class _Exporter:
         exclude, order = self._exclude(table), self._order(table)
         if run is None or "image_id" not in self.tables[table]:
             relative = parquet_path(run.dir_name if run else None, table)
-            rows = queries.export_parquet(self.db, table, self.writer.path(relative), run_id=run.run_id if run else None,
-                                          exclude=exclude, order_by=order, row_group_size=ROW_GROUP_SIZE)
+            rows = queries.export_parquet(
+                self.db,
+                table,
+                self.writer.path(relative),
+                run_id=run.run_id if run else None,
+                exclude=exclude,
+                order_by=order,
+                row_group_size=ROW_GROUP_SIZE,
+            )
             return [self._file(relative, rows, table)]
         files = []
         counts = queries.image_row_counts(self.db, table, run.run_id)
@@ -121,9 +137,16 @@ class _Exporter:
             rows_per_file = FIRST_FILE_ROWS if per_row is None else max(1, int(TARGET_FILE_BYTES / per_row))
             first, last, _ = _image_batches(remaining, rows_per_file)[0]
             relative = parquet_path(run.dir_name, table, part)
-            rows = queries.export_parquet(self.db, table, self.writer.path(relative), run_id=run.run_id,
-                                          image_range=(first, last), exclude=exclude, order_by=order,
-                                          row_group_size=ROW_GROUP_SIZE)
+            rows = queries.export_parquet(
+                self.db,
+                table,
+                self.writer.path(relative),
+                run_id=run.run_id,
+                image_range=(first, last),
+                exclude=exclude,
+                order_by=order,
+                row_group_size=ROW_GROUP_SIZE,
+            )
             files.append(self._file(relative, rows, table))
             remaining = [(i, n) for i, n in remaining if i > last]
             part += 1
@@ -133,21 +156,30 @@ class _Exporter:
         if rows > CSV_MAX_ROWS:
             return None
         relative = urls.run_download(run.dir_name, table) if run else urls.shared_download(table)
-        queries.export_csv(self.db, table, self.writer.path(relative), run_id=run.run_id if run else None,
-                           exclude=self._exclude(table))
+        queries.export_csv(
+            self.db, table, self.writer.path(relative), run_id=run.run_id if run else None, exclude=self._exclude(table)
+        )
         return self._file(relative, rows, table)
 
 
 def _entry(table: str, rows: int, parquet: list[dict[str, Any]], csv: dict[str, Any] | None) -> dict[str, Any]:
     total = sum(f["bytes"] for f in parquet)
-    return {"table": table, "rows": rows, "parquet": parquet, "parquet_size": human_size(total),
-            "parquet_bytes": total, "csv": csv,
-            # kept for templates and tests that link "the" file of a table
-            "href": (csv or parquet[0])["href"], "size": (csv or parquet[0])["size"]}
+    return {
+        "table": table,
+        "rows": rows,
+        "parquet": parquet,
+        "parquet_size": human_size(total),
+        "parquet_bytes": total,
+        "csv": csv,
+        # kept for templates and tests that link "the" file of a table
+        "href": (csv or parquet[0])["href"],
+        "size": (csv or parquet[0])["size"],
+    }
 
 
-def write_downloads(db: ResultsDB, writer: Writer, runs: list[RunInfo], *, source_bytes: int = 0,
-                    database_copy: str = "auto") -> dict[str, Any]:
+def write_downloads(
+    db: ResultsDB, writer: Writer, runs: list[RunInfo], *, source_bytes: int = 0, database_copy: str = "auto"
+) -> dict[str, Any]:
     """Write every download; returns what the downloads page and the SQL console need:
     per run id its tables, the shared tables, the database copy (or None, with the reason
     in `database_note`) and `parquet`: table -> every Parquet file of it (site paths)."""
@@ -157,8 +189,14 @@ def write_downloads(db: ResultsDB, writer: Writer, runs: list[RunInfo], *, sourc
     relations = queries.relations(db)
     base_tables = {t for t in tables if t in relations} - {name for name, _ in queries.view_definitions(db)}
     exporter = _Exporter(db, writer, tables)
-    downloads: dict[str, Any] = {"runs": {}, "shared": [], "database": None, "database_note": "",
-                                 "parquet": {}, "csv_max_rows": CSV_MAX_ROWS}
+    downloads: dict[str, Any] = {
+        "runs": {},
+        "shared": [],
+        "database": None,
+        "database_note": "",
+        "parquet": {},
+        "csv_max_rows": CSV_MAX_ROWS,
+    }
 
     for run in runs:
         entries = []
@@ -182,22 +220,30 @@ def write_downloads(db: ResultsDB, writer: Writer, runs: list[RunInfo], *, sourc
     for table in sorted(base_tables):
         if table not in downloads["parquet"] and {"run_id", "image_id"} <= tables[table] and table in RUN_TABLES:
             relative = parquet_path(None, table)  # downloads/<table>.parquet, no rows
-            queries.export_parquet(db, table, writer.path(relative), image_range=(1, 0), exclude=exporter._exclude(table))
+            queries.export_parquet(
+                db, table, writer.path(relative), image_range=(1, 0), exclude=exporter._exclude(table)
+            )
             writer.account(relative)
             downloads["parquet"][table] = [relative]
 
     if database_copy == "always" or (database_copy == "auto" and source_bytes <= DATABASE_COPY_AUTO_BYTES):
         queries.export_database(db, writer.path(urls.SITE_DATABASE), SITE_DB_STORAGE_VERSION)
-        downloads["database"] = {"href": urls.SITE_DATABASE, "size": human_size(writer.account(urls.SITE_DATABASE)),
-                                 "storage_version": SITE_DB_STORAGE_VERSION}
+        downloads["database"] = {
+            "href": urls.SITE_DATABASE,
+            "size": human_size(writer.account(urls.SITE_DATABASE)),
+            "storage_version": SITE_DB_STORAGE_VERSION,
+        }
     elif database_copy == "auto":
         downloads["database_note"] = (
             f"The database ({human_size(source_bytes)}) is not copied into the site: a copy is included "
             f"up to {human_size(DATABASE_COPY_AUTO_BYTES)} (`--database-copy always` forces it). "
-            "Every table is above, as Parquet.")
+            "Every table is above, as Parquet."
+        )
     else:
         downloads["database_note"] = "The database is not copied into this site (`--database-copy never`)."
-    downloads["total_bytes"] = sum(f["parquet_bytes"] + (f["csv"]["bytes"] if f["csv"] else 0)
-                                   for entries in [*downloads["runs"].values(), downloads["shared"]] for f in entries)
+    downloads["total_bytes"] = sum(
+        f["parquet_bytes"] + (f["csv"]["bytes"] if f["csv"] else 0)
+        for entries in [*downloads["runs"].values(), downloads["shared"]]
+        for f in entries
+    )
     return downloads
-

@@ -113,8 +113,9 @@ def copy_duckdb_wasm(wasm: WasmFiles, writer: Writer) -> int:
     assert wasm.path is not None
     vendor_bytes = 0
     for item in sorted(wasm.path.iterdir()):
-        if item.is_file() and (item.name in REQUIRED_FILES or item.name == MANIFEST
-                               or item.name.startswith(("LICENSE", "NOTICE"))):
+        if item.is_file() and (
+            item.name in REQUIRED_FILES or item.name == MANIFEST or item.name.startswith(("LICENSE", "NOTICE"))
+        ):
             relative = f"{VENDOR_DIR}/{item.name}"
             shutil.copyfile(item, writer.path(relative))  # 34 MB: copied, never read into memory
             vendor_bytes += writer.account(relative)

@@ -87,8 +87,14 @@ def decode_probs(codes: np.ndarray) -> np.ndarray:
     return np.where(codes > 0, np.exp((codes - 255.0) / PROB_LOG_SCALE), 0.0)
 
 
-def pack_cells(tokens: list[str], token_codes: np.ndarray, prob: np.ndarray, flat: np.ndarray,
-               n_cells: int, token_ids: list[int] | None = None) -> dict[str, Any]:
+def pack_cells(
+    tokens: list[str],
+    token_codes: np.ndarray,
+    prob: np.ndarray,
+    flat: np.ndarray,
+    n_cells: int,
+    token_ids: list[int] | None = None,
+) -> dict[str, Any]:
     """The ``packed`` object of a lens data file.
 
     `tokens` are the distinct token strings, `token_codes` each lens row's index into

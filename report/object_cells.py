@@ -45,9 +45,11 @@ class ObjectCells:
         key = (run_id, image_id, grid_rows, grid_cols)
         if key not in self._cells:
             self._cells[key] = (
-                object_cells_by_category(self._annotations[image_id], self._geometries[(run_id, image_id)],
-                                         grid_rows, grid_cols).cells
-                if self.annotated(run_id, image_id) else {}
+                object_cells_by_category(
+                    self._annotations[image_id], self._geometries[(run_id, image_id)], grid_rows, grid_cols
+                ).cells
+                if self.annotated(run_id, image_id)
+                else {}
             )
         return self._cells[key]
 

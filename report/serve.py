@@ -8,8 +8,8 @@ import http.server
 import os
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 # The SQL console loads ES modules and WebAssembly, which browsers refuse under other MIME types.
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -17,7 +17,9 @@ MIME_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "app
 
 
 def site_server(
-    directory: Path, port: int = 0, log: Callable[[str], None] | None = None,
+    directory: Path,
+    port: int = 0,
+    log: Callable[[str], None] | None = None,
     on_bytes: Callable[[str, int], None] | None = None,
 ) -> http.server.ThreadingHTTPServer:
     """A threaded HTTP server for `directory` on 127.0.0.1:`port` (0: any free port), not yet
@@ -30,7 +32,7 @@ def site_server(
     class Handler(http.server.SimpleHTTPRequestHandler):
         extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
 
-        def send_head(self):  # type: ignore[no-untyped-def]
+        def send_head(self):
             """Files with `Accept-Ranges: bytes`; a single `Range: bytes=a-b` gets 206 and
             only those bytes (the SQL console reads Parquet files in parts). Only what lies
             inside the site folder once links are followed is served: a symlink in the site
@@ -70,7 +72,7 @@ def site_server(
             self._range = end - start + 1
             return handle
 
-        def copyfile(self, source, outputfile) -> None:  # type: ignore[no-untyped-def]
+        def copyfile(self, source, outputfile) -> None:
             remaining = getattr(self, "_range", None)
             if remaining is None:
                 sent = 0

@@ -134,7 +134,8 @@ class Site:
         """Render `template` into the file at site path `path`; the template links with
         `href(target)`, which turns a site path into a URL relative to this page."""
         html = self.env.get_template(template).render(
-            href=lambda target: urls.href(path, target), **{**self.common, **context})
+            href=lambda target: urls.href(path, target), **{**self.common, **context}
+        )
         self.writer.write(path, html)
 
 
@@ -170,8 +171,14 @@ def provenance(db: ResultsDB, db_path: Path, generated_at: str) -> dict[str, Any
     }
 
 
-def common_context(site_provenance: dict[str, Any], generated_at: str,
-                   experiment_nav: list[dict[str, str]]) -> dict[str, Any]:
+def common_context(
+    site_provenance: dict[str, Any], generated_at: str, experiment_nav: list[dict[str, str]]
+) -> dict[str, Any]:
     """The context every page gets (base.html.j2: nav, demo warning, provenance footer)."""
-    return {"demo_warning": DEMO_WARNING, "generated_at": generated_at, "provenance": site_provenance,
-            "schema_latest": LATEST_VERSION, "experiment_nav": experiment_nav}
+    return {
+        "demo_warning": DEMO_WARNING,
+        "generated_at": generated_at,
+        "provenance": site_provenance,
+        "schema_latest": LATEST_VERSION,
+        "experiment_nav": experiment_nav,
+    }

@@ -25,7 +25,18 @@ DUCKDB_WASM_DIR = "vendor/duckdb-wasm"
 
 # What the build owns inside out_dir (top-level names); everything else there is left alone.
 OWNED_PATHS = (
-    INDEX, QUANTITATIVE, DOWNLOADS, SQL, COMPARE, "experiments", "lens", STATIC_DIR, "downloads", "data", "vendor", NOJEKYLL,
+    INDEX,
+    QUANTITATIVE,
+    DOWNLOADS,
+    SQL,
+    COMPARE,
+    "experiments",
+    "lens",
+    STATIC_DIR,
+    "downloads",
+    "data",
+    "vendor",
+    NOJEKYLL,
 )
 
 _SAFE_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")
@@ -97,7 +108,7 @@ def href(from_page: str, to_path: str) -> str:
     """
     folder = posixpath.dirname(from_page)
     if folder and to_path.startswith(folder + "/"):
-        relative = to_path[len(folder) + 1:]
+        relative = to_path[len(folder) + 1 :]
     else:
         relative = "../" * from_page.count("/") + to_path
     return urllib.parse.quote(relative)

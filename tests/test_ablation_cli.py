@@ -20,9 +20,31 @@ def _one_line_error(result, pattern):
 
 def _args(tiny_checkpoints, demo_images, db, *extra):
     image_dir, annotation_file = demo_images
-    return ["collect", "ablation", "--model", str(tiny_checkpoints["llava-1.5"]), "--images", str(image_dir),
-            "--annotations", str(annotation_file), "--db", str(db), "--no-curate", "--object-area", "4000:12000",
-            "--k", "5,20", "--ig-steps", "2", "--max-new-tokens", "3", "--settings", "polling", "--quiet", *extra]
+    return [
+        "collect",
+        "ablation",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--db",
+        str(db),
+        "--no-curate",
+        "--object-area",
+        "4000:12000",
+        "--k",
+        "5,20",
+        "--ig-steps",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--settings",
+        "polling",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_collect_ablation_writes_rows_and_resumes(tmp_path, tiny_checkpoints, demo_images):
@@ -38,19 +60,25 @@ def test_collect_ablation_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
         [run] = db.runs("ablation")
         assert run["config"]["k"] == [5, 20] and run["config"]["curate"] is False
         rows = db.sql("SELECT image_id, count(*), count(DISTINCT condition) FROM ablations GROUP BY 1 ORDER BY 1")
-        assert rows == [(1, 10, 10), (2, 10, 10)]  # none, object_0..2, register, random_5/20, gradient_5/20, image_noise
+        assert rows == [
+            (1, 10, 10),
+            (2, 10, 10),
+        ]  # none, object_0..2, register, random_5/20, gradient_5/20, image_noise
         assert db.sql("SELECT count(*) FROM run_images WHERE run_id = ?", [run["run_id"]])[0][0] == 2
 
 
 def test_bad_ablation_input_is_one_line(tmp_path, tiny_checkpoints, demo_images):
     runner = CliRunner()
     db_path = tmp_path / "r.duckdb"
-    _one_line_error(runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--settings", "vqa")),
-                    "needs --questions")
-    _one_line_error(runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--object-area", "big")),
-                    "MIN:MAX")
-    _one_line_error(runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--object-area", "9:1")),
-                    "MIN < MAX")
+    _one_line_error(
+        runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--settings", "vqa")), "needs --questions"
+    )
+    _one_line_error(
+        runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--object-area", "big")), "MIN:MAX"
+    )
+    _one_line_error(
+        runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--object-area", "9:1")), "MIN < MAX"
+    )
     _one_line_error(runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--k", "5,x")), "--k")
     torch.save(torch.zeros(4096), tmp_path / "big.pt")
     _one_line_error(
@@ -58,15 +86,24 @@ def test_bad_ablation_input_is_one_line(tmp_path, tiny_checkpoints, demo_images)
         "size 4096 but the model's hidden size is 64",
     )
     image_dir, _ = demo_images
-    no_annotations = ["collect", "ablation", "--model", str(tiny_checkpoints["llava-1.5"]), "--images",
-                      str(image_dir), "--db", str(db_path)]
+    no_annotations = [
+        "collect",
+        "ablation",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--images",
+        str(image_dir),
+        "--db",
+        str(db_path),
+    ]
     _one_line_error(runner.invoke(cli, no_annotations), "needs COCO annotations")
 
 
 def test_seed_vector_is_refused_for_a_tiny_model(tmp_path, tiny_checkpoints, demo_images):
     seed = require_shared(SHARED_DATA / "seed_reference" / "val_acts_full_precision_phi_mean_vector.pt")
-    result = CliRunner().invoke(cli, _args(tiny_checkpoints, demo_images, tmp_path / "r.duckdb",
-                                           "--replacement", str(seed)))
+    result = CliRunner().invoke(
+        cli, _args(tiny_checkpoints, demo_images, tmp_path / "r.duckdb", "--replacement", str(seed))
+    )
     _one_line_error(result, "size 3072")
 
 
@@ -74,9 +111,24 @@ def test_mean_vector_command(tmp_path, tiny_checkpoints, demo_images):
     image_dir, annotation_file = demo_images
     out = tmp_path / "mean.pt"
     db_path = tmp_path / "r.duckdb"
-    result = CliRunner().invoke(cli, ["collect", "mean-vector", "--model", str(tiny_checkpoints["llava-1.5"]),
-                                      "--images", str(image_dir), "--limit", "2", "--out", str(out),
-                                      "--db", str(db_path), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "collect",
+            "mean-vector",
+            "--model",
+            str(tiny_checkpoints["llava-1.5"]),
+            "--images",
+            str(image_dir),
+            "--limit",
+            "2",
+            "--out",
+            str(out),
+            "--db",
+            str(db_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1152 image tokens over 2 images" in result.output
     vector = torch.load(out, weights_only=True)
@@ -84,11 +136,13 @@ def test_mean_vector_command(tmp_path, tiny_checkpoints, demo_images):
     vector_id = re.search(r"db:(\S+)\)", result.output).group(1)
     with ResultsDB(db_path, read_only=True) as db:
         [(n_images, n_tokens, stored)] = db.sql(
-            "SELECT n_images, n_tokens, vector FROM mean_vectors WHERE vector_id = ?", [vector_id])
+            "SELECT n_images, n_tokens, vector FROM mean_vectors WHERE vector_id = ?", [vector_id]
+        )
     assert (n_images, n_tokens) == (2, 1152) and torch.equal(torch.tensor(stored, dtype=torch.float32), vector)
     # usable as --replacement db:<id>
-    run = CliRunner().invoke(cli, _args(tiny_checkpoints, demo_images, db_path, "--limit", "1",
-                                        "--replacement", f"db:{vector_id}"))
+    run = CliRunner().invoke(
+        cli, _args(tiny_checkpoints, demo_images, db_path, "--limit", "1", "--replacement", f"db:{vector_id}")
+    )
     assert run.exit_code == 0, run.output
     with ResultsDB(db_path, read_only=True) as db:
         assert db.runs("ablation")[0]["config"]["replacement"] == f"db:{vector_id}"

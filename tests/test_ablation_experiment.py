@@ -17,30 +17,56 @@ from collector.images import folder_images
 from db.store import ResultsDB
 
 FAST = dict(k_values=(5, 40), ig_steps=2, max_new_tokens=4, area_range=(4000.0, 12000.0), batch_size=32)
-CONDITIONS = {"none", "object_0", "object_1", "object_2", "register", "random_5", "random_40",
-              "gradient_5", "gradient_40", "image_noise"}
+CONDITIONS = {
+    "none",
+    "object_0",
+    "object_1",
+    "object_2",
+    "register",
+    "random_5",
+    "random_40",
+    "gradient_5",
+    "gradient_40",
+    "image_noise",
+}
 
 
 def test_summary_view_matches_a_hand_computation(tmp_path):
     # (image, condition, setting, n_ablated, correct)
     rows = [
-        (1, "none", "generative", 0, True), (1, "object_0", "generative", 10, False), (1, "random_5", "generative", 5, True),
-        (2, "none", "generative", 0, True), (2, "object_0", "generative", 20, True), (2, "random_5", "generative", 5, False),
-        (3, "none", "generative", 0, False), (3, "object_0", "generative", 99, False), (3, "random_5", "generative", 5, True),
-        (1, "none", "polling", 0, False), (1, "object_0", "polling", 10, False),
-        (2, "none", "polling", 0, True), (2, "object_0", "polling", 20, False),
+        (1, "none", "generative", 0, True),
+        (1, "object_0", "generative", 10, False),
+        (1, "random_5", "generative", 5, True),
+        (2, "none", "generative", 0, True),
+        (2, "object_0", "generative", 20, True),
+        (2, "random_5", "generative", 5, False),
+        (3, "none", "generative", 0, False),
+        (3, "object_0", "generative", 99, False),
+        (3, "random_5", "generative", 5, True),
+        (1, "none", "polling", 0, False),
+        (1, "object_0", "polling", 10, False),
+        (2, "none", "polling", 0, True),
+        (2, "object_0", "polling", 20, False),
     ]
-    table = pa.table({
-        "run_id": ["r"] * len(rows), "image_id": [r[0] for r in rows], "category": ["cat"] * len(rows),
-        "condition": [r[1] for r in rows], "setting": [r[2] for r in rows],
-        "positions": pa.array([list(range(r[3])) for r in rows], pa.list_(pa.int32())),
-        "n_ablated": pa.array([r[3] for r in rows], pa.int32()), "correct": [r[4] for r in rows],
-    })
+    table = pa.table(
+        {
+            "run_id": ["r"] * len(rows),
+            "image_id": [r[0] for r in rows],
+            "category": ["cat"] * len(rows),
+            "condition": [r[1] for r in rows],
+            "setting": [r[2] for r in rows],
+            "positions": pa.array([list(range(r[3])) for r in rows], pa.list_(pa.int32())),
+            "n_ablated": pa.array([r[3] for r in rows], pa.int32()),
+            "correct": [r[4] for r in rows],
+        }
+    )
     with ResultsDB(tmp_path / "r.duckdb") as db:
         db.duck.register("incoming", table)
         db.duck.execute("INSERT INTO ablations BY NAME SELECT * FROM incoming")
-        got = db.sql("SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
-                     "FROM ablation_summary ORDER BY setting, condition")
+        got = db.sql(
+            "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
+            "FROM ablation_summary ORDER BY setting, condition"
+        )
     # generative: baseline-correct images 1, 2 (3 is excluded everywhere)
     assert got == [
         ("generative", "none", 2, 0, 0.0, 0.0),
@@ -57,9 +83,11 @@ def _records(demo_images):
 
 
 def _ablation_rows(db):
-    return db.sql("SELECT image_id, category, condition, setting, positions, n_ablated, correct, answer, question, "
-                  "predicted_token, round(predicted_prob, 6), target_token, round(target_prob, 6), seed "
-                  "FROM ablations ORDER BY ALL")
+    return db.sql(
+        "SELECT image_id, category, condition, setting, positions, n_ablated, correct, answer, question, "
+        "predicted_token, round(predicted_prob, 6), target_token, round(target_prob, 6), seed "
+        "FROM ablations ORDER BY ALL"
+    )
 
 
 def test_rows_of_an_uncurated_run(tmp_path, loaded_models, demo_images):
@@ -84,8 +112,22 @@ def test_rows_of_an_uncurated_run(tmp_path, loaded_models, demo_images):
     assert {(r[0], r[1]) for r in rows} == {(1, "circle"), (2, "triangle")}
     assert len(rows) == 2 * 3 * len(CONDITIONS)
     assert {r[2] for r in rows} == CONDITIONS
-    for (image_id, category, condition, setting, positions, n_ablated, correct, answer, question,
-         predicted_token, predicted_prob, target_token, target_prob, seed) in rows:
+    for (
+        _image_id,
+        category,
+        condition,
+        setting,
+        positions,
+        n_ablated,
+        correct,
+        answer,
+        question,
+        predicted_token,
+        predicted_prob,
+        target_token,
+        target_prob,
+        seed,
+    ) in rows:
         assert n_ablated == len(positions) == len(set(positions))
         assert all(first_image <= p < first_image + 576 for p in positions)
         if condition in ("none", "image_noise"):
@@ -193,17 +235,40 @@ def _write_case(tmp_path):
     Image.new("RGB", (800, 400), (200, 200, 200)).save(folder / "cropped.png")
     Image.new("RGB", (640, 480), (20, 200, 20)).save(folder / "unknown.png")
     data = {
-        "images": [{"id": 1, "file_name": "gray.png", "width": 640, "height": 480},
-                   {"id": 2, "file_name": "cropped.png", "width": 800, "height": 400},
-                   {"id": 3, "file_name": "unknown.png", "width": 640, "height": 480}],
+        "images": [
+            {"id": 1, "file_name": "gray.png", "width": 640, "height": 480},
+            {"id": 2, "file_name": "cropped.png", "width": 800, "height": 400},
+            {"id": 3, "file_name": "unknown.png", "width": 640, "height": 480},
+        ],
         "annotations": [
-            {"id": 11, "image_id": 1, "category_id": 1, "segmentation": square(300, 200, 60), "area": 3600,
-             "bbox": [300, 200, 60, 60], "iscrowd": 0},
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 1,
+                "segmentation": square(300, 200, 60),
+                "area": 3600,
+                "bbox": [300, 200, 60, 60],
+                "iscrowd": 0,
+            },
             # the view keeps original x in [200, 600): this square at x 20..80 is cropped away
-            {"id": 21, "image_id": 2, "category_id": 1, "segmentation": square(20, 100, 60), "area": 3600,
-             "bbox": [20, 100, 60, 60], "iscrowd": 0},
-            {"id": 31, "image_id": 3, "category_id": 2, "segmentation": square(300, 200, 60), "area": 3600,
-             "bbox": [300, 200, 60, 60], "iscrowd": 0},
+            {
+                "id": 21,
+                "image_id": 2,
+                "category_id": 1,
+                "segmentation": square(20, 100, 60),
+                "area": 3600,
+                "bbox": [20, 100, 60, 60],
+                "iscrowd": 0,
+            },
+            {
+                "id": 31,
+                "image_id": 3,
+                "category_id": 2,
+                "segmentation": square(300, 200, 60),
+                "area": 3600,
+                "bbox": [300, 200, 60, 60],
+                "iscrowd": 0,
+            },
         ],
         "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "éclair"}],
     }
@@ -215,11 +280,16 @@ def test_grayscale_cropped_and_unknown_class_are_recorded_skips(tmp_path, loaded
     loaded = loaded_models["llava-1.5"]
     folder, annotation_file = _write_case(tmp_path)
     records = folder_images(folder, annotation_file)
-    options = AblationOptions(settings=("vqa",), questions={1: ["q?"], 2: ["q?"], 3: ["What is it?"]},
-                              curate=False, **{**FAST, "area_range": (3000.0, 4000.0)})
+    options = AblationOptions(
+        settings=("vqa",),
+        questions={1: ["q?"], 2: ["q?"], 3: ["What is it?"]},
+        curate=False,
+        **{**FAST, "area_range": (3000.0, 4000.0)},
+    )
     with ResultsDB(tmp_path / "r.duckdb") as db:
-        summary = collect_ablation(loaded, records, db, annotation_file, options, load_replacement("zero", 64),
-                                   progress=False)
+        summary = collect_ablation(
+            loaded, records, db, annotation_file, options, load_replacement("zero", 64), progress=False
+        )
         skipped = db.sql("SELECT image_id, reason FROM skipped ORDER BY image_id")
         assert db.completed_images(summary.run_id) == {1, 2, 3}
     # one code for "the object is cut away" in every experiment (ablation wrote 'object_cropped' before)

@@ -23,7 +23,8 @@ SEED = SHARED_DATA / "seed_reference"
 
 
 @pytest.mark.parametrize(
-    "name, size", [("test_acts_full_precision_mean_vector.pt", 4096), ("val_acts_full_precision_phi_mean_vector.pt", 3072)]
+    "name, size",
+    [("test_acts_full_precision_mean_vector.pt", 4096), ("val_acts_full_precision_phi_mean_vector.pt", 3072)],
 )
 def test_seed_mean_vectors_load_with_weights_only(name, size):
     path = require_shared(SEED / name)

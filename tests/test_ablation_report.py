@@ -20,19 +20,35 @@ def test_page_data(tmp_path):
         run_id = db.start_run("ablation", "m", {"x": 1}, {"seed": 0})
         db.add_image(7, "a.png", 640, 480, "folder:x")
         rows = [("none", 0, True), ("object_0", 2, False), ("random_10", 1, True), ("gradient_5", 1, False)]
-        _insert(db, "ablations", {
-            "run_id": [run_id] * 4, "image_id": [7] * 4, "category": ["cat"] * 4,
-            "condition": [r[0] for r in rows], "setting": ["generative"] * 4,
-            "positions": pa.array([[], [5, 6], [30], [6]], pa.list_(pa.int32())),
-            "n_ablated": pa.array([r[1] for r in rows], pa.int32()), "correct": [r[2] for r in rows],
-            "answer": ["a cat", "a dog", "cats", "nothing"],
-        })
-        _insert(db, "positions", {
-            "run_id": [run_id] * 3, "image_id": [7] * 3, "position": pa.array([5, 6, 30], pa.int32()),
-            "kind": ["image"] * 3, "patch_row": pa.array([0, 0, 1], pa.int32()),
-            "patch_col": pa.array([0, 1, 1], pa.int32()), "label": ["<IMG001>", "<IMG002>", "<IMG026>"],
-            "token_id": pa.array([9, 9, 9], pa.int32()),
-        })
+        _insert(
+            db,
+            "ablations",
+            {
+                "run_id": [run_id] * 4,
+                "image_id": [7] * 4,
+                "category": ["cat"] * 4,
+                "condition": [r[0] for r in rows],
+                "setting": ["generative"] * 4,
+                "positions": pa.array([[], [5, 6], [30], [6]], pa.list_(pa.int32())),
+                "n_ablated": pa.array([r[1] for r in rows], pa.int32()),
+                "correct": [r[2] for r in rows],
+                "answer": ["a cat", "a dog", "cats", "nothing"],
+            },
+        )
+        _insert(
+            db,
+            "positions",
+            {
+                "run_id": [run_id] * 3,
+                "image_id": [7] * 3,
+                "position": pa.array([5, 6, 30], pa.int32()),
+                "kind": ["image"] * 3,
+                "patch_row": pa.array([0, 0, 1], pa.int32()),
+                "patch_col": pa.array([0, 1, 1], pa.int32()),
+                "label": ["<IMG001>", "<IMG002>", "<IMG026>"],
+                "token_id": pa.array([9, 9, 9], pa.int32()),
+            },
+        )
         _insert(db, "skipped", {"run_id": [run_id], "image_id": [8], "reason": ["grayscale"], "detail": ["gray"]})
         data = ablation_page_data(db, run_id)
         lens_run = db.start_run("lens", "m", {"y": 1}, {})
@@ -52,8 +68,27 @@ def test_page_data(tmp_path):
 
 
 def test_condition_order():
-    names = ["image_noise", "gradient_100", "random_5", "none", "gradient_5", "register", "object_2", "object_0",
-             "random_40", "zzz"]
+    names = [
+        "image_noise",
+        "gradient_100",
+        "random_5",
+        "none",
+        "gradient_5",
+        "register",
+        "object_2",
+        "object_0",
+        "random_40",
+        "zzz",
+    ]
     assert sorted(names, key=condition_sort_key) == [
-        "none", "object_0", "object_2", "register", "random_5", "random_40", "gradient_5", "gradient_100",
-        "image_noise", "zzz"]
+        "none",
+        "object_0",
+        "object_2",
+        "register",
+        "random_5",
+        "random_40",
+        "gradient_5",
+        "gradient_100",
+        "image_noise",
+        "zzz",
+    ]

@@ -92,7 +92,7 @@ def test_plural_forms():
         ("Yes, there is a cat.", True),
         (" yes.", True),
         ("YES", True),
-        ("\"Yes\"", True),
+        ('"Yes"', True),
         ("No", False),
         ("No, yes it is not", False),
         ("Yesterday", False),

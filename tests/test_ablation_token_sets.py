@@ -86,8 +86,16 @@ def test_token_sets_names_and_clipping():
     embeddings = torch.ones(576, 8)
     sets = token_sets(cells, embeddings, 5, 3, (5, 1000), torch.arange(576.0))
     by_name = {s.name: s for s in sets}
-    assert list(by_name) == ["object_0", "object_1", "object_2", "register", "random_5", "random_1000",
-                             "gradient_5", "gradient_1000"]
+    assert list(by_name) == [
+        "object_0",
+        "object_1",
+        "object_2",
+        "register",
+        "random_5",
+        "random_1000",
+        "gradient_5",
+        "gradient_1000",
+    ]
     assert by_name["object_1"].token_indices == (0, 1, 24, 25)
     assert by_name["register"].token_indices == ()  # equal norms: no outliers
     assert by_name["random_5"].seed == 3 and len(by_name["random_1000"].token_indices) == 576

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_unsupported_families_are_named():
-    for model_type, message in UNSUPPORTED.items():
+    for model_type in UNSUPPORTED:
         config = types.SimpleNamespace(model_type=model_type, text_config=None)
         with pytest.raises(UnsupportedModelError, match="not supported"):
             adapter_class_for(config)
@@ -73,7 +73,11 @@ def _docstrings(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 found.add(id(first.value))
     return found
 
@@ -84,7 +88,9 @@ def _help_texts(tree: ast.AST) -> set[int]:
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "help":
             found.update(id(n) for n in ast.walk(node.value))
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id.endswith("_HELP") for t in node.targets):
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id.endswith("_HELP") for t in node.targets
+        ):
             found.update(id(n) for n in ast.walk(node.value))
     return found
 
@@ -146,10 +152,19 @@ def view(image_processor, width):  # a comment on Gemma3 is prose
     return LLAVA_INTERP_DUCKDB_WASM, "llava-interp"
 '''
     found = [text for _, text in family_names_in(leaky)]
-    assert sorted(found) == sorted([
-        "Qwen2VLImageProcessor", "QwenIP", "_CLIP_LIKE", "CLIPImageProcessorPil", "LlavaNextImageProcessor",
-        "qwen_smart_resize", "paligemma", "siglip_vision_model", "-mistral",
-    ])
+    assert sorted(found) == sorted(
+        [
+            "Qwen2VLImageProcessor",
+            "QwenIP",
+            "_CLIP_LIKE",
+            "CLIPImageProcessorPil",
+            "LlavaNextImageProcessor",
+            "qwen_smart_resize",
+            "paligemma",
+            "siglip_vision_model",
+            "-mistral",
+        ]
+    )
 
 
 def test_no_family_names_outside_the_adapters():

@@ -43,20 +43,61 @@ def test_every_table_matches_what_duckdb_stores(tmp_path):
 def test_types_equal_the_former_hand_written_ones():
     """The Arrow types collector/tables.py and the experiments used to spell out by hand."""
     expected = {
-        "positions": {"run_id": pa.string(), "image_id": pa.int64(), "position": pa.int32(), "kind": pa.string(),
-                      "patch_row": pa.int32(), "patch_col": pa.int32(), "label": pa.string(), "token_id": pa.int32()},
-        "logit_lens": {"run_id": pa.string(), "image_id": pa.int64(), "layer": pa.int16(), "position": pa.int32(),
-                       "rank": pa.int16(), "token_id": pa.int32(), "token": pa.string(), "prob": pa.float64()},
-        "run_images": {"run_id": pa.string(), "image_id": pa.int64(), "n_positions": pa.int32(), "n_layers": pa.int32(),
-                       "grid_rows": pa.int32(), "grid_cols": pa.int32(), "written_at": pa.timestamp("us")},
-        "blocking": {"run_id": pa.string(), "image_id": pa.int64(), "category": pa.string(), "source": pa.string(),
-                     "target": pa.string(), "layer_start": pa.int32(), "layer_end": pa.int32(),
-                     "window_kind": pa.string(), "preset": pa.string(), "correct": pa.bool_(), "question": pa.string(),
-                     "predicted_token": pa.string(), "predicted_prob": pa.float64(), "target_token": pa.string(),
-                     "target_prob": pa.float64(), "source_positions": pa.list_(pa.int32()),
-                     "target_positions": pa.list_(pa.int32())},
-        "ablations": {"positions": pa.list_(pa.int32()), "n_ablated": pa.int32(), "correct": pa.bool_(),
-                      "seed": pa.int64(), "predicted_prob": pa.float64()},
+        "positions": {
+            "run_id": pa.string(),
+            "image_id": pa.int64(),
+            "position": pa.int32(),
+            "kind": pa.string(),
+            "patch_row": pa.int32(),
+            "patch_col": pa.int32(),
+            "label": pa.string(),
+            "token_id": pa.int32(),
+        },
+        "logit_lens": {
+            "run_id": pa.string(),
+            "image_id": pa.int64(),
+            "layer": pa.int16(),
+            "position": pa.int32(),
+            "rank": pa.int16(),
+            "token_id": pa.int32(),
+            "token": pa.string(),
+            "prob": pa.float64(),
+        },
+        "run_images": {
+            "run_id": pa.string(),
+            "image_id": pa.int64(),
+            "n_positions": pa.int32(),
+            "n_layers": pa.int32(),
+            "grid_rows": pa.int32(),
+            "grid_cols": pa.int32(),
+            "written_at": pa.timestamp("us"),
+        },
+        "blocking": {
+            "run_id": pa.string(),
+            "image_id": pa.int64(),
+            "category": pa.string(),
+            "source": pa.string(),
+            "target": pa.string(),
+            "layer_start": pa.int32(),
+            "layer_end": pa.int32(),
+            "window_kind": pa.string(),
+            "preset": pa.string(),
+            "correct": pa.bool_(),
+            "question": pa.string(),
+            "predicted_token": pa.string(),
+            "predicted_prob": pa.float64(),
+            "target_token": pa.string(),
+            "target_prob": pa.float64(),
+            "source_positions": pa.list_(pa.int32()),
+            "target_positions": pa.list_(pa.int32()),
+        },
+        "ablations": {
+            "positions": pa.list_(pa.int32()),
+            "n_ablated": pa.int32(),
+            "correct": pa.bool_(),
+            "seed": pa.int64(),
+            "predicted_prob": pa.float64(),
+        },
         "extra_views": {"png": pa.binary(), "view_width": pa.int32(), "grid_cols": pa.int32()},
         "skipped": {"run_id": pa.string(), "image_id": pa.int64(), "reason": pa.string(), "detail": pa.string()},
     }
@@ -74,30 +115,63 @@ def test_nullability_follows_the_declarations():
 def test_builders_convert_to_the_schema_types():
     table = table_from_columns("skipped", {"run_id": ["r"], "image_id": [7], "reason": ["grayscale"], "detail": [None]})
     assert table.schema.field("image_id").type == pa.int64() and table.column("detail").to_pylist() == [None]
-    rows = table_from_rows("blocking", [
-        {"run_id": "r", "image_id": 1, "category": "cat", "source": "none", "target": "none", "window_kind": "baseline",
-         "correct": True},
-        {"run_id": "r", "image_id": 1, "category": "cat", "source": "object_1", "target": "last", "window_kind": "sliding",
-         "correct": False, "layer_start": 0, "layer_end": 2, "source_positions": [5, 6]},
-    ])
+    rows = table_from_rows(
+        "blocking",
+        [
+            {
+                "run_id": "r",
+                "image_id": 1,
+                "category": "cat",
+                "source": "none",
+                "target": "none",
+                "window_kind": "baseline",
+                "correct": True,
+            },
+            {
+                "run_id": "r",
+                "image_id": 1,
+                "category": "cat",
+                "source": "object_1",
+                "target": "last",
+                "window_kind": "sliding",
+                "correct": False,
+                "layer_start": 0,
+                "layer_end": 2,
+                "source_positions": [5, 6],
+            },
+        ],
+    )
     assert rows.column("layer_start").to_pylist() == [None, 0]
     assert rows.column("source_positions").to_pylist() == [None, [5, 6]]
     assert rows.schema.field("source_positions").type == pa.list_(pa.int32())
     # dictionary-encoded text decodes to plain strings
     tokens = pa.DictionaryArray.from_arrays(pa.array([0, 1, 0], pa.int32()), pa.array(["a", "b"]))
-    lens = table_from_columns("logit_lens", {"run_id": ["r"] * 3, "image_id": [1] * 3, "layer": [0, 0, 1],
-                                             "position": [0, 1, 0], "rank": [1] * 3, "token_id": [3, 4, 3],
-                                             "token": tokens, "prob": [0.5, 0.25, 0.125]})
+    lens = table_from_columns(
+        "logit_lens",
+        {
+            "run_id": ["r"] * 3,
+            "image_id": [1] * 3,
+            "layer": [0, 0, 1],
+            "position": [0, 1, 0],
+            "rank": [1] * 3,
+            "token_id": [3, 4, 3],
+            "token": tokens,
+            "prob": [0.5, 0.25, 0.125],
+        },
+    )
     assert lens.column("token").type == pa.string() and lens.column("token").to_pylist() == ["a", "b", "a"]
 
 
-@pytest.mark.parametrize("table, columns, message", [
-    ("nope", {"run_id": ["r"]}, "unknown table"),
-    ("skipped", {"run_id": ["r"], "image_id": [1], "reason": ["x"], "colour": ["red"]}, "unknown columns"),
-    ("skipped", {"run_id": ["r"], "image_id": [1]}, "missing NOT NULL columns"),
-    ("skipped", {"run_id": ["r"], "image_id": [None], "reason": ["x"]}, "nulls in a NOT NULL column"),
-    ("skipped", {"run_id": ["r"], "image_id": ["one"], "reason": ["x"]}, r"skipped\.image_id"),
-])
+@pytest.mark.parametrize(
+    "table, columns, message",
+    [
+        ("nope", {"run_id": ["r"]}, "unknown table"),
+        ("skipped", {"run_id": ["r"], "image_id": [1], "reason": ["x"], "colour": ["red"]}, "unknown columns"),
+        ("skipped", {"run_id": ["r"], "image_id": [1]}, "missing NOT NULL columns"),
+        ("skipped", {"run_id": ["r"], "image_id": [None], "reason": ["x"]}, "nulls in a NOT NULL column"),
+        ("skipped", {"run_id": ["r"], "image_id": ["one"], "reason": ["x"]}, r"skipped\.image_id"),
+    ],
+)
 def test_bad_batches_are_refused(table, columns, message):
     with pytest.raises(RowBatchError, match=message):
         table_from_columns(table, columns)

@@ -48,19 +48,33 @@ def _jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header says width x height (one gray channel) and whose pixel data is a
     few bytes: enough for the size check, which must come before any decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
 def lens_args(tiny_checkpoints):
     def args(folder: Path, db: Path, *more):
-        return ["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", folder, "--db", db,
-                "--top-k", "2", "--quiet", *more]
+        return [
+            "collect",
+            "lens",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            folder,
+            "--db",
+            db,
+            "--top-k",
+            "2",
+            "--quiet",
+            *more,
+        ]
 
     return args
 
@@ -91,13 +105,18 @@ def test_bad_image_files_are_skipped_and_the_run_goes_on(tmp_path, demo_images, 
     result = _run(lens_args(folder, db_path))
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and "Error" not in result.output
-    assert (f"{n_good + 3} images selected, {n_good + 3} written ({n_good} kept, 3 skipped: "
-            "1 truncated, 2 unreadable), 0 already complete") in result.output
+    assert (
+        f"{n_good + 3} images selected, {n_good + 3} written ({n_good} kept, 3 skipped: "
+        "1 truncated, 2 unreadable), 0 already complete"
+    ) in result.output
     sql = re.search(r"list the skipped images: (SELECT .*)$", result.output, re.M)
     assert sql, result.output
     skipped = _skipped(db_path)
     assert {name: reason for name, (reason, _) in skipped.items()} == {
-        "empty.jpg": "unreadable", "notes.png": "unreadable", "000000039769.jpg": "truncated"}
+        "empty.jpg": "unreadable",
+        "notes.png": "unreadable",
+        "000000039769.jpg": "truncated",
+    }
     assert "empty file" in skipped["empty.jpg"][1]
     with ResultsDB(db_path, read_only=True) as db:
         assert len(db.sql(sql.group(1))) == 3  # the printed SQL lists them
@@ -235,11 +254,25 @@ def checkpoint_without_final_norm(tmp_path_factory):
 def test_checkpoint_missing_weights_is_refused(tmp_path, demo_images, checkpoint_without_final_norm):
     image_dir, _ = demo_images
     db_path = tmp_path / "r.duckdb"
-    args = ["collect", "lens", "--model", checkpoint_without_final_norm, "--images", image_dir, "--db", db_path,
-            "--quiet", "--top-k", "2"]
+    args = [
+        "collect",
+        "lens",
+        "--model",
+        checkpoint_without_final_norm,
+        "--images",
+        image_dir,
+        "--db",
+        db_path,
+        "--quiet",
+        "--top-k",
+        "2",
+    ]
     result = _run(args)
-    _assert_one_line_error(result, r"weights do not match the model \(1 missing: model\.language_model\.norm\.weight\)"
-                                   r".*--allow-incomplete-weights")
+    _assert_one_line_error(
+        result,
+        r"weights do not match the model \(1 missing: model\.language_model\.norm\.weight\)"
+        r".*--allow-incomplete-weights",
+    )
     assert "MISSING" not in result.output  # transformers' own table is not printed
     if db_path.exists():
         with ResultsDB(db_path, read_only=True) as db:
@@ -249,8 +282,24 @@ def test_checkpoint_missing_weights_is_refused(tmp_path, demo_images, checkpoint
 def test_checkpoint_missing_weights_allowed_is_recorded_and_shown(tmp_path, demo_images, checkpoint_without_final_norm):
     image_dir, _ = demo_images
     db_path = tmp_path / "r.duckdb"
-    result = _run(["collect", "lens", "--model", checkpoint_without_final_norm, "--images", image_dir, "--db", db_path,
-                   "--quiet", "--top-k", "2", "--limit", "1", "--allow-incomplete-weights"])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            checkpoint_without_final_norm,
+            "--images",
+            image_dir,
+            "--db",
+            db_path,
+            "--quiet",
+            "--top-k",
+            "2",
+            "--limit",
+            "1",
+            "--allow-incomplete-weights",
+        ]
+    )
     assert result.exit_code == 0, result.output
     with ResultsDB(db_path, read_only=True) as db:
         (run,) = db.runs()
@@ -269,17 +318,35 @@ def test_checkpoint_missing_weights_allowed_is_recorded_and_shown(tmp_path, demo
 # -- checked before the weights are read ------------------------------------------------
 
 
-@pytest.mark.parametrize("extra, pattern", [
-    (["--prompt", "x <image>"], r"--prompt must not contain the image placeholder '<image>'"),
-    (["--prompt-template", "USER: {question} ASSISTANT:"], r"--prompt-template must contain the image placeholder '<image>' exactly once \(found 0\)"),
-    (["--prompt-template", "USER: <image><image> {question} ASSISTANT:"], r"exactly once \(found 2\)"),
-    (["--top-k", "100000"], None),
-])
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--prompt", "x <image>"], r"--prompt must not contain the image placeholder '<image>'"),
+        (
+            ["--prompt-template", "USER: {question} ASSISTANT:"],
+            r"--prompt-template must contain the image placeholder '<image>' exactly once \(found 0\)",
+        ),
+        (["--prompt-template", "USER: <image><image> {question} ASSISTANT:"], r"exactly once \(found 2\)"),
+        (["--top-k", "100000"], None),
+    ],
+)
 def test_prompt_and_top_k_are_checked_before_loading(tmp_path, demo_images, tiny_checkpoints, extra, pattern):
     image_dir, _ = demo_images
     db_path = tmp_path / "r.duckdb"
-    result = _run(["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
-                   "--db", db_path, "--quiet", *extra])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            image_dir,
+            "--db",
+            db_path,
+            "--quiet",
+            *extra,
+        ]
+    )
     if pattern is None:  # --top-k has a range of its own (1..100): click's message, same form
         pattern = r"--top-k"
     _assert_one_line_error(result, pattern)
@@ -302,8 +369,23 @@ def test_replacement_of_the_wrong_size_is_refused_before_loading(tmp_path, demo_
     vector = tmp_path / "v.pt"
     torch.save(torch.zeros(7), vector)
     db_path = tmp_path / "r.duckdb"
-    result = _run(["collect", "ablation", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
-                   "--annotations", annotation_file, "--db", db_path, "--replacement", vector, "--quiet"])
+    result = _run(
+        [
+            "collect",
+            "ablation",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            image_dir,
+            "--annotations",
+            annotation_file,
+            "--db",
+            db_path,
+            "--replacement",
+            vector,
+            "--quiet",
+        ]
+    )
     _assert_one_line_error(result, r"replacement vector .*v\.pt has size 7 but the model's hidden size is \d+")
     assert "Loading weights" not in result.output
 
@@ -314,8 +396,23 @@ def test_pickled_replacement_never_suggests_weights_only_false(tmp_path, demo_im
     image_dir, annotation_file = demo_images
     vector = tmp_path / "v.pt"
     torch.save({"vector": torch.zeros(8), "made": __import__("datetime").datetime(2024, 1, 1)}, vector)
-    result = _run(["collect", "ablation", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
-                   "--annotations", annotation_file, "--db", tmp_path / "r.duckdb", "--replacement", vector, "--quiet"])
+    result = _run(
+        [
+            "collect",
+            "ablation",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            image_dir,
+            "--annotations",
+            annotation_file,
+            "--db",
+            tmp_path / "r.duckdb",
+            "--replacement",
+            vector,
+            "--quiet",
+        ]
+    )
     _assert_one_line_error(result, r"cannot load replacement vector .*v\.pt: it holds Python objects")
     assert "weights_only" not in result.output
 
@@ -329,8 +426,21 @@ def test_malformed_annotations_are_refused_while_listing(tmp_path, demo_images, 
     bad = tmp_path / "ann.json"
     bad.write_text(json.dumps(data))
     db_path = tmp_path / "r.duckdb"
-    result = _run(["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
-                   "--annotations", bad, "--db", db_path, "--quiet"])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            image_dir,
+            "--annotations",
+            bad,
+            "--db",
+            db_path,
+            "--quiet",
+        ]
+    )
     _assert_one_line_error(result, r"ann\.json: annotations\[1\] lacks or has a wrong type for bbox")
     assert not db_path.exists()
 
@@ -338,13 +448,16 @@ def test_malformed_annotations_are_refused_while_listing(tmp_path, demo_images, 
 # -- every mistake looks the same ------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, pattern", [
-    (["collect", "lens", "--top-k", "0"], r"Invalid value for '--top-k': 0 is not in the range"),
-    (["collect", "lens", "--limit", "0"], r"Invalid value for '--limit': 0 is not in the range"),
-    (["collect", "lens", "--no-such-option"], r"No such option '--no-such-option'"),
-    (["collect", "nonsense"], r"No such command 'nonsense'"),
-    (["report", "build", "--db", "x.duckdb", "--out", "FILE"], r"Invalid value for '--out'.* is a file"),
-])
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["collect", "lens", "--top-k", "0"], r"Invalid value for '--top-k': 0 is not in the range"),
+        (["collect", "lens", "--limit", "0"], r"Invalid value for '--limit': 0 is not in the range"),
+        (["collect", "lens", "--no-such-option"], r"No such option '--no-such-option'"),
+        (["collect", "nonsense"], r"No such command 'nonsense'"),
+        (["report", "build", "--db", "x.duckdb", "--out", "FILE"], r"Invalid value for '--out'.* is a file"),
+    ],
+)
 def test_usage_mistakes_are_one_error_line_exit_1(tmp_path, args, pattern):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -369,9 +482,20 @@ def test_a_foreign_duckdb_file_is_refused_untouched(tmp_path, demo_images, tiny_
     with duckdb.connect(str(db_path)) as con:
         con.execute(f"CREATE TABLE {table} (x INTEGER)")
         con.execute(f"INSERT INTO {table} VALUES (42)")
-    for args in (["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir,
-                  "--db", db_path, "--quiet"],
-                 ["report", "build", "--db", db_path, "--out", tmp_path / "site"]):
+    for args in (
+        [
+            "collect",
+            "lens",
+            "--model",
+            tiny_checkpoints["llava-1.5"],
+            "--images",
+            image_dir,
+            "--db",
+            db_path,
+            "--quiet",
+        ],
+        ["report", "build", "--db", db_path, "--out", tmp_path / "site"],
+    ):
         result = _run(args)
         _assert_one_line_error(result, r"theirs\.duckdb is not a llava-interp results database")
         assert "Loading weights" not in result.output
@@ -383,8 +507,21 @@ def test_a_foreign_duckdb_file_is_refused_untouched(tmp_path, demo_images, tiny_
 def test_collect_and_report_agree_on_a_dropped_migrations_table(tmp_path, demo_images, tiny_checkpoints):
     image_dir, _ = demo_images
     db_path = tmp_path / "r.duckdb"
-    lens = ["collect", "lens", "--model", tiny_checkpoints["llava-1.5"], "--images", image_dir, "--db", db_path,
-            "--quiet", "--limit", "1", "--top-k", "2"]
+    lens = [
+        "collect",
+        "lens",
+        "--model",
+        tiny_checkpoints["llava-1.5"],
+        "--images",
+        image_dir,
+        "--db",
+        db_path,
+        "--quiet",
+        "--limit",
+        "1",
+        "--top-k",
+        "2",
+    ]
     assert _run(lens).exit_code == 0
     with ResultsDB(db_path) as db:
         db.sql("DROP TABLE schema_migrations")
@@ -425,15 +562,29 @@ def test_a_failed_model_load_leaves_no_database_behind(tmp_path, demo_images):
     image_folder, _ = demo_images
     db_path = tmp_path / "new.duckdb"
     missing_model = tmp_path / "no-such-model"
-    result = CliRunner().invoke(cli, ["collect", "lens", "--model", str(missing_model), "--images",
-                                      str(image_folder), "--db", str(db_path), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(missing_model),
+            "--images",
+            str(image_folder),
+            "--db",
+            str(db_path),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 1 and result.output.startswith("Error:"), result.output
     assert not db_path.exists() and not db_path.with_name("new.duckdb.wal").exists()
     kept = tmp_path / "kept.duckdb"
     ResultsDB(kept).close()
     before = kept.read_bytes()
-    result = CliRunner().invoke(cli, ["collect", "lens", "--model", str(missing_model), "--images",
-                                      str(image_folder), "--db", str(kept), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        ["collect", "lens", "--model", str(missing_model), "--images", str(image_folder), "--db", str(kept), "--quiet"],
+    )
     assert result.exit_code == 1 and kept.read_bytes() == before
 
 

@@ -16,10 +16,30 @@ AREA = "4000:12000"
 def _args(tiny_checkpoints, demo_images, db, questions, *extra):
     folder, annotations = demo_images
     return [
-        "collect", "blocking", "--model", str(tiny_checkpoints["llava-1.5"]), "--device", "cpu",
-        "--images", str(folder), "--annotations", str(annotations), "--db", str(db), "--questions", str(questions),
-        "--object-area", AREA, "--window", "2", "--sources", "object_1,image_minus_last_row", "--targets", "last",
-        "--quiet", *extra,
+        "collect",
+        "blocking",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--device",
+        "cpu",
+        "--images",
+        str(folder),
+        "--annotations",
+        str(annotations),
+        "--db",
+        str(db),
+        "--questions",
+        str(questions),
+        "--object-area",
+        AREA,
+        "--window",
+        "2",
+        "--sources",
+        "object_1,image_minus_last_row",
+        "--targets",
+        "last",
+        "--quiet",
+        *extra,
     ]
 
 
@@ -55,7 +75,9 @@ def test_collect_blocking_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
         assert curves == (len(conditions), 1, 1)
 
     # Rerun without the limit: image 1 is resumed, not redone; 2 is written, 3 is skipped (no question).
-    result = runner.invoke(cli, _args(tiny_checkpoints, demo_images, db_path, questions, "--no-curate", "--batch-size", "7"))
+    result = runner.invoke(
+        cli, _args(tiny_checkpoints, demo_images, db_path, questions, "--no-curate", "--batch-size", "7")
+    )
     assert result.exit_code == 0, result.output
     assert "2 written (1 kept, 1 skipped: 1 empty_question_list), 1 already complete; 2 kept in total" in result.output
     with ResultsDB(db_path, read_only=True) as db:
@@ -74,7 +96,9 @@ def test_curation_skips_wrong_baselines(tmp_path, tiny_checkpoints, demo_images)
         # The random model names no shape, so every image stops at its baseline; no kept image
         # means --limit 1 never stops the loop.
         assert db.sql("SELECT image_id, reason FROM skipped ORDER BY 1") == [
-            (1, "baseline_incorrect"), (2, "no_question"), (3, "no_question")
+            (1, "baseline_incorrect"),
+            (2, "no_question"),
+            (3, "no_question"),
         ]
         assert db.sql("SELECT count(*), bool_and(window_kind = 'baseline') FROM blocking") == [(1, True)]
 
@@ -86,14 +110,18 @@ def test_bad_input_is_one_line_errors(tmp_path, tiny_checkpoints, demo_images):
     runner = CliRunner()
     db_path = tmp_path / "r.duckdb"
     cases = {
-        "--object-area must be MIN:MAX": _args(tiny_checkpoints, demo_images, db_path, questions, "--object-area", "big"),
+        "--object-area must be MIN:MAX": _args(
+            tiny_checkpoints, demo_images, db_path, questions, "--object-area", "big"
+        ),
         "needs 0 <= MIN < MAX": _args(tiny_checkpoints, demo_images, db_path, questions, "--object-area", "9:1"),
-        "--sources: unknown object_9": _args(tiny_checkpoints, demo_images, db_path, questions, "--sources", "object_9"),
+        "--sources: unknown object_9": _args(
+            tiny_checkpoints, demo_images, db_path, questions, "--sources", "object_9"
+        ),
         "questions file not found": _args(tiny_checkpoints, demo_images, db_path, tmp_path / "none.json"),
     }
     bad_questions = tmp_path / "bad.json"
     bad_questions.write_text(json.dumps({"1": "What?"}))
-    cases["must be \"<image id>\""] = _args(tiny_checkpoints, demo_images, db_path, bad_questions)
+    cases['must be "<image id>"'] = _args(tiny_checkpoints, demo_images, db_path, bad_questions)
     no_annotations = _args(tiny_checkpoints, demo_images, db_path, questions)
     index = no_annotations.index("--annotations")
     del no_annotations[index : index + 2]
@@ -106,6 +134,15 @@ def test_bad_input_is_one_line_errors(tmp_path, tiny_checkpoints, demo_images):
 
     result = runner.invoke(cli, ["collect", "blocking", "--help"])
     assert result.exit_code == 0
-    for option in ("--questions", "--max-annotations", "--object-area", "--no-curate", "--window",
-                   "--attn-implementation", "--batch-size", "--limit", "--quiet"):
+    for option in (
+        "--questions",
+        "--max-annotations",
+        "--object-area",
+        "--no-curate",
+        "--window",
+        "--attn-implementation",
+        "--batch-size",
+        "--limit",
+        "--quiet",
+    ):
         assert option in result.output

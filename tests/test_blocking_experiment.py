@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from collector.adapters import ImageTokenLayout
-from collector.vqa import class_first_token, vqa_prompt
 from collector.blocking.experiment import (
     baseline_forward,
     collect_blocking,
@@ -26,6 +25,7 @@ from collector.blocking.experiment import (
 )
 from collector.blocking.mechanism import NO_BLOCK, block_attention
 from collector.images import folder_images
+from collector.vqa import class_first_token, vqa_prompt
 from db.store import ResultsDB
 
 
@@ -35,14 +35,29 @@ def _windows(windows):
 
 def test_presets_scale_to_the_depth():
     assert _windows(preset_windows(32)) == {
-        "early": (0, 9), "early_mid": (5, 14), "mid": (11, 20), "mid_late": (15, 24), "late": (21, 31), "all": (0, 31),
+        "early": (0, 9),
+        "early_mid": (5, 14),
+        "mid": (11, 20),
+        "mid_late": (15, 24),
+        "late": (21, 31),
+        "all": (0, 31),
     }
     # 4 layers: start' = round(start*4/32), end' = round((end+1)*4/32) - 1, half up, never empty
     assert _windows(preset_windows(4)) == {
-        "early": (0, 0), "early_mid": (1, 1), "mid": (1, 2), "mid_late": (2, 2), "late": (3, 3), "all": (0, 3),
+        "early": (0, 0),
+        "early_mid": (1, 1),
+        "mid": (1, 2),
+        "mid_late": (2, 2),
+        "late": (3, 3),
+        "all": (0, 3),
     }
     assert _windows(preset_windows(40)) == {
-        "early": (0, 12), "early_mid": (6, 18), "mid": (14, 25), "mid_late": (19, 30), "late": (26, 39), "all": (0, 39),
+        "early": (0, 12),
+        "early_mid": (6, 18),
+        "mid": (14, 25),
+        "mid_late": (19, 30),
+        "late": (26, 39),
+        "all": (0, 39),
     }
     assert _windows(preset_windows(1)) == {name: (0, 0) for name in _windows(preset_windows(32))}
     assert scale_window(0, 31, 3) == (0, 2)
@@ -129,7 +144,8 @@ def test_batched_conditions_equal_one_at_a_time_and_the_full_model(loaded):
     # The language-model-only path equals the full model (vision tower included) under the same block.
     strongest = conditions_for(
         {"image_minus_last_row": source_sets(cells, layout)["image_minus_last_row"]},
-        {"last": [n_positions - 1]}, preset_windows(adapter.n_layers)[-1:],
+        {"last": [n_positions - 1]},
+        preset_windows(adapter.n_layers)[-1:],
     )[0].block
     with torch.no_grad(), block_attention(adapter, [strongest]):
         full = loaded.model(**inputs, use_cache=False, logits_to_keep=1).logits[0, -1]
@@ -161,10 +177,17 @@ def _skip_fixture(tmp_path, demo_images):
     # image 3 (500x500, centre crop 336 of 336): a square in the left 60 px... still visible; use
     # image 4 (800x400 -> 672x336, crop cuts 168 px each side = 200 original px): a square at x < 150.
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 4]
-    data["annotations"].append({
-        "id": next_id, "image_id": 4, "category_id": 2, "segmentation": [[20, 150, 120, 150, 120, 250, 20, 250]],
-        "area": 10000.0, "bbox": [20, 150, 100, 100], "iscrowd": 0,
-    })
+    data["annotations"].append(
+        {
+            "id": next_id,
+            "image_id": 4,
+            "category_id": 2,
+            "segmentation": [[20, 150, 120, 150, 120, 250, 20, 250]],
+            "area": 10000.0,
+            "bbox": [20, 150, 100, 100],
+            "iscrowd": 0,
+        }
+    )
     for ann in data["annotations"]:
         if ann["image_id"] == 2:
             ann["category_id"] = 4
@@ -182,8 +205,16 @@ def test_skips_are_recorded_with_reasons_and_runs_resume(tmp_path, demo_images, 
     records = folder_images(images, annotations)
     with ResultsDB(tmp_path / "r.duckdb") as db:
         summary = collect_blocking(
-            loaded, records, db, annotations, questions, area_range=(4000, 12000), progress=False,
-            sources=("object_0",), targets=("last",), window=2,
+            loaded,
+            records,
+            db,
+            annotations,
+            questions,
+            area_range=(4000, 12000),
+            progress=False,
+            sources=("object_0",),
+            targets=("last",),
+            window=2,
         )
         assert summary.images_selected == 5 and summary.images_written == 5
         reasons = dict(db.sql("SELECT image_id, reason FROM skipped WHERE run_id = ? ORDER BY 1", [summary.run_id]))
@@ -193,25 +224,49 @@ def test_skips_are_recorded_with_reasons_and_runs_resume(tmp_path, demo_images, 
         assert reasons[4] == "object_outside_view"
         # The random model names no shape: with curation image 5 stops at its baseline.
         assert reasons[5] == "baseline_incorrect"
-        rows = db.sql("SELECT image_id, window_kind, source, target, correct FROM blocking WHERE run_id = ?", [summary.run_id])
+        rows = db.sql(
+            "SELECT image_id, window_kind, source, target, correct FROM blocking WHERE run_id = ?", [summary.run_id]
+        )
         assert rows == [(5, "baseline", "none", "none", False)]
         assert db.completed_images(summary.run_id) == {1, 2, 3, 4, 5}
-        assert db.sql("SELECT count(*) FROM image_views WHERE run_id = ?", [summary.run_id])[0][0] == 3  # 2, 4, 5 ran the processor with a question
+        assert (
+            db.sql("SELECT count(*) FROM image_views WHERE run_id = ?", [summary.run_id])[0][0] == 3
+        )  # 2, 4, 5 ran the processor with a question
 
         again = collect_blocking(
-            loaded, records, db, annotations, questions, area_range=(4000, 12000), progress=False,
-            sources=("object_0",), targets=("last",), window=2,
+            loaded,
+            records,
+            db,
+            annotations,
+            questions,
+            area_range=(4000, 12000),
+            progress=False,
+            sources=("object_0",),
+            targets=("last",),
+            window=2,
         )
         assert again.run_id == summary.run_id and again.images_written == 0 and again.images_already_complete == 5
 
         uncurated = collect_blocking(
-            loaded, records, db, annotations, questions, area_range=(4000, 12000), progress=False, curate=False,
-            sources=("object_0", "image_minus_last_row"), targets=("last",), window=2,
+            loaded,
+            records,
+            db,
+            annotations,
+            questions,
+            area_range=(4000, 12000),
+            progress=False,
+            curate=False,
+            sources=("object_0", "image_minus_last_row"),
+            targets=("last",),
+            window=2,
         )
         assert uncurated.run_id != summary.run_id and uncurated.images_kept == 1
-        counts = dict(db.sql(
-            "SELECT window_kind, count(*) FROM blocking WHERE run_id = ? AND image_id = 5 GROUP BY 1", [uncurated.run_id]
-        ))
+        counts = dict(
+            db.sql(
+                "SELECT window_kind, count(*) FROM blocking WHERE run_id = ? AND image_id = 5 GROUP BY 1",
+                [uncurated.run_id],
+            )
+        )
         assert counts == {"baseline": 1, "preset": 2 * 6, "sliding": 2 * 4}
         config = db.runs("blocking")[-1]["config"]
         assert config["window"] == 2 and config["presets"]["mid"] == [1, 2] and config["curate"] is False
@@ -219,12 +274,23 @@ def test_skips_are_recorded_with_reasons_and_runs_resume(tmp_path, demo_images, 
 
 def test_blocking_curves_view_matches_a_hand_computation(tmp_path):
     with ResultsDB(tmp_path / "v.duckdb") as db:
+
         def add(image_id, window_kind, source, correct, prob, start=None, end=None, preset=None, run="r1"):
             db.sql(
                 "INSERT INTO blocking (run_id, image_id, category, source, target, layer_start, layer_end, "
                 "window_kind, preset, correct, target_prob) VALUES (?, ?, 'cat', ?, ?, ?, ?, ?, ?, ?, ?)",
-                [run, image_id, source, "none" if window_kind == "baseline" else "last", start, end, window_kind,
-                 preset, correct, prob],
+                [
+                    run,
+                    image_id,
+                    source,
+                    "none" if window_kind == "baseline" else "last",
+                    start,
+                    end,
+                    window_kind,
+                    preset,
+                    correct,
+                    prob,
+                ],
             )
 
         # baselines: images 1, 2 correct, 3 wrong; image 4 has no baseline and must not count

@@ -58,7 +58,10 @@ def _image_inputs(loaded, batch: int = 1) -> dict[str, torch.Tensor]:
     image = Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8))
     inputs = loaded.adapter.build_inputs(image, "What is behind the television?")
     inputs.pop("attention_mask", None)
-    return {"input_ids": inputs["input_ids"].repeat(batch, 1), "pixel_values": inputs["pixel_values"].repeat(batch, 1, 1, 1)}
+    return {
+        "input_ids": inputs["input_ids"].repeat(batch, 1),
+        "pixel_values": inputs["pixel_values"].repeat(batch, 1, 1, 1),
+    }
 
 
 def _logits(loaded, inputs, blocks=None, pre_decoder_hook=None) -> torch.Tensor:
@@ -169,7 +172,7 @@ def test_blocked_attention_equals_manual_masked_attention(model):
         # the last position may not see the first half of the image, in layers 0 and last
         AttentionBlock.of(image[: len(image) // 2], [n_positions - 1], [0, last_layer]),
         # the last image row may not see the rest of the image (and overlaps it: self kept), layer 1
-        AttentionBlock.of(image[:-layout.grid_cols], image[-layout.grid_cols - 3 :], [1]),
+        AttentionBlock.of(image[: -layout.grid_cols], image[-layout.grid_cols - 3 :], [1]),
         NO_BLOCK,
     ]
     captured: dict[int, dict] = {}
@@ -321,7 +324,9 @@ def test_flash_attention_and_bad_blocks_are_refused(model):
         check_implementation("flex_attention")
     adapter = SimpleNamespace(
         n_layers=1,
-        attention_module=lambda layer: SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2")),
+        attention_module=lambda layer: SimpleNamespace(
+            config=SimpleNamespace(_attn_implementation="flash_attention_2")
+        ),
     )
     with pytest.raises(UserError, match="sdpa"):
         with block_attention(adapter, [AttentionBlock.of([0], [1], [0])]):

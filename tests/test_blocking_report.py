@@ -13,9 +13,7 @@ def test_blocking_page_data_from_synthetic_rows(tmp_path):
         run_id = db.start_run("blocking", "m", {"k": 1}, {"window": 2})
         for image_id in (1, 2, 3):
             db.add_image(image_id, f"{image_id}.png", 10, 10, "test")
-            db.sql(
-                "INSERT INTO run_images VALUES (?, ?, 600, 4, 24, 24, now()::TIMESTAMP)", [run_id, image_id]
-            )
+            db.sql("INSERT INTO run_images VALUES (?, ?, 600, 4, 24, 24, now()::TIMESTAMP)", [run_id, image_id])
 
         def add(image_id, kind, source, target, correct, prob, start=None, end=None, preset=None):
             db.sql(
@@ -44,9 +42,9 @@ def test_blocking_page_data_from_synthetic_rows(tmp_path):
     assert series["object_1"]["mean_target_prob"] == [pytest.approx(0.4), pytest.approx(0.7)]
     assert series["object_0"]["relative_accuracy"] == [None, pytest.approx(1.0)]
     assert data["baseline"] == {"n": 2, "accuracy": 1.0, "mean_target_prob": pytest.approx(0.8)}
-    assert [(p["preset"], p["layer_start"], p["layer_end"], p["n"], p["relative_accuracy"]) for p in data["presets"]] == [
-        ("all", 0, 3, 1, 0.0)
-    ]
+    assert [
+        (p["preset"], p["layer_start"], p["layer_end"], p["n"], p["relative_accuracy"]) for p in data["presets"]
+    ] == [("all", 0, 3, 1, 0.0)]
     images = {row["image_id"]: row for row in data["images"]}
     assert images[1]["n_conditions"] == 4 and images[1]["share_correct"] == pytest.approx(0.5)
     assert images[1]["baseline_correct"] is True and images[1]["skipped_reason"] is None

@@ -48,8 +48,18 @@ def _assert_one_line_error(result, pattern):
 
 
 def test_missing_image_folder(tmp_path, tiny_checkpoints):
-    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]),
-                   "--images", str(tmp_path / "nope"), "--db", str(tmp_path / "r.duckdb")])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(tiny_checkpoints["llava-1.5"]),
+            "--images",
+            str(tmp_path / "nope"),
+            "--db",
+            str(tmp_path / "r.duckdb"),
+        ]
+    )
     _assert_one_line_error(result, "image folder not found")
 
 
@@ -58,23 +68,57 @@ def test_unreadable_image(tmp_path, tiny_checkpoints):
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
     # --strict: the fail-fast behaviour (without it the file is recorded in `skipped`).
-    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--strict",
-                   "--images", str(folder), "--db", str(tmp_path / "r.duckdb")])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(tiny_checkpoints["llava-1.5"]),
+            "--strict",
+            "--images",
+            str(folder),
+            "--db",
+            str(tmp_path / "r.duckdb"),
+        ]
+    )
     _assert_one_line_error(result, "cannot read image .*broken.jpg")
 
 
 def test_unknown_model(tmp_path, demo_images):
     image_dir, _ = demo_images
-    result = _run(["collect", "lens", "--model", str(tmp_path / "no-such-model"),
-                   "--images", str(image_dir), "--db", str(tmp_path / "r.duckdb")])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--images",
+            str(image_dir),
+            "--db",
+            str(tmp_path / "r.duckdb"),
+        ]
+    )
     _assert_one_line_error(result, "cannot load model")
 
 
 def test_conflicting_inputs(tmp_path, demo_images, tiny_checkpoints):
     image_dir, _ = demo_images
-    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]),
-                   "--images", str(image_dir), "--coco-root", str(tmp_path), "--split", "val2017",
-                   "--db", str(tmp_path / "r.duckdb")])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(tiny_checkpoints["llava-1.5"]),
+            "--images",
+            str(image_dir),
+            "--coco-root",
+            str(tmp_path),
+            "--split",
+            "val2017",
+            "--db",
+            str(tmp_path / "r.duckdb"),
+        ]
+    )
     _assert_one_line_error(result, "exactly one input")
 
 
@@ -82,8 +126,18 @@ def test_bad_database_file_is_not_overwritten(tmp_path, demo_images, tiny_checkp
     image_dir, _ = demo_images
     notes = tmp_path / "notes.duckdb"
     notes.write_text("my precious notes")
-    result = _run(["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]),
-                   "--images", str(image_dir), "--db", str(notes)])
+    result = _run(
+        [
+            "collect",
+            "lens",
+            "--model",
+            str(tiny_checkpoints["llava-1.5"]),
+            "--images",
+            str(image_dir),
+            "--db",
+            str(notes),
+        ]
+    )
     _assert_one_line_error(result, "cannot open database")
     assert notes.read_text() == "my precious notes"
 
@@ -98,8 +152,23 @@ def test_collect_lens_from_coco_layout(tmp_path, tiny_checkpoints, demo_images):
     (root / "annotations").mkdir()
     shutil.copy(annotation_file, root / "annotations" / "instances_val2017.json")
     db_path = tmp_path / "r.duckdb"
-    args = ["collect", "lens", "--model", str(tiny_checkpoints["llava-phi"]), "--coco-root", str(root),
-            "--split", "val2017", "--db", str(db_path), "--limit", "2", "--top-k", "2", "--quiet"]
+    args = [
+        "collect",
+        "lens",
+        "--model",
+        str(tiny_checkpoints["llava-phi"]),
+        "--coco-root",
+        str(root),
+        "--split",
+        "val2017",
+        "--db",
+        str(db_path),
+        "--limit",
+        "2",
+        "--top-k",
+        "2",
+        "--quiet",
+    ]
     result = _run(args)
     assert result.exit_code == 0, result.output
     assert "2 images selected, 2 written (2 kept, 0 skipped), 0 already complete" in result.output
@@ -119,8 +188,19 @@ def test_pipeline_options_on_every_collect_command(tmp_path, tiny_checkpoints, d
     records both; ablation and blocking take --loader-workers (their --batch-size batches
     conditions of one image, documented in --help)."""
     image_dir, annotation_file = demo_images
-    common = ["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--images", str(image_dir),
-              "--limit", "3", "--top-k", "2", "--quiet"]
+    common = [
+        "collect",
+        "lens",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--images",
+        str(image_dir),
+        "--limit",
+        "3",
+        "--top-k",
+        "2",
+        "--quiet",
+    ]
     plain, batched = tmp_path / "plain.duckdb", tmp_path / "batched.duckdb"
     assert _run([*common, "--db", str(plain)]).exit_code == 0
     result = _run([*common, "--db", str(batched), "--batch-size", "3", "--loader-workers", "0"])

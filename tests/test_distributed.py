@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_merge import dump, write_images
 
 from collector.distributed import (
     ProcessGroup,
@@ -23,7 +24,6 @@ from collector.distributed import (
 )
 from collector.errors import UserError
 from db.store import ResultsDB
-from test_merge import dump, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,18 +39,39 @@ def test_torchrun_and_accelerate_variables():
 
 def test_torchrun_variables_win_over_slurm():
     # srun torchrun ...: SLURM_PROCID numbers the node's torchrun, RANK the worker.
-    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2",
-           "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "TORCHELASTIC_RUN_ID": "none"}
+    env = {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",
+        "TORCHELASTIC_RUN_ID": "none",
+    }
     group = ProcessGroup.from_env(env)
     assert (group.rank, group.world_size, group.local_rank, group.source) == (5, 8, 1, "torchrun")
     assert group.launch_id == "slurm:77.0"  # torchrun's default 'none' is no launch id
 
 
 def test_slurm_step_variables():
-    env = {"SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "3", "SLURM_NTASKS": "3", "SLURM_LOCALID": "2",
-           "SLURM_JOB_ID": "9", "SLURM_STEP_ID": "1"}
+    env = {
+        "SLURM_PROCID": "2",
+        "SLURM_STEP_NUM_TASKS": "3",
+        "SLURM_NTASKS": "3",
+        "SLURM_LOCALID": "2",
+        "SLURM_JOB_ID": "9",
+        "SLURM_STEP_ID": "1",
+    }
     group = ProcessGroup.from_env(env)
-    assert (group.rank, group.world_size, group.local_rank, group.source, group.launch_id) == (2, 3, 2, "slurm", "slurm:9.1")
+    assert (group.rank, group.world_size, group.local_rank, group.source, group.launch_id) == (
+        2,
+        3,
+        2,
+        "slurm",
+        "slurm:9.1",
+    )
 
 
 def test_a_batch_script_shell_is_one_process():
@@ -158,12 +179,16 @@ def test_one_process_writes_the_target_itself(tmp_path):
 def test_two_ranks_write_shards_and_rank_zero_merges(tmp_path):
     target = tmp_path / "r.duckdb"
     calls = []
-    rank1 = run_sharded(target, RECORDS, _writer(calls=calls), group=ProcessGroup(1, 2, source="torchrun", launch_id="L"))
+    rank1 = run_sharded(
+        target, RECORDS, _writer(calls=calls), group=ProcessGroup(1, 2, source="torchrun", launch_id="L")
+    )
     assert rank1.merge is None and rank1.db_path == shard_db_path(target, 1, 2)
     assert not target.exists()
     marker = json.loads(done_marker(rank1.db_path).read_text())
     assert marker["run_id"] == rank1.summary.run_id and marker["rank"] == 1 and marker["images_written"] == 2
-    rank0 = run_sharded(target, RECORDS, _writer(calls=calls), group=ProcessGroup(0, 2, source="torchrun", launch_id="L"))
+    rank0 = run_sharded(
+        target, RECORDS, _writer(calls=calls), group=ProcessGroup(0, 2, source="torchrun", launch_id="L")
+    )
     assert calls == [(shard_db_path(target, 1, 2), [4, 2]), (shard_db_path(target, 0, 2), [1, 3])]
     assert rank0.merge is not None and rank0.merge.images_merged == 4
     single = tmp_path / "single.duckdb"
@@ -234,8 +259,21 @@ def test_sharded_lens_equals_one_process(tmp_path, tiny_checkpoints, demo_images
     from collector.cli import cli
 
     image_dir, annotation_file = demo_images
-    args = ["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--images", str(image_dir),
-            "--annotations", str(annotation_file), "--limit", "3", "--top-k", "2", "--quiet"]
+    args = [
+        "collect",
+        "lens",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--limit",
+        "3",
+        "--top-k",
+        "2",
+        "--quiet",
+    ]
     single = tmp_path / "single.duckdb"
     result = CliRunner().invoke(cli, [*args, "--db", str(single)], env={"RANK": None, "WORLD_SIZE": None})
     assert result.exit_code == 0, result.output
@@ -262,19 +300,48 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_checkpoints, de
     from collector.cli import cli
 
     image_dir, annotation_file = demo_images
-    args = ["collect", "lens", "--model", str(tiny_checkpoints["llava-1.5"]), "--images", str(image_dir),
-            "--annotations", str(annotation_file), "--limit", "4", "--top-k", "2", "--quiet"]
+    args = [
+        "collect",
+        "lens",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--limit",
+        "4",
+        "--top-k",
+        "2",
+        "--quiet",
+    ]
     single = tmp_path / "single.duckdb"
     result = CliRunner().invoke(cli, [*args, "--db", str(single)], env={"RANK": None, "WORLD_SIZE": None})
     assert result.exit_code == 0, result.output
 
     target = tmp_path / "sharded.duckdb"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "LLAVA_INTERP_SHARD_TIMEOUT": "300"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "LLAVA_INTERP_SHARD_TIMEOUT": "300",
+    }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "collector.cli", *args, "--db", str(target)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        "-m",
+        "collector.cli",
+        *args,
+        "--db",
+        str(target),
+    ]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "rank 1/2: run lens-" in run.stdout and "rank 0/2: run lens-" in run.stdout
@@ -295,10 +362,31 @@ BLOCKING_TABLES = ("runs", "images", "annotations", "positions", "run_images", "
 
 def _blocking_args(tiny_checkpoints, demo_images, questions, *extra):
     image_dir, annotation_file = demo_images
-    return ["collect", "blocking", "--model", str(tiny_checkpoints["llava-1.5"]), "--device", "cpu",
-            "--images", str(image_dir), "--annotations", str(annotation_file), "--questions", str(questions),
-            "--object-area", "4000:12000", "--window", "2", "--sources", "object_1", "--targets", "last",
-            "--no-curate", "--quiet", *extra]
+    return [
+        "collect",
+        "blocking",
+        "--model",
+        str(tiny_checkpoints["llava-1.5"]),
+        "--device",
+        "cpu",
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--questions",
+        str(questions),
+        "--object-area",
+        "4000:12000",
+        "--window",
+        "2",
+        "--sources",
+        "object_1",
+        "--targets",
+        "last",
+        "--no-curate",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_sharded_blocking_equals_one_process(tmp_path, tiny_checkpoints, demo_images):
@@ -336,19 +424,53 @@ def test_limits_on_kept_images_and_mean_vectors_refuse_several_processes(tmp_pat
     model = str(tiny_checkpoints["llava-1.5"])
     cases = {
         "--limit counts kept images of the whole run": [
-            *_blocking_args(tiny_checkpoints, demo_images, questions, "--limit", "1"), "--db", str(tmp_path / "b.duckdb")],
+            *_blocking_args(tiny_checkpoints, demo_images, questions, "--limit", "1"),
+            "--db",
+            str(tmp_path / "b.duckdb"),
+        ],
         "--replacement db:ID reads the target database": [
-            "collect", "ablation", "--model", model, "--images", str(image_dir), "--annotations", str(annotation_file),
-            "--replacement", "db:v1", "--db", str(tmp_path / "a.duckdb")],
+            "collect",
+            "ablation",
+            "--model",
+            model,
+            "--images",
+            str(image_dir),
+            "--annotations",
+            str(annotation_file),
+            "--replacement",
+            "db:v1",
+            "--db",
+            str(tmp_path / "a.duckdb"),
+        ],
         "collect mean-vector runs as one process, not 2": [
-            "collect", "mean-vector", "--model", model, "--images", str(image_dir), "--out", str(tmp_path / "m.pt")],
+            "collect",
+            "mean-vector",
+            "--model",
+            model,
+            "--images",
+            str(image_dir),
+            "--out",
+            str(tmp_path / "m.pt"),
+        ],
     }
     for message, args in cases.items():
         result = CliRunner().invoke(cli, args, env=env)
         assert result.exit_code == 1, result.output
         assert result.output.startswith(f"Error: {message}") and result.output.count("\n") == 1, result.output
-    ablation_limit = ["collect", "ablation", "--model", model, "--images", str(image_dir), "--annotations",
-                      str(annotation_file), "--limit", "1", "--db", str(tmp_path / "a.duckdb")]
+    ablation_limit = [
+        "collect",
+        "ablation",
+        "--model",
+        model,
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--limit",
+        "1",
+        "--db",
+        str(tmp_path / "a.duckdb"),
+    ]
     result = CliRunner().invoke(cli, ablation_limit, env=env)
     assert result.exit_code == 1 and result.output.startswith("Error: --limit counts kept images"), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["questions.json"]  # nothing opened or written

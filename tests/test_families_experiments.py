@@ -21,7 +21,6 @@ from PIL import Image
 
 from tests.support.families import real_attention_masks
 
-
 FAMILIES = ("qwen2.5-vl", "qwen2-vl", "llava-next", "gemma3", "paligemma")
 BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3", "paligemma")  # image tokens attend to later image tokens
 IMPLEMENTATIONS = ("eager", "sdpa")
@@ -114,7 +113,7 @@ def test_blocked_position_cannot_influence_any_other_position(name, implementati
     change = (plain_perturbed[0] - plain[0]).abs().amax(-1)
     first_image = int(layout.all_image_positions[0])
     assert bool((change[:first_image] <= 1e-6).all())  # nothing before the image can see it
-    assert bool((change[n - 1] > 1e-4))  # the last position does, without the block
+    assert bool(change[n - 1] > 1e-4)  # the last position does, without the block
     earlier_image = [p for p in range(first_image, j) if p in set(watchers)]
     if name in BIDIRECTIONAL_IMAGE_FAMILIES:  # bidirectional image block: earlier image tokens see j
         assert earlier_image and bool((change[earlier_image] > 1e-5).any())
@@ -146,8 +145,10 @@ def test_object_cells_land_on_the_tokens_covering_the_object(name, family_model)
     bright = np.zeros((layout.grid_rows, layout.grid_cols), dtype=bool)
     for r in range(layout.grid_rows):
         for c in range(layout.grid_cols):
-            patch = view[r * vh // layout.grid_rows : (r + 1) * vh // layout.grid_rows,
-                         c * vw // layout.grid_cols : (c + 1) * vw // layout.grid_cols]
+            patch = view[
+                r * vh // layout.grid_rows : (r + 1) * vh // layout.grid_rows,
+                c * vw // layout.grid_cols : (c + 1) * vw // layout.grid_cols,
+            ]
             bright[r, c] = patch.max() > 127
     assert cells.any()
     assert np.array_equal(cells, bright)
@@ -156,6 +157,7 @@ def test_object_cells_land_on_the_tokens_covering_the_object(name, family_model)
 # -- (d) the CLI, end to end -------------------------------------------------------------------
 
 
+@pytest.mark.slow  # every family through both CLIs: minutes on 2 cores
 @pytest.mark.parametrize("name", FAMILIES)
 def test_collect_ablation_and_blocking_cli_end_to_end(name, family_model, family_checkpoint, demo_images, tmp_path):
     from click.testing import CliRunner
@@ -166,10 +168,37 @@ def test_collect_ablation_and_blocking_cli_end_to_end(name, family_model, family
     path = family_checkpoint(name)
     image_dir, annotation_file = demo_images
     db_path = tmp_path / "r.duckdb"
-    common = ["--model", str(path), "--images", str(image_dir), "--annotations", str(annotation_file),
-              "--db", str(db_path), "--no-curate", "--object-area", "1000:40000", "--device", "cpu", "--quiet"]
-    ablation = ["collect", "ablation", *common, "--limit", "1", "--k", "3", "--ig-steps", "2",
-                "--max-new-tokens", "2", "--settings", "polling,generative"]
+    common = [
+        "--model",
+        str(path),
+        "--images",
+        str(image_dir),
+        "--annotations",
+        str(annotation_file),
+        "--db",
+        str(db_path),
+        "--no-curate",
+        "--object-area",
+        "1000:40000",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    ablation = [
+        "collect",
+        "ablation",
+        *common,
+        "--limit",
+        "1",
+        "--k",
+        "3",
+        "--ig-steps",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--settings",
+        "polling,generative",
+    ]
     result = CliRunner().invoke(cli, ablation)
     assert result.exit_code == 0, result.output
     questions = tmp_path / "questions.json"
@@ -188,9 +217,13 @@ def test_collect_ablation_and_blocking_cli_end_to_end(name, family_model, family
         conditions = {r[1] for r in rows}
         assert {"none", "object_0", "object_1", "random_3", "gradient_3", "image_noise"} <= conditions
         image_id = rows[0][0]
-        image_positions = {p for (p,) in db.sql(
-            f"SELECT position FROM positions WHERE image_id = {image_id} AND kind = 'image' "
-            f"AND run_id = '{runs['ablation']['run_id']}'")}
+        image_positions = {
+            p
+            for (p,) in db.sql(
+                f"SELECT position FROM positions WHERE image_id = {image_id} AND kind = 'image' "
+                f"AND run_id = '{runs['ablation']['run_id']}'"
+            )
+        }
         assert image_positions and all(set(r[4]) <= image_positions for r in rows)
         assert all(r[3] == 3 for r in rows if r[1] in ("random_3", "gradient_3"))
         blocking_rows = db.sql("SELECT source, target, layer_start, layer_end, source_positions FROM blocking")

@@ -189,6 +189,7 @@ def test_pan_and_scan_is_refused(gemma3):
 # -- end to end: the CLI into DuckDB -----------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole CLI on a family model; the lens itself is tested above
 def test_collect_lens_cli_end_to_end(gemma3, demo_images, tmp_path):
     name, path, loaded = gemma3
     for image in check_collect_lens_cli(name, path, loaded, demo_images[0], tmp_path / "r.duckdb"):

@@ -179,6 +179,7 @@ def test_view_geometry_puts_markers_where_the_model_sees_them(llava_next, size):
 # -- end to end: the CLI into DuckDB, and the site ---------------------------------------------
 
 
+@pytest.mark.slow  # the whole CLI on a family model; the lens itself is tested above
 def test_collect_lens_cli_end_to_end(llava_next, demo_images, tmp_path):
     from db.store import ResultsDB
     from report.build import build_site, run_dir_name

@@ -174,6 +174,7 @@ def test_view_geometry_puts_markers_where_the_model_sees_them(paligemma, size):
 # -- end to end: the CLI into DuckDB -----------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole CLI on a family model; the lens itself is tested above
 def test_collect_lens_cli_end_to_end(paligemma, demo_images, tmp_path):
     from db.store import ResultsDB
 
@@ -185,5 +186,7 @@ def test_collect_lens_cli_end_to_end(paligemma, demo_images, tmp_path):
             assert image["extra"] == []
             # 224x224 view, 16x16 patch grid, image tokens first
             assert (image["width"], image["height"], image["rows"], image["cols"]) == (224, 224, 16, 16)
-            first = db.sql(f"SELECT min(position) FROM positions WHERE image_id = {image['image_id']} AND kind = 'image'")
+            first = db.sql(
+                f"SELECT min(position) FROM positions WHERE image_id = {image['image_id']} AND kind = 'image'"
+            )
             assert first[0][0] == 0

@@ -119,7 +119,9 @@ def test_qwen_forward_uses_mrope_positions(qwen):
     )
     explicit = forward(loaded, {**inputs, "position_ids": positions}).logits
     assert torch.equal(ours, explicit)
-    real = _real_qwen_processor(loaded)(images=image, text=adapter.format_prompt("Describe the image."), return_tensors="pt")
+    real = _real_qwen_processor(loaded)(
+        images=image, text=adapter.format_prompt("Describe the image."), return_tensors="pt"
+    )
     assert torch.equal(forward(loaded, dict(real)).logits, ours)
     without = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
     if loaded.model.config.model_type == "qwen2_vl":
@@ -208,6 +210,7 @@ def test_view_geometry_puts_markers_where_the_model_sees_them(qwen, size):
 # -- end to end: the CLI into DuckDB -----------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole CLI on a family model; the lens itself is tested above
 def test_collect_lens_cli_end_to_end(qwen, demo_images, tmp_path):
     name, path, loaded = qwen
     for image in check_collect_lens_cli(name, path, loaded, demo_images[0], tmp_path / "r.duckdb"):

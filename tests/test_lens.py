@@ -48,8 +48,10 @@ def test_every_layer_equals_independent_recomputation(loaded):
     assert readout.token_ids.shape == (text_config.num_hidden_layers + 1, hidden_states[0].shape[1], 3)
     for layer, hidden in enumerate(hidden_states):
         # The last entry already went through the final norm inside the model.
-        normed = hidden[0].float() if layer == len(hidden_states) - 1 else _manual_rms_norm(
-            hidden[0], norm_weight, text_config.rms_norm_eps
+        normed = (
+            hidden[0].float()
+            if layer == len(hidden_states) - 1
+            else _manual_rms_norm(hidden[0], norm_weight, text_config.rms_norm_eps)
         )
         probs = torch.softmax(normed @ unembedding_weight.T, dim=-1)
         expected = torch.topk(probs, 3, dim=-1)

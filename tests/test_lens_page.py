@@ -27,6 +27,8 @@ from db.store import ResultsDB
 from report.build import build_site, run_dir_name
 from report.lens_codec import unpack_lens_data, unpack_token_ids
 
+pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,14 +71,20 @@ def big(browser: Any, big_site: tuple[Path, Path, str]) -> Iterator[tuple[Watche
 
 def _top(db_path: Path, run_id: str, image_id: int, layer: int, position: int) -> list[tuple[int, str, int, float]]:
     with ResultsDB(db_path, read_only=True) as db:
-        return db.sql("SELECT rank, token, token_id, prob FROM logit_lens WHERE run_id = ? AND image_id = ? "
-                      "AND layer = ? AND position = ? ORDER BY rank", (run_id, image_id, layer, position))
+        return db.sql(
+            "SELECT rank, token, token_id, prob FROM logit_lens WHERE run_id = ? AND image_id = ? "
+            "AND layer = ? AND position = ? ORDER BY rank",
+            (run_id, image_id, layer, position),
+        )
 
 
 def _in_box(inner: dict[str, float], outer: dict[str, float]) -> bool:
-    return (inner["x"] >= outer["x"] - 0.5 and inner["y"] >= outer["y"] - 0.5
-            and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 0.5
-            and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 0.5)
+    return (
+        inner["x"] >= outer["x"] - 0.5
+        and inner["y"] >= outer["y"] - 0.5
+        and inner["x"] + inner["width"] <= outer["x"] + outer["width"] + 0.5
+        and inner["y"] + inner["height"] <= outer["y"] + outer["height"] + 0.5
+    )
 
 
 def _visible_in_wrap(page: Any, selector: str) -> bool:
@@ -103,7 +111,10 @@ def test_hovering_a_patch_shows_its_top_k_at_the_pointer_and_the_table_follows(b
     ids = tip.locator("td.token-id").all_inner_texts()
     assert tokens == [t.replace(" ", "\u2423") for _, t, _, _ in expected]
     assert ids == [str(i) for _, _, i, _ in expected]
-    assert "L32" in tip.locator(".tip-title").inner_text() and f"position {position}" in tip.locator(".tip-title").inner_text()
+    assert (
+        "L32" in tip.locator(".tip-title").inner_text()
+        and f"position {position}" in tip.locator(".tip-title").inner_text()
+    )
     # The panel shows the same and is in view at 1280x800.
     panel = page.locator("#panel").bounding_box()
     assert panel["y"] + panel["height"] <= 800
@@ -115,8 +126,12 @@ def test_hovering_a_patch_shows_its_top_k_at_the_pointer_and_the_table_follows(b
     layers = page.locator("#lens-table thead th.mirror-layers").bounding_box()
     assert wrap_box["y"] <= layers["y"] and layers["y"] + layers["height"] <= wrap_box["y"] + 80  # under the headers
     # ... and the table follows the hovered patch once the pointer rests: its row scrolls into view.
-    page.wait_for_function(f"document.querySelector('#lens-table tbody tr.row-active th.pos').textContent === '{position}'")
-    page.wait_for_function("document.querySelector('#lens-table tbody tr.row-active td.cell-active') !== null", timeout=3000)
+    page.wait_for_function(
+        f"document.querySelector('#lens-table tbody tr.row-active th.pos').textContent === '{position}'"
+    )
+    page.wait_for_function(
+        "document.querySelector('#lens-table tbody tr.row-active td.cell-active') !== null", timeout=3000
+    )
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active th.pos")
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active td:nth-child(36)")  # L32, the current layer
     # Leaving the image hides the tooltip.
@@ -164,7 +179,9 @@ def test_headers_stay_above_their_columns_after_a_sideways_scroll(big: Any) -> N
         checked += 1
     assert checked >= 4
     # What is drawn at the left edge of the header is the "pos" header, not a layer's.
-    hit = page.evaluate(f"document.elementFromPoint({box['x'] + 10}, {head.nth(0).bounding_box()['y'] + 5}).textContent")
+    hit = page.evaluate(
+        f"document.elementFromPoint({box['x'] + 10}, {head.nth(0).bounding_box()['y'] + 5}).textContent"
+    )
     assert hit == "pos"
 
 
@@ -244,7 +261,9 @@ def test_narrow_screen_has_no_horizontal_overflow(browser: Any, big_site: tuple[
         watched.context.close()
 
 
-def test_probabilities_ids_and_invisible_tokens_are_shown_honestly(browser: Any, site: tuple[Path, Path, dict[str, str]]) -> None:  # noqa: F811
+def test_probabilities_ids_and_invisible_tokens_are_shown_honestly(
+    browser: Any, site: tuple[Path, Path, dict[str, str]]
+) -> None:  # noqa: F811
     db_path, out, run_ids = site
     run_id = run_ids["clean"]
     watched = _watched(browser, out, 1400, 1000)
@@ -252,12 +271,14 @@ def test_probabilities_ids_and_invisible_tokens_are_shown_honestly(browser: Any,
         with ResultsDB(db_path, read_only=True) as db:
             layer, position, rank = db.sql(
                 "SELECT layer, position, rank FROM logit_lens WHERE run_id = ? AND image_id = 102 AND token = ' the' "
-                "ORDER BY layer, position LIMIT 1", (run_id,))[0]
+                "ORDER BY layer, position LIMIT 1",
+                (run_id,),
+            )[0]
         page = _open_lens(watched, run_id, 102, f"layer={layer}&pos={position}")
         expected = _top(db_path, run_id, 102, layer, position)
         tokens = page.locator("#panel-rows td.token")
         assert tokens.all_inner_texts()[rank - 1] == "\u2423the"  # space shown as the legend says
-        assert "\" the\"" in tokens.nth(rank - 1).get_attribute("title")  # raw text on hover
+        assert '" the"' in tokens.nth(rank - 1).get_attribute("title")  # raw text on hover
         assert page.locator("#panel-rows td.token-id").all_inner_texts() == [str(i) for _, _, i, _ in expected]
         for text, (_, _, _, p) in zip(page.locator("#panel-rows .prob-text").all_inner_texts(), expected):
             digits = text.rstrip("%").replace(".", "").lstrip("0").lstrip("<")
@@ -281,9 +302,13 @@ def test_exports_csv_svg_png(browser: Any, site: tuple[Path, Path, dict[str, str
             page.click("#export-csv")
         rows = list(csv.DictReader(io.StringIO(Path(info.value.path()).read_text(encoding="utf-8"))))
         with ResultsDB(db_path, read_only=True) as db:
-            lens = db.sql("SELECT layer, position, rank, token_id, token FROM logit_lens WHERE run_id = ? AND image_id = 101",
-                          (run_id,))
-        assert {(int(r["layer"]), int(r["position"]), int(r["rank"]), int(r["token_id"]), r["token"]) for r in rows} == set(lens)
+            lens = db.sql(
+                "SELECT layer, position, rank, token_id, token FROM logit_lens WHERE run_id = ? AND image_id = 101",
+                (run_id,),
+            )
+        assert {
+            (int(r["layer"]), int(r["position"]), int(r["rank"]), int(r["token_id"]), r["token"]) for r in rows
+        } == set(lens)
         assert len(rows) == len(lens)
         with page.expect_download() as info:
             page.click("#export-map-svg")
@@ -317,11 +342,17 @@ def test_data_file_carries_the_token_ids(site: tuple[Path, Path, dict[str, str]]
             row_of = {p: r for r, p in enumerate(data["positions"]["position"])}
             for layer, position, rank, token_id, token in db.sql(
                 "SELECT layer, position, rank, token_id, token FROM logit_lens WHERE run_id = ? AND image_id = ?",
-                (run_id, image_id)):
+                (run_id, image_id),
+            ):
                 at = (layer * n_rows + row_of[position]) * TOP_K + rank - 1
                 assert (ids[index[at]], tokens[index[at]]) == (token_id, token)
-            assert data["positions"]["token_id"] == [r[0] for r in db.sql(
-                "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position", (run_id, image_id))]
+            assert data["positions"]["token_id"] == [
+                r[0]
+                for r in db.sql(
+                    "SELECT token_id FROM positions WHERE run_id = ? AND image_id = ? ORDER BY position",
+                    (run_id, image_id),
+                )
+            ]
 
 
 # -- index, comparison and the quantitative overlay (a site with two runs of the same model, two prompts) --
@@ -333,16 +364,49 @@ def _make_two_run_db(path: Path) -> list[str]:
     """Two lens runs of one model with different prompts, on images named img10.jpg (id 101) and img2.jpg (id 102)."""
     square = [[0, 0, 300, 0, 300, 300, 0, 300]]
     with ResultsDB(path) as db:
-        db.add_image(101, "img10.jpg", 640, 480, "coco", annotations=[
-            {"id": 1, "category_id": 17, "category": "cat", "area": 10.0, "bbox": [0, 0, 300, 300], "segmentation": square}])
-        db.add_image(102, "img2.jpg", 640, 480, "coco", annotations=[
-            {"id": 2, "category_id": 17, "category": "cat", "area": 10.0, "bbox": [0, 0, 300, 300], "segmentation": square}])
+        db.add_image(
+            101,
+            "img10.jpg",
+            640,
+            480,
+            "coco",
+            annotations=[
+                {
+                    "id": 1,
+                    "category_id": 17,
+                    "category": "cat",
+                    "area": 10.0,
+                    "bbox": [0, 0, 300, 300],
+                    "segmentation": square,
+                }
+            ],
+        )
+        db.add_image(
+            102,
+            "img2.jpg",
+            640,
+            480,
+            "coco",
+            annotations=[
+                {
+                    "id": 2,
+                    "category_id": 17,
+                    "category": "cat",
+                    "area": 10.0,
+                    "bbox": [0, 0, 300, 300],
+                    "segmentation": square,
+                }
+            ],
+        )
         ids = []
         # The second run's positions are column-major: the view aligns patches by cell, not by position number.
         for prompt, column_major in (("Describe.", False), ("What is it?", True)):
-            run = db.start_run("lens", "llava-hf/llava-1.5-7b-hf", {"model_id": "m", "prompt": prompt},
-                               {"model_id": "llava-hf/llava-1.5-7b-hf", "prompt": "USER: <image>\n" + prompt,
-                                "top_k": TOP_K})
+            run = db.start_run(
+                "lens",
+                "llava-hf/llava-1.5-7b-hf",
+                {"model_id": "m", "prompt": prompt},
+                {"model_id": "llava-hf/llava-1.5-7b-hf", "prompt": "USER: <image>\n" + prompt, "top_k": TOP_K},
+            )
             _write_image(db, run, 101, complete=True, column_major=column_major)
             _write_image(db, run, 102, complete=True, column_major=column_major)
             db.finish_run(run)
@@ -372,8 +436,12 @@ def two(browser: Any, two_runs: tuple[Path, Path, list[str]]) -> Iterator[tuple[
 
 
 def _index_rows(page: Any) -> list[tuple[str, str]]:
-    return [tuple(r) for r in page.locator("#lens-list tbody tr:visible").evaluate_all(
-        "rows => rows.map(r => [r.dataset.file, r.dataset.run])")]
+    return [
+        tuple(r)
+        for r in page.locator("#lens-list tbody tr:visible").evaluate_all(
+            "rows => rows.map(r => [r.dataset.file, r.dataset.run])"
+        )
+    ]
 
 
 def test_index_sorts_filters_and_keeps_its_state_in_the_url(two: Any) -> None:
@@ -424,13 +492,23 @@ def test_lens_page_links_the_same_image_in_other_runs_and_compares_them(two: Any
     page.wait_for_selector("body[data-compare-ready]", timeout=10_000)
     assert page.input_value("#pick-a") == f"{run_dir_name(ids[1])}/102"
     assert page.input_value("#pick-b") == f"{run_dir_name(ids[0])}/102"
-    assert "What is it?" in page.locator("#title-a").inner_text() and "Describe." in page.locator("#title-b").inner_text()
+    assert (
+        "What is it?" in page.locator("#title-a").inner_text() and "Describe." in page.locator("#title-b").inner_text()
+    )
     with ResultsDB(db_path, read_only=True) as db:
-        top1 = {(run, layer, position): token for run, layer, position, token in db.sql(
-            "SELECT run_id, layer, position, token FROM lens_top1 WHERE image_id = 102")}
+        top1 = {
+            (run, layer, position): token
+            for run, layer, position, token in db.sql(
+                "SELECT run_id, layer, position, token FROM lens_top1 WHERE image_id = 102"
+            )
+        }
     with ResultsDB(db_path, read_only=True) as db:
-        cell_of = {(run, position): (r, c) for run, position, r, c in db.sql(
-            "SELECT run_id, position, patch_row, patch_col FROM positions WHERE image_id = 102")}
+        cell_of = {
+            (run, position): (r, c)
+            for run, position, r, c in db.sql(
+                "SELECT run_id, position, patch_row, patch_col FROM positions WHERE image_id = 102"
+            )
+        }
     rows = page.locator("#compare-table tbody tr")
     n_diff = 0
     for i in range(rows.count()):
@@ -445,7 +523,10 @@ def test_lens_page_links_the_same_image_in_other_runs_and_compares_them(two: Any
     assert n_diff > 0
     page.check("#cmp-only-diff")
     page.wait_for_selector("body[data-compare-ready]")
-    assert page.locator("#compare-table tbody tr:visible").count() == page.locator("#compare-table tbody tr.row-differs").count()
+    assert (
+        page.locator("#compare-table tbody tr:visible").count()
+        == page.locator("#compare-table tbody tr.row-differs").count()
+    )
     assert "diff=1" in page.evaluate("location.hash")
 
 
@@ -476,7 +557,9 @@ def test_blocking_windows_table_fits_at_1280(browser: Any, tmp_path_factory: pyt
     build_site(root / "e.duckdb", root / "site", downloads=False)
     watched = _watched(browser, root / "site", 1280, 800)
     try:
-        page = watched.goto(image_page(root / "site", "blocking", ids["blocking"], 303).relative_to(root / "site").as_posix())
+        page = watched.goto(
+            image_page(root / "site", "blocking", ids["blocking"], 303).relative_to(root / "site").as_posix()
+        )
         page.wait_for_selector("body[data-overlay-ready]")
         scroller = page.locator("#windows").locator("xpath=..")
         assert scroller.evaluate("s => s.scrollWidth <= s.clientWidth")

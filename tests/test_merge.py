@@ -157,8 +157,16 @@ def test_every_table_has_a_rule():
     rules = table_rules()
     assert set(rules) == set(schema.metadata.tables)
     assert rules["runs"] == "runs" and rules["schema_migrations"] == "skip"
-    assert {"run_images", "positions", "logit_lens", "image_views", "extra_views", "skipped",
-            "ablations", "blocking"} <= {n for n, r in rules.items() if r == "per_image"}
+    assert {
+        "run_images",
+        "positions",
+        "logit_lens",
+        "image_views",
+        "extra_views",
+        "skipped",
+        "ablations",
+        "blocking",
+    } <= {n for n, r in rules.items() if r == "per_image"}
     assert {"images", "annotations", "mean_vectors"} <= {n for n, r in rules.items() if r == "keyed"}
 
 
@@ -293,7 +301,9 @@ def test_a_shard_of_another_schema_version_is_refused(shards, tmp_path):
     newer = tmp_path / "newer.duckdb"
     newer.write_bytes(b.read_bytes())
     connection = duckdb.connect(str(newer))
-    connection.execute("INSERT INTO schema_migrations VALUES (?, 'future', now()::TIMESTAMP, '9')", [LATEST_VERSION + 1])
+    connection.execute(
+        "INSERT INTO schema_migrations VALUES (?, 'future', now()::TIMESTAMP, '9')", [LATEST_VERSION + 1]
+    )
     connection.close()
     with pytest.raises(DatabaseError, match="schema version"):
         merge_databases([newer], tmp_path / "fresh.duckdb")
@@ -378,10 +388,11 @@ def test_db_merge_command(shards, tmp_path):
     connection.execute("DELETE FROM schema_migrations WHERE version = ?", [LATEST_VERSION])
     connection.close()
     before = _bytes(target)
-    _one_error_line(CliRunner().invoke(cli, ["db", "merge", str(a), str(old), "--into", str(target)]),
-                    "schema version")
-    _one_error_line(CliRunner().invoke(cli, ["db", "merge", str(tmp_path / "nope.duckdb"), "--into", str(target)]),
-                    "shard not found")
+    _one_error_line(CliRunner().invoke(cli, ["db", "merge", str(a), str(old), "--into", str(target)]), "schema version")
+    _one_error_line(
+        CliRunner().invoke(cli, ["db", "merge", str(tmp_path / "nope.duckdb"), "--into", str(target)]),
+        "shard not found",
+    )
     assert _bytes(target) == before
     help_text = CliRunner().invoke(cli, ["db", "merge", "--help"]).output
     assert "--into" in help_text and "SHARD" in help_text

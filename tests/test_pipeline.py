@@ -51,9 +51,11 @@ def test_pipelined_and_batched_lens_equal_one_image_at_a_time(tmp_path, loaded_m
     reference, _, _ = _lens(tmp_path, loaded, lens_records, "inline", batch_size=1, loader_workers=0)
     expected = _rows(reference)
     assert len(expected["run_images"]) == len(lens_records) and expected["skipped"] == []
-    for name, options in {"pipelined": dict(batch_size=1, loader_workers=2),
-                          "batched": dict(batch_size=3, loader_workers=2),
-                          "batched-inline": dict(batch_size=4, loader_workers=0)}.items():
+    for name, options in {
+        "pipelined": dict(batch_size=1, loader_workers=2),
+        "batched": dict(batch_size=3, loader_workers=2),
+        "batched-inline": dict(batch_size=4, loader_workers=0),
+    }.items():
         path, summary, config = _lens(tmp_path, loaded, lens_records, name, **options)
         assert summary.images_kept == len(lens_records) and summary.oom_events == ()
         assert (config["batch_size"], config["loader_workers"]) == (options["batch_size"], options["loader_workers"])
@@ -106,8 +108,9 @@ def test_limit_is_exact_with_batches(tmp_path, loaded_models, lens_records):
     loaded = loaded_models["llava-1.5"]
     path = tmp_path / "r.duckdb"
     with ResultsDB(path) as db:
-        summary = run_experiment(LensExperiment(loaded, top_k=2), lens_records, db, limit=3, progress=False,
-                                 batch_size=2)
+        summary = run_experiment(
+            LensExperiment(loaded, top_k=2), lens_records, db, limit=3, progress=False, batch_size=2
+        )
         assert (summary.images_kept, summary.images_kept_total) == (3, 3)
         assert db.completed_images(summary.run_id) == {r.image_id for r in lens_records[:3]}
 
@@ -127,13 +130,16 @@ def test_unusable_images_are_recorded_skips(tmp_path, loaded_models, lens_record
     records = [lens_records[0], broken, lens_records[2]]
     path = tmp_path / "r.duckdb"
     with ResultsDB(path) as db:
-        summary = run_experiment(LensExperiment(loaded, top_k=2), records, db, progress=False, batch_size=2,
-                                 loader_workers=workers)
+        summary = run_experiment(
+            LensExperiment(loaded, top_k=2), records, db, progress=False, batch_size=2, loader_workers=workers
+        )
         assert summary.skip_reasons == {"truncated": 1} and summary.images_kept == 2
         assert db.sql("SELECT image_id, reason, detail FROM skipped") == [
-            (broken.image_id, SkipReason.TRUNCATED.value, f"{broken.file_name}: image file is truncated")]
-        assert db.sql("SELECT n_positions, n_layers, grid_rows, grid_cols FROM run_images WHERE image_id = ?",
-                      [broken.image_id]) == [(0, None, 0, 0)]
+            (broken.image_id, SkipReason.TRUNCATED.value, f"{broken.file_name}: image file is truncated")
+        ]
+        assert db.sql(
+            "SELECT n_positions, n_layers, grid_rows, grid_cols FROM run_images WHERE image_id = ?", [broken.image_id]
+        ) == [(0, None, 0, 0)]
         assert db.sql("SELECT count(*) FROM positions WHERE image_id = ?", [broken.image_id]) == [(0,)]
         assert db.completed_images(summary.run_id) == {r.image_id for r in records}
         # Resume: a complete run, the skip included, has nothing left to do.

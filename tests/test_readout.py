@@ -29,8 +29,10 @@ def test_readout_of_a_hidden_state_is_norm_then_unembedding(loaded):
     readout = loaded.adapter.readout()
     assert readout.softcap is None  # LLaVA's Llama / Phi-3 heads have none
     hidden = outputs.hidden_states[1]
-    expected = _manual_rms_norm(hidden, model.model.language_model.norm.weight.detach(),
-                                model.config.text_config.rms_norm_eps) @ model.lm_head.weight.detach().float().T
+    expected = (
+        _manual_rms_norm(hidden, model.model.language_model.norm.weight.detach(), model.config.text_config.rms_norm_eps)
+        @ model.lm_head.weight.detach().float().T
+    )
     with torch.no_grad():
         torch.testing.assert_close(readout(hidden), expected, atol=1e-4, rtol=1e-4)
         # normed=True skips the norm: on the last (already normed) entry that is the model's logits exactly
@@ -91,8 +93,9 @@ def test_paligemma_readout_applies_the_models_softcap(paligemma):
     with torch.no_grad():
         assert torch.equal(readout(outputs.hidden_states[-1], normed=True), outputs.logits)
         hidden = outputs.hidden_states[1]
-        normed = _manual_rms_norm(hidden, model.model.language_model.norm.weight.detach(), text_config.rms_norm_eps,
-                                  one_plus=True)
+        normed = _manual_rms_norm(
+            hidden, model.model.language_model.norm.weight.detach(), text_config.rms_norm_eps, one_plus=True
+        )
         raw = normed @ model.lm_head.weight.detach().float().T
         torch.testing.assert_close(readout(hidden), 3.0 * torch.tanh(raw / 3.0), atol=1e-4, rtol=1e-4)
 
@@ -101,7 +104,10 @@ def test_sha256_of_half_precision_and_offloaded_weights():
     norm = torch.nn.LayerNorm(4, bias=False).to(torch.bfloat16)
     lm_head = torch.nn.Linear(4, 6, bias=False).to(torch.bfloat16)
     # bfloat16 has no numpy dtype: its raw bytes read as int16
-    raw = norm.weight.detach().view(torch.int16).numpy().tobytes() + lm_head.weight.detach().view(torch.int16).numpy().tobytes()
+    raw = (
+        norm.weight.detach().view(torch.int16).numpy().tobytes()
+        + lm_head.weight.detach().view(torch.int16).numpy().tobytes()
+    )
     assert Readout(norm, lm_head).sha256() == hashlib.sha256(raw).hexdigest()
     with torch.device("meta"):
         offloaded = torch.nn.Linear(4, 6, bias=False)

@@ -162,15 +162,25 @@ def _make_db(path: Path) -> dict[str, str]:
             "lens",
             hostile_model,
             {"model_id": hostile_model},
-            {"model_id": hostile_model, "revision": QUOTES, "prompt": "USER: <image>\n" + HOSTILE,
-             "top_k": TOP_K, "demo": True, "note": "\u2028" + HOSTILE},
+            {
+                "model_id": hostile_model,
+                "revision": QUOTES,
+                "prompt": "USER: <image>\n" + HOSTILE,
+                "top_k": TOP_K,
+                "demo": True,
+                "note": "\u2028" + HOSTILE,
+            },
         )
         clean = db.start_run(
             "lens",
             "llava-hf/llava-1.5-7b-hf",
             {"model_id": "llava-hf/llava-1.5-7b-hf"},
-            {"model_id": "llava-hf/llava-1.5-7b-hf", "revision": "abc123", "prompt": "USER: <image>\nDescribe.",
-             "top_k": TOP_K},
+            {
+                "model_id": "llava-hf/llava-1.5-7b-hf",
+                "revision": "abc123",
+                "prompt": "USER: <image>\nDescribe.",
+                "top_k": TOP_K,
+            },
         )
         other = db.start_run("ablation", "llava-hf/llava-1.5-7b-hf", {"k": 1}, {"k": 1})
         _write_image(db, hostile, 101, complete=True)
@@ -182,11 +192,25 @@ def _make_db(path: Path) -> dict[str, str]:
             hostile,
             104,
             {
-                "skipped": pa.table({"run_id": [hostile], "image_id": pa.array([104], pa.int64()),
-                                     "reason": ["cropped_away"], "detail": [HOSTILE]}),
-                "run_images": pa.table({"run_id": [hostile], "image_id": pa.array([104], pa.int64()),
-                                        "n_positions": [0], "n_layers": [None], "grid_rows": [GRID],
-                                        "grid_cols": [GRID], "written_at": [dt.datetime(2025, 1, 2)]}),
+                "skipped": pa.table(
+                    {
+                        "run_id": [hostile],
+                        "image_id": pa.array([104], pa.int64()),
+                        "reason": ["cropped_away"],
+                        "detail": [HOSTILE],
+                    }
+                ),
+                "run_images": pa.table(
+                    {
+                        "run_id": [hostile],
+                        "image_id": pa.array([104], pa.int64()),
+                        "n_positions": [0],
+                        "n_layers": [None],
+                        "grid_rows": [GRID],
+                        "grid_cols": [GRID],
+                        "written_at": [dt.datetime(2025, 1, 2)],
+                    }
+                ),
             },
         )
         db.finish_run(hostile)
@@ -235,9 +259,7 @@ class _Links(HTMLParser):
 def test_a_page_per_completely_written_image(built: tuple[Path, Path, dict[str, str]]) -> None:
     db_path, out, run_ids = built
     with ResultsDB(db_path, read_only=True) as db:
-        complete = db.sql(
-            "SELECT run_id, image_id FROM run_images WHERE image_id <> 104 ORDER BY ALL"
-        )
+        complete = db.sql("SELECT run_id, image_id FROM run_images WHERE image_id <> 104 ORDER BY ALL")
     assert len(complete) == 3
     pages = sorted(out.glob("lens/*/*.html"))
     expected = sorted(out / "lens" / run_dir_name(run) / f"{image}.html" for run, image in complete)
@@ -261,7 +283,9 @@ def test_every_link_resolves_and_is_relative(built: tuple[Path, Path, dict[str, 
     _, out, _ = built
     html_files = list(out.rglob("*.html"))
     names = {p.relative_to(out).as_posix() for p in html_files if not p.parent.name == "experiments"}
-    assert len(names) == 8 and {"index.html", "quantitative.html", "downloads.html", "sql.html", "compare.html"} <= names
+    assert (
+        len(names) == 8 and {"index.html", "quantitative.html", "downloads.html", "sql.html", "compare.html"} <= names
+    )
     for page in html_files:
         parser = _Links()
         parser.feed(page.read_text(encoding="utf-8"))
@@ -295,7 +319,12 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
     with ResultsDB(db_path, read_only=True) as db:
         for run_id, image_id in db.sql("SELECT run_id, image_id FROM run_images WHERE image_id <> 104"):
             data = _load_data(out / "lens" / run_dir_name(run_id) / f"{image_id}.data.js")
-            assert (data["n_layers"], data["top_k"], data["grid_rows"], data["grid_cols"]) == (N_LAYERS, TOP_K, GRID, GRID)
+            assert (data["n_layers"], data["top_k"], data["grid_rows"], data["grid_cols"]) == (
+                N_LAYERS,
+                TOP_K,
+                GRID,
+                GRID,
+            )
             pos = data["positions"]
             db_positions = db.sql(
                 "SELECT position, kind, label, patch_row, patch_col FROM positions "
@@ -369,7 +398,9 @@ def test_demo_warning_only_on_demo_runs(built: tuple[Path, Path, dict[str, str]]
     assert warning not in (out / "lens" / run_dir_name(run_ids["clean"]) / "102.html").read_text(encoding="utf-8")
 
 
-def test_rebuild_replaces_generated_files_and_keeps_others(tmp_path: Path, built: tuple[Path, Path, dict[str, str]]) -> None:
+def test_rebuild_replaces_generated_files_and_keeps_others(
+    tmp_path: Path, built: tuple[Path, Path, dict[str, str]]
+) -> None:
     _, first_site, run_ids = built
     out = tmp_path / "site"
     shutil.copytree(first_site, out)
@@ -413,7 +444,10 @@ def _execute_sql(db_path: Path, sql: str) -> None:
         ("UPDATE positions SET patch_col = NULL WHERE position = 3", "no patch coordinates"),
         ("DELETE FROM positions WHERE position = 20", "positions written, run_images says"),
         ("DELETE FROM logit_lens WHERE layer = 1 AND position = 4 AND rank = 1", "lens rows cover 188 of"),
-        ("UPDATE logit_lens SET position = 99 WHERE layer = 1 AND position = 4", "position 99, which is not in positions"),
+        (
+            "UPDATE logit_lens SET position = 99 WHERE layer = 1 AND position = 4",
+            "position 99, which is not in positions",
+        ),
         ("UPDATE logit_lens SET rank = 2 WHERE layer = 0 AND position = 0 AND rank = 1", "duplicate lens rows"),
     ],
 )
@@ -500,7 +534,9 @@ def _llava_sized_db(path: Path, *, uniform: bool) -> tuple[str, int]:
             tok[layer, :, 0] = previous = np.where(keep, previous, zipf(n_pos))
             tok[layer, :, 1:] = zipf(n_pos * (top_k - 1)).reshape(n_pos, top_k - 1)
     prob = np.sort(rng.dirichlet(np.ones(top_k + 20) * 0.3, (n_layers, n_pos)), axis=-1)[:, :, ::-1][:, :, :top_k]
-    layer, position, rank = (a.ravel() for a in np.meshgrid(np.arange(n_layers), np.arange(n_pos), np.arange(1, top_k + 1), indexing="ij"))
+    layer, position, rank = (
+        a.ravel() for a in np.meshgrid(np.arange(n_layers), np.arange(n_pos), np.arange(1, top_k + 1), indexing="ij")
+    )
     run_id_holder = {}
     with ResultsDB(path) as db:
         db.add_image(1, "1.jpg", 640, 480, "coco")
@@ -509,27 +545,47 @@ def _llava_sized_db(path: Path, *, uniform: bool) -> tuple[str, int]:
         kinds = ["text"] * 5 + ["image"] * (grid * grid) + ["text"] * 5
         patch = [None] * 5 + list(range(grid * grid)) + [None] * 5
         n = len(layer)
-        db.write_image_results(run, 1, {
-            "positions": pa.table({
-                "run_id": [run] * n_pos, "image_id": pa.array([1] * n_pos, pa.int64()),
-                "position": pa.array(range(n_pos), pa.int32()), "kind": kinds,
-                "patch_row": pa.array([None if p is None else p // grid for p in patch], pa.int32()),
-                "patch_col": pa.array([None if p is None else p % grid for p in patch], pa.int32()),
-                "label": [f"<IMG{p + 1:03d}>" if p is not None else "USER" for p in patch],
-                "token_id": pa.array(range(n_pos), pa.int32()),
-            }),
-            "logit_lens": pa.table({
-                "run_id": [run] * n, "image_id": pa.array(np.ones(n, dtype=np.int64)),
-                "layer": pa.array(layer.astype(np.int16)), "position": pa.array(position.astype(np.int32)),
-                "rank": pa.array(rank.astype(np.int16)), "token_id": pa.array(tok.ravel().astype(np.int32)),
-                "token": [words[i] for i in tok.ravel()], "prob": pa.array(prob.ravel()),
-            }),
-            "run_images": pa.table({
-                "run_id": [run], "image_id": pa.array([1], pa.int64()), "n_positions": [n_pos],
-                "n_layers": [n_layers], "grid_rows": [grid], "grid_cols": [grid],
-                "written_at": [dt.datetime(2025, 1, 1)],
-            }),
-        })
+        db.write_image_results(
+            run,
+            1,
+            {
+                "positions": pa.table(
+                    {
+                        "run_id": [run] * n_pos,
+                        "image_id": pa.array([1] * n_pos, pa.int64()),
+                        "position": pa.array(range(n_pos), pa.int32()),
+                        "kind": kinds,
+                        "patch_row": pa.array([None if p is None else p // grid for p in patch], pa.int32()),
+                        "patch_col": pa.array([None if p is None else p % grid for p in patch], pa.int32()),
+                        "label": [f"<IMG{p + 1:03d}>" if p is not None else "USER" for p in patch],
+                        "token_id": pa.array(range(n_pos), pa.int32()),
+                    }
+                ),
+                "logit_lens": pa.table(
+                    {
+                        "run_id": [run] * n,
+                        "image_id": pa.array(np.ones(n, dtype=np.int64)),
+                        "layer": pa.array(layer.astype(np.int16)),
+                        "position": pa.array(position.astype(np.int32)),
+                        "rank": pa.array(rank.astype(np.int16)),
+                        "token_id": pa.array(tok.ravel().astype(np.int32)),
+                        "token": [words[i] for i in tok.ravel()],
+                        "prob": pa.array(prob.ravel()),
+                    }
+                ),
+                "run_images": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([1], pa.int64()),
+                        "n_positions": [n_pos],
+                        "n_layers": [n_layers],
+                        "grid_rows": [grid],
+                        "grid_cols": [grid],
+                        "written_at": [dt.datetime(2025, 1, 1)],
+                    }
+                ),
+            },
+        )
     return run_id_holder["run"], n_pos
 
 
@@ -619,12 +675,32 @@ def _quant_db(path: Path) -> str:
     """A 4x4 grid over a 28x28 view of a 56x56 image (scale 0.5, no offset); the object is
     the square (0, 0)-(28, 28) in the image, i.e. view (0, 0)-(14, 14): patches (0..1, 0..1)."""
     with ResultsDB(path) as db:
-        db.add_image(5, "5.jpg", 56, 56, "coco", annotations=[
-            {"id": 1, "category_id": 1, "category": "hot dog", "area": 784.0, "bbox": [0, 0, 28, 28],
-             "segmentation": [[0, 0, 28, 0, 28, 28, 0, 28]]},
-            {"id": 2, "category_id": 1, "category": "hot dog", "area": 1.0, "bbox": [50, 50, 6, 6],
-             "iscrowd": 1, "segmentation": {"size": [56, 56], "counts": [3130, 6]}},
-        ])
+        db.add_image(
+            5,
+            "5.jpg",
+            56,
+            56,
+            "coco",
+            annotations=[
+                {
+                    "id": 1,
+                    "category_id": 1,
+                    "category": "hot dog",
+                    "area": 784.0,
+                    "bbox": [0, 0, 28, 28],
+                    "segmentation": [[0, 0, 28, 0, 28, 28, 0, 28]],
+                },
+                {
+                    "id": 2,
+                    "category_id": 1,
+                    "category": "hot dog",
+                    "area": 1.0,
+                    "bbox": [50, 50, 6, 6],
+                    "iscrowd": 1,
+                    "segmentation": {"size": [56, 56], "counts": [3130, 6]},
+                },
+            ],
+        )
         run = db.start_run("lens", "m", {"model_id": "m"}, {"model_id": "m"})
         positions = _positions(run, 5, column_major=False)  # patch (r, c) at position 2 + 4r + c
         n_pos = positions.num_rows
@@ -651,22 +727,42 @@ def _quant_db(path: Path) -> str:
         n = len(cols["layer"])
         tables = {
             "positions": positions,
-            "logit_lens": pa.table({
-                "run_id": [run] * n, "image_id": pa.array([5] * n, pa.int64()),
-                "layer": pa.array(cols["layer"], pa.int16()), "position": pa.array(cols["position"], pa.int32()),
-                "rank": pa.array(cols["rank"], pa.int16()), "token_id": pa.array(cols["token_id"], pa.int32()),
-                "token": cols["token"], "prob": pa.array(cols["prob"], pa.float64()),
-            }),
-            "image_views": pa.table({
-                "run_id": [run], "image_id": pa.array([5], pa.int64()), "png": pa.array([_png(28, 28)], pa.binary()),
-                "view_width": [28], "view_height": [28], "scale_x": [0.5], "scale_y": [0.5],
-                "offset_x": [0.0], "offset_y": [0.0],
-            }),
-            "run_images": pa.table({
-                "run_id": [run], "image_id": pa.array([5], pa.int64()), "n_positions": [n_pos],
-                "n_layers": [N_LAYERS], "grid_rows": [GRID], "grid_cols": [GRID],
-                "written_at": [dt.datetime(2025, 1, 2)],
-            }),
+            "logit_lens": pa.table(
+                {
+                    "run_id": [run] * n,
+                    "image_id": pa.array([5] * n, pa.int64()),
+                    "layer": pa.array(cols["layer"], pa.int16()),
+                    "position": pa.array(cols["position"], pa.int32()),
+                    "rank": pa.array(cols["rank"], pa.int16()),
+                    "token_id": pa.array(cols["token_id"], pa.int32()),
+                    "token": cols["token"],
+                    "prob": pa.array(cols["prob"], pa.float64()),
+                }
+            ),
+            "image_views": pa.table(
+                {
+                    "run_id": [run],
+                    "image_id": pa.array([5], pa.int64()),
+                    "png": pa.array([_png(28, 28)], pa.binary()),
+                    "view_width": [28],
+                    "view_height": [28],
+                    "scale_x": [0.5],
+                    "scale_y": [0.5],
+                    "offset_x": [0.0],
+                    "offset_y": [0.0],
+                }
+            ),
+            "run_images": pa.table(
+                {
+                    "run_id": [run],
+                    "image_id": pa.array([5], pa.int64()),
+                    "n_positions": [n_pos],
+                    "n_layers": [N_LAYERS],
+                    "grid_rows": [GRID],
+                    "grid_cols": [GRID],
+                    "written_at": [dt.datetime(2025, 1, 2)],
+                }
+            ),
         }
         db.write_image_results(run, 5, tables)
         db.finish_run(run)
@@ -712,8 +808,20 @@ def test_cli_serve_serves_the_site(tmp_path: Path, built: tuple[Path, Path, dict
         port = probe.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(
-        [sys.executable, "-c", "from report.cli import report; report()", "serve", "--dir", str(out), "--port", str(port)],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from report.cli import report; report()",
+            "serve",
+            "--dir",
+            str(out),
+            "--port",
+            str(port),
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 20
@@ -769,26 +877,51 @@ def make_extra_view_db(path: Path) -> dict[str, Any]:
                 "token_id": pa.array(range(len(rows)), pa.int32()),
             }
         )
-        db.write_image_results(run, image_id, {
-            "positions": positions,
-            "logit_lens": _lens(run, image_id, len(rows), seed=11),
-            "image_views": pa.table({
-                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "png": pa.array([_png(28, 28)], pa.binary()),
-                "view_width": [28], "view_height": [28], "scale_x": [0.5], "scale_y": [0.5],
-                "offset_x": [0.0], "offset_y": [0.0],
-            }),
-            "extra_views": pa.table({
-                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "name": ["high_res"],
-                "kind": ["image_hr"], "png": pa.array([_png(HR_COLS * HR_CELL, HR_ROWS * HR_CELL)], pa.binary()),
-                "view_width": [HR_COLS * HR_CELL], "view_height": [HR_ROWS * HR_CELL],
-                "grid_rows": [HR_ROWS], "grid_cols": [HR_COLS],
-            }),
-            "run_images": pa.table({
-                "run_id": [run], "image_id": pa.array([image_id], pa.int64()), "n_positions": [len(rows)],
-                "n_layers": [N_LAYERS], "grid_rows": [GRID], "grid_cols": [GRID],
-                "written_at": [dt.datetime(2025, 1, 2)],
-            }),
-        })
+        db.write_image_results(
+            run,
+            image_id,
+            {
+                "positions": positions,
+                "logit_lens": _lens(run, image_id, len(rows), seed=11),
+                "image_views": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([image_id], pa.int64()),
+                        "png": pa.array([_png(28, 28)], pa.binary()),
+                        "view_width": [28],
+                        "view_height": [28],
+                        "scale_x": [0.5],
+                        "scale_y": [0.5],
+                        "offset_x": [0.0],
+                        "offset_y": [0.0],
+                    }
+                ),
+                "extra_views": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([image_id], pa.int64()),
+                        "name": ["high_res"],
+                        "kind": ["image_hr"],
+                        "png": pa.array([_png(HR_COLS * HR_CELL, HR_ROWS * HR_CELL)], pa.binary()),
+                        "view_width": [HR_COLS * HR_CELL],
+                        "view_height": [HR_ROWS * HR_CELL],
+                        "grid_rows": [HR_ROWS],
+                        "grid_cols": [HR_COLS],
+                    }
+                ),
+                "run_images": pa.table(
+                    {
+                        "run_id": [run],
+                        "image_id": pa.array([image_id], pa.int64()),
+                        "n_positions": [len(rows)],
+                        "n_layers": [N_LAYERS],
+                        "grid_rows": [GRID],
+                        "grid_cols": [GRID],
+                        "written_at": [dt.datetime(2025, 1, 2)],
+                    }
+                ),
+            },
+        )
         db.finish_run(run)
     return {"run": run, "image_id": image_id}
 
@@ -805,7 +938,12 @@ def test_lens_page_shows_the_extra_view_with_every_hr_position_on_one_cell(
     assert 'id="patch-grid"' in page and 'id="extra-grid-0"' in page  # both panels
     data = _load_data(folder / f"{ids['image_id']}.data.js")
     (view,) = data["extra_views"]
-    assert (view["name"], view["kind"], view["grid_rows"], view["grid_cols"]) == ("high_res", "image_hr", HR_ROWS, HR_COLS)
+    assert (view["name"], view["kind"], view["grid_rows"], view["grid_cols"]) == (
+        "high_res",
+        "image_hr",
+        HR_ROWS,
+        HR_COLS,
+    )
     assert (view["width"], view["height"]) == (HR_COLS * HR_CELL, HR_ROWS * HR_CELL)
     assert f'src="{view["png"]}"' in page
     with ResultsDB(db_path, read_only=True) as db:
@@ -815,7 +953,9 @@ def test_lens_page_shows_the_extra_view_with_every_hr_position_on_one_cell(
     # Every image_hr position maps to exactly one cell of the grid, and every cell to one position.
     pos = data["positions"]
     cell_of = {
-        p: (r, c) for p, k, r, c in zip(pos["position"], pos["kind"], pos["patch_row"], pos["patch_col"]) if k == "image_hr"
+        p: (r, c)
+        for p, k, r, c in zip(pos["position"], pos["kind"], pos["patch_row"], pos["patch_col"])
+        if k == "image_hr"
     }
     assert cell_of == {p: (r, c) for p, r, c in hr}
     assert sorted(cell_of.values()) == [(r, c) for r in range(HR_ROWS) for c in range(HR_COLS)]

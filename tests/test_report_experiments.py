@@ -34,8 +34,16 @@ GRID = 6
 N_TEXT_BEFORE = 3
 SETTINGS = ("generative", "polling", "vqa")
 CONDITIONS = ("none", "object_0", "object_1", "object_2", "register", "random_5", "gradient_5", "image_noise")
-FLIP_P = {"none": 0.0, "object_0": 0.3, "object_1": 0.55, "object_2": 0.75, "register": 0.1, "random_5": 0.05,
-          "gradient_5": 0.4, "image_noise": 0.9}
+FLIP_P = {
+    "none": 0.0,
+    "object_0": 0.3,
+    "object_1": 0.55,
+    "object_2": 0.75,
+    "register": 0.1,
+    "random_5": 0.05,
+    "gradient_5": 0.4,
+    "image_noise": 0.9,
+}
 ABLATION_IMAGES = (201, 202, 203, 204, 205, 206)
 COLUMN_MAJOR_IMAGE = 202
 HOSTILE_IMAGE = 203
@@ -71,35 +79,60 @@ def _layout(image_id: int, column_major: bool) -> tuple[list[tuple], dict[tuple[
 
 
 def _positions_table(run_id: str, image_id: int, rows: list[tuple]) -> pa.Table:
-    return pa.table({
-        "run_id": [run_id] * len(rows), "image_id": pa.array([image_id] * len(rows), pa.int64()),
-        "position": pa.array(range(len(rows)), pa.int32()), "kind": [r[0] for r in rows],
-        "patch_row": pa.array([r[1] for r in rows], pa.int32()), "patch_col": pa.array([r[2] for r in rows], pa.int32()),
-        "label": [r[3] for r in rows], "token_id": pa.array(range(len(rows)), pa.int32()),
-    })
+    return pa.table(
+        {
+            "run_id": [run_id] * len(rows),
+            "image_id": pa.array([image_id] * len(rows), pa.int64()),
+            "position": pa.array(range(len(rows)), pa.int32()),
+            "kind": [r[0] for r in rows],
+            "patch_row": pa.array([r[1] for r in rows], pa.int32()),
+            "patch_col": pa.array([r[2] for r in rows], pa.int32()),
+            "label": [r[3] for r in rows],
+            "token_id": pa.array(range(len(rows)), pa.int32()),
+        }
+    )
 
 
 def _view(run_id: str, image_id: int, object_cells: set[tuple[int, int]]) -> pa.Table:
-    return pa.table({
-        "run_id": [run_id], "image_id": pa.array([image_id], pa.int64()),
-        "png": pa.array([_png(object_cells)], pa.binary()), "view_width": [96], "view_height": [96],
-        "scale_x": [0.2], "scale_y": [0.2], "offset_x": [0.0], "offset_y": [0.0],
-    })
+    return pa.table(
+        {
+            "run_id": [run_id],
+            "image_id": pa.array([image_id], pa.int64()),
+            "png": pa.array([_png(object_cells)], pa.binary()),
+            "view_width": [96],
+            "view_height": [96],
+            "scale_x": [0.2],
+            "scale_y": [0.2],
+            "offset_x": [0.0],
+            "offset_y": [0.0],
+        }
+    )
 
 
 def _marker(run_id: str, image_id: int, n_positions: int, n_layers: int | None) -> pa.Table:
-    return pa.table({
-        "run_id": [run_id], "image_id": pa.array([image_id], pa.int64()), "n_positions": [n_positions],
-        "n_layers": pa.array([n_layers], pa.int32()), "grid_rows": [GRID], "grid_cols": [GRID],
-        "written_at": [dt.datetime(2025, 3, 4, 5, 6, 7)],
-    })
+    return pa.table(
+        {
+            "run_id": [run_id],
+            "image_id": pa.array([image_id], pa.int64()),
+            "n_positions": [n_positions],
+            "n_layers": pa.array([n_layers], pa.int32()),
+            "grid_rows": [GRID],
+            "grid_cols": [GRID],
+            "written_at": [dt.datetime(2025, 3, 4, 5, 6, 7)],
+        }
+    )
 
 
 def _dilate(cells: set[tuple[int, int]], rings: int) -> set[tuple[int, int]]:
     out = set(cells)
     for _ in range(rings):
-        out |= {(r + dr, c + dc) for r, c in out for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-                if 0 <= r + dr < GRID and 0 <= c + dc < GRID}
+        out |= {
+            (r + dr, c + dc)
+            for r, c in out
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+            if 0 <= r + dr < GRID and 0 <= c + dc < GRID
+        }
     return out
 
 
@@ -110,27 +143,50 @@ def _object(image_id: int) -> set[tuple[int, int]]:
 
 def _skip(run_id: str, image_id: int, reason: str, detail: str) -> dict[str, pa.Table]:
     return {
-        "skipped": pa.table({"run_id": [run_id], "image_id": pa.array([image_id], pa.int64()),
-                             "reason": [reason], "detail": [detail]}),
+        "skipped": pa.table(
+            {"run_id": [run_id], "image_id": pa.array([image_id], pa.int64()), "reason": [reason], "detail": [detail]}
+        ),
         "run_images": _marker(run_id, image_id, 0, None),
     }
 
 
 def _ablation_run(db: ResultsDB, rng: np.random.Generator) -> str:
-    run_id = db.start_run("ablation", "llava-hf/llava-1.5-7b-hf", {"model_id": "ablation-test"},
-                          {"model_id": "llava-hf/llava-1.5-7b-hf", "revision": "abc123", "dtype": "float16"})
+    run_id = db.start_run(
+        "ablation",
+        "llava-hf/llava-1.5-7b-hf",
+        {"model_id": "ablation-test"},
+        {"model_id": "llava-hf/llava-1.5-7b-hf", "revision": "abc123", "dtype": "float16"},
+    )
     for image_id in ABLATION_IMAGES:
         category = HOSTILE if image_id == HOSTILE_IMAGE else ("cat" if image_id % 2 else "dog")
         rows, patch_position, _ = _layout(image_id, column_major=image_id == COLUMN_MAJOR_IMAGE)
         obj = _object(image_id)
         cell_sets = {
-            "none": [], "object_0": sorted(obj), "object_1": sorted(_dilate(obj, 1)), "object_2": sorted(_dilate(obj, 2)),
-            "register": [(0, 5), (5, 0)], "image_noise": [],
+            "none": [],
+            "object_0": sorted(obj),
+            "object_1": sorted(_dilate(obj, 1)),
+            "object_2": sorted(_dilate(obj, 2)),
+            "register": [(0, 5), (5, 0)],
+            "image_noise": [],
         }
         all_cells = sorted(patch_position)
-        rec: dict[str, list] = {k: [] for k in ("condition", "setting", "positions", "n_ablated", "correct", "answer",
-                                                "question", "predicted_token", "predicted_prob", "target_token",
-                                                "target_prob", "seed")}
+        rec: dict[str, list] = {
+            k: []
+            for k in (
+                "condition",
+                "setting",
+                "positions",
+                "n_ablated",
+                "correct",
+                "answer",
+                "question",
+                "predicted_token",
+                "predicted_prob",
+                "target_token",
+                "target_prob",
+                "seed",
+            )
+        }
         for setting in SETTINGS:
             baseline_ok = bool(rng.random() < 0.8)
             for condition in CONDITIONS:
@@ -142,8 +198,13 @@ def _ablation_run(db: ResultsDB, rng: np.random.Generator) -> str:
                 positions = [patch_position[c] for c in cells]
                 correct = baseline_ok and not (condition != "none" and rng.random() < FLIP_P[condition])
                 name = "cat" if image_id % 2 else "dog"
-                answer = (HOSTILE if image_id == HOSTILE_IMAGE and condition == "object_1" else
-                          f"A {name} sitting on a sofa." if correct else "A blurry picture of a room.")
+                answer = (
+                    HOSTILE
+                    if image_id == HOSTILE_IMAGE and condition == "object_1"
+                    else f"A {name} sitting on a sofa."
+                    if correct
+                    else "A blurry picture of a room."
+                )
                 rec["condition"].append(condition)
                 rec["setting"].append(setting)
                 rec["positions"].append(positions)
@@ -152,9 +213,14 @@ def _ablation_run(db: ResultsDB, rng: np.random.Generator) -> str:
                 rec["seed"].append(1234 if condition.startswith("random") or condition == "image_noise" else None)
                 if setting == "vqa":
                     rec["answer"].append(None)
-                    rec["question"].append("What animal is in the image?" + (QUOTES if image_id == HOSTILE_IMAGE else ""))
-                    token = (HOSTILE if image_id == HOSTILE_IMAGE and condition == "object_2"
-                             else (name if correct else "room"))
+                    rec["question"].append(
+                        "What animal is in the image?" + (QUOTES if image_id == HOSTILE_IMAGE else "")
+                    )
+                    token = (
+                        HOSTILE
+                        if image_id == HOSTILE_IMAGE and condition == "object_2"
+                        else (name if correct else "room")
+                    )
                     rec["predicted_token"].append(token)
                     rec["predicted_prob"].append(float(rng.uniform(0.2, 0.9)))
                     rec["target_token"].append(name)
@@ -165,16 +231,27 @@ def _ablation_run(db: ResultsDB, rng: np.random.Generator) -> str:
                     for key in ("predicted_token", "predicted_prob", "target_token", "target_prob"):
                         rec[key].append(None)
         n = len(rec["condition"])
-        ablations = pa.table({
-            "run_id": [run_id] * n, "image_id": pa.array([image_id] * n, pa.int64()), "category": [category] * n,
-            **{k: v for k, v in rec.items() if k not in ("positions", "n_ablated", "seed")},
-            "positions": pa.array(rec["positions"], pa.list_(pa.int32())),
-            "n_ablated": pa.array(rec["n_ablated"], pa.int32()), "seed": pa.array(rec["seed"], pa.int64()),
-        })
-        db.write_image_results(run_id, image_id, {
-            "positions": _positions_table(run_id, image_id, rows), "image_views": _view(run_id, image_id, obj),
-            "ablations": ablations, "run_images": _marker(run_id, image_id, len(rows), None),
-        })
+        ablations = pa.table(
+            {
+                "run_id": [run_id] * n,
+                "image_id": pa.array([image_id] * n, pa.int64()),
+                "category": [category] * n,
+                **{k: v for k, v in rec.items() if k not in ("positions", "n_ablated", "seed")},
+                "positions": pa.array(rec["positions"], pa.list_(pa.int32())),
+                "n_ablated": pa.array(rec["n_ablated"], pa.int32()),
+                "seed": pa.array(rec["seed"], pa.int64()),
+            }
+        )
+        db.write_image_results(
+            run_id,
+            image_id,
+            {
+                "positions": _positions_table(run_id, image_id, rows),
+                "image_views": _view(run_id, image_id, obj),
+                "ablations": ablations,
+                "run_images": _marker(run_id, image_id, len(rows), None),
+            },
+        )
     db.write_image_results(run_id, 207, _skip(run_id, 207, "too_many_annotations", "5 annotations"))
     db.write_image_results(run_id, 208, _skip(run_id, 208, "too_many_annotations", "4 annotations"))
     db.write_image_results(run_id, 209, _skip(run_id, 209, "object_outside_view", HOSTILE))
@@ -193,15 +270,29 @@ def _blocking_run(db: ResultsDB, rng: np.random.Generator, *, demo: bool) -> str
         rows, patch_position, last = _layout(image_id, column_major=image_id == 303)
         obj = _object(image_id)
         all_cells = set(patch_position)
-        source_cells = {"object_0": obj, "object_1": _dilate(obj, 1), "image_minus_object_1": all_cells - _dilate(obj, 1)}
+        source_cells = {
+            "object_0": obj,
+            "object_1": _dilate(obj, 1),
+            "image_minus_object_1": all_cells - _dilate(obj, 1),
+        }
         target_positions = {"last": [last], "last_row": sorted(patch_position[(GRID - 1, c)] for c in range(GRID))}
         baseline_ok = not demo and image_id != 304
-        rec: list[dict[str, Any]] = [{
-            "source": "none", "target": "none", "layer_start": None, "layer_end": None, "window_kind": "baseline",
-            "preset": None, "correct": baseline_ok, "predicted_token": name if baseline_ok else "animal",
-            "predicted_prob": 0.6, "target_prob": 0.6 if baseline_ok else 0.05,
-            "source_positions": None, "target_positions": None,
-        }]
+        rec: list[dict[str, Any]] = [
+            {
+                "source": "none",
+                "target": "none",
+                "layer_start": None,
+                "layer_end": None,
+                "window_kind": "baseline",
+                "preset": None,
+                "correct": baseline_ok,
+                "predicted_token": name if baseline_ok else "animal",
+                "predicted_prob": 0.6,
+                "target_prob": 0.6 if baseline_ok else 0.05,
+                "source_positions": None,
+                "target_positions": None,
+            }
+        ]
         for target in TARGETS:
             for source in SOURCES:
                 for kind, preset, start, end in windows:
@@ -209,34 +300,59 @@ def _blocking_run(db: ResultsDB, rng: np.random.Generator, *, demo: bool) -> str
                     strength = {"object_0": 0.35, "object_1": 0.7, "image_minus_object_1": 0.1}[source]
                     prob = max(0.001, (0.6 if baseline_ok else 0.05) * (1 - strength * hit) + rng.normal(0, 0.02))
                     correct = baseline_ok and not (hit and rng.random() < strength)
-                    token = HOSTILE if image_id == 302 and source == "object_1" and start == 2 else (
-                        name if correct else "animal")
-                    rec.append({
-                        "source": source, "target": target, "layer_start": start, "layer_end": end, "window_kind": kind,
-                        "preset": preset, "correct": correct, "predicted_token": token,
-                        "predicted_prob": float(rng.uniform(0.2, 0.8)), "target_prob": float(prob),
-                        "source_positions": sorted(patch_position[c] for c in source_cells[source]),
-                        "target_positions": target_positions[target],
-                    })
+                    token = (
+                        HOSTILE
+                        if image_id == 302 and source == "object_1" and start == 2
+                        else (name if correct else "animal")
+                    )
+                    rec.append(
+                        {
+                            "source": source,
+                            "target": target,
+                            "layer_start": start,
+                            "layer_end": end,
+                            "window_kind": kind,
+                            "preset": preset,
+                            "correct": correct,
+                            "predicted_token": token,
+                            "predicted_prob": float(rng.uniform(0.2, 0.8)),
+                            "target_prob": float(prob),
+                            "source_positions": sorted(patch_position[c] for c in source_cells[source]),
+                            "target_positions": target_positions[target],
+                        }
+                    )
         n = len(rec)
-        blocking = pa.table({
-            "run_id": [run_id] * n, "image_id": pa.array([image_id] * n, pa.int64()), "category": [name] * n,
-            "source": [r["source"] for r in rec], "target": [r["target"] for r in rec],
-            "layer_start": pa.array([r["layer_start"] for r in rec], pa.int32()),
-            "layer_end": pa.array([r["layer_end"] for r in rec], pa.int32()),
-            "window_kind": [r["window_kind"] for r in rec], "preset": [r["preset"] for r in rec],
-            "correct": [r["correct"] for r in rec], "question": ["What is the animal?" + QUOTES] * n,
-            "predicted_token": [r["predicted_token"] for r in rec],
-            "predicted_prob": pa.array([r["predicted_prob"] for r in rec], pa.float32()),
-            "target_token": [" " + ("giraffe" if image_id != 302 else HOSTILE)] * n,
-            "target_prob": pa.array([r["target_prob"] for r in rec], pa.float32()),
-            "source_positions": pa.array([r["source_positions"] for r in rec], pa.list_(pa.int32())),
-            "target_positions": pa.array([r["target_positions"] for r in rec], pa.list_(pa.int32())),
-        })
-        db.write_image_results(run_id, image_id, {
-            "positions": _positions_table(run_id, image_id, rows), "image_views": _view(run_id, image_id, obj),
-            "blocking": blocking, "run_images": _marker(run_id, image_id, len(rows), N_LAYERS),
-        })
+        blocking = pa.table(
+            {
+                "run_id": [run_id] * n,
+                "image_id": pa.array([image_id] * n, pa.int64()),
+                "category": [name] * n,
+                "source": [r["source"] for r in rec],
+                "target": [r["target"] for r in rec],
+                "layer_start": pa.array([r["layer_start"] for r in rec], pa.int32()),
+                "layer_end": pa.array([r["layer_end"] for r in rec], pa.int32()),
+                "window_kind": [r["window_kind"] for r in rec],
+                "preset": [r["preset"] for r in rec],
+                "correct": [r["correct"] for r in rec],
+                "question": ["What is the animal?" + QUOTES] * n,
+                "predicted_token": [r["predicted_token"] for r in rec],
+                "predicted_prob": pa.array([r["predicted_prob"] for r in rec], pa.float32()),
+                "target_token": [" " + ("giraffe" if image_id != 302 else HOSTILE)] * n,
+                "target_prob": pa.array([r["target_prob"] for r in rec], pa.float32()),
+                "source_positions": pa.array([r["source_positions"] for r in rec], pa.list_(pa.int32())),
+                "target_positions": pa.array([r["target_positions"] for r in rec], pa.list_(pa.int32())),
+            }
+        )
+        db.write_image_results(
+            run_id,
+            image_id,
+            {
+                "positions": _positions_table(run_id, image_id, rows),
+                "image_views": _view(run_id, image_id, obj),
+                "blocking": blocking,
+                "run_images": _marker(run_id, image_id, len(rows), N_LAYERS),
+            },
+        )
     if not demo:
         db.write_image_results(run_id, 305, _skip(run_id, 305, "baseline_incorrect", "predicted ' animal'"))
     db.finish_run(run_id)
@@ -248,7 +364,9 @@ def make_experiment_db(path: Path) -> dict[str, str]:
     rng = np.random.default_rng(7)
     with ResultsDB(path) as db:
         for image_id in (*ABLATION_IMAGES, 207, 208, 209, *BLOCK_IMAGES, 305):
-            db.add_image(image_id, (HOSTILE if image_id == HOSTILE_IMAGE else "") + f"{image_id:012d}.jpg", 480, 480, "coco")
+            db.add_image(
+                image_id, (HOSTILE if image_id == HOSTILE_IMAGE else "") + f"{image_id:012d}.jpg", 480, 480, "coco"
+            )
         ablation = _ablation_run(db, rng)
         blocking = _blocking_run(db, rng, demo=False)
         demo = _blocking_run(db, rng, demo=True)
@@ -294,6 +412,7 @@ class Node:
                 elif node.attrs.get(key) != value:
                     return False
             return True
+
         return [n for n in self.iter() if (tag == "*" or n.tag == tag) and ok(n)]
 
 
@@ -330,7 +449,9 @@ def parse(path: Path) -> Node:
 
 
 def overlay_data(path: Path) -> dict[str, Any]:
-    match = re.search(r'<script type="application/json" id="overlay-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.DOTALL)
+    match = re.search(
+        r'<script type="application/json" id="overlay-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.DOTALL
+    )
     assert match, path
     return json.loads(match.group(1))
 
@@ -349,18 +470,25 @@ def image_page(out: Path, experiment: str, run_id: str, image_id: int) -> Path:
 def test_pages_exist_per_run_and_image(site: tuple[Path, Path, dict[str, str]]) -> None:
     db_path, out, run_ids = site
     with ResultsDB(db_path, read_only=True) as db:
-        for name, experiment, table in (("ablation", "ablation", "ablations"), ("blocking", "blocking", "blocking"),
-                                        ("demo_blocking", "blocking", "blocking")):
+        for name, experiment, table in (
+            ("ablation", "ablation", "ablations"),
+            ("blocking", "blocking", "blocking"),
+            ("demo_blocking", "blocking", "blocking"),
+        ):
             run_id = run_ids[name]
             assert run_page(out, experiment, run_id).is_file()
-            images = [i for (i,) in db.sql(f"SELECT DISTINCT image_id FROM {table} WHERE run_id = ? ORDER BY 1", [run_id])]
+            images = [
+                i for (i,) in db.sql(f"SELECT DISTINCT image_id FROM {table} WHERE run_id = ? ORDER BY 1", [run_id])
+            ]
             folder = run_page(out, experiment, run_id).with_suffix("")
             assert sorted(p.name for p in folder.glob("*.html")) == sorted(f"{i}.html" for i in images)
             for image_id in images:
                 (png,) = db.sql("SELECT png FROM image_views WHERE run_id = ? AND image_id = ?", [run_id, image_id])[0]
                 assert (folder / f"{image_id}.png").read_bytes() == bytes(png)
             # The run page links every image page.
-            hrefs = {a.attrs["href"] for a in parse(run_page(out, experiment, run_id)).find_all("a") if "href" in a.attrs}
+            hrefs = {
+                a.attrs["href"] for a in parse(run_page(out, experiment, run_id)).find_all("a") if "href" in a.attrs
+            }
             assert {f"{folder.name}/{i}.html" for i in images} <= hrefs
     assert not (out / "experiments" / f"ablation-{run_dir_name(run_ids['ablation'])}" / "207.html").exists()
 
@@ -369,8 +497,11 @@ def test_ablation_summary_equals_the_view(site: tuple[Path, Path, dict[str, str]
     db_path, out, run_ids = site
     run_id = run_ids["ablation"]
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
-                      "FROM ablation_summary WHERE run_id = ?", [run_id])
+        rows = db.sql(
+            "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
+            "FROM ablation_summary WHERE run_id = ?",
+            [run_id],
+        )
     assert len(rows) > 20 and any(0 < r[4] < 100 for r in rows)  # the fixture has realistic numbers
     dom = parse(run_page(out, "ablation", run_id))
     shown = {}
@@ -380,8 +511,12 @@ def test_ablation_summary_equals_the_view(site: tuple[Path, Path, dict[str, str]
                 continue
             tds = tr.find_all("td")
             shown[(table.attrs["data-setting"], tr.attrs["data-condition"])] = (
-                int(tds[0].attrs["data-value"]), int(tds[1].attrs["data-value"]), float(tds[2].attrs["data-value"]),
-                float(tds[3].attrs["data-value"]), [td.text().strip() for td in tds])
+                int(tds[0].attrs["data-value"]),
+                int(tds[1].attrs["data-value"]),
+                float(tds[2].attrs["data-value"]),
+                float(tds[3].attrs["data-value"]),
+                [td.text().strip() for td in tds],
+            )
     assert set(shown) == {(r[0], r[1]) for r in rows}
     for setting, condition, n_base, n_flipped, pct, mean_tokens in rows:
         got = shown[(setting, condition)]
@@ -398,8 +533,11 @@ def test_ablation_bar_charts(site: tuple[Path, Path, dict[str, str]]) -> None:
     db_path, out, run_ids = site
     run_id = run_ids["ablation"]
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped FROM ablation_summary "
-                      "WHERE run_id = ? AND condition <> 'none'", [run_id])
+        rows = db.sql(
+            "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped FROM ablation_summary "
+            "WHERE run_id = ? AND condition <> 'none'",
+            [run_id],
+        )
     dom = parse(run_page(out, "ablation", run_id))
     charts = dom.find_all("svg", class_="bar-chart")
     assert [c.attrs["data-setting"] for c in charts] == list(SETTINGS)
@@ -425,13 +563,20 @@ def test_skip_counts_by_reason(site: tuple[Path, Path, dict[str, str]]) -> None:
         expected = dict(db.sql("SELECT reason, count(*) FROM skipped WHERE run_id = ? GROUP BY reason", [run_id]))
     assert expected == {"too_many_annotations": 2, "object_outside_view": 1}
     [table] = parse(run_page(out, "ablation", run_id)).find_all("table", class_="exp-skip-counts")
-    shown = {tr.attrs["data-reason"]: int(tr.find_all("td")[1].text()) for tr in table.find_all("tr") if "data-reason" in tr.attrs}
+    shown = {
+        tr.attrs["data-reason"]: int(tr.find_all("td")[1].text())
+        for tr in table.find_all("tr")
+        if "data-reason" in tr.attrs
+    }
     assert shown == expected
 
 
 def _db_cells(db: ResultsDB, run_id: str, image_id: int, positions: list[int]) -> set[tuple[int, int]]:
-    rows = db.sql("SELECT patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? AND kind = 'image' "
-                  "AND list_contains(?, position)", [run_id, image_id, positions])
+    rows = db.sql(
+        "SELECT patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? AND kind = 'image' "
+        "AND list_contains(?, position)",
+        [run_id, image_id, positions],
+    )
     return {(r, c) for r, c in rows}
 
 
@@ -442,8 +587,10 @@ def test_ablation_overlays_mark_the_positions_cells(site: tuple[Path, Path, dict
         for image_id in ABLATION_IMAGES:
             data = overlay_data(image_page(out, "ablation", run_id, image_id))
             assert (data["grid_rows"], data["grid_cols"]) == (GRID, GRID)
-            rows = db.sql("SELECT setting, condition, positions FROM ablations WHERE run_id = ? AND image_id = ?",
-                          [run_id, image_id])
+            rows = db.sql(
+                "SELECT setting, condition, positions FROM ablations WHERE run_id = ? AND image_id = ?",
+                [run_id, image_id],
+            )
             overlays = {tuple(o["key"]): o for o in data["overlays"]}
             assert set(overlays) == {(s, c) for s, c, _ in rows}
             for setting, condition, positions in rows:
@@ -461,8 +608,11 @@ def test_ablation_answers_per_setting_and_condition(site: tuple[Path, Path, dict
     db_path, out, run_ids = site
     run_id = run_ids["ablation"]
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT setting, condition, correct, answer, predicted_token, n_ablated FROM ablations "
-                      "WHERE run_id = ? AND image_id = ?", [run_id, HOSTILE_IMAGE])
+        rows = db.sql(
+            "SELECT setting, condition, correct, answer, predicted_token, n_ablated FROM ablations "
+            "WHERE run_id = ? AND image_id = ?",
+            [run_id, HOSTILE_IMAGE],
+        )
     dom = parse(image_page(out, "ablation", run_id, HOSTILE_IMAGE))
     cells = {tuple(json.loads(td.attrs["data-select"])): td for td in dom.find_all("td") if "data-select" in td.attrs}
     assert set(cells) == {(r[0], r[1]) for r in rows}
@@ -476,12 +626,17 @@ def test_ablation_answers_per_setting_and_condition(site: tuple[Path, Path, dict
             assert td.find_all("div", class_="answer")[0].text() == answer  # the exact text, unescaped by the parser
         if predicted is not None:
             assert predicted in text
-    assert HOSTILE in {td.find_all("div", class_="answer")[0].text() for td in cells.values() if td.find_all("div", class_="answer")}
+    assert HOSTILE in {
+        td.find_all("div", class_="answer")[0].text() for td in cells.values() if td.find_all("div", class_="answer")
+    }
 
 
 def _curves(db: ResultsDB, run_id: str) -> list[tuple]:
-    return db.sql("SELECT target, source, layer_start, layer_end, n, accuracy, mean_target_prob, relative_accuracy "
-                  "FROM blocking_curves WHERE run_id = ? AND window_kind = 'sliding' ORDER BY ALL", [run_id])
+    return db.sql(
+        "SELECT target, source, layer_start, layer_end, n, accuracy, mean_target_prob, relative_accuracy "
+        "FROM blocking_curves WHERE run_id = ? AND window_kind = 'sliding' ORDER BY ALL",
+        [run_id],
+    )
 
 
 def test_blocking_charts_have_one_series_per_source(site: tuple[Path, Path, dict[str, str]]) -> None:
@@ -493,7 +648,8 @@ def test_blocking_charts_have_one_series_per_source(site: tuple[Path, Path, dict
     dom = parse(run_page(out, "blocking", run_id))
     charts = dom.find_all("svg", class_="line-chart")
     assert sorted((c.attrs["data-target"], c.attrs["data-measure"]) for c in charts) == sorted(
-        (t, m) for t in TARGETS for m in ("relative_accuracy", "mean_target_prob"))
+        (t, m) for t in TARGETS for m in ("relative_accuracy", "mean_target_prob")
+    )
     for chart in charts:
         target, measure = chart.attrs["data-target"], chart.attrs["data-measure"]
         column = 7 if measure == "relative_accuracy" else 6
@@ -501,11 +657,15 @@ def test_blocking_charts_have_one_series_per_source(site: tuple[Path, Path, dict
         assert sorted(g.attrs["data-series"] for g in series) == sorted(SOURCES)
         assert not chart.find_all("text", class_="chart-empty")
         for g in series:
-            expected = [r for r in curves if r[0] == target and r[1] == g.attrs["data-series"] and r[column] is not None]
+            expected = [
+                r for r in curves if r[0] == target and r[1] == g.attrs["data-series"] and r[column] is not None
+            ]
             titles = [c.find_all("title")[0].text() for c in g.find_all("circle")]
             assert len(titles) == len(expected) == N_LAYERS
             for title, row in zip(titles, expected):
-                assert f"layers {row[2]}–{row[3]}:" in title and f"{row[column]:.4g}" in title and f"n = {row[4]}" in title
+                assert (
+                    f"layers {row[2]}–{row[3]}:" in title and f"{row[column]:.4g}" in title and f"n = {row[4]}" in title
+                )
         legend = [t.text() for t in chart.find_all("g", class_="legend")[0].find_all("text")]
         assert legend == [g.attrs["data-series"] for g in series]
 
@@ -514,8 +674,11 @@ def test_blocking_presets_equal_the_view(site: tuple[Path, Path, dict[str, str]]
     db_path, out, run_ids = site
     run_id = run_ids["blocking"]
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT target, source, preset, layer_start, layer_end, n, accuracy, relative_accuracy, "
-                      "mean_target_prob FROM blocking_curves WHERE run_id = ? AND window_kind = 'preset'", [run_id])
+        rows = db.sql(
+            "SELECT target, source, preset, layer_start, layer_end, n, accuracy, relative_accuracy, "
+            "mean_target_prob FROM blocking_curves WHERE run_id = ? AND window_kind = 'preset'",
+            [run_id],
+        )
     assert len(rows) == len(TARGETS) * len(SOURCES) * len(PRESETS)
     dom = parse(run_page(out, "blocking", run_id))
     shown = {}
@@ -526,7 +689,9 @@ def test_blocking_presets_equal_the_view(site: tuple[Path, Path, dict[str, str]]
             tds = tr.find_all("td")
             values = [json.loads(td.attrs["data-value"]) for td in tds[3:]]
             shown[(table.attrs["data-target"], tr.attrs["data-source"], tr.attrs["data-preset"])] = (
-                tds[2].text(), *values)
+                tds[2].text(),
+                *values,
+            )
     assert set(shown) == {r[:3] for r in rows}
     for target, source, preset, start, end, n, accuracy, relative, prob in rows:
         assert shown[(target, source, preset)] == (f"{start}–{end}", n, accuracy, relative, prob)
@@ -560,8 +725,11 @@ def test_blocking_image_page(site: tuple[Path, Path, dict[str, str]]) -> None:
         for image_id in BLOCK_IMAGES:
             path = image_page(out, "blocking", run_id, image_id)
             data = overlay_data(path)
-            pairs = db.sql("SELECT DISTINCT target, source, source_positions, target_positions FROM blocking "
-                           "WHERE run_id = ? AND image_id = ? AND window_kind <> 'baseline'", [run_id, image_id])
+            pairs = db.sql(
+                "SELECT DISTINCT target, source, source_positions, target_positions FROM blocking "
+                "WHERE run_id = ? AND image_id = ? AND window_kind <> 'baseline'",
+                [run_id, image_id],
+            )
             overlays = {tuple(o["key"]): o for o in data["overlays"]}
             assert set(overlays) == {(t, s) for t, s, _, _ in pairs}
             for target, source, source_positions, target_positions in pairs:
@@ -569,18 +737,31 @@ def test_blocking_image_page(site: tuple[Path, Path, dict[str, str]]) -> None:
                 assert {tuple(c) for c in o["cells"]} == _db_cells(db, run_id, image_id, source_positions)
                 assert {tuple(c) for c in o["outline"]} == _db_cells(db, run_id, image_id, target_positions)
             dom = parse(path)
-            baseline = db.sql("SELECT predicted_token, target_token, correct FROM blocking WHERE run_id = ? "
-                              "AND image_id = ? AND window_kind = 'baseline'", [run_id, image_id])[0]
+            baseline = db.sql(
+                "SELECT predicted_token, target_token, correct FROM blocking WHERE run_id = ? "
+                "AND image_id = ? AND window_kind = 'baseline'",
+                [run_id, image_id],
+            )[0]
             [table] = dom.find_all("table", class_="exp-baseline")
             toks = [c.text() for c in table.find_all("code")]
             assert toks == [baseline[0], baseline[1]]
             assert ("mark-ok" in table.find_all("span", class_="mark")[0].attrs["class"]) == baseline[2]
-            windows = db.sql("SELECT target, source, predicted_token, correct FROM blocking WHERE run_id = ? "
-                             "AND image_id = ? AND window_kind <> 'baseline'", [run_id, image_id])
+            windows = db.sql(
+                "SELECT target, source, predicted_token, correct FROM blocking WHERE run_id = ? "
+                "AND image_id = ? AND window_kind <> 'baseline'",
+                [run_id, image_id],
+            )
             bodies = dom.find_all("tbody")
-            shown = sorted((tuple(json.loads(b.attrs["data-key"])), tr.find_all("code")[0].text(),
-                            "mark-ok" in tr.find_all("span", class_="mark")[0].attrs["class"])
-                           for b in bodies if "data-key" in b.attrs for tr in b.find_all("tr"))
+            shown = sorted(
+                (
+                    tuple(json.loads(b.attrs["data-key"])),
+                    tr.find_all("code")[0].text(),
+                    "mark-ok" in tr.find_all("span", class_="mark")[0].attrs["class"],
+                )
+                for b in bodies
+                if "data-key" in b.attrs
+                for tr in b.find_all("tr")
+            )
             assert shown == sorted(((t, s), p, c) for t, s, p, c in windows)
         # The text target (the last position) is listed by its label.
         assert "(position 41)" in image_page(out, "blocking", run_id, 301).read_text(encoding="utf-8")
@@ -600,7 +781,9 @@ def test_hostile_strings_are_only_escaped(site: tuple[Path, Path, dict[str, str]
     assert "&#34;&amp;&lt;&gt;&#39;" in ablation_image  # the question
     blocking_image = image_page(out, "blocking", run_ids["blocking"], 302).read_text(encoding="utf-8")
     assert escaped in blocking_image
-    assert escaped in run_page(out, "ablation", run_ids["ablation"]).read_text(encoding="utf-8")  # skip detail, category
+    assert escaped in run_page(out, "ablation", run_ids["ablation"]).read_text(
+        encoding="utf-8"
+    )  # skip detail, category
     # No element came from DB text.
     for path in pages:
         dom = parse(path)
@@ -643,7 +826,10 @@ def test_nav_and_runs_table_link_the_experiment_pages(site: tuple[Path, Path, di
     from templates import __file__ as templates_init
 
     folder = Path(templates_init).parent
-    if "experiment_nav" not in (folder / "base.html.j2").read_text() or "run_pages" not in (folder / "index.html.j2").read_text():
+    if (
+        "experiment_nav" not in (folder / "base.html.j2").read_text()
+        or "run_pages" not in (folder / "index.html.j2").read_text()
+    ):
         pytest.skip("templates/base.html.j2 / index.html.j2 do not use experiment_nav / run_pages yet")
     _, out, run_ids = site
     index = parse(out / "index.html")
@@ -653,4 +839,6 @@ def test_nav_and_runs_table_link_the_experiment_pages(site: tuple[Path, Path, di
         assert f"experiments/{experiment}-{run_dir_name(run_ids[name])}.html" in hrefs
     page = image_page(out, "ablation", run_ids["ablation"], ABLATION_IMAGES[0])
     nav = parse(page).find_all("nav")[0]
-    assert f"../../experiments/ablation-{run_dir_name(run_ids['ablation'])}.html" in {a.attrs.get("href") for a in nav.find_all("a")}
+    assert f"../../experiments/ablation-{run_dir_name(run_ids['ablation'])}.html" in {
+        a.attrs.get("href") for a in nav.find_all("a")
+    }

@@ -53,8 +53,9 @@ def _dead_links(out: Path) -> list[tuple[str, str]]:
     return dead
 
 
-def test_parquet_downloads_hold_every_row_sorted(db_path: tuple[Path, dict[str, str]], tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_downloads_hold_every_row_sorted(
+    db_path: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, run_ids = db_path
     # Small files, so the split at image boundaries is exercised on a tiny database.
     monkeypatch.setattr(downloads_module, "FIRST_FILE_ROWS", 150)
@@ -64,15 +65,17 @@ def test_parquet_downloads_hold_every_row_sorted(db_path: tuple[Path, dict[str, 
     hostile = run_dir_name(run_ids["hostile"])
     files = sorted((out / "downloads" / hostile).glob("logit_lens-*.parquet"))
     native = duckdb.connect(str(path), read_only=True)
-    lens_images = native.execute("SELECT DISTINCT image_id FROM logit_lens WHERE run_id = ? ORDER BY 1",
-                                 [run_ids["hostile"]]).fetchall()
+    lens_images = native.execute(
+        "SELECT DISTINCT image_id FROM logit_lens WHERE run_id = ? ORDER BY 1", [run_ids["hostile"]]
+    ).fetchall()
     assert len(files) == len(lens_images) > 1  # one image per file here, never split
     published = duckdb.connect()
     for table, keys in (("logit_lens", "image_id, layer, position, rank"), ("positions", "image_id, position")):
         listed = ", ".join(f"'{f}'" for f in sorted((out / "downloads" / hostile).glob(f"{table}-*.parquet")))
         got = published.execute(f"SELECT * FROM read_parquet([{listed}])").fetchall()
-        expected = native.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {keys}",
-                                  [run_ids["hostile"]]).fetchall()
+        expected = native.execute(
+            f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {keys}", [run_ids["hostile"]]
+        ).fetchall()
         assert got == expected  # every row, every value, already in sort order
     # Each file holds whole images, in order; text is dictionary-encoded, zstd-compressed.
     images = [published.execute(f"SELECT DISTINCT image_id FROM '{f}'").fetchall() for f in files]
@@ -90,8 +93,9 @@ def test_parquet_downloads_hold_every_row_sorted(db_path: tuple[Path, dict[str, 
     native.close()
 
 
-def test_small_tables_keep_csv_large_ones_are_parquet_only(db_path: tuple[Path, dict[str, str]], tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_tables_keep_csv_large_ones_are_parquet_only(
+    db_path: tuple[Path, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path, run_ids = db_path
     monkeypatch.setattr(downloads_module, "CSV_MAX_ROWS", 100)
     out = tmp_path / "site"
@@ -119,10 +123,13 @@ def test_with_downloads_every_link_resolves(db_path: tuple[Path, dict[str, str]]
     assert _dead_links(out) == []
 
 
-@pytest.mark.parametrize("option, limit, what", [("--max-file-mb", "0.001", "limit per file"),
-                                                 ("--max-site-mb", "0.05", "GitHub Pages' limit is 1 GB")])
-def test_limits_refuse_with_one_line(db_path: tuple[Path, dict[str, str]], tmp_path: Path,
-                                     option: str, limit: str, what: str) -> None:
+@pytest.mark.parametrize(
+    "option, limit, what",
+    [("--max-file-mb", "0.001", "limit per file"), ("--max-site-mb", "0.05", "GitHub Pages' limit is 1 GB")],
+)
+def test_limits_refuse_with_one_line(
+    db_path: tuple[Path, dict[str, str]], tmp_path: Path, option: str, limit: str, what: str
+) -> None:
     out = tmp_path / "site"
     (out / "index.html").parent.mkdir()
     (out / "index.html").write_text("previous site")
@@ -163,6 +170,7 @@ def test_serve_answers_range_requests(tmp_path: Path) -> None:
     (tmp_path / "f.parquet").write_bytes(data)
     sent: list[int] = []
     with serving(tmp_path, on_bytes=lambda path, n: sent.append(n)) as base:
+
         def get(headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
             try:
                 with urllib.request.urlopen(urllib.request.Request(base + "f.parquet", headers=headers)) as r:
@@ -182,7 +190,9 @@ def test_serve_answers_range_requests(tmp_path: Path) -> None:
     assert sent[:4] == [100, 8, len(data) - 10000, len(data)]
 
 
-def test_report_builds_with_torch_and_transformers_blocked(db_path: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_report_builds_with_torch_and_transformers_blocked(
+    db_path: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     """What the Pages workflow does: the report's own dependencies only (no torch)."""
     code = textwrap.dedent(f"""
         import sys
@@ -211,8 +221,11 @@ def test_pages_workflow_installs_what_the_test_above_runs() -> None:
     workflow = (REPO / "docs" / "github-pages-workflow.yml").read_text(encoding="utf-8")
     assert "pip install -r docs/requirements-report.txt" in workflow and "--no-deps -e ." in workflow
     assert "python -m report.cli build" in workflow and "install.sh" not in workflow
-    listed = [line.strip() for line in (REPO / "docs" / "requirements-report.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    listed = [
+        line.strip()
+        for line in (REPO / "docs" / "requirements-report.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["report"]
     assert sorted(listed) == sorted(extra)
     assert not [name for name in listed if name.split(">")[0] in ("torch", "transformers", "accelerate")]

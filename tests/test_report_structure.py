@@ -25,10 +25,16 @@ PAGES = [
     urls.experiment_image_page("blocking", "run-b", 9),
 ]
 TARGETS = [
-    urls.INDEX, urls.static("site.css"), urls.lens_page("run-a", 7), urls.lens_data("run-a", 7),
-    urls.lens_extra_png("run-a", 7, 0), urls.experiment_page("ablation", "run-a"),
-    urls.experiment_image_page("ablation", "run-a", 3), urls.experiment_image_png("blocking", "run-b", 9),
-    urls.run_download("run-a", "positions"), urls.SITE_DATABASE,
+    urls.INDEX,
+    urls.static("site.css"),
+    urls.lens_page("run-a", 7),
+    urls.lens_data("run-a", 7),
+    urls.lens_extra_png("run-a", 7, 0),
+    urls.experiment_page("ablation", "run-a"),
+    urls.experiment_image_page("ablation", "run-a", 3),
+    urls.experiment_image_png("blocking", "run-b", 9),
+    urls.run_download("run-a", "positions"),
+    urls.SITE_DATABASE,
 ]
 
 
@@ -60,7 +66,9 @@ def test_top_k_comes_from_the_run_config(tmp_path: Path) -> None:
     run_ids = _make_db(db_path)
     with ResultsDB(db_path, read_only=True) as db:
         assert {run.run_id: run.top_k for run in queries.runs(db, "lens")} == {
-            run_ids["hostile"]: TOP_K, run_ids["clean"]: TOP_K}
+            run_ids["hostile"]: TOP_K,
+            run_ids["clean"]: TOP_K,
+        }
     # One rank fewer in the config than in the rows: the rows cannot be laid out faithfully.
     _set_top_k(db_path, run_ids["clean"], TOP_K - 1)
     with pytest.raises(ReportError, match=f"rank {TOP_K}, the run's top-k is {TOP_K - 1}"):
@@ -100,8 +108,9 @@ def test_read_api_returns_records(tmp_path: Path) -> None:
     with ResultsDB(db_path, read_only=True) as db:
         written = {(image.run_id, image.image_id) for image in queries.written_images(db, "lens")}
         positions = queries.positions(db, run_ids["hostile"], 101)
-        expected_rows = db.sql("SELECT count(*) FROM positions WHERE run_id = ? AND image_id = 101",
-                               [run_ids["hostile"]])[0][0]
+        expected_rows = db.sql(
+            "SELECT count(*) FROM positions WHERE run_id = ? AND image_id = 101", [run_ids["hostile"]]
+        )[0][0]
         marker = queries.image_marker(db, run_ids["hostile"], 101)
     # 103 was interrupted (no marker) and 104 skipped: neither is a written image.
     assert written == {(run_ids["hostile"], 101), (run_ids["hostile"], 102), (run_ids["clean"], 102)}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 
 from collector.adapters import ImageTokenLayout
 from collector.images import ImageRecord
@@ -40,8 +40,14 @@ class Scripted(Experiment):
     name = "scripted"
     label = "scripted"
 
-    def __init__(self, loaded, script: dict[int, SkipReason | None], setting: str = "a", fail_on: int | None = None,
-                 interrupt_on: int | None = None) -> None:
+    def __init__(
+        self,
+        loaded,
+        script: dict[int, SkipReason | None],
+        setting: str = "a",
+        fail_on: int | None = None,
+        interrupt_on: int | None = None,
+    ) -> None:
         super().__init__(loaded)
         self.script = script
         self.setting = setting
@@ -71,8 +77,14 @@ class Scripted(Experiment):
         return ImageOutcome.skip(reason, f"detail of {record.image_id}", tables)
 
 
-SCRIPT = {1: SkipReason.BASELINE_INCORRECT, 2: None, 3: SkipReason.OBJECT_OUTSIDE_VIEW, 4: None, 5: None,
-          6: SkipReason.BASELINE_INCORRECT}
+SCRIPT = {
+    1: SkipReason.BASELINE_INCORRECT,
+    2: None,
+    3: SkipReason.OBJECT_OUTSIDE_VIEW,
+    4: None,
+    5: None,
+    6: SkipReason.BASELINE_INCORRECT,
+}
 
 
 def test_skips_are_recorded_and_counted_by_reason(tmp_path, loaded_models):
@@ -84,10 +96,14 @@ def test_skips_are_recorded_and_counted_by_reason(tmp_path, loaded_models):
         run = db.runs("scripted")[0]
         assert db.completed_images(summary.run_id) == {1, 2, 3, 4, 5, 6}
         assert db.skipped_images(summary.run_id) == {1, 3, 6}
-    assert skipped == [(1, "baseline_incorrect", "detail of 1"), (3, "object_outside_view", "detail of 3"),
-                       (6, "baseline_incorrect", "detail of 6")]
-    assert summary == RunSummary(summary.run_id, "scripted", 6, 0, 3, 3,
-                                 {"baseline_incorrect": 2, "object_outside_view": 1})
+    assert skipped == [
+        (1, "baseline_incorrect", "detail of 1"),
+        (3, "object_outside_view", "detail of 3"),
+        (6, "baseline_incorrect", "detail of 6"),
+    ]
+    assert summary == RunSummary(
+        summary.run_id, "scripted", 6, 0, 3, 3, {"baseline_incorrect": 2, "object_outside_view": 1}
+    )
     assert (summary.images_skipped, summary.images_written) == (3, 6)
     assert run["status"] == "complete"
     config = run["config"]
@@ -103,7 +119,11 @@ def test_limit_counts_kept_images_across_invocations(tmp_path, loaded_models):
         first = Scripted(loaded, SCRIPT)
         summary = run_experiment(first, records, db, limit=1, progress=False)
         assert first.processed == [1, 2]  # skip, keep: the limit is reached
-        assert (summary.images_kept, summary.images_kept_total, summary.skip_reasons) == (1, 1, {"baseline_incorrect": 1})
+        assert (summary.images_kept, summary.images_kept_total, summary.skip_reasons) == (
+            1,
+            1,
+            {"baseline_incorrect": 1},
+        )
         second = Scripted(loaded, SCRIPT)
         summary = run_experiment(second, records, db, limit=1, progress=False)
         assert second.processed == [] and summary.images_written == 0 and summary.images_already_complete == 2
@@ -141,8 +161,9 @@ def test_a_skip_carrying_its_own_skipped_rows_is_refused(tmp_path, loaded_models
 
     with ResultsDB(tmp_path / "r.duckdb") as db:
         with pytest.raises(ValueError, match="must not carry its own skipped rows"):
-            run_experiment(OwnRows(loaded_models["llava-1.5"], {1: SkipReason.GRAYSCALE}), _records(1), db,
-                           progress=False)
+            run_experiment(
+                OwnRows(loaded_models["llava-1.5"], {1: SkipReason.GRAYSCALE}), _records(1), db, progress=False
+            )
         assert db.sql("SELECT count(*) FROM skipped")[0][0] == 0
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from test_report import GRID, HOSTILE, N_LAYERS, QUOTES, TOP_K, _make_db
 
 from db.store import ResultsDB
 from report.build import build_site, run_dir_name
 from report.serve import serving
-from test_report import GRID, HOSTILE, N_LAYERS, QUOTES, TOP_K, _make_db
+
+pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -91,7 +94,9 @@ class Watched:
         self.dialogs: list[str] = []
         self.foreign: list[str] = []
         self.requests: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        self.page.on(
+            "console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None
+        )
         self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
 
         def on_dialog(dialog: Any) -> None:
@@ -159,7 +164,9 @@ def _shown(token: str) -> str:
         return "\u2205"
     out = token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
     return "".join(
-        f"\u27e8U+{ord(ch):04X}\u27e9" if ord(ch) < 0x20 or ch in "\x7f\u200b\u200c\u200d\u200e\u200f\u2028\u2029\ufeff" else ch
+        f"\u27e8U+{ord(ch):04X}\u27e9"
+        if ord(ch) < 0x20 or ch in "\x7f\u200b\u200c\u200d\u200e\u200f\u2028\u2029\ufeff"
+        else ch
         for ch in out
     )
 
@@ -227,7 +234,9 @@ def test_keyboard_moves_across_patches_and_layers(watched: Watched, site: tuple[
     assert _active_position(page) == before + 1
 
 
-def test_tokens_are_shown_literally_and_nothing_executes(watched: Watched, site: tuple[Path, Path, dict[str, str]]) -> None:
+def test_tokens_are_shown_literally_and_nothing_executes(
+    watched: Watched, site: tuple[Path, Path, dict[str, str]]
+) -> None:
     db_path, _, run_ids = site
     run_id = run_ids["hostile"]
     with ResultsDB(db_path, read_only=True) as db:
@@ -269,7 +278,9 @@ def test_url_restores_the_view_and_token_map(watched: Watched, site: tuple[Path,
             (run_id,),
         )
     cat_patches = {r * GRID + c for r, c, token in top1 if token == "cat"}
-    matched = {int(v) for v in page.locator("#patch-grid .patch.match").evaluate_all("els => els.map(e => e.dataset.patch)")}
+    matched = {
+        int(v) for v in page.locator("#patch-grid .patch.match").evaluate_all("els => els.map(e => e.dataset.patch)")
+    }
     assert matched == cat_patches
     # Token map: one colour per token, the legend counts the most frequent top-1 token.
     colours = page.locator("#patch-grid .patch").evaluate_all("els => els.map(e => e.style.backgroundColor)")
@@ -349,7 +360,9 @@ def experiment_server(experiment_site: tuple[Path, Path, dict[str, str]]) -> Ite
 
 
 @pytest.fixture(params=["http", "file"])
-def exp_watched(request: pytest.FixtureRequest, browser: Any, experiment_site: tuple[Path, Path, dict[str, str]]) -> Iterator[Watched]:
+def exp_watched(
+    request: pytest.FixtureRequest, browser: Any, experiment_site: tuple[Path, Path, dict[str, str]]
+) -> Iterator[Watched]:
     _, out, _ = experiment_site
     origin = request.getfixturevalue("experiment_server") if request.param == "http" else out.resolve().as_uri() + "/"
     page = Watched(browser, origin)
@@ -366,8 +379,11 @@ def _relative(out: Path, path: Path) -> str:
 
 def _db_cells(db_path: Path, run_id: str, image_id: int, positions: list[int]) -> set[str]:
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? AND kind = 'image' "
-                      "AND list_contains(?, position)", [run_id, image_id, positions])
+        rows = db.sql(
+            "SELECT patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? AND kind = 'image' "
+            "AND list_contains(?, position)",
+            [run_id, image_id, positions],
+        )
     return {f"{r},{c}" for r, c in rows}
 
 
@@ -382,8 +398,9 @@ def test_selecting_an_ablation_condition_highlights_its_patches(
     run_id = run_ids["ablation"]
     image_id = COLUMN_MAJOR_IMAGE  # positions are column-major: only the positions table maps them right
     with ResultsDB(db_path, read_only=True) as db:
-        rows = db.sql("SELECT setting, condition, positions FROM ablations WHERE run_id = ? AND image_id = ?",
-                      [run_id, image_id])
+        rows = db.sql(
+            "SELECT setting, condition, positions FROM ablations WHERE run_id = ? AND image_id = ?", [run_id, image_id]
+        )
     page = exp_watched.goto(_relative(out, image_page(out, "ablation", run_id, image_id)))
     page.wait_for_selector("body[data-overlay-ready]", timeout=10_000)
     for setting, condition, positions in rows:
@@ -404,7 +421,7 @@ def test_selecting_an_ablation_condition_highlights_its_patches(
     assert abs(box["y"] + box["height"] / 2 - (img["y"] + (r + 0.5) * cell_h)) < 1.5
     assert abs(box["width"] - cell_w) < 6
     # Clicking an answer cell selects its setting and condition, and the URL keeps it.
-    page.click("#answers td[data-select='[\"polling\", \"object_2\"]']")
+    page.click('#answers td[data-select=\'["polling", "object_2"]\']')
     assert page.input_value("#setting-select") == "polling" and page.input_value("#condition-select") == "object_2"
     expected = next(p for s, c, p in rows if (s, c) == ("polling", "object_2"))
     assert _shown_cells(page, "cell-fill") == _db_cells(db_path, run_id, image_id, expected)
@@ -416,13 +433,18 @@ def test_selecting_an_ablation_condition_highlights_its_patches(
     assert page.evaluate("document.querySelectorAll('img[src=\"x\"], [onerror]').length") == 0
 
 
-def test_blocking_image_overlay_and_window_table(exp_watched: Watched, experiment_site: tuple[Path, Path, dict[str, str]]) -> None:
+def test_blocking_image_overlay_and_window_table(
+    exp_watched: Watched, experiment_site: tuple[Path, Path, dict[str, str]]
+) -> None:
     db_path, out, run_ids = experiment_site
     run_id = run_ids["blocking"]
     image_id = 303  # column-major positions
     with ResultsDB(db_path, read_only=True) as db:
-        pairs = db.sql("SELECT DISTINCT target, source, source_positions, target_positions FROM blocking "
-                       "WHERE run_id = ? AND image_id = ? AND window_kind <> 'baseline'", [run_id, image_id])
+        pairs = db.sql(
+            "SELECT DISTINCT target, source, source_positions, target_positions FROM blocking "
+            "WHERE run_id = ? AND image_id = ? AND window_kind <> 'baseline'",
+            [run_id, image_id],
+        )
     page = exp_watched.goto(_relative(out, image_page(out, "blocking", run_id, image_id)))
     page.wait_for_selector("body[data-overlay-ready]", timeout=10_000)
     for target, source, source_positions, target_positions in pairs:
@@ -464,7 +486,9 @@ def test_experiment_charts_render(exp_watched: Watched, experiment_site: tuple[P
     for i in range(relative.count()):
         assert relative.nth(i).locator("g.series").count() == 0
         assert relative.nth(i).locator("text.chart-empty").first.is_visible()
-    assert page.locator("svg.line-chart[data-measure='mean_target_prob'] g.series").count() == len(TARGETS) * len(SOURCES)
+    assert page.locator("svg.line-chart[data-measure='mean_target_prob'] g.series").count() == len(TARGETS) * len(
+        SOURCES
+    )
     assert ABLATION_IMAGES  # imported for the fixture's sake
 
 
@@ -483,7 +507,9 @@ def next_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     return db_path, out, ids
 
 
-def test_hovering_a_high_res_cell_highlights_its_row(browser: Any, next_site: tuple[Path, Path, dict[str, Any]]) -> None:
+def test_hovering_a_high_res_cell_highlights_its_row(
+    browser: Any, next_site: tuple[Path, Path, dict[str, Any]]
+) -> None:
     db_path, out, ids = next_site
     with ResultsDB(db_path, read_only=True) as db:
         rows = db.sql("SELECT patch_row, patch_col, position FROM positions WHERE kind = 'image_hr'")

@@ -29,16 +29,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
-from report.build import build_site, run_dir_name
-from report.serve import serving
 from test_report import _make_db, make_extra_view_db
 from test_report_experiments import make_experiment_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401  (browser: a fixture)
+
+from report.build import build_site, run_dir_name
+from report.serve import serving
+
+pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
 
 REPO = Path(__file__).resolve().parents[1]
 AXE_JS = Path(os.environ.get("AXE_JS") or REPO / ".cache/axe-core/node_modules/axe-core/axe.min.js")
@@ -122,11 +125,13 @@ def test_every_page_is_valid_html(site: tuple[Path, dict[str, str]]) -> None:
     assert len(files) >= 15, files
     done = subprocess.run(
         [java, "-Xss2m", "-jar", str(jar), "--errors-only", "--format", "json", *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     report = done.stderr + done.stdout
     assert '{"messages"' in report, report[-2000:]
-    messages = json.loads(report[report.index('{"messages"'):].splitlines()[0])["messages"]
+    messages = json.loads(report[report.index('{"messages"') :].splitlines()[0])["messages"]
     prefix = "file:" + str(out.resolve()) + "/"  # vnu names files file:/abs/path; show them relative
     errors = [
         f"{m.get('url', '?').removeprefix(prefix)}:{m.get('lastLine', '?')}: {m.get('type')}: {m.get('message')}"
@@ -161,9 +166,21 @@ def test_every_link_resolves_inside_the_site(site: tuple[Path, dict[str, str]]) 
         shutil.copytree(out, copy)
         origin = copy.resolve().as_uri() + "/"
         done = subprocess.run(
-            [tool, "--no-status", "--verbose", "--check-extern", "--recursion-level=-1", "--threads=4",
-             "--timeout=10", "--output=csv", origin + "index.html"],
-            capture_output=True, text=True, timeout=120, cwd=scratch,
+            [
+                tool,
+                "--no-status",
+                "--verbose",
+                "--check-extern",
+                "--recursion-level=-1",
+                "--threads=4",
+                "--timeout=10",
+                "--output=csv",
+                origin + "index.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=scratch,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -174,7 +191,7 @@ def test_every_link_resolves_inside_the_site(site: tuple[Path, dict[str, str]]) 
     assert broken == [], "\n".join(broken)
     outside = sorted({r["url"] for r in rows if not r["url"].startswith(origin)})
     assert outside == [], outside
-    reached = {r["url"][len(origin):].split("#")[0] for r in rows}
+    reached = {r["url"][len(origin) :].split("#")[0] for r in rows}
     missing = [p.relative_to(out).as_posix() for p in _html_files(out) if p.relative_to(out).as_posix() not in reached]
     assert missing == [], f"pages no link leads to: {missing}"
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -237,8 +254,10 @@ def test_axe_finds_no_serious_violations(
         )
         for v in violations:
             if v["impact"] in BLOCKING_IMPACTS:
-                found.append(f"[{scheme}] {name} ({relative}): {v['id']} ({v['impact']}): {v['help']}\n    "
-                             + "\n    ".join(v["nodes"]))
+                found.append(
+                    f"[{scheme}] {name} ({relative}): {v['id']} ({v['impact']}): {v['help']}\n    "
+                    + "\n    ".join(v["nodes"])
+                )
     assert found == [], "\n".join(found)
 
 

@@ -36,6 +36,8 @@ from report import duckdb_wasm
 from report.build import build_site
 from report.pages import sql as sql_page
 
+pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
+
 REPO = Path(__file__).resolve().parents[1]
 FETCH_SCRIPT = REPO / duckdb_wasm.FETCH_SCRIPT
 SERVE_TIMEOUT_S = 30
@@ -139,8 +141,20 @@ def site(tmp_path_factory: pytest.TempPathFactory, db_path: Path, wasm_dir: Path
 def server(site: Path) -> Iterator[str]:
     """`llava-interp report serve --dir SITE --port 0`, the command the page recommends."""
     process = subprocess.Popen(
-        [sys.executable, "-c", "from collector.cli import main; main()", "report", "serve", "--dir", str(site), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-c",
+            "from collector.cli import main; main()",
+            "report",
+            "serve",
+            "--dir",
+            str(site),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)  # type: ignore[union-attr]
@@ -205,7 +219,9 @@ def test_pinned_version_matches_the_fetch_script() -> None:
     assert pinned and pinned.group(1) == duckdb_wasm.DUCKDB_WASM_VERSION
     assert duckdb_wasm.DUCKDB_WASM_VERSION.startswith("1.")
     assert "npm install" in text and "--no-save" in text
-    assert re.search(r"^/?\.cache/?$", (REPO / ".gitignore").read_text(encoding="utf-8"), re.MULTILINE), ".cache must be git-ignored"
+    assert re.search(r"^/?\.cache/?$", (REPO / ".gitignore").read_text(encoding="utf-8"), re.MULTILINE), (
+        ".cache must be git-ignored"
+    )
 
 
 def test_without_duckdb_wasm_the_page_explains_how_to_enable_it(
@@ -296,7 +312,10 @@ def test_every_example_runs_on_the_published_copy(
 
 # --- in the browser: without DuckDB-WASM ------------------------------------------------------
 def test_disabled_page_loads_cleanly(
-    browser: Any, db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    browser: Any,
+    db_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     _no_wasm(monkeypatch, tmp_path)
     out = tmp_path / "site"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -59,19 +60,31 @@ def test_bootstrap_ratio_interval() -> None:
 
 
 def _ablation_rows(run_id: str, image_id: int, flipped: bool) -> pa.Table:
-    return pa.table({
-        "run_id": [run_id, run_id], "image_id": pa.array([image_id] * 2, pa.int64()),
-        "category": ["cat", "cat"], "condition": ["none", "object_1"], "setting": ["vqa", "vqa"],
-        "positions": pa.array([[], [1, 2]], pa.list_(pa.int32())), "n_ablated": pa.array([0, 2], pa.int32()),
-        "correct": [True, not flipped],
-    })
+    return pa.table(
+        {
+            "run_id": [run_id, run_id],
+            "image_id": pa.array([image_id] * 2, pa.int64()),
+            "category": ["cat", "cat"],
+            "condition": ["none", "object_1"],
+            "setting": ["vqa", "vqa"],
+            "positions": pa.array([[], [1, 2]], pa.list_(pa.int32())),
+            "n_ablated": pa.array([0, 2], pa.int32()),
+            "correct": [True, not flipped],
+        }
+    )
 
 
 def _marker(run_id: str, image_id: int) -> pa.Table:
-    return pa.table({
-        "run_id": [run_id], "image_id": pa.array([image_id], pa.int64()), "n_positions": [5],
-        "grid_rows": [2], "grid_cols": [2], "written_at": [dt.datetime(2026, 1, 1)],
-    })
+    return pa.table(
+        {
+            "run_id": [run_id],
+            "image_id": pa.array([image_id], pa.int64()),
+            "n_positions": [5],
+            "grid_rows": [2],
+            "grid_cols": [2],
+            "written_at": [dt.datetime(2026, 1, 1)],
+        }
+    )
 
 
 def test_summary_views_carry_wilson_intervals(tmp_path) -> None:
@@ -79,16 +92,27 @@ def test_summary_views_carry_wilson_intervals(tmp_path) -> None:
         run = db.start_run("ablation", "m", {"m": 1}, {"m": 1})
         for image_id in range(9):
             db.add_image(image_id, f"{image_id}.jpg", 10, 10, "coco")
-            db.write_image_results(run, image_id, {
-                "ablations": _ablation_rows(run, image_id, flipped=image_id < 7),
-                "run_images": _marker(run, image_id),
-            })
-            blocking = pa.table({
-                "run_id": [run] * 2, "image_id": pa.array([image_id] * 2, pa.int64()), "category": ["cat"] * 2,
-                "source": ["none", "object_1"], "target": ["last", "last"],
-                "layer_start": pa.array([None, 0], pa.int32()), "layer_end": pa.array([None, 3], pa.int32()),
-                "window_kind": ["baseline", "preset"], "correct": [True, image_id % 3 == 0],
-            })
+            db.write_image_results(
+                run,
+                image_id,
+                {
+                    "ablations": _ablation_rows(run, image_id, flipped=image_id < 7),
+                    "run_images": _marker(run, image_id),
+                },
+            )
+            blocking = pa.table(
+                {
+                    "run_id": [run] * 2,
+                    "image_id": pa.array([image_id] * 2, pa.int64()),
+                    "category": ["cat"] * 2,
+                    "source": ["none", "object_1"],
+                    "target": ["last", "last"],
+                    "layer_start": pa.array([None, 0], pa.int32()),
+                    "layer_end": pa.array([None, 3], pa.int32()),
+                    "window_kind": ["baseline", "preset"],
+                    "correct": [True, image_id % 3 == 0],
+                }
+            )
             db.duck.register("blocking_rows", blocking)
             db.duck.execute("INSERT INTO blocking BY NAME SELECT * FROM blocking_rows")
             db.duck.unregister("blocking_rows")
@@ -111,37 +135,69 @@ def test_lens_hit_rules(tmp_path) -> None:
     """'word' counts the whole name or one of its words, never a piece; 'first_token' counts
     exactly the class's first token id."""
     cells = [  # (position, token_id, token): position 0 is text, 1..4 are image patches
-        (0, 10, "▁cat"), (1, 10, "▁cat"), (2, 11, "gir"), (3, 12, "ing"), (4, 13, "▁Table"),
+        (0, 10, "▁cat"),
+        (1, 10, "▁cat"),
+        (2, 11, "gir"),
+        (3, 12, "ing"),
+        (4, 13, "▁Table"),
     ]
     with ResultsDB(tmp_path / "r.duckdb") as db:
-        db.add_image(1, "1.jpg", 10, 10, "coco", annotations=[
-            {"id": i, "category_id": i, "category": name, "area": 1.0, "bbox": [0, 0, 1, 1], "segmentation": []}
-            for i, name in enumerate(["cat", "giraffe", "dining table"], start=1)
-        ])
+        db.add_image(
+            1,
+            "1.jpg",
+            10,
+            10,
+            "coco",
+            annotations=[
+                {"id": i, "category_id": i, "category": name, "area": 1.0, "bbox": [0, 0, 1, 1], "segmentation": []}
+                for i, name in enumerate(["cat", "giraffe", "dining table"], start=1)
+            ],
+        )
         run = db.start_run("lens", "m", {"m": 1}, {"m": 1})
         n = len(cells)
-        db.write_image_results(run, 1, {
-            "positions": pa.table({
-                "run_id": [run] * n, "image_id": pa.array([1] * n, pa.int64()),
-                "position": pa.array([c[0] for c in cells], pa.int32()),
-                "kind": ["text"] + ["image"] * (n - 1), "label": ["t"] * n,
-                "patch_row": pa.array([None, 0, 0, 1, 1], pa.int16()), "patch_col": pa.array([None, 0, 1, 0, 1], pa.int16()),
-                "token_id": pa.array([5, 0, 0, 0, 0], pa.int32()),
-            }),
-            "logit_lens": pa.table({
-                "run_id": [run] * n, "image_id": pa.array([1] * n, pa.int64()), "layer": pa.array([0] * n, pa.int16()),
-                "position": pa.array([c[0] for c in cells], pa.int32()), "rank": pa.array([1] * n, pa.int16()),
-                "token_id": pa.array([c[1] for c in cells], pa.int32()), "token": [c[2] for c in cells],
-                "prob": [0.5] * n,
-            }),
-            "class_tokens": pa.table({
-                "run_id": [run] * 3, "image_id": pa.array([1] * 3, pa.int64()),
-                "category": ["cat", "giraffe", "dining table"], "token_id": pa.array([10, 11, 14], pa.int64()),
-            }),
-            "run_images": _marker(run, 1),
-        })
+        db.write_image_results(
+            run,
+            1,
+            {
+                "positions": pa.table(
+                    {
+                        "run_id": [run] * n,
+                        "image_id": pa.array([1] * n, pa.int64()),
+                        "position": pa.array([c[0] for c in cells], pa.int32()),
+                        "kind": ["text"] + ["image"] * (n - 1),
+                        "label": ["t"] * n,
+                        "patch_row": pa.array([None, 0, 0, 1, 1], pa.int16()),
+                        "patch_col": pa.array([None, 0, 1, 0, 1], pa.int16()),
+                        "token_id": pa.array([5, 0, 0, 0, 0], pa.int32()),
+                    }
+                ),
+                "logit_lens": pa.table(
+                    {
+                        "run_id": [run] * n,
+                        "image_id": pa.array([1] * n, pa.int64()),
+                        "layer": pa.array([0] * n, pa.int16()),
+                        "position": pa.array([c[0] for c in cells], pa.int32()),
+                        "rank": pa.array([1] * n, pa.int16()),
+                        "token_id": pa.array([c[1] for c in cells], pa.int32()),
+                        "token": [c[2] for c in cells],
+                        "prob": [0.5] * n,
+                    }
+                ),
+                "class_tokens": pa.table(
+                    {
+                        "run_id": [run] * 3,
+                        "image_id": pa.array([1] * 3, pa.int64()),
+                        "category": ["cat", "giraffe", "dining table"],
+                        "token_id": pa.array([10, 11, 14], pa.int64()),
+                    }
+                ),
+                "run_images": _marker(run, 1),
+            },
+        )
         hits = set(db.sql("SELECT rule, position, category FROM lens_object_hits"))
     assert hits == {
-        ("word", 1, "cat"), ("word", 4, "dining table"),
-        ("first_token", 1, "cat"), ("first_token", 2, "giraffe"),
+        ("word", 1, "cat"),
+        ("word", 4, "dining table"),
+        ("first_token", 1, "cat"),
+        ("first_token", 2, "giraffe"),
     }

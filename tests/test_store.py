@@ -5,8 +5,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from collector.lens.experiment import collect_lens
 from collector.images import folder_images
+from collector.lens.experiment import collect_lens
 from db.errors import DatabaseError
 from db.migrations import LATEST_VERSION, MIGRATIONS
 from db.store import ResultsDB
@@ -89,6 +89,7 @@ def _table_rows(db: ResultsDB, table: str) -> list[tuple]:
     return db.sql(f"SELECT {columns} FROM {table} ORDER BY ALL")
 
 
+@pytest.mark.slow  # three collections of the same images
 def test_interrupted_run_resumes_to_the_same_rows(tmp_path, loaded_models, demo_images, monkeypatch):
     loaded = loaded_models["llava-1.5"]
     image_dir, annotation_file = demo_images
@@ -97,7 +98,9 @@ def test_interrupted_run_resumes_to_the_same_rows(tmp_path, loaded_models, demo_
 
     with ResultsDB(tmp_path / "straight.duckdb") as straight:
         collect_lens(loaded, records, straight, top_k=3, progress=False)
-        expected = {t: _table_rows(straight, t) for t in ("positions", "logit_lens", "image_views", "run_images", "images")}
+        expected = {
+            t: _table_rows(straight, t) for t in ("positions", "logit_lens", "image_views", "run_images", "images")
+        }
         assert straight.sql("SELECT count(*) FROM extra_views")[0][0] == 0  # LLaVA-1.5: the base view only
 
     interrupted_path = tmp_path / "interrupted.duckdb"

@@ -54,47 +54,122 @@ def _loader_workers(command):
 
 # Under torchrun / srun every process keeps its own count, so a limit on kept images of the
 # whole run cannot be honoured exactly; refused rather than approximated.
-SHARDED_LIMIT = ("--limit counts kept images of the whole run, which several processes cannot share: "
-                 "leave out --limit under torchrun/srun, or run one process")
+SHARDED_LIMIT = (
+    "--limit counts kept images of the whole run, which several processes cannot share: "
+    "leave out --limit under torchrun/srun, or run one process"
+)
 
 
 @click.command("ablation")
 @_model_and_input_options
-@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
-@click.option("--settings", "settings_text", default="generative,polling", show_default=True,
-              help="Comma-separated settings: generative (describe the image), polling (is there a CLASS?), "
-              "vqa (a question + ' It is a'; needs --questions).")
-@click.option("--questions", type=click.Path(path_type=Path), default=None,
-              help='VQA questions, {"<coco id>": ["question", ...]}; the first question of each image is asked.')
-@click.option("--replacement", default="zero", show_default=True,
-              help="Replacement vector: a .pt file with a 1-D tensor of the model's hidden size (e.g. from "
-              "`collect mean-vector`), 'zero', or db:<vector_id> from the mean_vectors table.")
-@click.option("--no-curate", is_flag=True,
-              help="Keep every selected image (default: keep one only if the unablated model names the class "
-              "and stops naming it under image noise).")
-@click.option("--max-annotations", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Select images with at most N annotations.")
-@click.option("--object-area", default="1000:2000", show_default=True,
-              help="MIN:MAX area (original pixels², exclusive) of the single-instance target object.")
-@click.option("--k", "k_text", default=K_DEFAULT, show_default=True,
-              help="Comma-separated token counts for the random_k and gradient_k conditions.")
+@click.option(
+    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
+)
+@click.option(
+    "--settings",
+    "settings_text",
+    default="generative,polling",
+    show_default=True,
+    help="Comma-separated settings: generative (describe the image), polling (is there a CLASS?), "
+    "vqa (a question + ' It is a'; needs --questions).",
+)
+@click.option(
+    "--questions",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='VQA questions, {"<coco id>": ["question", ...]}; the first question of each image is asked.',
+)
+@click.option(
+    "--replacement",
+    default="zero",
+    show_default=True,
+    help="Replacement vector: a .pt file with a 1-D tensor of the model's hidden size (e.g. from "
+    "`collect mean-vector`), 'zero', or db:<vector_id> from the mean_vectors table.",
+)
+@click.option(
+    "--no-curate",
+    is_flag=True,
+    help="Keep every selected image (default: keep one only if the unablated model names the class "
+    "and stops naming it under image noise).",
+)
+@click.option(
+    "--max-annotations",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Select images with at most N annotations.",
+)
+@click.option(
+    "--object-area",
+    default="1000:2000",
+    show_default=True,
+    help="MIN:MAX area (original pixels², exclusive) of the single-instance target object.",
+)
+@click.option(
+    "--k",
+    "k_text",
+    default=K_DEFAULT,
+    show_default=True,
+    help="Comma-separated token counts for the random_k and gradient_k conditions.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random_k draws and the image noise.")
-@click.option("--ig-steps", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Integrated-gradients quadrature nodes for gradient_k.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Conditions per forward/generate batch (speed only; results do not change).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True,
-              help="Greedy tokens generated in the generative setting.")
-@click.option("--noise-std", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="Std of the image_noise Gaussian, in normalised pixel units.")
+@click.option(
+    "--ig-steps",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Integrated-gradients quadrature nodes for gradient_k.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Conditions per forward/generate batch (speed only; results do not change).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Greedy tokens generated in the generative setting.",
+)
+@click.option(
+    "--noise-std",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Std of the image_noise Gaussian, in normalised pixel units.",
+)
 @_loader_workers
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def ablation_command(
-    model_id: str, revision: str | None, device: str | None, dtype: str, quantization: str,
-    prompt_template: str | None, images_dir: Path | None, annotations: Path | None, coco_root: Path | None,
-    split: str | None, limit: int | None, db_path: Path, settings_text: str, questions: Path | None,
-    replacement: str, no_curate: bool, max_annotations: int, object_area: str, k_text: str, seed: int,
-    ig_steps: int, batch_size: int, max_new_tokens: int, noise_std: float, loader_workers: int, quiet: bool,
+    model_id: str,
+    revision: str | None,
+    device: str | None,
+    dtype: str,
+    quantization: str,
+    prompt_template: str | None,
+    images_dir: Path | None,
+    annotations: Path | None,
+    coco_root: Path | None,
+    split: str | None,
+    limit: int | None,
+    db_path: Path,
+    settings_text: str,
+    questions: Path | None,
+    replacement: str,
+    no_curate: bool,
+    max_annotations: int,
+    object_area: str,
+    k_text: str,
+    seed: int,
+    ig_steps: int,
+    batch_size: int,
+    max_new_tokens: int,
+    noise_std: float,
+    loader_workers: int,
+    quiet: bool,
 ) -> None:
     """Token ablation: replace image-token embeddings (object patches, register tokens, random,
     top-gradient) at the LM input and check whether the model still identifies the object.
@@ -104,11 +179,11 @@ def ablation_command(
     takes a share of the images (see `collect lens`); --limit and --replacement db:ID are
     then refused."""
     from collector.ablation.experiment import AblationOptions, collect_ablation
-    from collector.vqa import load_questions
     from collector.ablation.replacement import load_replacement
     from collector.distributed import ProcessGroup, run_collect
     from collector.loading import check_before_load, load_model, text_config_value
     from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.vqa import load_questions
 
     settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
     options = AblationOptions(
@@ -127,8 +202,10 @@ def ablation_command(
     annotation_file = _annotation_file(annotations, coco_root, split)
     group = ProcessGroup.from_env()
     if group.world_size > 1 and replacement.startswith("db:"):
-        raise UserError("--replacement db:ID reads the target database, which the processes of a sharded "
-                        "launch do not open: give the vector's .pt file (collect mean-vector --out)")
+        raise UserError(
+            "--replacement db:ID reads the target database, which the processes of a sharded "
+            "launch do not open: give the vector's .pt file (collect mean-vector --out)"
+        )
     # --limit counts kept images, so every listed image is a candidate.
     records = resolve_images(images_dir, annotations, coco_root, split, None)
     # Before any weight is read: the template, the questions, the replacement's size.
@@ -137,42 +214,80 @@ def ablation_command(
 
     def run_one(db, share: list, group: ProcessGroup):
         vector = load_replacement(replacement, hidden_size, db) if hidden_size else None
-        loaded = load_model(model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
-                            **load_options())
+        loaded = load_model(
+            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options()
+        )
         vector = vector or load_replacement(replacement, loaded.adapter.hidden_size, db)
         if vector.hidden_size != loaded.adapter.hidden_size:
-            raise UserError(f"replacement vector {vector.source} has size {vector.hidden_size} but the model's "
-                            f"hidden size is {loaded.adapter.hidden_size}")
+            raise UserError(
+                f"replacement vector {vector.source} has size {vector.hidden_size} but the model's "
+                f"hidden size is {loaded.adapter.hidden_size}"
+            )
         return collect_ablation(
-            loaded, share, db, annotation_file, options, vector, limit=limit,
+            loaded,
+            share,
+            db,
+            annotation_file,
+            options,
+            vector,
+            limit=limit,
             extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
             | {"questions": str(questions) if questions else None},
-            progress=not quiet, loader_workers=loader_workers, **handling,
+            progress=not quiet,
+            loader_workers=loader_workers,
+            **handling,
         )
 
-    run_collect(db_path, records, run_one, echo=click.echo, group=group,
-                refuse_sharded=SHARDED_LIMIT if limit is not None else None)
+    run_collect(
+        db_path,
+        records,
+        run_one,
+        echo=click.echo,
+        group=group,
+        refuse_sharded=SHARDED_LIMIT if limit is not None else None,
+    )
 
 
 @click.command("mean-vector")
 @_model_and_input_options
-@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
-              help="Output .pt file: the mean as a 1-D float tensor (usable as --replacement FILE).")
-@click.option("--db", "db_path", type=click.Path(path_type=Path), default=None,
-              help="Also store the vector in this DuckDB file's mean_vectors table (use as --replacement db:<id>).")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output .pt file: the mean as a 1-D float tensor (usable as --replacement FILE).",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also store the vector in this DuckDB file's mean_vectors table (use as --replacement db:<id>).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def mean_vector_command(
-    model_id: str, revision: str | None, device: str | None, dtype: str, quantization: str,
-    prompt_template: str | None, images_dir: Path | None, annotations: Path | None, coco_root: Path | None,
-    split: str | None, limit: int | None, out_path: Path, db_path: Path | None, quiet: bool,
+    model_id: str,
+    revision: str | None,
+    device: str | None,
+    dtype: str,
+    quantization: str,
+    prompt_template: str | None,
+    images_dir: Path | None,
+    annotations: Path | None,
+    coco_root: Path | None,
+    split: str | None,
+    limit: int | None,
+    out_path: Path,
+    db_path: Path | None,
+    quiet: bool,
 ) -> None:
     """Mean post-projector image-token embedding over a folder or COCO split (streamed, constant
     memory): the replacement vector for `collect ablation --replacement`. One process only
     (a mean over shards would need a weighted merge)."""
-    from collector.distributed import refuse_several_processes
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
-    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.distributed import refuse_several_processes
     from collector.loading import check_before_load, load_model
+    from collector.options import input_config, load_options, resolve_images, run_options
     from db.store import ResultsDB
 
     refuse_several_processes("collect mean-vector")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -153,11 +154,18 @@ def ablate_one_image(
     if _is_grayscale(record):
         return skip(SkipReason.GRAYSCALE, "grayscale image")
     cells = object_cells(
-        target.segmentation, adapter, record.width, record.height,
-        layout.grid_rows, layout.grid_cols,
+        target.segmentation,
+        adapter,
+        record.width,
+        record.height,
+        layout.grid_rows,
+        layout.grid_cols,
     )
     if not cells.any():
-        return skip(SkipReason.OBJECT_OUTSIDE_VIEW, f"annotation {target.annotation_id} ({category}) lies outside the model's view")
+        return skip(
+            SkipReason.OBJECT_OUTSIDE_VIEW,
+            f"annotation {target.annotation_id} ({category}) lies outside the model's view",
+        )
     vqa_question = vqa_token = None
     if "vqa" in options.settings:
         questions = (options.questions or {}).get(record.image_id) or []
@@ -181,21 +189,34 @@ def ablate_one_image(
     curation_answers: list[str] | None = None
     if options.curate:
         curation_answers = generate_answers(
-            loaded, generative_inputs, [none_condition, noise_condition], vector,
-            options.max_new_tokens, options.batch_size,
+            loaded,
+            generative_inputs,
+            [none_condition, noise_condition],
+            vector,
+            options.max_new_tokens,
+            options.batch_size,
         )
         baseline_answer, noise_answer = curation_answers
         if not mentions_class(baseline_answer, category):
-            return skip(SkipReason.BASELINE_INCORRECT, f"description does not name {category!r}: {_short(baseline_answer)}")
+            return skip(
+                SkipReason.BASELINE_INCORRECT, f"description does not name {category!r}: {_short(baseline_answer)}"
+            )
         if mentions_class(noise_answer, category):
-            return skip(SkipReason.NOISE_STILL_CORRECT, f"still names {category!r} under image noise: {_short(noise_answer)}")
+            return skip(
+                SkipReason.NOISE_STILL_CORRECT, f"still names {category!r} under image noise: {_short(noise_answer)}"
+            )
 
     polling_question = POLLING_QUESTION.format(category=category)
     polling_inputs = adapter.build_inputs(image, polling_question)
     polling_layout = adapter.image_token_layout(polling_inputs["input_ids"][0], polling_inputs)
     ig = integrated_gradients(
-        loaded, polling_inputs, polling_layout, vector, yes_token_id(tokenizer),
-        steps=options.ig_steps, batch_size=options.batch_size,
+        loaded,
+        polling_inputs,
+        polling_layout,
+        vector,
+        yes_token_id(tokenizer),
+        steps=options.ig_steps,
+        batch_size=options.batch_size,
     )
     sets: list[TokenSet] = token_sets(
         cells, image_embeddings, record.image_id, options.seed, options.k_values, ig.token_attribution
@@ -227,34 +248,50 @@ def ablate_one_image(
                 reused = {"none": curation_answers[0], "image_noise": curation_answers[1]}
                 todo = [c for c in conditions if c.name not in reused]
             max_new = options.max_new_tokens if setting == "generative" else POLLING_MAX_NEW_TOKENS
-            answers = dict(zip([c.name for c in todo], generate_answers(
-                loaded, inputs, todo, vector, max_new, options.batch_size
-            )))
+            answers = dict(
+                zip([c.name for c in todo], generate_answers(loaded, inputs, todo, vector, max_new, options.batch_size))
+            )
             answers.update(reused)
             for condition in conditions:
                 answer = answers[condition.name]
                 correct = mentions_class(answer, category) if setting == "generative" else says_yes(answer)
-                rows.append({**base, "condition": condition.name, "positions": list(condition.positions),
-                             "correct": correct, "answer": answer, "seed": seeds.get(condition.name)})
+                rows.append(
+                    {
+                        **base,
+                        "condition": condition.name,
+                        "positions": list(condition.positions),
+                        "correct": correct,
+                        "answer": answer,
+                        "seed": seeds.get(condition.name),
+                    }
+                )
         else:
             predictions = next_token_predictions(loaded, inputs, conditions, vector, vqa_token, options.batch_size)
             target_text = tokenizer.decode([vqa_token])
             for condition, prediction in zip(conditions, predictions):
-                rows.append({
-                    **base, "condition": condition.name, "positions": list(condition.positions),
-                    "correct": prediction.predicted_id == vqa_token, "answer": None,
-                    "predicted_token": prediction.predicted_token, "predicted_prob": prediction.predicted_prob,
-                    "target_token": target_text, "target_prob": prediction.target_prob,
-                    "seed": seeds.get(condition.name),
-                })
+                rows.append(
+                    {
+                        **base,
+                        "condition": condition.name,
+                        "positions": list(condition.positions),
+                        "correct": prediction.predicted_id == vqa_token,
+                        "answer": None,
+                        "predicted_token": prediction.predicted_token,
+                        "predicted_prob": prediction.predicted_prob,
+                        "target_token": target_text,
+                        "target_prob": prediction.target_prob,
+                        "seed": seeds.get(condition.name),
+                    }
+                )
 
     assert first_inputs is not None
     input_ids = first_inputs["input_ids"][0]
     first_layout = adapter.image_token_layout(input_ids, first_inputs)
     tables = {
         "ablations": _ablation_table(run_id, record.image_id, rows),
-        "positions": positions_table(run_id, record.image_id, input_ids, first_layout,
-                                     decode_tokens(tokenizer, input_ids.tolist())),
+        "positions": positions_table(
+            run_id, record.image_id, input_ids, first_layout, decode_tokens(tokenizer, input_ids.tolist())
+        ),
         "image_views": image_view_table(run_id, record, adapter, adapter.view_pixels(generative_inputs)),
         "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), first_layout, None),
     }
@@ -263,14 +300,33 @@ def ablate_one_image(
 
 # Every column of `ablations` is written (NULL where a setting has no value).
 ABLATION_COLUMNS = (
-    "run_id", "image_id", "category", "condition", "setting", "positions", "n_ablated", "correct", "answer",
-    "question", "predicted_token", "predicted_prob", "target_token", "target_prob", "seed",
+    "run_id",
+    "image_id",
+    "category",
+    "condition",
+    "setting",
+    "positions",
+    "n_ablated",
+    "correct",
+    "answer",
+    "question",
+    "predicted_token",
+    "predicted_prob",
+    "target_token",
+    "target_prob",
+    "seed",
 )
 
 
 def _ablation_table(run_id: str, image_id: int, rows: list[dict[str, Any]]) -> pa.Table:
     full_rows = [
-        {**row, "run_id": run_id, "image_id": image_id, "n_ablated": len(row["positions"]), "correct": bool(row["correct"])}
+        {
+            **row,
+            "run_id": run_id,
+            "image_id": image_id,
+            "n_ablated": len(row["positions"]),
+            "correct": bool(row["correct"]),
+        }
         for row in rows
     ]
     return table_from_rows("ablations", full_rows, ABLATION_COLUMNS)
@@ -347,5 +403,13 @@ def collect_ablation(
     drop images, so the loop stops after `limit` images were ablated, not listed.
     """
     experiment = AblationExperiment(loaded, annotation_file, options, replacement)
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress,
-                          loader_workers=loader_workers, **run_options)
+    return run_experiment(
+        experiment,
+        records,
+        db,
+        limit=limit,
+        extra_config=extra_config,
+        progress=progress,
+        loader_workers=loader_workers,
+        **run_options,
+    )

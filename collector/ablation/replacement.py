@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -98,8 +99,10 @@ def _load_failure(error: BaseException) -> str:
 
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only load failed" in text:
-        return ("it holds Python objects besides tensors, which are not loaded "
-                "(save the vector alone: torch.save(vector, path))")
+        return (
+            "it holds Python objects besides tensors, which are not loaded "
+            "(save the vector alone: torch.save(vector, path))"
+        )
     return first_line(error)
 
 
@@ -236,14 +239,17 @@ def save_mean_vector(path: str | Path, mean: MeanVector) -> None:
     torch.save(mean.vector.float().clone(), Path(path))
 
 
-def store_mean_vector(
-    db: ResultsDB, loaded: LoadedModel, mean: MeanVector, source: str, config: dict[str, Any]
-) -> str:
+def store_mean_vector(db: ResultsDB, loaded: LoadedModel, mean: MeanVector, source: str, config: dict[str, Any]) -> str:
     """Store the vector in `mean_vectors` (once per value); returns its id (usable as --replacement db:<id>)."""
     vector = mean.vector.float()
     vector_id = f"mean-{_vector_sha256(vector)[:12]}"
     db.add_mean_vector(
-        vector_id, loaded.model_id, vector.tolist(), mean.n_images, mean.n_tokens, source,
+        vector_id,
+        loaded.model_id,
+        vector.tolist(),
+        mean.n_images,
+        mean.n_tokens,
+        source,
         {**loaded.provenance, **config},
     )
     return vector_id

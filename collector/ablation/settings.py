@@ -12,8 +12,9 @@ embeddings or pixels differ), so the conditions run as one batch without padding
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

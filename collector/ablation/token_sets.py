@@ -9,15 +9,16 @@ applied to the prompts of every setting.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from collector.adapters import ImageTokenLayout
-from db.geometry import cell_positions, dilate_cells
 from collector.loading import LoadedModel
+from db.geometry import cell_positions, dilate_cells
 
 DEFAULT_K = (5, 10, 20, 40, 60, 100, 250)
 OBJECT_RINGS = (0, 1, 2)
@@ -85,7 +86,9 @@ def noised_pixel_values(
     """
     _, height, width = pixel_values.shape
     mask = pixel_cell_mask(cells, height, width).to(pixel_values.device)
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(image_id)]).generate_state(1)[0]))
+    generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([int(seed), int(image_id)]).generate_state(1)[0])
+    )
     noise = torch.randn(pixel_values.shape, generator=generator, dtype=torch.float32) * std
     noise = noise.to(device=pixel_values.device, dtype=pixel_values.dtype)
     return torch.where(mask.unsqueeze(0), pixel_values + noise, pixel_values)

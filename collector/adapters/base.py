@@ -11,8 +11,9 @@ new family needs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class ImageTokenLayout:
     @classmethod
     def row_major(
         cls, positions: torch.Tensor, grid_rows: int, grid_cols: int, extra: ExtraImageTokens | None = None
-    ) -> "ImageTokenLayout":
+    ) -> ImageTokenLayout:
         """The layout of grid tokens at `positions` (grid_rows * grid_cols,), in row-major cell order."""
         flat = torch.arange(grid_rows * grid_cols)
         return cls(positions, flat // grid_cols, flat % grid_cols, grid_rows, grid_cols, extra)
@@ -327,9 +328,7 @@ class ModelAdapter(ABC):
         pixels[0] = view.to(device=pixels.device, dtype=pixels.dtype)
         return pixels
 
-    def repeat_inputs(
-        self, inputs: Mapping[str, Any], views: Sequence[torch.Tensor | None]
-    ) -> dict[str, torch.Tensor]:
+    def repeat_inputs(self, inputs: Mapping[str, Any], views: Sequence[torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """One image's `build_inputs` output repeated as a batch of len(views) rows; row b sees
         `views[b]` (3, H, W) as its view (`with_view_pixels`), or the image itself where None.
 

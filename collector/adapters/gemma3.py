@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -37,7 +38,7 @@ from collector.readout import SoftcappedUnembedding  # re-exported: the softcap 
 from db.geometry import ViewGeometry
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def forward_applies_softcap(model_class: type) -> bool:
     """Whether `model_class.forward` applies `final_logit_softcapping` to its logits (read from
     its source: the VLM classes differ, see the module docstring)."""
@@ -132,7 +133,10 @@ class Gemma3Adapter(GemmaFamilyAdapter):
         rows, cols = self.patch_grid
         config = self.model.config
         positions = self.image_token_run(
-            input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} grid (no pan-and-scan crops)",
-            opened_by=int(config.boi_token_id), closed_by=int(config.eoi_token_id),
+            input_ids,
+            rows * cols,
+            f"{rows * cols} image tokens for a {rows}x{cols} grid (no pan-and-scan crops)",
+            opened_by=int(config.boi_token_id),
+            closed_by=int(config.eoi_token_id),
         )
         return ImageTokenLayout.row_major(positions, rows, cols)

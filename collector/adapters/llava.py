@@ -14,7 +14,8 @@ crop, a valid-region the affine view cannot express: refused.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -54,7 +55,9 @@ class LlavaAdapter(ModelAdapter):
 
     def image_token_layout(self, input_ids: torch.Tensor, inputs: Mapping[str, Any]) -> ImageTokenLayout:
         rows, cols = self.patch_grid
-        positions = self.image_token_run(input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} patch grid")
+        positions = self.image_token_run(
+            input_ids, rows * cols, f"{rows * cols} image tokens for a {rows}x{cols} patch grid"
+        )
         return ImageTokenLayout.row_major(positions, rows, cols)
 
     @classmethod

@@ -26,7 +26,8 @@ The number of image tokens therefore depends on the image size (`image_sizes`).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -59,8 +60,14 @@ def hr_grid(image_size: tuple[int, int], pinpoints: list, tile: int, patches_per
         padding = (full_cols - new_width) // 2
         col0, cols = padding, full_cols - 2 * padding
     return dict(
-        tiles_high=tiles_high, tiles_wide=tiles_wide, full_rows=full_rows, full_cols=full_cols,
-        row0=row0, rows=rows, col0=col0, cols=cols,
+        tiles_high=tiles_high,
+        tiles_wide=tiles_wide,
+        full_rows=full_rows,
+        full_cols=full_cols,
+        row0=row0,
+        rows=rows,
+        col0=col0,
+        cols=cols,
     )
 
 
@@ -90,9 +97,7 @@ class LlavaNextAdapter(LlavaAdapter):
         steps = ViewSteps.of_image(width, height)
         backend = processor_backend(image_processor)
         base = size_fields(image_processor.size, "size")
-        steps.resize_to(
-            base.get("width") or base.get("shortest_edge"), base.get("height") or base.get("shortest_edge")
-        )
+        steps.resize_to(base.get("width") or base.get("shortest_edge"), base.get("height") or base.get("shortest_edge"))
         resize_and_center_crop(steps, image_processor, backend)
         return steps.geometry()
 
@@ -127,7 +132,8 @@ class LlavaNextAdapter(LlavaAdapter):
         newline = hr_cols == cols
         kinds = tuple("image_newline" if nl else "image_hr" for nl in newline.tolist())
         labels = tuple(
-            f"<NL {r}>" if nl else f"<HR {r},{c}>" for r, c, nl in zip(hr_rows.tolist(), hr_cols.tolist(), newline.tolist())
+            f"<NL {r}>" if nl else f"<HR {r},{c}>"
+            for r, c, nl in zip(hr_rows.tolist(), hr_cols.tolist(), newline.tolist())
         )
         extra = ExtraImageTokens(
             positions=positions[n_base:],

@@ -19,7 +19,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -53,7 +54,7 @@ class QwenImageTextProcessor:
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
 
     @classmethod
-    def from_pretrained(cls, model_id: str, revision: str | None = None) -> "QwenImageTextProcessor":
+    def from_pretrained(cls, model_id: str, revision: str | None = None) -> QwenImageTextProcessor:
         from transformers import AutoImageProcessor, AutoTokenizer
 
         return cls(
@@ -174,9 +175,11 @@ class Qwen2VLAdapter(ModelAdapter):
         rows, cols = h // self.merge_size, w // self.merge_size
         config = self.model.config
         positions = self.image_token_run(
-            input_ids, rows * cols,
+            input_ids,
+            rows * cols,
             f"{rows * cols} image tokens for a {rows}x{cols} merged grid (image_grid_thw {t}x{h}x{w})",
-            opened_by=int(config.vision_start_token_id), closed_by=int(config.vision_end_token_id),
+            opened_by=int(config.vision_start_token_id),
+            closed_by=int(config.vision_end_token_id),
         )
         return ImageTokenLayout.row_major(positions, rows, cols)
 
@@ -216,7 +219,8 @@ class Qwen2VLAdapter(ModelAdapter):
         batch = len(views)
         out = {
             name: value.expand(batch, *value.shape[1:]).contiguous() if isinstance(value, torch.Tensor) else value
-            for name, value in inputs.items() if name != "pixel_values"
+            for name, value in inputs.items()
+            if name != "pixel_values"
         }
         out["pixel_values"] = torch.cat(
             [inputs["pixel_values"] if view is None else self.with_view_pixels(inputs, view) for view in views]
@@ -230,7 +234,9 @@ class Qwen2VLAdapter(ModelAdapter):
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers' Qwen2-VL ``smart_resize``, restated: (height, width) after resizing."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

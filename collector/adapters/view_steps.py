@@ -39,7 +39,7 @@ class ViewSteps:
     offset_y: float = 0.0
 
     @classmethod
-    def of_image(cls, width: int, height: int) -> "ViewSteps":
+    def of_image(cls, width: int, height: int) -> ViewSteps:
         """The identity map of a ``width`` x ``height`` image; ValueError unless both are positive."""
         if width <= 0 or height <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")

@@ -13,6 +13,7 @@ from collector.blocking.settings import (
     SOURCE_SETS,
     TARGET_SETS,
 )
+from collector.errors import UserError
 from collector.options import (
     input_config,
     input_options,
@@ -22,7 +23,6 @@ from collector.options import (
     resolve_images,
     run_options,
 )
-from collector.errors import UserError
 
 
 def parse_area_range(text: str) -> tuple[float, float]:
@@ -47,7 +47,9 @@ def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, 
 @click.command("blocking")
 @model_options
 @input_options
-@click.option("--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing).")
+@click.option(
+    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
+)
 @click.option(
     "--questions",
     "questions_file",
@@ -68,7 +70,9 @@ def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, 
     show_default=True,
     help="MIN:MAX area (px², COCO 'area') of the single-instance target object.",
 )
-@click.option("--no-curate", is_flag=True, help="Also block on images the unblocked model answers wrongly (default: skip them).")
+@click.option(
+    "--no-curate", is_flag=True, help="Also block on images the unblocked model answers wrongly (default: skip them)."
+)
 @click.option(
     "--window",
     type=click.IntRange(min=1),
@@ -137,11 +141,11 @@ def blocking_command(
     conditions of one image); --loader-workers overlaps reading images and writing results
     with the model. Under torchrun/srun each process takes a share of the images (see
     `collect lens`); --limit is then refused."""
-    from collector.blocking.experiment import collect_blocking
-    from collector.vqa import load_questions
     from collector.ablation.cli import SHARDED_LIMIT
+    from collector.blocking.experiment import collect_blocking
     from collector.distributed import run_collect
     from collector.loading import check_before_load, load_model
+    from collector.vqa import load_questions
 
     area_range = parse_area_range(object_area)
     source_names = parse_names(sources, SOURCE_SETS, "--sources")
@@ -149,26 +153,45 @@ def blocking_command(
     if images_dir is not None and annotations is None:
         raise UserError("collect blocking needs object annotations: give --annotations with --images")
     records = resolve_images(images_dir, annotations, coco_root, split, None)
-    annotation_file = annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
+    annotation_file = (
+        annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
+    )
     questions = load_questions(questions_file)
     check_before_load(model_id, revision, prompt_template)  # before any weight is read
     handling = run_options()
 
     def run_one(db, share: list, group):
         loaded = load_model(
-            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision,
-            attn_implementation=attn_implementation, **load_options(),
+            model_id,
+            device or group.default_device(),
+            dtype,
+            quantization,
+            prompt_template,
+            revision,
+            attn_implementation=attn_implementation,
+            **load_options(),
         )
         return collect_blocking(
-            loaded, share, db, annotation_file, questions,
-            max_annotations=max_annotations, area_range=area_range, curate=not no_curate, window=window,
-            batch_size=batch_size, limit=limit, sources=source_names, targets=target_names,
+            loaded,
+            share,
+            db,
+            annotation_file,
+            questions,
+            max_annotations=max_annotations,
+            area_range=area_range,
+            curate=not no_curate,
+            window=window,
+            batch_size=batch_size,
+            limit=limit,
+            sources=source_names,
+            targets=target_names,
             extra_config={
                 **input_config(images_dir, annotations, coco_root, split, limit, model_id),
                 "questions_file": str(questions_file),
             },
-            progress=not quiet, loader_workers=loader_workers, **handling,
+            progress=not quiet,
+            loader_workers=loader_workers,
+            **handling,
         )
 
-    run_collect(db_path, records, run_one, echo=click.echo,
-                refuse_sharded=SHARDED_LIMIT if limit is not None else None)
+    run_collect(db_path, records, run_one, echo=click.echo, refuse_sharded=SHARDED_LIMIT if limit is not None else None)

@@ -34,9 +34,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +45,16 @@ import torch
 
 from collector.adapters import ImageTokenLayout
 from collector.blocking.mechanism import AttentionBlock, block_attention
+from collector.blocking.settings import (  # noqa: E402  (re-exported)
+    DEFAULT_AREA_RANGE,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_ANNOTATIONS,
+    DEFAULT_WINDOW,
+    PRESETS_32,
+    REFERENCE_DEPTH,
+    SOURCE_SETS,
+    TARGET_SETS,
+)
 from collector.coco import AblationTarget, load_coco, select_targets
 from collector.errors import UserError
 from collector.images import ImageRecord
@@ -55,17 +66,6 @@ from collector.targets import object_cells, object_positions
 from collector.vqa import ASSISTANT_PREFIX, class_first_token, load_questions, vqa_prompt
 from db.arrow import table_from_rows
 from db.store import ResultsDB
-
-from collector.blocking.settings import (  # noqa: E402  (re-exported)
-    DEFAULT_AREA_RANGE,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_ANNOTATIONS,
-    DEFAULT_WINDOW,
-    PRESETS_32,
-    REFERENCE_DEPTH,
-    SOURCE_SETS,
-    TARGET_SETS,
-)
 
 # -- layer windows ----------------------------------------------------------------------------
 
@@ -203,8 +203,7 @@ def _prediction(logits: torch.Tensor, class_token_id: int) -> list[Prediction]:
     probs = torch.softmax(logits.float(), dim=-1)
     top_prob, top_id = probs.max(dim=-1)
     return [
-        Prediction(int(top_id[b]), float(top_prob[b]), float(probs[b, class_token_id]))
-        for b in range(probs.shape[0])
+        Prediction(int(top_id[b]), float(top_prob[b]), float(probs[b, class_token_id])) for b in range(probs.shape[0])
     ]
 
 
@@ -299,9 +298,23 @@ def run_conditions(
 
 # Every column of `blocking` is written (NULL where a row has no value, e.g. the baseline's window).
 BLOCKING_COLUMNS = (
-    "run_id", "image_id", "category", "source", "target", "layer_start", "layer_end", "window_kind", "preset",
-    "correct", "question", "predicted_token", "predicted_prob", "target_token", "target_prob",
-    "source_positions", "target_positions",
+    "run_id",
+    "image_id",
+    "category",
+    "source",
+    "target",
+    "layer_start",
+    "layer_end",
+    "window_kind",
+    "preset",
+    "correct",
+    "question",
+    "predicted_token",
+    "predicted_prob",
+    "target_token",
+    "target_prob",
+    "source_positions",
+    "target_positions",
 )
 
 
@@ -317,7 +330,9 @@ class BlockingSettings:
     def __post_init__(self) -> None:
         unknown = (set(self.sources) - set(SOURCE_SETS)) | (set(self.targets) - set(TARGET_SETS))
         if unknown:
-            raise UserError(f"unknown source/target sets {sorted(unknown)}; sources: {SOURCE_SETS}, targets: {TARGET_SETS}")
+            raise UserError(
+                f"unknown source/target sets {sorted(unknown)}; sources: {SOURCE_SETS}, targets: {TARGET_SETS}"
+            )
         if not self.sources or not self.targets:
             raise UserError("give at least one source set and one target set")
         if self.window < 1:
@@ -338,8 +353,9 @@ def blocking_one_image(
     adapter = loaded.adapter
     image = record.load()
 
-    def skip(reason: SkipReason, detail: str | None, tables: dict[str, pa.Table] | None = None, layout=None,
-             n_positions=0) -> ImageOutcome:
+    def skip(
+        reason: SkipReason, detail: str | None, tables: dict[str, pa.Table] | None = None, layout=None, n_positions=0
+    ) -> ImageOutcome:
         tables = dict(tables or {})
         if layout is None:
             # Nothing ran: the marker still needs the grid, so take it from a processed prompt.
@@ -367,16 +383,30 @@ def blocking_one_image(
         return {**per_image, "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text)}
 
     cells = object_cells(
-        target.segmentation, adapter, record.width, record.height,
-        layout.grid_rows, layout.grid_cols,
+        target.segmentation,
+        adapter,
+        record.width,
+        record.height,
+        layout.grid_rows,
+        layout.grid_cols,
     )
     if not cells.any():
-        return skip(SkipReason.OBJECT_OUTSIDE_VIEW, f"annotation {target.annotation_id} is cropped out of the model's view",
-                    with_positions(), layout, n_positions)
+        return skip(
+            SkipReason.OBJECT_OUTSIDE_VIEW,
+            f"annotation {target.annotation_id} is cropped out of the model's view",
+            with_positions(),
+            layout,
+            n_positions,
+        )
     class_token_id = class_first_token(adapter.tokenizer, text, target.category)
     if class_token_id is None:
-        return skip(SkipReason.CLASS_TOKEN_UNKNOWN, f"no known first token for {target.category!r}",
-                    with_positions(), layout, n_positions)
+        return skip(
+            SkipReason.CLASS_TOKEN_UNKNOWN,
+            f"no known first token for {target.category!r}",
+            with_positions(),
+            layout,
+            n_positions,
+        )
 
     decoder_inputs, baseline = baseline_forward(loaded, inputs, class_token_id)
     sources = source_sets(cells, layout)
@@ -394,22 +424,51 @@ def blocking_one_image(
     token_text = decode_tokens(
         adapter.tokenizer, {class_token_id, baseline.token_id} | {p.token_id for p in predictions}
     )
-    common = {"run_id": run_id, "image_id": record.image_id, "category": target.category, "question": question,
-              "target_token": token_text[class_token_id]}
+    common = {
+        "run_id": run_id,
+        "image_id": record.image_id,
+        "category": target.category,
+        "question": question,
+        "target_token": token_text[class_token_id],
+    }
 
     def row(prediction: Prediction, **fields: Any) -> dict[str, Any]:
-        return {**common, **fields, "correct": prediction.token_id == class_token_id,
-                "predicted_token": token_text[prediction.token_id], "predicted_prob": prediction.prob,
-                "target_prob": prediction.target_prob}
+        return {
+            **common,
+            **fields,
+            "correct": prediction.token_id == class_token_id,
+            "predicted_token": token_text[prediction.token_id],
+            "predicted_prob": prediction.prob,
+            "target_prob": prediction.target_prob,
+        }
 
-    rows = [row(baseline, source="none", target="none", layer_start=None, layer_end=None, window_kind="baseline",
-                preset=None, source_positions=None, target_positions=None)]
+    rows = [
+        row(
+            baseline,
+            source="none",
+            target="none",
+            layer_start=None,
+            layer_end=None,
+            window_kind="baseline",
+            preset=None,
+            source_positions=None,
+            target_positions=None,
+        )
+    ]
     for condition, prediction in zip(conditions, predictions):
-        rows.append(row(
-            prediction, source=condition.source, target=condition.target, layer_start=condition.window.start,
-            layer_end=condition.window.end, window_kind=condition.window.kind, preset=condition.window.preset,
-            source_positions=list(condition.source_positions), target_positions=list(condition.target_positions),
-        ))
+        rows.append(
+            row(
+                prediction,
+                source=condition.source,
+                target=condition.target,
+                layer_start=condition.window.start,
+                layer_end=condition.window.end,
+                window_kind=condition.window.kind,
+                preset=condition.window.preset,
+                source_positions=list(condition.source_positions),
+                target_positions=list(condition.target_positions),
+            )
+        )
     tables = {**with_positions(), "blocking": table_from_rows("blocking", rows, BLOCKING_COLUMNS)}
     if curated_out:
         detail = f"baseline predicts {token_text[baseline.token_id]!r}, not {token_text[class_token_id]!r}"
@@ -504,8 +563,12 @@ class BlockingExperiment(Experiment):
 
     def identity(self) -> dict[str, Any]:
         return run_identity(
-            self.loaded, self.questions, _sha256_file(self.annotation_file), self.max_annotations,
-            self.area_range, self.settings,
+            self.loaded,
+            self.questions,
+            _sha256_file(self.annotation_file),
+            self.max_annotations,
+            self.area_range,
+            self.settings,
         )
 
     def provenance(self) -> dict[str, Any]:
@@ -525,8 +588,14 @@ class BlockingExperiment(Experiment):
 
     def process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
         return blocking_one_image(
-            self.loaded, run_id, record, self._targets[record.image_id], self.questions.get(record.image_id),
-            self.settings, self.batch_size, self.readout,
+            self.loaded,
+            run_id,
+            record,
+            self._targets[record.image_id],
+            self.questions.get(record.image_id),
+            self.settings,
+            self.batch_size,
+            self.readout,
         )
 
 
@@ -566,5 +635,13 @@ def collect_blocking(
     experiment = BlockingExperiment(
         loaded, annotation_file, questions, settings, max_annotations, area_range, batch_size, questions_path
     )
-    return run_experiment(experiment, records, db, limit=limit, extra_config=extra_config, progress=progress,
-                          loader_workers=loader_workers, **run_options)
+    return run_experiment(
+        experiment,
+        records,
+        db,
+        limit=limit,
+        extra_config=extra_config,
+        progress=progress,
+        loader_workers=loader_workers,
+        **run_options,
+    )

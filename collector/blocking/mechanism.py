@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ class AttentionBlock:
     layers: frozenset[int]
 
     @classmethod
-    def of(cls, sources: Iterable[int], targets: Iterable[int], layers: Iterable[int]) -> "AttentionBlock":
+    def of(cls, sources: Iterable[int], targets: Iterable[int], layers: Iterable[int]) -> AttentionBlock:
         """A block from any iterables of ints (sorted, de-duplicated)."""
         block = cls(
             tuple(sorted({int(p) for p in sources})),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -36,6 +37,9 @@ from collector.tables import (
 from db.store import ResultsDB
 
 DEFAULT_PROMPT = "Describe the image."
+
+
+_NO_LOCK = contextlib.nullcontext()  # reusable: nullcontext holds no state
 
 
 def run_identity(loaded: LoadedModel, prompt: str, top_k: int) -> dict[str, Any]:
@@ -84,7 +88,7 @@ def lens_tables(
     batch_index: int,
     top_k: int,
     lens: LogitLens,
-    tokenizer_lock: Any = contextlib.nullcontext(),
+    tokenizer_lock: Any = _NO_LOCK,
     final_logits: torch.Tensor | None = None,
 ) -> DeferredTables:
     """Every row of one image whose forward is done: the lens read-out now (on the device),
@@ -130,8 +134,14 @@ def lens_forward(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor]) -> Any
 
 @torch.no_grad()
 def lens_one_image(
-    loaded: LoadedModel, run_id: str, record: ImageRecord, prompt: str, top_k: int, lens: LogitLens | None = None,
-    inputs: Mapping[str, Any] | None = None, tokenizer_lock: Any = contextlib.nullcontext(),
+    loaded: LoadedModel,
+    run_id: str,
+    record: ImageRecord,
+    prompt: str,
+    top_k: int,
+    lens: LogitLens | None = None,
+    inputs: Mapping[str, Any] | None = None,
+    tokenizer_lock: Any = _NO_LOCK,
 ) -> Mapping:
     """Every row of one image, as Arrow tables keyed by table name (built when first read).
 
@@ -142,7 +152,15 @@ def lens_one_image(
         inputs = loaded.adapter.build_inputs(record.load(), prompt)
     outputs = lens_forward(loaded, inputs)
     tables = lens_tables(
-        loaded, run_id, record, inputs, outputs.hidden_states, 0, top_k, lens or LogitLens(loaded.adapter), tokenizer_lock,
+        loaded,
+        run_id,
+        record,
+        inputs,
+        outputs.hidden_states,
+        0,
+        top_k,
+        lens or LogitLens(loaded.adapter),
+        tokenizer_lock,
         final_logits=outputs.logits,
     )
     del outputs
@@ -183,8 +201,9 @@ class LensExperiment(Experiment):
 
     def process(self, record: ImageRecord, run_id: str) -> ImageOutcome:
         return ImageOutcome.keep(
-            lens_one_image(self.loaded, run_id, record, self.prompt, self.top_k, self.lens,
-                           tokenizer_lock=self.tokenizer_lock)
+            lens_one_image(
+                self.loaded, run_id, record, self.prompt, self.top_k, self.lens, tokenizer_lock=self.tokenizer_lock
+            )
         )
 
     @torch.no_grad()
@@ -194,8 +213,9 @@ class LensExperiment(Experiment):
         if batch is None:  # one image, or images that cannot share a forward
             return [
                 ImageOutcome.keep(
-                    lens_one_image(self.loaded, run_id, image.record, self.prompt, self.top_k, self.lens, one,
-                                   self.tokenizer_lock)
+                    lens_one_image(
+                        self.loaded, run_id, image.record, self.prompt, self.top_k, self.lens, one, self.tokenizer_lock
+                    )
                 )
                 for image, one in zip(images, inputs)
             ]
@@ -203,8 +223,18 @@ class LensExperiment(Experiment):
         del batch
         return [
             ImageOutcome.keep(
-                lens_tables(self.loaded, run_id, image.record, one, outputs.hidden_states, row, self.top_k, self.lens,
-                            self.tokenizer_lock, final_logits=outputs.logits)
+                lens_tables(
+                    self.loaded,
+                    run_id,
+                    image.record,
+                    one,
+                    outputs.hidden_states,
+                    row,
+                    self.top_k,
+                    self.lens,
+                    self.tokenizer_lock,
+                    final_logits=outputs.logits,
+                )
             )
             for row, (image, one) in enumerate(zip(images, inputs))
         ]
@@ -227,5 +257,13 @@ def collect_lens(
     batch_size: images (of equal prompt length) per forward; loader_workers: threads that
     decode and preprocess ahead, 0 for no pipelining (`run_experiment`)."""
     experiment = LensExperiment(loaded, prompt, top_k)
-    return run_experiment(experiment, images, db, extra_config=extra_config, progress=progress,
-                          batch_size=batch_size, loader_workers=loader_workers, **run_options)
+    return run_experiment(
+        experiment,
+        images,
+        db,
+        extra_config=extra_config,
+        progress=progress,
+        batch_size=batch_size,
+        loader_workers=loader_workers,
+        **run_options,
+    )

@@ -38,8 +38,8 @@ How `top_k` works (the lens at its arithmetic floor):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -53,7 +53,7 @@ ROW_ALIGN = 64
 
 # Writes the logits of positions [start, end) of one layer into `out` (end - start, vocab)
 # float32; `work` is a buffer of the same shape in the unembedding's dtype, or None.
-ChunkWriter = Callable[[int, int, torch.Tensor, Optional[torch.Tensor]], None]
+ChunkWriter = Callable[[int, int, torch.Tensor, torch.Tensor | None], None]
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ class _OneSequence(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self._hidden_states)
 
-    def __getitem__(self, layer):  # type: ignore[override]
+    def __getitem__(self, layer):
         return self._hidden_states[layer][self._batch_index : self._batch_index + 1]
 
 
@@ -234,7 +234,7 @@ class _Positions(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self._hidden_states)
 
-    def __getitem__(self, layer):  # type: ignore[override]
+    def __getitem__(self, layer):
         return self._hidden_states[layer][:, self._start : self._end]
 
 

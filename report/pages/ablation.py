@@ -58,9 +58,14 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
         raise ValueError(f"run {run_id!r} is a {run.experiment} run, not an ablation run")
 
     summary = [
-        {"setting": row["setting"], "condition": row["condition"], "n_baseline_correct": int(row["n_baseline_correct"]),
-         "n_flipped": int(row["n_flipped"]), "pct_flipped": float(row["pct_flipped"]),
-         "mean_tokens_ablated": float(row["mean_tokens_ablated"])}
+        {
+            "setting": row["setting"],
+            "condition": row["condition"],
+            "n_baseline_correct": int(row["n_baseline_correct"]),
+            "n_flipped": int(row["n_flipped"]),
+            "pct_flipped": float(row["pct_flipped"]),
+            "mean_tokens_ablated": float(row["mean_tokens_ablated"]),
+        }
         for row in queries.ablation_summary(db, run_id)
     ]
     summary.sort(key=lambda row: (setting_sort_key(row["setting"]), condition_sort_key(row["condition"])))
@@ -71,33 +76,56 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
     for row in queries.ablation_rows(db, run_id):
         image_id = int(row["image_id"])
         grid_rows, grid_cols = grids.get(image_id, (None, None))
-        entry = images.setdefault(image_id, {
-            "image_id": image_id, "file_name": row["file_name"], "category": row["category"],
-            "grid_rows": grid_rows, "grid_cols": grid_cols, "conditions": [],
-        })
+        entry = images.setdefault(
+            image_id,
+            {
+                "image_id": image_id,
+                "file_name": row["file_name"],
+                "category": row["category"],
+                "grid_rows": grid_rows,
+                "grid_cols": grid_cols,
+                "conditions": [],
+            },
+        )
         cells = image_positions.get(image_id, {})
         positions = [int(p) for p in row["positions"] or []]
-        entry["conditions"].append({
-            "setting": row["setting"],
-            "condition": row["condition"],
-            "positions": positions,
-            "cells": [[cells[p].patch_row, cells[p].patch_col] for p in positions if p in cells],
-            "n_unmapped": sum(1 for p in positions if p not in cells),
-            "n_ablated": int(row["n_ablated"]),
-            "correct": bool(row["correct"]),
-            **{key: row[key] for key in ("answer", "question", "predicted_token", "predicted_prob", "target_token",
-                                         "target_prob", "seed")},
-        })
+        entry["conditions"].append(
+            {
+                "setting": row["setting"],
+                "condition": row["condition"],
+                "positions": positions,
+                "cells": [[cells[p].patch_row, cells[p].patch_col] for p in positions if p in cells],
+                "n_unmapped": sum(1 for p in positions if p not in cells),
+                "n_ablated": int(row["n_ablated"]),
+                "correct": bool(row["correct"]),
+                **{
+                    key: row[key]
+                    for key in (
+                        "answer",
+                        "question",
+                        "predicted_token",
+                        "predicted_prob",
+                        "target_token",
+                        "target_prob",
+                        "seed",
+                    )
+                },
+            }
+        )
     for entry in images.values():
         entry["conditions"].sort(key=lambda c: (setting_sort_key(c["setting"]), condition_sort_key(c["condition"])))
 
-    skipped = [{"image_id": int(row["image_id"]), "reason": row["reason"], "detail": row["detail"]}
-               for row in queries.skipped(db, run_id)]
+    skipped = [
+        {"image_id": int(row["image_id"]), "reason": row["reason"], "detail": row["detail"]}
+        for row in queries.skipped(db, run_id)
+    ]
     skip_counts: dict[str, int] = {}
     for row in skipped:
         skip_counts[row["reason"]] = skip_counts.get(row["reason"], 0) + 1
-    baseline = [{"setting": row["setting"], "n_images": int(row["n_images"]), "n_correct": int(row["n_correct"])}
-                for row in queries.ablation_baseline(db, run_id)]
+    baseline = [
+        {"setting": row["setting"], "n_images": int(row["n_images"]), "n_correct": int(row["n_correct"])}
+        for row in queries.ablation_baseline(db, run_id)
+    ]
     baseline.sort(key=lambda row: setting_sort_key(row["setting"]))
     settings = sorted(
         {c["setting"] for entry in images.values() for c in entry["conditions"]} | {row["setting"] for row in summary},
@@ -123,18 +151,27 @@ def ablation_context(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         rows = [row for row in data["summary"] if row["setting"] == setting]
         bars = [row for row in rows if row["condition"] != "none"]
         baseline = next((b for b in data["baseline"] if b["setting"] == setting), None)
-        by_setting.append({"setting": setting, "rows": rows, "baseline": baseline,
-                           "chart": charts.flip_rate_bar_chart(bars, y_max) if bars else None})
+        by_setting.append(
+            {
+                "setting": setting,
+                "rows": rows,
+                "baseline": baseline,
+                "chart": charts.flip_rate_bar_chart(bars, y_max) if bars else None,
+            }
+        )
     images = []
     for image in data["images"]:
         conditions = sorted({c["condition"] for c in image["conditions"]}, key=condition_sort_key)
         settings = [s for s in data["settings"] if any(c["setting"] == s for c in image["conditions"])]
         cell = {(c["setting"], c["condition"]): c for c in image["conditions"]}
         overlays = [
-            {"key": [c["setting"], c["condition"]], "cells": c["cells"],
-             "caption": f"{c['setting']} / {c['condition']}: {len(c['cells'])} patch"
-                        f"{'' if len(c['cells']) == 1 else 'es'} ablated"
-                        + (f" ({c['n_unmapped']} positions without a patch cell)" if c["n_unmapped"] else "")}
+            {
+                "key": [c["setting"], c["condition"]],
+                "cells": c["cells"],
+                "caption": f"{c['setting']} / {c['condition']}: {len(c['cells'])} patch"
+                f"{'' if len(c['cells']) == 1 else 'es'} ablated"
+                + (f" ({c['n_unmapped']} positions without a patch cell)" if c["n_unmapped"] else ""),
+            }
             for c in image["conditions"]
         ]
         first = next((c for c in image["conditions"] if c["cells"]), image["conditions"][0])
@@ -142,16 +179,32 @@ def ablation_context(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         for s in data["settings"]:
             base = cell.get((s, "none"))
             rest = [c for c in image["conditions"] if c["setting"] == s and c["condition"] != "none"]
-            per_setting.append({"setting": s, "baseline": base, "n_conditions": len(rest),
-                                "n_incorrect": sum(1 for c in rest if not c["correct"])})
+            per_setting.append(
+                {
+                    "setting": s,
+                    "baseline": base,
+                    "n_conditions": len(rest),
+                    "n_incorrect": sum(1 for c in rest if not c["correct"]),
+                }
+            )
         questions = []
         for s in settings:
             c0 = cell.get((s, "none")) or next(c for c in image["conditions"] if c["setting"] == s)
             questions.append({"setting": s, "question": c0["question"], "target_token": c0["target_token"]})
-        images.append({"image": image, "conditions": conditions, "settings": settings, "cell": cell,
-                       "grid_rows": image["grid_rows"], "grid_cols": image["grid_cols"], "overlays": overlays,
-                       "initial": [first["setting"], first["condition"]], "per_setting": per_setting,
-                       "questions": questions})
+        images.append(
+            {
+                "image": image,
+                "conditions": conditions,
+                "settings": settings,
+                "cell": cell,
+                "grid_rows": image["grid_rows"],
+                "grid_cols": image["grid_cols"],
+                "overlays": overlays,
+                "initial": [first["setting"], first["condition"]],
+                "per_setting": per_setting,
+                "questions": questions,
+            }
+        )
     return {"by_setting": by_setting, "y_max": y_max}, images
 
 

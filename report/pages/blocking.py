@@ -51,17 +51,23 @@ def blocking_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
         series = []
         for source in sorted({row["source"] for row in rows}):
             by_start = {row["layer_start"]: row for row in rows if row["source"] == source}
-            series.append({"source": source, **{
-                measure: [by_start[s][measure] if s in by_start else None for s in x]
-                for measure in ("n", "accuracy", "mean_target_prob", "relative_accuracy")
-            }})
+            series.append(
+                {
+                    "source": source,
+                    **{
+                        measure: [by_start[s][measure] if s in by_start else None for s in x]
+                        for measure in ("n", "accuracy", "mean_target_prob", "relative_accuracy")
+                    },
+                }
+            )
         curves[target] = {"x": x, "window_ends": [ends[s] for s in x], "series": series}
 
     baseline_rows = queries.blocking_curves(db, run_id, "baseline")
-    baseline = ({key: baseline_rows[0][key] for key in ("n", "accuracy", "mean_target_prob")}
-                if baseline_rows else None)
+    baseline = {key: baseline_rows[0][key] for key in ("n", "accuracy", "mean_target_prob")} if baseline_rows else None
     presets = queries.blocking_curves(db, run_id, "preset")
-    presets.sort(key=lambda p: (p["target"], p["source"], preset_sort_key(p["preset"]), p["layer_start"], p["layer_end"]))
+    presets.sort(
+        key=lambda p: (p["target"], p["source"], preset_sort_key(p["preset"]), p["layer_start"], p["layer_end"])
+    )
     return {
         "run": {"run_id": run.run_id, "model_id": run.model_id, "status": run.status, "config": run.config},
         "curves": curves,
@@ -95,31 +101,65 @@ def image_details(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
     for row in queries.blocking_rows(db, run_id):
         image_id = int(row["image_id"])
         grid_rows, grid_cols = grids.get(image_id, (None, None))
-        entry = details.setdefault(image_id, {
-            "image_id": image_id, "file_name": row["file_name"], "category": row["category"],
-            "question": row["question"], "grid_rows": grid_rows, "grid_cols": grid_cols,
-            "baseline": None, "sets": [], "windows": [],
-        })
-        prediction = {"predicted_token": row["predicted_token"], "predicted_prob": row["predicted_prob"],
-                      "target_token": row["target_token"], "target_prob": row["target_prob"],
-                      "correct": bool(row["correct"])}
+        entry = details.setdefault(
+            image_id,
+            {
+                "image_id": image_id,
+                "file_name": row["file_name"],
+                "category": row["category"],
+                "question": row["question"],
+                "grid_rows": grid_rows,
+                "grid_cols": grid_cols,
+                "baseline": None,
+                "sets": [],
+                "windows": [],
+            },
+        )
+        prediction = {
+            "predicted_token": row["predicted_token"],
+            "predicted_prob": row["predicted_prob"],
+            "target_token": row["target_token"],
+            "target_prob": row["target_prob"],
+            "correct": bool(row["correct"]),
+        }
         if row["window_kind"] == "baseline":
             entry["baseline"] = prediction
             continue
         sets = pairs.setdefault(image_id, {}).setdefault((row["target"], row["source"]), (set(), set()))
         sets[0].update(int(p) for p in row["source_positions"] or [])
         sets[1].update(int(p) for p in row["target_positions"] or [])
-        entry["windows"].append({"target": row["target"], "source": row["source"], "window_kind": row["window_kind"],
-                                 "preset": row["preset"], "layer_start": row["layer_start"],
-                                 "layer_end": row["layer_end"], **prediction})
+        entry["windows"].append(
+            {
+                "target": row["target"],
+                "source": row["source"],
+                "window_kind": row["window_kind"],
+                "preset": row["preset"],
+                "layer_start": row["layer_start"],
+                "layer_end": row["layer_end"],
+                **prediction,
+            }
+        )
     for image_id, entry in details.items():
-        entry["windows"].sort(key=lambda w: (
-            w["target"], w["source"], 0 if w["window_kind"] == "preset" else 1, preset_sort_key(w["preset"]),
-            w["layer_start"] if w["layer_start"] is not None else -1, w["layer_end"] if w["layer_end"] is not None else -1))
+        entry["windows"].sort(
+            key=lambda w: (
+                w["target"],
+                w["source"],
+                0 if w["window_kind"] == "preset" else 1,
+                preset_sort_key(w["preset"]),
+                w["layer_start"] if w["layer_start"] is not None else -1,
+                w["layer_end"] if w["layer_end"] is not None else -1,
+            )
+        )
         known = positions.get(image_id, {})
         for (target, source), (source_set, target_set) in sorted(pairs.get(image_id, {}).items()):
-            entry["sets"].append({"target": target, "source": source, "source_set": _split(source_set, known),
-                                  "target_set": _split(target_set, known)})
+            entry["sets"].append(
+                {
+                    "target": target,
+                    "source": source,
+                    "source_set": _split(source_set, known),
+                    "target_set": _split(target_set, known),
+                }
+            )
     return [details[k] for k in sorted(details)]
 
 
@@ -128,12 +168,16 @@ def blocking_context(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
     overlays: per (target, source) pair, the source cells filled and the target outlined)."""
     chart_list = []
     for target, curve in data["curves"].items():
-        chart_list.append({
-            "target": target, "curve": curve,
-            "relative": charts.blocking_curve_chart(curve, "relative_accuracy", y_label="relative accuracy",
-                                                    reference=1.0),
-            "prob": charts.blocking_curve_chart(curve, "mean_target_prob", y_label="mean class probability"),
-        })
+        chart_list.append(
+            {
+                "target": target,
+                "curve": curve,
+                "relative": charts.blocking_curve_chart(
+                    curve, "relative_accuracy", y_label="relative accuracy", reference=1.0
+                ),
+                "prob": charts.blocking_curve_chart(curve, "mean_target_prob", y_label="mean class probability"),
+            }
+        )
     presets: dict[str, list[dict[str, Any]]] = {}
     for row in data["presets"]:
         presets.setdefault(row["target"], []).append(row)
@@ -142,19 +186,38 @@ def blocking_context(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
         overlays = []
         for pair in detail["sets"]:
             src, tgt = pair["source_set"], pair["target_set"]
-            caption = (f"source {pair['source']}: {len(src['cells'])} patches blocked as keys; "
-                       f"target {pair['target']}: {len(tgt['cells'])} patches"
-                       + (f" and {len(tgt['text'])} text position{'' if len(tgt['text']) == 1 else 's'}"
-                          if tgt["text"] else "") + " as queries")
+            caption = (
+                f"source {pair['source']}: {len(src['cells'])} patches blocked as keys; "
+                f"target {pair['target']}: {len(tgt['cells'])} patches"
+                + (
+                    f" and {len(tgt['text'])} text position{'' if len(tgt['text']) == 1 else 's'}"
+                    if tgt["text"]
+                    else ""
+                )
+                + " as queries"
+            )
             if src["n_unmapped"] or tgt["n_unmapped"]:
                 caption += f" ({src['n_unmapped'] + tgt['n_unmapped']} positions not in the positions table)"
-            overlays.append({"key": [pair["target"], pair["source"]], "cells": src["cells"],
-                             "outline": tgt["cells"], "caption": caption})
+            overlays.append(
+                {
+                    "key": [pair["target"], pair["source"]],
+                    "cells": src["cells"],
+                    "outline": tgt["cells"],
+                    "caption": caption,
+                }
+            )
         initial = [overlays[0]["key"][0], overlays[0]["key"][1]] if overlays else ["", ""]
-        images.append({"image": detail, "targets": sorted({p["target"] for p in detail["sets"]}),
-                       "sources": sorted({p["source"] for p in detail["sets"]}),
-                       "grid_rows": detail["grid_rows"], "grid_cols": detail["grid_cols"], "overlays": overlays,
-                       "initial": initial})
+        images.append(
+            {
+                "image": detail,
+                "targets": sorted({p["target"] for p in detail["sets"]}),
+                "sources": sorted({p["source"] for p in detail["sets"]}),
+                "grid_rows": detail["grid_rows"],
+                "grid_cols": detail["grid_cols"],
+                "overlays": overlays,
+                "initial": initial,
+            }
+        )
     return {"charts": chart_list, "presets": presets}, images
 
 

@@ -27,18 +27,26 @@ def write_compare_page(db: ResultsDB, site: Site, entries: list[LensEntry]) -> N
     catalogue: list[dict[str, Any]] = []
     for entry in entries:
         record = records.get(entry.run.run_id)
-        catalogue.append({
-            "key": f"{entry.run.dir_name}/{entry.image_id}",
-            "run_id": entry.run.run_id,
-            "image_id": entry.image_id,
-            "file_name": entry.file_name,
-            "label": run_label(record, differing) if record is not None else entry.run.model_id,
-            "model": entry.run.model_id,
-            "prompt": str(entry.run.config.get("prompt") or ""),
-            "top_k": entry.run.top_k,
-            "data": urls.href(urls.COMPARE, urls.lens_data(entry.run.dir_name, entry.image_id)),
-            "page": urls.href(urls.COMPARE, entry.page),
-            "png": urls.href(urls.COMPARE, entry.png) if entry.png else "",
-        })
-    site.render("compare.html.j2", urls.COMPARE, catalogue_json=script_json(catalogue), has_entries=bool(entries),
-                differing=sorted(differing), runs_here=[e.run for e in {e.run.run_id: e for e in entries}.values()])
+        catalogue.append(
+            {
+                "key": f"{entry.run.dir_name}/{entry.image_id}",
+                "run_id": entry.run.run_id,
+                "image_id": entry.image_id,
+                "file_name": entry.file_name,
+                "label": run_label(record, differing) if record is not None else entry.run.model_id,
+                "model": entry.run.model_id,
+                "prompt": str(entry.run.config.get("prompt") or ""),
+                "top_k": entry.run.top_k,
+                "data": urls.href(urls.COMPARE, urls.lens_data(entry.run.dir_name, entry.image_id)),
+                "page": urls.href(urls.COMPARE, entry.page),
+                "png": urls.href(urls.COMPARE, entry.png) if entry.png else "",
+            }
+        )
+    site.render(
+        "compare.html.j2",
+        urls.COMPARE,
+        catalogue_json=script_json(catalogue),
+        has_entries=bool(entries),
+        differing=sorted(differing),
+        runs_here=[e.run for e in {e.run.run_id: e for e in entries}.values()],
+    )

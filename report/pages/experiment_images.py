@@ -19,8 +19,15 @@ def overlay_json(grid_rows: Any, grid_cols: Any, overlays: list[dict[str, Any]])
     return script_json({"grid_rows": grid_rows, "grid_cols": grid_cols, "overlays": overlays})
 
 
-def write_experiment_pages(db: ResultsDB, site: Site, page: ExperimentPage, template: str, data: dict[str, Any],
-                           context: dict[str, Any], images: list[dict[str, Any]]) -> None:
+def write_experiment_pages(
+    db: ResultsDB,
+    site: Site,
+    page: ExperimentPage,
+    template: str,
+    data: dict[str, Any],
+    context: dict[str, Any],
+    images: list[dict[str, Any]],
+) -> None:
     """Write the run page and, per item of `images` (each with `image`, `grid_rows`,
     `grid_cols`, `overlays`), its image page and the view PNG."""
     run, experiment = page.run, page.experiment
@@ -34,8 +41,29 @@ def write_experiment_pages(db: ResultsDB, site: Site, page: ExperimentPage, temp
         if view is not None:
             site.writer.write(png, queries.view_png(db, run.run_id, image_id))
         image_pages[image_id] = image_page
-        site.render(template, image_page, page=page, data=data, run=run, runs_here=[run], mode="image", item=item,
-                    overlay_json=overlay_json(item["grid_rows"], item["grid_cols"], item["overlays"]),
-                    view=view, png=png if view else "", **context)
-    site.render(template, page.path, page=page, data=data, run=run, runs_here=[run], mode="run",
-                image_pages=image_pages, images=images, **context)
+        site.render(
+            template,
+            image_page,
+            page=page,
+            data=data,
+            run=run,
+            runs_here=[run],
+            mode="image",
+            item=item,
+            overlay_json=overlay_json(item["grid_rows"], item["grid_cols"], item["overlays"]),
+            view=view,
+            png=png if view else "",
+            **context,
+        )
+    site.render(
+        template,
+        page.path,
+        page=page,
+        data=data,
+        run=run,
+        runs_here=[run],
+        mode="run",
+        image_pages=image_pages,
+        images=images,
+        **context,
+    )

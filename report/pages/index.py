@@ -10,8 +10,16 @@ from report.catalogue import ExperimentPage, LensEntry, RunInfo
 from report.site import Site
 
 
-def write_index_page(site: Site, runs: list[RunInfo], entries: list[LensEntry], *, db_name: str,
-                     has_downloads: bool, quant_count: int, experiment_pages: list[ExperimentPage]) -> None:
+def write_index_page(
+    site: Site,
+    runs: list[RunInfo],
+    entries: list[LensEntry],
+    *,
+    db_name: str,
+    has_downloads: bool,
+    quant_count: int,
+    experiment_pages: list[ExperimentPage],
+) -> None:
     models = sorted({entry.run.model_id for entry in entries})
     lens_runs = [run for run in runs if any(entry.run.run_id == run.run_id for entry in entries)]
     for entry in entries:
@@ -22,7 +30,8 @@ def write_index_page(site: Site, runs: list[RunInfo], entries: list[LensEntry], 
     run_order = {run.run_id: i for i, run in enumerate(runs)}
     entries = sorted(entries, key=lambda e: (_natural_key(e.file_name), run_order.get(e.run.run_id, 0), e.image_id))
     site.render(
-        "index.html.j2", urls.INDEX,
+        "index.html.j2",
+        urls.INDEX,
         runs=runs,
         entries=entries,
         models=models,

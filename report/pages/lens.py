@@ -16,8 +16,9 @@ from report.object_cells import ObjectCells
 from report.site import ReportError, Site
 
 
-def _checked_positions(positions: list[queries.Position], grid_rows: int, grid_cols: int,
-                       context: str) -> dict[str, list[Any]]:
+def _checked_positions(
+    positions: list[queries.Position], grid_rows: int, grid_cols: int, context: str
+) -> dict[str, list[Any]]:
     """The data file's `positions` arrays; every image position on its own cell of the grid."""
     out: dict[str, list[Any]] = {"position": [], "kind": [], "label": [], "patch_row": [], "patch_col": []}
     seen_patches: set[tuple[int, int]] = set()
@@ -46,8 +47,9 @@ def _checked_positions(positions: list[queries.Position], grid_rows: int, grid_c
     return out
 
 
-def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str,
-                         positions: dict[str, list[Any]], page: str) -> list[dict[str, Any]]:
+def _checked_extra_views(
+    db: ResultsDB, run_id: str, image_id: int, context: str, positions: dict[str, list[Any]], page: str
+) -> list[dict[str, Any]]:
     """The extra views of an image, each checked against the positions of its kind."""
     out = []
     for index, view in enumerate(queries.extra_views(db, run_id, image_id)):
@@ -58,7 +60,11 @@ def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str
             if positions["kind"][k] != view.kind:
                 continue
             cell = (positions["patch_row"][k], positions["patch_col"][k])
-            if cell[0] is None or cell[1] is None or not (0 <= cell[0] < view.grid_rows and 0 <= cell[1] < view.grid_cols):
+            if (
+                cell[0] is None
+                or cell[1] is None
+                or not (0 <= cell[0] < view.grid_rows and 0 <= cell[1] < view.grid_cols)
+            ):
                 raise ReportError(
                     f"{context}: {view.kind} position {position} cell {cell} is outside the "
                     f"{view.grid_rows}x{view.grid_cols} grid of view {view.name!r}"
@@ -66,11 +72,17 @@ def _checked_extra_views(db: ResultsDB, run_id: str, image_id: int, context: str
             if cell in seen:
                 raise ReportError(f"{context}: two {view.kind} positions on cell {cell} of view {view.name!r}")
             seen.add(cell)
-        out.append({
-            "name": view.name, "kind": view.kind, "width": view.width, "height": view.height,
-            "grid_rows": view.grid_rows, "grid_cols": view.grid_cols,
-            "png": urls.href(page, urls.lens_extra_png(urls.run_dir_name(run_id), image_id, index)),
-        })
+        out.append(
+            {
+                "name": view.name,
+                "kind": view.kind,
+                "width": view.width,
+                "height": view.height,
+                "grid_rows": view.grid_rows,
+                "grid_cols": view.grid_cols,
+                "png": urls.href(page, urls.lens_extra_png(urls.run_dir_name(run_id), image_id, index)),
+            }
+        )
     return out
 
 
@@ -91,8 +103,9 @@ def _token_dictionary(lens: Any) -> tuple[list[str], np.ndarray, list[int] | Non
     return strings, string_codes, None
 
 
-def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None,
-              top_k: int | None = None) -> dict[str, Any]:
+def lens_data(
+    db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None, top_k: int | None = None
+) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
     `objects` shares the object cells with the rest of the build (default: computed here);
@@ -105,7 +118,7 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
     if marker is None:
         raise ReportError(f"run {run_id!r} image {image_id}: not completely written")
     context = f"run {run_id!r} image {image_id}"
-    grid_rows, grid_cols = marker.grid_rows, marker.grid_cols
+    grid_rows, grid_cols = int(marker.grid_rows or 0), int(marker.grid_cols or 0)
     page = urls.lens_page(urls.run_dir_name(run_id), image_id)
 
     position_rows = queries.positions(db, run_id, image_id)
@@ -177,8 +190,13 @@ def lens_data(db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells
     }
 
 
-def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: ObjectCells,
-                    published: frozenset[tuple[str, int]] | None = None) -> dict[str, Any]:
+def write_lens_page(
+    db: ResultsDB,
+    site: Site,
+    entry: LensEntry,
+    objects: ObjectCells,
+    published: frozenset[tuple[str, int]] | None = None,
+) -> dict[str, Any]:
     """Write one lens page with its data file and PNGs; returns its data object.
 
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
@@ -188,13 +206,16 @@ def write_lens_page(db: ResultsDB, site: Site, entry: LensEntry, objects: Object
     if entry.has_view:
         site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
     for index, view in enumerate(data["extra_views"]):
-        site.writer.write(urls.lens_extra_png(run.dir_name, entry.image_id, index),
-                          queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]))
+        site.writer.write(
+            urls.lens_extra_png(run.dir_name, entry.image_id, index),
+            queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]),
+        )
     other_runs = _other_runs(db, entry, published)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
-        "lens.html.j2", entry.page,
+        "lens.html.j2",
+        entry.page,
         entry=entry,
         run=run,
         runs_here=[run],
@@ -229,8 +250,12 @@ def run_label(record: Any, differing: set[str]) -> str:
 
 def differing_settings(records: list[Any]) -> set[str]:
     """Which of model, prompt, top-k, dtype differ between runs."""
-    keys = {"model": lambda r: r.model_id, "prompt": lambda r: (r.config or {}).get("prompt"),
-            "top_k": lambda r: (r.config or {}).get("top_k"), "dtype": lambda r: (r.config or {}).get("dtype")}
+    keys = {
+        "model": lambda r: r.model_id,
+        "prompt": lambda r: (r.config or {}).get("prompt"),
+        "top_k": lambda r: (r.config or {}).get("top_k"),
+        "dtype": lambda r: (r.config or {}).get("dtype"),
+    }
     return {name for name, get in keys.items() if len({json_key(get(r)) for r in records}) > 1}
 
 
@@ -238,11 +263,13 @@ def json_key(value: Any) -> str:
     return repr(value)
 
 
-def _other_runs(db: ResultsDB, entry: LensEntry,
-                published: frozenset[tuple[str, int]] | None) -> list[dict[str, str]]:
+def _other_runs(db: ResultsDB, entry: LensEntry, published: frozenset[tuple[str, int]] | None) -> list[dict[str, str]]:
     """Links to the same image in every other lens run whose page is written, each named by what differs."""
-    records = [record for record in queries.lens_runs_of_image(db, entry.image_id)
-               if published is None or (record.run_id, entry.image_id) in published]
+    records = [
+        record
+        for record in queries.lens_runs_of_image(db, entry.image_id)
+        if published is None or (record.run_id, entry.image_id) in published
+    ]
     if len(records) < 2:
         return []
     differing = differing_settings(records)
@@ -252,9 +279,14 @@ def _other_runs(db: ResultsDB, entry: LensEntry,
         if record.run_id == entry.run.run_id:
             continue
         dir_name = urls.run_dir_name(record.run_id)
-        out.append({"run_id": record.run_id, "label": run_label(record, differing),
-                    "page": urls.lens_page(dir_name, entry.image_id),
-                    "compare": urls.compare_fragment(here, (dir_name, entry.image_id))})
+        out.append(
+            {
+                "run_id": record.run_id,
+                "label": run_label(record, differing),
+                "page": urls.lens_page(dir_name, entry.image_id),
+                "compare": urls.compare_fragment(here, (dir_name, entry.image_id)),
+            }
+        )
     return out
 
 
@@ -264,6 +296,11 @@ def _summary(data: dict[str, Any]) -> dict[str, Any]:
     tokens, index, prob = lens_codec.unpack_lens_data(data)
     n_rows, top_k, n_layers = len(data["positions"]["position"]), data["top_k"], data["n_layers"]
     at = ((n_layers - 1) * n_rows + (n_rows - 1)) * top_k
-    return {"positions": n_rows, "layers": n_layers, "top_k": top_k,
-            "image_positions": sum(1 for k in data["positions"]["kind"] if k == "image"),
-            "next_token": tokens[int(index[at])], "next_prob": float(prob[at])}
+    return {
+        "positions": n_rows,
+        "layers": n_layers,
+        "top_k": top_k,
+        "image_positions": sum(1 for k in data["positions"]["kind"] if k == "image"),
+        "next_token": tokens[int(index[at])],
+        "next_prob": float(prob[at]),
+    }

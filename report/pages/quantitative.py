@@ -41,8 +41,15 @@ class RunQuant:
     per_image: list[dict[str, Any]] = field(default_factory=list)
 
 
-def quantitative_lens(db: ResultsDB, run_id: str, model_id: str, entries: list[tuple[int, int, int, int]], *,
-                      objects: ObjectCells | None = None, top_k: int | None = None) -> RunQuant | None:
+def quantitative_lens(
+    db: ResultsDB,
+    run_id: str,
+    model_id: str,
+    entries: list[tuple[int, int, int, int]],
+    *,
+    objects: ObjectCells | None = None,
+    top_k: int | None = None,
+) -> RunQuant | None:
     """Per-layer shares for one lens run; `entries` are (image_id, n_layers, grid_rows, grid_cols)
     of its completely written images. None when no image has annotated object cells.
 
@@ -73,7 +80,9 @@ def quantitative_lens(db: ResultsDB, run_id: str, model_id: str, entries: list[t
         patch_position = {(p.patch_row, p.patch_col): number for number, p in image_positions.get(image_id, {}).items()}
         for category, cells in by_category.items():
             rows, cols = np.nonzero(cells)
-            positions = [patch_position[(int(r), int(c))] for r, c in zip(rows, cols) if (int(r), int(c)) in patch_position]
+            positions = [
+                patch_position[(int(r), int(c))] for r, c in zip(rows, cols) if (int(r), int(c)) in patch_position
+            ]
             if not positions:
                 continue
             totals[(image_id, category)] = len(positions)
@@ -126,12 +135,17 @@ def quantitative_lens(db: ResultsDB, run_id: str, model_id: str, entries: list[t
     return result
 
 
-def write_quantitative_page(db: ResultsDB, site: Site, runs: list[RunInfo], entries: list[LensEntry],
-                            lens_shapes: dict[tuple[str, int], tuple[int, int, int]],
-                            objects: ObjectCells) -> list[dict[str, Any]]:
+def write_quantitative_page(
+    db: ResultsDB,
+    site: Site,
+    runs: list[RunInfo],
+    entries: list[LensEntry],
+    lens_shapes: dict[tuple[str, int], tuple[int, int, int]],
+    objects: ObjectCells,
+) -> list[dict[str, Any]]:
     """Write quantitative.html; `lens_shapes` maps each written (run, image) to its
     (n_layers, grid_rows, grid_cols). Returns one entry per run with object cells."""
-    quant_runs = []
+    quant_runs: list[dict[str, Any]] = []
     for run in runs:
         run_entries = [e for e in entries if e.run.run_id == run.run_id]
         if run.experiment != LENS_EXPERIMENT or not run_entries:
@@ -154,8 +168,14 @@ def write_quantitative_page(db: ResultsDB, site: Site, runs: list[RunInfo], entr
             q["label"] = run_label(record, differing) if record is not None else q["run"].model_id
         if len(quant_runs) > 1:
             overlay = _overlay_chart(quant_runs)
-    site.render("quantitative.html.j2", urls.QUANTITATIVE, quant_runs=quant_runs, overlay=overlay,
-                differing=sorted(differing), runs_here=[q["run"] for q in quant_runs])
+    site.render(
+        "quantitative.html.j2",
+        urls.QUANTITATIVE,
+        quant_runs=quant_runs,
+        overlay=overlay,
+        differing=sorted(differing),
+        runs_here=[q["run"] for q in quant_runs],
+    )
     return quant_runs
 
 

@@ -110,13 +110,19 @@ def examples(db: ResultsDB) -> list[dict[str, str]]:
         },
     ]
     # An example over tables without rows returns nothing: it stays, with a note saying so.
-    sources = {"ablation_summary": "ablations", "blocking_curves": "blocking", "lens_top1": "logit_lens",
-               "lens_object_hits": "logit_lens", "run_images": "logit_lens"}
+    sources = {
+        "ablation_summary": "ablations",
+        "blocking_curves": "blocking",
+        "lens_top1": "logit_lens",
+        "lens_object_hits": "logit_lens",
+        "run_images": "logit_lens",
+    }
     empty = {table for table in set(sources.values()) if table not in relations or not queries.count_rows(db, table)}
     for example in out:
         source = sources.get(example["needs"])
-        example["empty_note"] = (f"Returns no rows here: this site's runs have no {source} rows."
-                                 if source in empty else "")
+        example["empty_note"] = (
+            f"Returns no rows here: this site's runs have no {source} rows." if source in empty else ""
+        )
     if "lens_object_hits" in relations and "annotations" in relations and not queries.count_rows(db, "annotations"):
         for example in out:
             if example["needs"] == "lens_object_hits":
@@ -124,8 +130,9 @@ def examples(db: ResultsDB) -> list[dict[str, str]]:
     return [example for example in out if not example["needs"] or example["needs"] in relations]
 
 
-def write_sql_page(db: ResultsDB, site: Site, download_info: dict[str, Any] | None, *,
-                   environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def write_sql_page(
+    db: ResultsDB, site: Site, download_info: dict[str, Any] | None, *, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Write sql.html (always), and vendor/duckdb-wasm/ and data/console.duckdb (when
     DuckDB-WASM was found and the Parquet files were published). `download_info` is what
     report.downloads.write_downloads returned (None with --no-downloads). Returns what was
@@ -142,25 +149,30 @@ def write_sql_page(db: ResultsDB, site: Site, download_info: dict[str, Any] | No
     if mode == "parquet":
         from report.downloads import SITE_DB_STORAGE_VERSION
 
-        queries.export_console_database(db, site.writer.path(CONSOLE_DATABASE), site.writer.root, parquet,
-                                        SITE_DB_STORAGE_VERSION)
+        queries.export_console_database(
+            db, site.writer.path(CONSOLE_DATABASE), site.writer.root, parquet, SITE_DB_STORAGE_VERSION
+        )
         size = site.writer.account(CONSOLE_DATABASE)
         total = sum((site.writer.root / f).stat().st_size for files in parquet.values() for f in files)
-        database = {"href": CONSOLE_DATABASE, "size": f"{size / 1e3:.0f} KB",
-                    "parquet_size": f"{total / 1e6:.1f} MB",
-                    "files": sorted(f for files in parquet.values() for f in files)}
+        database = {
+            "href": CONSOLE_DATABASE,
+            "size": f"{size / 1e3:.0f} KB",
+            "parquet_size": f"{total / 1e6:.1f} MB",
+            "files": sorted(f for files in parquet.values() for f in files),
+        }
     wasm_bytes = wasm.manifest.get("files", {}).get(duckdb_wasm.WASM_FILE, {}).get("bytes", 0)
     relations = set(parquet) | {name for name, _ in queries.view_definitions(db)}
     shown = [e for e in examples(db) if not e["needs"] or e["needs"] in relations]
     site.render(
-        "sql.html.j2", urls.SQL,
+        "sql.html.j2",
+        urls.SQL,
         enabled=enabled,
         mode=mode,
         no_parquet_extension=wasm.found and not wasm.has_parquet and bool(parquet),
         extensions_dir=f"{duckdb_wasm.VENDOR_DIR}/{duckdb_wasm.EXTENSIONS_DIR}/",
         wasm=wasm,
         database=database,
-        parquet_files=script_json(database["files"]) if mode == "parquet" else "[]",
+        parquet_files=script_json(database["files"]) if database and mode == "parquet" else "[]",
         examples=shown,
         default_limit=DEFAULT_ROW_LIMIT,
         vendor_dir=duckdb_wasm.VENDOR_DIR,
@@ -175,5 +187,9 @@ def write_sql_page(db: ResultsDB, site: Site, download_info: dict[str, Any] | No
         runs_here=[],
         has_downloads=download_info is not None,
     )
-    return {"href": urls.SQL, "enabled": enabled, "vendor_bytes": vendor_bytes,
-            "version": wasm.version if enabled else None}
+    return {
+        "href": urls.SQL,
+        "enabled": enabled,
+        "vendor_bytes": vendor_bytes,
+        "version": wasm.version if enabled else None,
+    }

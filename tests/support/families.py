@@ -8,8 +8,9 @@ softcapping restated from their definitions, the real processor's outputs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -61,8 +62,10 @@ def real_attention_masks(loaded, inputs) -> dict[int, torch.Tensor]:
     seen: dict[int, torch.Tensor | None] = {}
     handles = []
     for layer in range(adapter.n_layers):
+
         def hook(module, args, kwargs, layer=layer):
             seen[layer] = kwargs.get("attention_mask")
+
         handles.append(adapter.attention_module(layer).register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():
@@ -179,8 +182,23 @@ def check_collect_lens_cli(name: str, path: Path, loaded, image_dir: Path, db_pa
     from collector.cli import cli
     from db.store import ResultsDB
 
-    args = ["collect", "lens", "--model", str(path), "--images", str(image_dir), "--db", str(db_path),
-            "--limit", "2", "--top-k", "2", "--device", "cpu", "--quiet"]
+    args = [
+        "collect",
+        "lens",
+        "--model",
+        str(path),
+        "--images",
+        str(image_dir),
+        "--db",
+        str(db_path),
+        "--limit",
+        "2",
+        "--top-k",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     n_layers = loaded.model.config.text_config.num_hidden_layers + 1
@@ -204,6 +222,7 @@ def check_collect_lens_cli(name: str, path: Path, loaded, image_dir: Path, db_pa
                 "SELECT name, kind, view_width, view_height, grid_rows, grid_cols, png FROM extra_views "
                 f"WHERE image_id = {image_id}"
             )
-            images.append(dict(run_id=run_id, image_id=image_id, rows=rows, cols=cols, width=width, height=height,
-                               extra=extra))
+            images.append(
+                dict(run_id=run_id, image_id=image_id, rows=rows, cols=cols, width=width, height=height, extra=extra)
+            )
     return images

@@ -8,7 +8,8 @@ resampling kernel puts the 50% level of a step exactly on the edge.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image

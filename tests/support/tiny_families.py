@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from collector.tiny import COCO_CATEGORY_NAMES, _CORPUS_SENTENCES, _randomise_norms
+from collector.tiny import _CORPUS_SENTENCES, COCO_CATEGORY_NAMES, _randomise_norms
 
 # The Qwen2 tokenizer's special tokens and their real ids (Qwen2-VL and Qwen2.5-VL share them).
 QWEN_SPECIAL_TOKENS: dict[str, int] = {
@@ -241,14 +241,27 @@ def build_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+            image_size=336,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            projection_dim=32,
         ),
         text_config=MistralConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-            rms_norm_eps=1e-5, sliding_window=None, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=1, eos_token_id=2,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         image_token_index=tokenizer.image_token_id,
         image_grid_pinpoints=pinpoints,
@@ -270,8 +283,11 @@ def build_tiny_llava_next(out_dir: str | Path, seed: int = 0) -> Path:
         do_pad=True,
     )
     LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     ).save_pretrained(out)
     return _finish(model, out, "llava-next", seed, "llava-v1.6-mistral-7b structure, sizes shrunk")
 
@@ -285,7 +301,9 @@ GEMMA_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")
 GEMMA3_EXTRA_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>")
 
 
-def build_gemma_tokenizer(extra_tokens: tuple[str, ...] = GEMMA3_EXTRA_TOKENS, vocab_size: int = 1200, image_tokens: dict | None = None):
+def build_gemma_tokenizer(
+    extra_tokens: tuple[str, ...] = GEMMA3_EXTRA_TOKENS, vocab_size: int = 1200, image_tokens: dict | None = None
+):
     """A SentencePiece-style (Metaspace) BPE tokenizer with Gemma's special tokens.
 
     Like Gemma's: ids 0..3 are <pad>, <eos>, <bos>, <unk>; BOS is prepended; `image_tokens`
@@ -352,26 +370,47 @@ def build_tiny_gemma3(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_gemma_tokenizer(
-        image_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+        image_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        }
     )
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_EXTRA_TOKENS}
     config = Gemma3Config(
         text_config=Gemma3TextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
             sliding_window=sliding_window,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
-            final_logit_softcapping=final_logit_softcapping, attn_logit_softcapping=None,
-            max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-            pad_token_id=0, eos_token_id=[1, ids["<end_of_turn>"]], bos_token_id=2,
+            final_logit_softcapping=final_logit_softcapping,
+            attn_logit_softcapping=None,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            hidden_activation="gelu_pytorch_tanh",
+            pad_token_id=0,
+            eos_token_id=[1, ids["<end_of_turn>"]],
+            bos_token_id=2,
             rope_parameters={
                 "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
             },
         ),
         vision_config=SiglipVisionConfig(
-            image_size=896, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, layer_norm_eps=1e-6, vision_use_head=False,
+            image_size=896,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            layer_norm_eps=1e-6,
+            vision_use_head=False,
         ),
         mm_tokens_per_image=256,
         boi_token_index=ids["<start_of_image>"],
@@ -386,8 +425,11 @@ def build_tiny_gemma3(
         weight = model.model.multi_modal_projector.mm_input_projection_weight
         weight.copy_(torch.randn(weight.shape) * 0.5)
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": 896, "width": 896}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        do_pan_and_scan=False, resample=2,
+        size={"height": 896, "width": 896},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_pan_and_scan=False,
+        resample=2,
     )
     Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=256).save_pretrained(out)
     return _finish(model, out, "gemma3", seed, "gemma-3-4b-it structure, sizes shrunk, softcapping enabled")
@@ -420,8 +462,12 @@ def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, final_logit_softcap
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_gemma_tokenizer(extra_tokens=("<image>",), image_tokens={"image_token": "<image>"})
     image_processor = SiglipImageProcessorPil(
-        size={"height": 224, "width": 224}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        resample=3, do_convert_rgb=True, image_seq_length=256,
+        size={"height": 224, "width": 224},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        resample=3,
+        do_convert_rgb=True,
+        image_seq_length=256,
     )
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg>
     text_kwargs: dict[str, Any] = {}
@@ -429,14 +475,30 @@ def build_tiny_paligemma(out_dir: str | Path, seed: int = 0, final_logit_softcap
         text_kwargs["final_logit_softcapping"] = final_logit_softcapping
     config = PaliGemmaConfig(
         text_config=GemmaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
-            rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", pad_token_id=0, eos_token_id=1,
-            bos_token_id=2, **text_kwargs,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            hidden_activation="gelu_pytorch_tanh",
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            **text_kwargs,
         ),
         vision_config=SiglipVisionConfig(
-            image_size=224, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, layer_norm_eps=1e-6, vision_use_head=False,
+            image_size=224,
+            patch_size=14,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            layer_norm_eps=1e-6,
+            vision_use_head=False,
         ),
         image_token_index=tokenizer.image_token_id,
         projection_dim=64,
