@@ -34,6 +34,8 @@ from collector.tables import (
     positions_table,
     run_image_marker,
 )
+from collector.vqa import class_first_token
+from db.arrow import table_from_columns
 from db.store import ResultsDB
 
 DEFAULT_PROMPT = "Describe the image."
@@ -121,9 +123,40 @@ def lens_tables(
         extra = adapter.extra_views(cpu_inputs)
         if extra:  # e.g. LLaVA-NeXT's high-resolution view
             tables["extra_views"] = extra_views_table(run_id, record.image_id, extra)
+        with tokenizer_lock:
+            class_tokens = class_tokens_table(adapter.tokenizer, run_id, record)
+        if class_tokens is not None:
+            tables["class_tokens"] = class_tokens
         return tables
 
     return DeferredTables(build)
+
+
+# The context in which a category name's first token is taken (as the VQA setting scores it):
+# the token that starts the word after an article, not a bare word-boundary piece.
+CLASS_TOKEN_CONTEXT = "It is a"
+
+
+def class_tokens_table(tokenizer: Any, run_id: str, record: ImageRecord) -> Any:
+    """`class_tokens` rows of the image's annotated categories (None without annotations or
+    known tokens): the 'first_token' lens hit rule matches lens cells by these ids."""
+    rows = []
+    for category in record.categories:
+        token_id = class_first_token(tokenizer, CLASS_TOKEN_CONTEXT, category)
+        if token_id is not None:
+            rows.append((category, token_id, tokenizer.decode([token_id])))
+    if not rows:
+        return None
+    return table_from_columns(
+        "class_tokens",
+        {
+            "run_id": [run_id] * len(rows),
+            "image_id": [record.image_id] * len(rows),
+            "category": [r[0] for r in rows],
+            "token_id": [r[1] for r in rows],
+            "token": [r[2] for r in rows],
+        },
+    )
 
 
 def lens_forward(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor]) -> Any:
