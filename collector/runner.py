@@ -32,6 +32,11 @@ every experiment:
 
 Sharding over processes (RANK / WORLD_SIZE) wraps this: every `collect` command runs
 `collector.distributed.run_collect`, which gives each process its share of the images.
+
+Why one ~670-line module: the loop, its loader and writer threads and the out-of-memory
+retry share one piece of state (the run's counts, queues and stop/drain rules); split apart,
+their shutdown order (drain the writer after an error, cancel the loader) would be spread
+over modules that must still change together.
 """
 
 from __future__ import annotations

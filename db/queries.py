@@ -4,6 +4,10 @@ The report (and anything else that only reads results) calls these functions ins
 writing SQL, so the table and column names live here and in db/schema.py only. Every
 function takes an open `ResultsDB`; none writes to it (the two `export_*` functions
 write files outside the database). Torch-free.
+
+Why one ~670-line module: it is the whole read API, one function per question the report
+asks, so that every SQL statement the site depends on is found (and reviewed against the
+schema) in one place; the functions share no state.
 """
 
 from __future__ import annotations

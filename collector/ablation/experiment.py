@@ -5,6 +5,9 @@ image_noise) is run in every requested setting (generative, polling, vqa). An im
 either kept (every requested setting ran) or skipped with a recorded reason; both get a
 `run_images` marker so a rerun resumes exactly where it stopped. `AblationExperiment` is
 the per-image work; `collector.runner` runs it.
+
+Why one ~410-line module: curation, token sets and the three settings are one image's work
+(`AblationExperiment.process`); settings, token sets and the replacement live beside it.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ block mask per batch element (`collector.blocking.mechanism`); the last position
 state is read out through the model's own read-out (`collector.readout`).
 
 `BlockingExperiment` is the per-image work; `collector.runner` runs it.
+
+Why one ~650-line module: the position sets, the window presets and sliding windows and the
+per-image batching are one experiment's per-image work (`BlockingExperiment.process`); the
+mask mechanism itself lives in `mechanism.py`, the sets' geometry in `db.geometry`.
 """
 
 from __future__ import annotations
