@@ -74,6 +74,12 @@ def test_collect_blocking_writes_rows_and_resumes(tmp_path, tiny_checkpoints, de
         curves = db.sql("SELECT count(*), min(n), max(n) FROM blocking_curves WHERE window_kind <> 'baseline'")[0]
         assert curves == (len(conditions), 1, 1)
 
+    # The same command again: nothing to do, and the summary says the limit's image is already complete
+    # (it used to report "0 already complete" when a --limit run resumed).
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "0 written (0 kept, 0 skipped), 1 already complete; 1 kept in total" in result.output
+
     # Rerun without the limit: image 1 is resumed, not redone; 2 is written, 3 is skipped (no question).
     result = runner.invoke(
         cli, _args(tiny_checkpoints, demo_images, db_path, questions, "--no-curate", "--batch-size", "7")
