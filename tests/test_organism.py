@@ -192,13 +192,12 @@ def _scene_inputs(loaded, heldout_scenes):
 
 
 class _ProjectorAblation:
-    """Replaces the projector's output rows (= the LM input embeddings of image tokens) at chosen
-    grid cells with a vector. cells_per_row: one (n_image_tokens,) bool per batch row."""
+    """Within the block, the projector's output rows (= the LM input embeddings of the image
+    tokens) at chosen grid cells are `vector`; cells_per_row: one (n_image_tokens,) bool per
+    batch row, or None to leave the output alone."""
 
     def __init__(self, model, vector):
-        self.vector = vector
-        self.cells_per_row = None
-        model.model.multi_modal_projector.register_forward_hook(self._hook)
+        self.model, self.vector, self.cells_per_row = model, vector, None
 
     def _hook(self, module, args, output):
         if self.cells_per_row is None:
@@ -207,6 +206,13 @@ class _ProjectorAblation:
         for row, cells in enumerate(self.cells_per_row):
             output[row, torch.as_tensor(cells)] = self.vector
         return output
+
+    def __enter__(self):
+        self.handle = self.model.model.multi_modal_projector.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
 
 
 @pytest.fixture(scope="session")
@@ -227,10 +233,8 @@ def ablation_results(organism_model, heldout_scenes):
     scenes = _scene_inputs(organism_model, heldout_scenes)
     with torch.no_grad():
         pixels = torch.cat([adapter.build_inputs(image, "x")["pixel_values"] for _, image, _, _ in scenes])
-        mean_vector = model.model.get_image_features(pixel_values=pixels)
-        mean_vector = torch.cat(list(mean_vector)).reshape(-1, adapter.hidden_size).mean(0) \
-            if isinstance(mean_vector, (list, tuple)) else mean_vector.pooler_output.reshape(-1, adapter.hidden_size).mean(0)
-    ablation = _ProjectorAblation(model, mean_vector)
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output
+        mean_vector = torch.stack(list(features)).reshape(-1, adapter.hidden_size).mean(0)
     results = []
     for index, (name, image, cells, question) in enumerate(scenes):
         rng = np.random.default_rng(index)
@@ -245,10 +249,9 @@ def ablation_results(organism_model, heldout_scenes):
         for setting, text in texts.items():
             target = yes_token_id(tokenizer) if setting == "polling" else class_first_token(tokenizer, text, name)
             inputs = adapter.repeat_inputs(adapter.build_inputs_for_text(image, text), [None] * 3)
-            ablation.cells_per_row = [np.zeros_like(cells), cells, random_cells]
-            with torch.no_grad():
+            with _ProjectorAblation(model, mean_vector) as ablation, torch.no_grad():
+                ablation.cells_per_row = [np.zeros_like(cells), cells, random_cells]
                 predicted = model(**inputs).logits[:, -1].argmax(-1).tolist()
-            ablation.cells_per_row = None
             row[setting] = [token == target for token in predicted]  # baseline, object, random
         results.append(row)
     return results
