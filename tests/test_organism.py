@@ -261,7 +261,8 @@ def ablation_results(organism_model, heldout_scenes):
 @pytest.mark.parametrize("setting", ["vqa", "generative", "polling"])
 def test_heldout_baseline_is_correct(ablation_results, setting):
     accuracy = np.mean([row[setting][0] for row in ablation_results])
-    # measured on 48 held-out scenes: 1.0 for training seeds 0, 1 and 2 in every setting
+    # Target, NOT yet met: the recipe at this commit reached 0.29 (vqa/generative) on seed 0
+    # and always answers Yes to polling; see collector/organism.py Recipe. Re-measure on seeds 0-2.
     assert accuracy >= 0.9, accuracy
 
 
@@ -296,7 +297,8 @@ def test_object_ablation_flips_far_more_than_random(ablation_results, setting):
     assert len(kept) >= 40
     object_flips = np.mean([not correct[1] for correct in kept])
     random_flips = np.mean([not correct[2] for correct in kept])
-    # measured (seeds 0, 1, 2): object flips >= 0.8, random flips <= 0.05
+    # Target thresholds, not yet measured: the recipe at this commit does not ground the answer
+    # in the image (baseline near chance), so these are to be set from seeds 0-2 once it does.
     assert object_flips >= 0.6, object_flips
     assert random_flips <= 0.15, random_flips
     assert object_flips - random_flips >= 0.5
