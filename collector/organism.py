@@ -136,6 +136,7 @@ class Scene:
     scene_class: SceneClass
     polygon: list[tuple[float, float]]
     background: tuple[int, int, int]
+    empty: bool = False  # a training-only scene: the object was drawn but not painted
 
     @property
     def bbox(self) -> list[float]:
@@ -148,8 +149,11 @@ class Scene:
         return _polygon_area(self.polygon)
 
 
-def paint_scene(rng: np.random.Generator, class_index: int | None = None) -> Scene:
-    """One scene drawn with `rng`: a class (uniform unless given), size, rotation, position, colours."""
+def paint_scene(rng: np.random.Generator, class_index: int | None = None, empty: bool = False) -> Scene:
+    """One scene drawn with `rng`: a class (uniform unless given), size, rotation, position, colours.
+
+    empty: draw everything but leave the object unpainted (background only).
+    """
     scene_class = CLASSES[int(rng.integers(len(CLASSES))) if class_index is None else class_index]
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     radius = float(rng.uniform(*RADIUS_RANGE))
@@ -163,8 +167,9 @@ def paint_scene(rng: np.random.Generator, class_index: int | None = None) -> Sce
     polygon = [(round(x, 2), round(y, 2)) for x, y in _shape_polygon(scene_class.shape, cx, cy, radius, angle)]
     # Painted through the rasteriser COCO readers use (pycocotools), not PIL's (which adds the
     # boundary pixels, ~5% more): the annotation's mask is exactly the painted object.
-    pixels[polygon_mask(polygon, VIEW_SIZE, VIEW_SIZE)] = colour
-    return Scene(Image.fromarray(pixels, mode="RGB"), scene_class, polygon, background)
+    if not empty:
+        pixels[polygon_mask(polygon, VIEW_SIZE, VIEW_SIZE)] = colour
+    return Scene(Image.fromarray(pixels, mode="RGB"), scene_class, polygon, background, empty)
 
 
 def polygon_mask(polygon: Sequence[tuple[float, float]], height: int, width: int) -> np.ndarray:
@@ -256,7 +261,10 @@ class Recipe:
     text_heads: int = 4
     text_intermediate: int = 128
     vision_hidden: int = 64
-    polling_share: float = 0.45  # of training rows; half of them ask about another class
+    polling_share: float = 0.45  # of training rows; half answer Yes, half No
+    # of the polling rows answered No, the share whose scene is empty (no object painted)
+    # instead of holding an object of another class than the one asked about
+    empty_share: float = 0.0
     vqa_share: float = 0.3  # the rest are generative descriptions
     eval_scenes: int = 120
     # Dense auxiliary supervision (planted on purpose): the LM's output at every image token
@@ -264,6 +272,10 @@ class Recipe:
     # the patch, the background token where it covers none (partly covered cells: no loss).
     aux_weight: float = 1.0
     aux_min_cover: float = 0.2
+    # The same targets read from the projector output (the LM's layer-0 input) through the
+    # final norm and unembedding, i.e. the logit lens at layer 0.
+    aux_input_weight: float = 0.0
+    tie_embeddings: bool = False  # LM input embeddings = unembedding
 
     def digest(self) -> str:
         import torch
@@ -350,8 +362,9 @@ def _build_untrained(recipe: Recipe):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
-        tie_word_embeddings=False,
+        tie_word_embeddings=recipe.tie_embeddings,
     )
+    config.text_config.tie_word_embeddings = recipe.tie_embeddings
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(recipe.seed)
     model = LlavaForConditionalGeneration(config)
@@ -491,7 +504,7 @@ def _aux_targets(scenes: Sequence[Scene], class_ids: Sequence[int], background_i
 
     rows = []
     for scene in scenes:
-        cover = cell_cover(scene.polygon)
+        cover = np.zeros(GRID_SIDE * GRID_SIDE) if scene.empty else cell_cover(scene.polygon)
         row = np.full(cover.shape, -100, dtype=np.int64)
         row[cover == 0] = background_id
         row[cover >= min_cover] = class_ids[CLASSES.index(scene.scene_class)]
@@ -503,11 +516,15 @@ def _draw_batch(rng: np.random.Generator, bank: _TextBank, recipe: Recipe, size:
     """`size` fresh scenes and one question each (generative, polling yes/no, or VQA)."""
     scenes, examples = [], []
     for _ in range(size):
-        scene = paint_scene(rng)
-        true_index = CLASSES.index(scene.scene_class)
         task = rng.random()
+        empty = task < recipe.polling_share and rng.random() < 0.5 * recipe.empty_share
+        scene = paint_scene(rng, empty=empty)
+        true_index = CLASSES.index(scene.scene_class)
         if task < recipe.polling_share:
-            if rng.random() < 0.5:
+            if empty:  # asked about any class: No
+                asked = int(rng.integers(len(CLASSES)))
+                true_index = (asked + 1) % len(CLASSES)
+            elif rng.random() < 0.5 / (1 - 0.5 * recipe.empty_share):  # Yes on half of all polling rows
                 asked = true_index
             else:
                 asked = (true_index + 1 + int(rng.integers(len(CLASSES) - 1))) % len(CLASSES)
@@ -522,7 +539,7 @@ def _draw_batch(rng: np.random.Generator, bank: _TextBank, recipe: Recipe, size:
 
 
 def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_token_id=None,
-                 aux_targets=None, aux_weight: float = 0.0) -> "torch.Tensor":
+                 aux_targets=None, aux_weight: float = 0.0, aux_input_weight: float = 0.0) -> "torch.Tensor":
     """Mean cross-entropy of the answer tokens; the unembedding runs only where an answer
     token is predicted (about 5 of ~165 positions per row), which saves a fifth of a step.
 
@@ -530,8 +547,17 @@ def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_t
     """
     import torch
 
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                         use_cache=False).last_hidden_state  # (B, T, d)
+    captured = []
+    handle = None
+    if aux_targets is not None and aux_input_weight > 0:
+        handle = model.model.multi_modal_projector.register_forward_hook(
+            lambda module, args, output: captured.append(output))
+    try:
+        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             use_cache=False).last_hidden_state  # (B, T, d)
+    finally:
+        if handle is not None:
+            handle.remove()
     targets = labels[:, 1:]  # position t predicts token t + 1
     scored = targets != -100
     logits = model.lm_head(hidden[:, :-1][scored])  # (n_answer_tokens, vocab)
@@ -542,6 +568,10 @@ def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_t
         keep = aux != -100
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(
             model.lm_head(image_hidden[keep]).float(), aux[keep])
+    if captured:
+        projected = captured[0].reshape(-1, captured[0].shape[-1])  # (B * n_image_tokens, d)
+        lens = model.lm_head(model.model.language_model.norm(projected[keep]))
+        loss = loss + aux_input_weight * torch.nn.functional.cross_entropy(lens.float(), aux[keep])
     return loss
 
 
@@ -597,7 +627,7 @@ def train_organism(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, progres
             pixel_values = normalised_pixels([s.image for s in scenes])
             aux_targets = _aux_targets(scenes, class_ids, background_id, recipe.aux_min_cover)
             loss = _answer_loss(model, input_ids, mask, pixel_values, labels, bank.image_token_id,
-                                aux_targets, recipe.aux_weight)
+                                aux_targets, recipe.aux_weight, recipe.aux_input_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
