@@ -1,7 +1,7 @@
 """A model organism with planted ground truth: a tiny LLaVA trained on synthetic scenes.
 
 The offline demo's random weights never show what the experiments exist to reveal. This
-module trains, deterministically and in about a minute on two CPU cores, a tiny
+module trains, deterministically and in about two CPU minutes (one thread), a tiny
 `LlavaForConditionalGeneration` (LLaVA-1.5 layout: CLIP vision tower, MLP projector,
 Llama LM, the tiny tokenizer of `collector.tiny`) to name the one object in a synthetic
 scene. What the object is and where it lies is known exactly (COCO-format annotations are
@@ -13,6 +13,15 @@ written with every scene), so the experiments have a ground truth to find:
   (`vision_feature_layer=-2` of a one-layer tower = the embeddings, before any attention),
   so each image token sees only its own 14x14 pixels. Ablating the object's tokens removes
   the object; ablating as many random tokens mostly removes background.
+
+Planted on purpose (so read the lens pages with this in mind): a dense auxiliary loss
+trains every image token, both at the LM's input (the projector output read through the
+final norm and unembedding, i.e. the logit lens at layer 0) and at its output, to predict
+the class token where the object covers at least `Recipe.aux_min_cover` of the patch and
+`BACKGROUND_TOKEN` where it covers none. Class names in the lens at object patches are
+therefore put there by training, not discovered. With tied embeddings the object's image
+tokens come to resemble the class word itself, which is what lets the tiny LM learn the
+yes/no comparison in the time budget; polling also sees empty scenes (answer No).
 
 Scenes: one object of one of `CLASSES` (each a distinct shape and colour, named by a COCO
 word that is one token of the tiny tokenizer) at a random position and size on a plain,
@@ -39,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-ORGANISM_VERSION = 1  # bump when the recipe's code changes in a way the hash cannot see
+ORGANISM_VERSION = 2  # bump when the recipe's code changes in a way the hash cannot see
 
 VIEW_SIZE = 112  # pixels; the CLIP view is VIEW_SIZE x VIEW_SIZE
 # An 8 x 8 grid of 64 image tokens: a 12 x 12 grid (168 px) learnt about half as fast per
@@ -244,13 +253,15 @@ def normalised_pixels(images: Sequence[Image.Image]) -> "torch.Tensor":
 class Recipe:
     """Everything that determines the trained weights (its hash names the cache folder).
 
-    Status: these defaults do NOT yet ground the answer in the image. Seed 0 measured
-    (heavily shared 2-core machine): 296 CPU s (about 150 s on 2 idle cores), held-out
-    class accuracy 0.29 (chance 0.17), polling always "Yes". See the handover report.
+    Measured (seeds 0, 1; 1000 steps of 16, one thread): 112-113 CPU s; held-out
+    teacher-forced accuracy generative 1.0, VQA 0.99-1.0, polling about the true class
+    (Yes) 0.99-1.0, polling about another class present (No) 0.73-0.78 (the weakest
+    skill); ablating the object's image tokens flips 0.83-1.0 of correct VQA/generative
+    answers and 1.0 of polling Yes answers, as many random tokens 0.0.
     """
 
     seed: int = 0
-    steps: int = 200
+    steps: int = 1000
     batch_size: int = 16
     learning_rate: float = 5e-3
     warmup_steps: int = 20
@@ -261,11 +272,11 @@ class Recipe:
     text_heads: int = 4
     text_intermediate: int = 128
     vision_hidden: int = 64
-    polling_share: float = 0.45  # of training rows; half answer Yes, half No
+    polling_share: float = 0.6  # of training rows; half answer Yes, half No
     # of the polling rows answered No, the share whose scene is empty (no object painted)
     # instead of holding an object of another class than the one asked about
-    empty_share: float = 0.0
-    vqa_share: float = 0.3  # the rest are generative descriptions
+    empty_share: float = 0.5
+    vqa_share: float = 0.2  # the rest are generative descriptions
     eval_scenes: int = 120
     # Dense auxiliary supervision (planted on purpose): the LM's output at every image token
     # is trained to be the class token where the object covers at least `aux_min_cover` of
@@ -274,8 +285,8 @@ class Recipe:
     aux_min_cover: float = 0.2
     # The same targets read from the projector output (the LM's layer-0 input) through the
     # final norm and unembedding, i.e. the logit lens at layer 0.
-    aux_input_weight: float = 0.0
-    tie_embeddings: bool = False  # LM input embeddings = unembedding
+    aux_input_weight: float = 1.0
+    tie_embeddings: bool = True  # LM input embeddings = unembedding
 
     def digest(self) -> str:
         import torch
