@@ -41,12 +41,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where the model is built or trained, not on import
+    import torch
 
 ORGANISM_VERSION = 2  # bump when the recipe's code changes in a way the hash cannot see
 
@@ -113,8 +117,10 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> 
 
     def ring(n: int, radius_at, phase: float) -> list[tuple[float, float]]:
         return [
-            (cx + radius_at(i) * math.cos(phase + angle + 2 * math.pi * i / n),
-             cy + radius_at(i) * math.sin(phase + angle + 2 * math.pi * i / n))
+            (
+                cx + radius_at(i) * math.cos(phase + angle + 2 * math.pi * i / n),
+                cy + radius_at(i) * math.sin(phase + angle + 2 * math.pi * i / n),
+            )
             for i in range(n)
         ]
 
@@ -208,21 +214,23 @@ def make_scenes(out_dir: str | Path, n: int, seed: int) -> tuple[Path, Path]:
         file_name = f"organism_{index:06d}.png"
         scene.image.save(images_dir / file_name, format="PNG")
         images.append({"id": index, "file_name": file_name, "width": VIEW_SIZE, "height": VIEW_SIZE})
-        annotations.append({
-            "id": index,
-            "image_id": index,
-            "category_id": scene.scene_class.category_id,
-            "segmentation": [[v for point in scene.polygon for v in point]],
-            "area": round(scene.area, 2),
-            "bbox": [round(v, 2) for v in scene.bbox],
-            "iscrowd": 0,
-        })
+        annotations.append(
+            {
+                "id": index,
+                "image_id": index,
+                "category_id": scene.scene_class.category_id,
+                "segmentation": [[v for point in scene.polygon for v in point]],
+                "area": round(scene.area, 2),
+                "bbox": [round(v, 2) for v in scene.bbox],
+                "iscrowd": 0,
+            }
+        )
         questions[str(index)] = [VQA_QUESTIONS[int(rng.integers(len(VQA_QUESTIONS)))]]
     categories = [{"id": c.category_id, "name": c.name, "supercategory": c.shape} for c in CLASSES]
     annotations_path = out / "instances.json"
-    annotations_path.write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": categories}, indent=1
-    ))
+    annotations_path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}, indent=1)
+    )
     (out / "questions.json").write_text(json.dumps(questions, indent=1))
     return images_dir, annotations_path
 
@@ -232,7 +240,7 @@ def questions_path(annotations_path: str | Path) -> Path:
     return Path(annotations_path).parent / "questions.json"
 
 
-def normalised_pixels(images: Sequence[Image.Image]) -> "torch.Tensor":
+def normalised_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     """(B, 3, VIEW_SIZE, VIEW_SIZE) float32 CLIP-normalised pixels of view-sized RGB images.
 
     Equals the organism processor's pixel_values for such images (its resize and crop are the
@@ -428,7 +436,11 @@ BACKGROUND_TOKEN = "."  # what the auxiliary loss makes image tokens off the obj
 def background_token_id(tokenizer: Any) -> int:
     """The id of BACKGROUND_TOKEN, a single token of the tiny tokenizer."""
     token_id = tokenizer.convert_tokens_to_ids(BACKGROUND_TOKEN)
-    if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]).strip() != BACKGROUND_TOKEN:
+    if (
+        token_id is None
+        or token_id == tokenizer.unk_token_id
+        or tokenizer.decode([token_id]).strip() != BACKGROUND_TOKEN
+    ):
         raise ValueError(f"{BACKGROUND_TOKEN!r} is not a single token")
     return int(token_id)
 
@@ -459,19 +471,23 @@ class _TextBank:
         self.polling: dict[tuple[int, int], _Example] = {}  # (true class, asked class)
         self.vqa: list[list[_Example]] = []  # [class][question]
         for true_index, scene_class in enumerate(CLASSES):
-            self.generative.append(self._example(
-                PROMPT_TEMPLATE.format(question=generative_question()),
-                " " + GENERATIVE_ANSWER.format(name=scene_class.name),
-            ))
+            self.generative.append(
+                self._example(
+                    PROMPT_TEMPLATE.format(question=generative_question()),
+                    " " + GENERATIVE_ANSWER.format(name=scene_class.name),
+                )
+            )
             for asked_index, asked in enumerate(CLASSES):
                 self.polling[(true_index, asked_index)] = self._example(
                     PROMPT_TEMPLATE.format(question=polling_question(asked.name)),
                     " Yes" if asked_index == true_index else " No",
                 )
-            self.vqa.append([
-                self._example(PROMPT_TEMPLATE.format(question=q) + ASSISTANT_PREFIX, " " + scene_class.name)
-                for q in VQA_QUESTIONS
-            ])
+            self.vqa.append(
+                [
+                    self._example(PROMPT_TEMPLATE.format(question=q) + ASSISTANT_PREFIX, " " + scene_class.name)
+                    for q in VQA_QUESTIONS
+                ]
+            )
 
     def _example(self, prompt: str, answer: str) -> _Example:
         prompt_ids = self.tokenizer(prompt)["input_ids"]
@@ -491,7 +507,7 @@ def _collate(examples: Sequence[_Example], n_image_tokens: int, image_token_id: 
     rows, label_rows = [], []
     for example in examples:
         cut = example.ids.index(image_token_id)
-        ids = list(example.ids[:cut]) + [image_token_id] * n_image_tokens + list(example.ids[cut + 1:])
+        ids = list(example.ids[:cut]) + [image_token_id] * n_image_tokens + list(example.ids[cut + 1 :])
         start = example.answer_start + n_image_tokens - 1
         rows.append(ids)
         label_rows.append([-100] * start + ids[start:])
@@ -552,8 +568,17 @@ def _draw_batch(rng: np.random.Generator, bank: _TextBank, recipe: Recipe, size:
     return scenes, examples
 
 
-def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_token_id=None,
-                 aux_targets=None, aux_weight: float = 0.0, aux_input_weight: float = 0.0) -> "torch.Tensor":
+def _answer_loss(
+    model,
+    input_ids,
+    attention_mask,
+    pixel_values,
+    labels,
+    image_token_id=None,
+    aux_targets=None,
+    aux_weight: float = 0.0,
+    aux_input_weight: float = 0.0,
+) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens; the unembedding runs only where an answer
     token is predicted (about 5 of ~165 positions per row), which saves a fifth of a step.
 
@@ -565,10 +590,12 @@ def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_t
     handle = None
     if aux_targets is not None and aux_input_weight > 0:
         handle = model.model.multi_modal_projector.register_forward_hook(
-            lambda module, args, output: captured.append(output))
+            lambda module, args, output: captured.append(output)
+        )
     try:
-        hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                             use_cache=False).last_hidden_state  # (B, T, d)
+        hidden = model.model(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False
+        ).last_hidden_state  # (B, T, d)
     finally:
         if handle is not None:
             handle.remove()
@@ -581,7 +608,8 @@ def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_t
         aux = aux_targets.reshape(-1)
         keep = aux != -100
         loss = loss + aux_weight * torch.nn.functional.cross_entropy(
-            model.lm_head(image_hidden[keep]).float(), aux[keep])
+            model.lm_head(image_hidden[keep]).float(), aux[keep]
+        )
     if captured:
         projected = captured[0].reshape(-1, captured[0].shape[-1])  # (B * n_image_tokens, d)
         lens = model.lm_head(model.model.language_model.norm(projected[keep]))
@@ -589,7 +617,7 @@ def _answer_loss(model, input_ids, attention_mask, pixel_values, labels, image_t
     return loss
 
 
-def _answer_accuracy(logits, labels) -> "torch.Tensor":
+def _answer_accuracy(logits, labels) -> torch.Tensor:
     """(B,) bool: every answer token is the argmax (teacher-forced, so equal to greedy decoding).
 
     logits: (B, T, V); labels: (B, T) with -100 outside the answer.
@@ -640,8 +668,17 @@ def train_organism(out_dir: str | Path, recipe: Recipe = DEFAULT_RECIPE, progres
             input_ids, mask, labels = _collate(examples, n_image_tokens, bank.image_token_id, bank.pad_id)
             pixel_values = normalised_pixels([s.image for s in scenes])
             aux_targets = _aux_targets(scenes, class_ids, background_id, recipe.aux_min_cover)
-            loss = _answer_loss(model, input_ids, mask, pixel_values, labels, bank.image_token_id,
-                                aux_targets, recipe.aux_weight, recipe.aux_input_weight)
+            loss = _answer_loss(
+                model,
+                input_ids,
+                mask,
+                pixel_values,
+                labels,
+                bank.image_token_id,
+                aux_targets,
+                recipe.aux_weight,
+                recipe.aux_input_weight,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -697,8 +734,9 @@ def _evaluate(model, bank: _TextBank, recipe: Recipe, n_image_tokens: int) -> di
             for start in range(0, len(examples), 40):
                 chunk = examples[start : start + 40]
                 input_ids, mask, labels = _collate(chunk, n_image_tokens, bank.image_token_id, bank.pad_id)
-                logits = model(input_ids=input_ids, attention_mask=mask,
-                               pixel_values=pixel_values[start : start + 40]).logits
+                logits = model(
+                    input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values[start : start + 40]
+                ).logits
                 correct.append(_answer_accuracy(logits, labels))
             accuracy[task] = float(torch.cat(correct).float().mean())
     return accuracy
@@ -768,8 +806,11 @@ class OrganismDemo:
 
 
 def prepare_demo(
-    out_dir: str | Path, n_scenes: int = DEMO_SCENES, seed: int = DEMO_SEED,
-    cache_dir: str | Path | None = None, progress: bool = False,
+    out_dir: str | Path,
+    n_scenes: int = DEMO_SCENES,
+    seed: int = DEMO_SEED,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
 ) -> OrganismDemo:
     """The organism (built or taken from the cache) and `n_scenes` held-out scenes in out_dir."""
     model_dir = build_organism(cache_dir, progress=progress)

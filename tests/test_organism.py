@@ -269,7 +269,12 @@ def test_heldout_baseline_is_correct(ablation_results, setting):
 @pytest.mark.slow
 def test_greedy_answers_are_correct_through_the_projects_scoring(organism_model, heldout_scenes):
     from collector.ablation.settings import (
-        GENERATIVE_QUESTION, POLLING_QUESTION, Condition, generate_answers, mentions_class, says_yes,
+        GENERATIVE_QUESTION,
+        POLLING_QUESTION,
+        Condition,
+        generate_answers,
+        mentions_class,
+        says_yes,
     )
 
     adapter = organism_model.adapter
@@ -279,12 +284,27 @@ def test_greedy_answers_are_correct_through_the_projects_scoring(organism_model,
     for index, (name, image, _, _) in enumerate(scenes):
         # another class than the scene's (index % 5 + 1 is never a multiple of 6)
         other = CLASSES[([c.name for c in CLASSES].index(name) + 1 + index % (len(CLASSES) - 1)) % len(CLASSES)].name
-        describe = generate_answers(organism_model, adapter.build_inputs(image, GENERATIVE_QUESTION),
-                                    [Condition("none", ())], zero, max_new_tokens=12)[0]
-        right = generate_answers(organism_model, adapter.build_inputs(image, POLLING_QUESTION.format(category=name)),
-                                 [Condition("none", ())], zero, max_new_tokens=4)[0]
-        wrong = generate_answers(organism_model, adapter.build_inputs(image, POLLING_QUESTION.format(category=other)),
-                                 [Condition("none", ())], zero, max_new_tokens=4)[0]
+        describe = generate_answers(
+            organism_model,
+            adapter.build_inputs(image, GENERATIVE_QUESTION),
+            [Condition("none", ())],
+            zero,
+            max_new_tokens=12,
+        )[0]
+        right = generate_answers(
+            organism_model,
+            adapter.build_inputs(image, POLLING_QUESTION.format(category=name)),
+            [Condition("none", ())],
+            zero,
+            max_new_tokens=4,
+        )[0]
+        wrong = generate_answers(
+            organism_model,
+            adapter.build_inputs(image, POLLING_QUESTION.format(category=other)),
+            [Condition("none", ())],
+            zero,
+            max_new_tokens=4,
+        )[0]
         described += mentions_class(describe, name) and not mentions_class(describe, other)
         asked_right += says_yes(right)
         asked_wrong += not says_yes(wrong)
