@@ -1,4 +1,9 @@
-"""The offline demo: tiny random model, synthetic COCO-style images, every experiment, a site."""
+"""The offline demo: every experiment on a tiny LLaVA, synthetic COCO-style images, a site.
+
+By default the model is the organism (`collector.organism`): trained offline on scenes whose
+object and position are known, so the pages show the effects the tool exists to reveal.
+With `organism=False`, a tiny random-weight model on hand-drawn shapes (seconds, meaningless).
+"""
 
 from __future__ import annotations
 
@@ -82,8 +87,8 @@ def write_demo_images(folder: Path) -> Path:
 DEMO_AREA_RANGE = (1000.0, 40000.0)
 
 
-def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
-    """Build the tiny model and images, run every experiment, build the site."""
+def run_demo(out_dir: str | Path, progress: bool = True, organism: bool = True) -> DemoSummary:
+    """Build (or take from the cache) the model, write the images, run every experiment, build the site."""
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.ablation.replacement import compute_mean_vector, load_replacement, store_mean_vector
     from collector.blocking.experiment import collect_blocking
@@ -97,27 +102,43 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "tiny-llava-1.5"
-    if not (model_dir / "config.json").is_file():
-        build_tiny_llava(model_dir, "llava-1.5")
-    annotation_file = write_demo_images(out)
-    questions = load_questions(out / "questions.json")
-    records = folder_images(out / "images", annotation_file)
+    if organism:
+        from collector.organism import prepare_demo
+
+        scenes = prepare_demo(out / "organism-scenes", progress=progress)
+        model_dir, annotation_file, area_range = scenes.model_dir, scenes.annotations_path, scenes.area_range
+        questions = load_questions(scenes.questions_path)
+        records = folder_images(scenes.images_dir, annotation_file)
+        k_values, window = (2, 5, 10), 1  # 64 image tokens, 4 layers
+    else:
+        model_dir = out / "tiny-llava-1.5"
+        if not (model_dir / "config.json").is_file():
+            build_tiny_llava(model_dir, "llava-1.5")
+        annotation_file = write_demo_images(out)
+        area_range = DEMO_AREA_RANGE
+        questions = load_questions(out / "questions.json")
+        records = folder_images(out / "images", annotation_file)
+        k_values, window = (5, 20, 60), 2
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     db_path = out / "results.duckdb"
-    demo_config = {"demo": True, "images": str(out / "images"), "annotations": str(annotation_file)}
+    demo_config = {
+        "demo": True,
+        "model": "organism" if organism else "random",
+        "images": str(records[0].path.parent) if records else None,
+        "annotations": str(annotation_file),
+    }
     with ResultsDB(db_path) as db:
         collect_lens(loaded, records, db, extra_config=demo_config, progress=progress)
 
         mean = compute_mean_vector(loaded, records, progress=progress)
-        vector_id = store_mean_vector(db, loaded, mean, source=str(out / "images"), config=demo_config)
+        vector_id = store_mean_vector(db, loaded, mean, source=demo_config["images"], config=demo_config)
         replacement = load_replacement(f"db:{vector_id}", loaded.adapter.hidden_size, db)
         options = AblationOptions(
             settings=("generative", "polling", "vqa"),
             questions=questions,
-            k_values=(5, 20, 60),
+            k_values=k_values,
             curate=False,
-            area_range=DEMO_AREA_RANGE,
+            area_range=area_range,
             ig_steps=8,
             max_new_tokens=12,
         )
@@ -137,9 +158,9 @@ def run_demo(out_dir: str | Path, progress: bool = True) -> DemoSummary:
             db,
             annotation_file,
             questions,
-            area_range=DEMO_AREA_RANGE,
+            area_range=area_range,
             curate=False,
-            window=2,
+            window=window,
             extra_config=demo_config,
             progress=progress,
         )
