@@ -63,6 +63,9 @@ ALLOWED: dict[str, set[str] | None] = {
     # (LlavaConfig, CLIPVisionConfig, LlamaConfig, Phi3Config); it must name them. Test-only
     # builders of other families live in tests/support/.
     "collector/tiny.py": None,
+    # Builds and trains the model organism, a LLaVA-1.5-shaped checkpoint, from the same
+    # transformers configs and processor classes; it must name them too.
+    "collector/organism.py": None,
     # The demo runs that tiny LLaVA-1.5 by design; nothing else in it may name a family.
     "collector/demo.py": {"build_tiny_llava", "tiny-llava-1.5", "llava-1.5"},
 }
