@@ -325,8 +325,7 @@ def run_experiment(
     if loader_workers < 0:
         raise ValueError("loader_workers must be at least 0")
     run_config_extra = {**(extra_config or {}), "batch_size": batch_size, "loader_workers": loader_workers}
-    run = _Run(experiment, db, limit, progress, batch_size, loader_workers)
-    run.strict, run.retry_skipped = strict, retry_skipped
+    run = _Run(experiment, db, limit, progress, batch_size, loader_workers, strict, retry_skipped)
     return run.run(records, run_config_extra)
 
 
@@ -479,6 +478,8 @@ class _Run:
         progress: bool,
         batch_size: int = 1,
         loader_workers: int = 0,
+        strict: bool = False,
+        retry_skipped: bool = False,
     ) -> None:
         self.experiment = experiment
         self.db = db
@@ -489,8 +490,8 @@ class _Run:
         self.kept = 0
         self.kept_total = 0
         self.skip_reasons: dict[str, int] = {}
-        self.strict = False
-        self.retry_skipped = False
+        self.strict = strict
+        self.retry_skipped = retry_skipped
         self.oom_events: list[dict[str, Any]] = []
         # Seconds inside the experiment's process/process_batch (the model's share of the loop).
         self.compute_s = 0.0

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from collector.errors import UserError
+from collector.options import input_options, loader_workers_option, model_options
 
 K_DEFAULT = "5,10,20,40,60,100,250"
 
@@ -41,15 +42,7 @@ def _annotation_file(annotations: Path | None, coco_root: Path | None, split: st
 
 
 def _model_and_input_options(command):
-    from collector.options import input_options, model_options
-
     return model_options(input_options(command))
-
-
-def _loader_workers(command):
-    from collector.options import loader_workers_option
-
-    return loader_workers_option(command)
 
 
 # Under torchrun / srun every process keeps its own count, so a limit on kept images of the
@@ -141,7 +134,7 @@ SHARDED_LIMIT = (
     show_default=True,
     help="Std of the image_noise Gaussian, in normalised pixel units.",
 )
-@_loader_workers
+@loader_workers_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def ablation_command(
     model_id: str,
