@@ -93,35 +93,72 @@ def test_lens_materialises_one_layer_of_logits_at_a_time(loaded, monkeypatch):
 
 def _reference_top_k(lens, hidden_states, k, batch_index=0):
     """The straightforward readout: every layer's logits (one module call each), softmax over
-    the full float32 logits, then topk. Returns ids, probs (layers, T, k) and the full
-    probabilities of every layer."""
+    the full float32 logits, the k best ids by a stable sort of the full logits (ties: the
+    lower id first, the lens's documented order) and the probabilities at those ids.
+    Returns ids, probs (layers, T, k), the full probabilities of every layer, and
+    `torch.topk` of those probabilities (ids, values) as the lens ranked before."""
     one = [hidden[batch_index : batch_index + 1] for hidden in hidden_states]
-    ids, probs, full = [], [], []
+    ids, probs, full, topk_ids, topk_values = [], [], [], [], []
     for layer in range(len(one)):
-        p = torch.softmax(lens.layer_logits(one, layer)[0].float(), dim=-1)
-        top = torch.topk(p, k, dim=-1)
-        ids.append(top.indices)
-        probs.append(top.values)
+        logits = lens.layer_logits(one, layer)[0].float()
+        p = torch.softmax(logits, dim=-1)
+        best = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+        ids.append(best)
+        probs.append(p.gather(-1, best))
         full.append(p)
-    return torch.stack(ids), torch.stack(probs), full
+        top = torch.topk(p, k + 1, dim=-1)
+        topk_ids.append(top.indices[:, :k])
+        topk_values.append(top.values)
+    return torch.stack(ids), torch.stack(probs), full, torch.stack(topk_ids), torch.stack(topk_values)
 
 
 def _assert_same_readout(readout, reference):
-    """Probabilities equal bit for bit. Ids equal wherever the reference's k probabilities are
-    distinct; at an exact tie an id may be another tied one, so every id must carry exactly
-    the reference probability of its rank, and no id may repeat."""
-    ref_ids, ref_probs, full = reference
+    """Ids and probabilities equal bit for bit to the reference (ties included: the lower id
+    ranks first). Against `torch.topk` of the probabilities (the ranking before the
+    blockwise top-k): the same ids wherever the k + 1 best probabilities are distinct (at
+    an exact tie `torch.topk` may return any of the tied ids)."""
+    ref_ids, ref_probs, full, topk_ids, topk_values = reference
     assert readout.token_ids.shape == ref_ids.shape and readout.probs.dtype == torch.float32
+    assert torch.equal(readout.token_ids, ref_ids)
     assert torch.equal(readout.probs, ref_probs)
     for layer, p in enumerate(full):
         assert torch.equal(p.gather(-1, readout.token_ids[layer]), ref_probs[layer])
     k = ref_ids.shape[-1]
     assert (readout.token_ids.sort(-1).values.diff(dim=-1) != 0).all() or k == 1
-    distinct = torch.ones(ref_probs.shape[:-1], dtype=torch.bool)
-    if k > 1:
-        distinct = (ref_probs[..., :-1] - ref_probs[..., 1:]).abs().min(-1).values > 0
+    distinct = (topk_values[..., :-1] - topk_values[..., 1:]).abs().min(-1).values > 0
     assert distinct.float().mean() > 0.5  # the comparison below is not vacuous
-    assert torch.equal(readout.token_ids[distinct], ref_ids[distinct])
+    assert torch.equal(readout.token_ids[distinct], topk_ids[distinct])
+    assert torch.equal(readout.probs[distinct], topk_values[..., :k][distinct])
+
+
+@pytest.mark.parametrize("vocab", [32064, 32000, 1200, 7 * 64, 100])
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_top_k_ids_ranks_by_logit_then_lower_id(vocab, k):
+    """The blockwise top-k against a stable sort of whole rows, on logits with no ties, with
+    bf16-like ties, with few distinct values, all equal, and with equal block maxima; on
+    vocabularies that are and are not multiples of the block, and smaller than k + 1 blocks."""
+    from collector.lens.lens import _stable_block_top_k, top_k_ids
+
+    generator = torch.Generator().manual_seed(vocab + k)
+    rows = 70
+    distinct = torch.randn(rows, vocab, generator=generator)
+    block_ties = distinct.clone()
+    block_ties[:, ::64] = 10.0
+    block_ties[:, 5] = 10.0
+    cases = {
+        "distinct": distinct,
+        "bf16": (4 * distinct).bfloat16().float(),
+        "few values": torch.randint(0, 6, (rows, vocab), generator=generator).float(),
+        "all equal": torch.zeros(rows, vocab),
+        "block ties": block_ties,
+    }
+    for name, logits in cases.items():
+        expected = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(top_k_ids(logits, k), expected), name
+        out = torch.empty(rows, k, dtype=torch.int64)
+        assert top_k_ids(logits, k, out=out) is out and torch.equal(out, expected), name
+        if vocab >= 64 * (k + 1):  # the sync-free path other devices take
+            assert torch.equal(_stable_block_top_k(logits, k), expected), name
 
 
 def test_buffered_readout_equals_full_softmax_reference_fp32(loaded):
@@ -134,8 +171,8 @@ def test_buffered_readout_equals_full_softmax_reference_fp32(loaded):
 def test_buffered_readout_in_bf16_equals_full_softmax_of_bf16_logits(loaded):
     """bf16 model: the unembedding runs in bf16 (as the model's own lm_head does), the softmax in
     float32 over the widened logits: exactly the straightforward `softmax(logits.float())`.
-    bf16 logits tie often (8-bit mantissa): tied ids may come in another order (checked
-    above by their probabilities). Against the fp32 model the probabilities then differ by
+    bf16 logits tie often (8-bit mantissa): tied ids rank lowest id first, as the
+    reference's stable sort does. Against the fp32 model the probabilities then differ by
     bf16 rounding of the weights, hidden states and logits: within 0.05 absolute here."""
     import copy
 
