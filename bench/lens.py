@@ -172,9 +172,9 @@ def original_style_image(
 # -- the model and images --------------------------------------------------------------------
 
 
-def build_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
-    """The real llava-1.5-7b-hf config with its widths shrunk and `layers` decoder layers;
-    the real tokenizer and processor files."""
+def build_model(out: Path, hidden: int, layers: int, seed: int = 0, intermediate: int | None = None) -> Path:
+    """The real llava-1.5-7b-hf config with its widths shrunk and `layers` decoder layers
+    (MLP width `intermediate`, default 2 * hidden); the real tokenizer and processor files."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from collector.tiny import _randomise_norms
@@ -184,7 +184,8 @@ def build_model(out: Path, hidden: int, layers: int, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = AutoConfig.from_pretrained(REAL_LLAVA15)
     text = config.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 2 * hidden, layers
+    text.hidden_size, text.num_hidden_layers = hidden, layers
+    text.intermediate_size = intermediate or 2 * hidden
     text.num_attention_heads = text.num_key_value_heads = 4
     vision = config.vision_config
     vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers = 32, 64, 2
@@ -238,6 +239,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128, help="LM hidden size (real: 4096)")
     parser.add_argument("--layers", type=int, default=32, help="LM decoder layers (real: 32)")
+    parser.add_argument(
+        "--intermediate",
+        type=int,
+        default=None,
+        help="LM MLP width (default 2 x hidden; 17152 at hidden 128 gives the real model's forward:lens MAC ratio)",
+    )
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -252,7 +259,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        model_dir = build_model(tmp / "model", args.hidden, args.layers)
+        model_dir = build_model(tmp / "model", args.hidden, args.layers, intermediate=args.intermediate)
         records = folder_images(write_images(tmp / "images", args.images))
         loaded = load_model(str(model_dir), device="cpu", dtype="float32")
         model, adapter = loaded.model, loaded.adapter
@@ -318,7 +325,8 @@ def main() -> None:
     n = len(records)
     per = {mode: (clock.wall[mode] / n, clock.cpu[mode] / n) for mode in clock.wall}
     print(
-        f"LLaVA-1.5-shaped model from the real config: vocab 32,064, {args.layers} layers, hidden {args.hidden}; "
+        f"LLaVA-1.5-shaped model from the real config: vocab 32,064, {args.layers} layers, hidden {args.hidden}, "
+        f"MLP {args.intermediate or 2 * args.hidden}; "
         f"{n} images x {n_positions} positions, top-{args.top_k}; torch threads {torch.get_num_threads()}; "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
     )

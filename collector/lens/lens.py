@@ -168,7 +168,9 @@ class Lens(ABC):
         chunk_positions: positions per chunk (rounded up to a multiple of ROW_ALIGN);
             default: as many as fit `max_chunk_bytes` of logits buffers.
         Extra memory: the logits buffers (at most max_chunk_bytes, or ROW_ALIGN rows where
-        one block of rows is larger), one layer's normed hidden states (T, d_model), and the
+        one block of rows is larger), one layer's normed hidden states (T, d_model), the
+        top-k's work space, at most chunk rows * (vocab / 16 + (k * 64 + 63) * 12) bytes
+        (block maxima and candidates: 3.9 MB for 593 LLaVA-1.5 positions at k = 5), and the
         results, (n_layers + 1) * T * k * 12 bytes.
         """
         if k < 1:
