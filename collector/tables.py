@@ -27,6 +27,18 @@ def decode_tokens(tokenizer: Any, token_ids: Iterable[int]) -> dict[int, str]:
     return dict(zip(unique, texts))
 
 
+def distinct_ids(*arrays: np.ndarray) -> list[int]:
+    """The distinct non-negative ids of integer arrays, ascending: one pass over a presence
+    table (a lens image holds ~100k cells but only ids below the vocabulary size)."""
+    flat = [np.asarray(a).reshape(-1) for a in arrays if np.asarray(a).size]
+    if not flat:
+        return []
+    present = np.zeros(max(int(a.max()) for a in flat) + 1, dtype=bool)
+    for a in flat:
+        present[a] = True
+    return np.flatnonzero(present).tolist()
+
+
 def image_label(index: int, n_tokens: int) -> str:
     """`<IMG001>`-style label of the index-th (0-based) image token."""
     width = max(3, len(str(n_tokens)))
@@ -167,10 +179,13 @@ def lens_table(
     position = np.tile(np.repeat(np.arange(n_positions), k), n_layers)
     rank = np.tile(np.arange(1, k + 1), n_layers * n_positions)
     flat_ids = token_ids.reshape(-1)
-    # Dictionary-encode token text: each distinct id is looked up once, not once per cell.
-    unique_ids, inverse = np.unique(flat_ids, return_inverse=True)
+    # Dictionary-encode token text: each distinct id is looked up once, not once per cell
+    # (distinct ids and each cell's index among them by a presence table: no sort).
+    unique_ids = np.asarray(distinct_ids(flat_ids), dtype=np.int64)
+    index = np.zeros(int(unique_ids[-1]) + 1 if unique_ids.size else 1, dtype=np.int32)
+    index[unique_ids] = np.arange(unique_ids.size, dtype=np.int32)
     dictionary = pa.array([token_text[int(i)] for i in unique_ids], pa.string())
-    tokens = pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)), dictionary)
+    tokens = pa.DictionaryArray.from_arrays(pa.array(index[flat_ids]), dictionary)
     return table_from_columns(
         "logit_lens",
         {

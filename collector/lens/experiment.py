@@ -28,6 +28,7 @@ from collector.runner import (
 )
 from collector.tables import (
     decode_tokens,
+    distinct_ids,
     extra_views_table,
     image_view_table,
     lens_table,
@@ -113,7 +114,7 @@ def lens_tables(
 
     def build() -> dict:
         with tokenizer_lock:
-            token_text = decode_tokens(adapter.tokenizer, set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist()))
+            token_text = decode_tokens(adapter.tokenizer, distinct_ids(token_ids, input_ids.numpy()))
         tables = {
             "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text),
             "logit_lens": lens_table(run_id, record.image_id, token_ids, probs, token_text),

@@ -204,13 +204,16 @@ class Lens(ABC):
             for start, end in bounds:
                 n = end - start
                 chunk = logits[:n]
+                source = chunk  # the float32 logits of these positions
                 if reuse_final:
-                    chunk.copy_(final_logits[batch_index, start:end])
+                    source = final_logits[batch_index, start:end]
+                    if source.dtype != torch.float32 or source.device != device or not source.is_contiguous():
+                        source = chunk.copy_(source)  # widened into the buffer
                 else:
                     write(start, end, chunk, None if work is None else work[:n])
                 ids = token_ids[layer, start:end]
-                top_k_ids(chunk, k, out=ids)  # ranked by logit (ties: the lower id)
-                torch.softmax(chunk, dim=-1, out=chunk)  # in place: the float32 kernel
+                top_k_ids(source, k, out=ids)  # ranked by logit (ties: the lower id)
+                torch.softmax(source, dim=-1, out=chunk)  # the float32 kernel, in place or from the model's logits
                 torch.gather(chunk, -1, ids, out=probs[layer, start:end])
             del write
         return LensTopK(token_ids.cpu(), probs.cpu())
