@@ -331,3 +331,22 @@ def test_no_vocabulary_sized_allocation_per_layer(loaded):
     # The check can see per-layer allocations: the straightforward readout makes them.
     n_entries = len(outputs.hidden_states)
     assert len(big_allocations(lambda: _reference_top_k(lens, outputs.hidden_states, 5))) >= 2 * n_entries
+
+
+def test_lens_table_token_text_per_cell():
+    """The lens table's dictionary-encoded token text (ids deduplicated by a presence table)
+    reads back as each cell's own token's text, and `distinct_ids` equals a set union."""
+    import numpy as np
+
+    from collector.tables import distinct_ids, lens_table
+
+    rng = np.random.default_rng(0)
+    token_ids = rng.integers(0, 32064, (4, 37, 3))
+    probs = rng.random((4, 37, 3)).astype(np.float32)
+    text = {i: f"<{i}>" for i in range(32064)}
+    table = lens_table("run", 7, token_ids, probs, text)
+    assert table.column("token").to_pylist() == [text[int(i)] for i in token_ids.reshape(-1)]
+    assert table.column("token_id").to_pylist() == token_ids.reshape(-1).tolist()
+    extra = np.array([1, 2, 32000])
+    assert distinct_ids(token_ids, extra) == sorted(set(token_ids.reshape(-1).tolist()) | {1, 2, 32000})
+    assert distinct_ids(np.array([], dtype=np.int64)) == []
