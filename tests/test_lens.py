@@ -234,9 +234,17 @@ def test_final_logits_stand_in_for_the_last_layer(loaded):
     _, outputs = _forward(loaded)
     lens = LogitLens(loaded.adapter)
     computed = lens.top_k(outputs.hidden_states, k=4)
+    before = outputs.logits.clone()
     reused = lens.top_k(outputs.hidden_states, k=4, final_logits=outputs.logits)
     assert torch.equal(reused.token_ids, computed.token_ids)
     assert torch.equal(reused.probs, computed.probs)
+    assert torch.equal(outputs.logits, before)  # read in place, not written
+    # Logits that are not contiguous float32 rows are widened into the buffer first.
+    strided = outputs.logits.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    for final in (strided, outputs.logits.double()):
+        again = lens.top_k(outputs.hidden_states, k=4, final_logits=final)
+        assert torch.equal(again.token_ids, computed.token_ids) and torch.equal(again.probs, computed.probs)
     # The last layer really is read from final_logits (and only the last layer).
     shuffled = outputs.logits.flip(-1)
     other = lens.top_k(outputs.hidden_states, k=4, final_logits=shuffled)

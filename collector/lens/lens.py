@@ -35,7 +35,9 @@ How `top_k` works (the lens at its arithmetic floor):
   `torch.softmax(logits.float(), -1)` at those ids, for fp32 and bf16/fp16 models alike;
   only the matmul runs in the model's dtype, as it does in the model.
 - The model's own final logits can stand in for the last layer (`final_logits=`): that
-  layer's lens equals the logits exactly anyway, so the last matmul is skipped.
+  layer's lens equals the logits exactly anyway, so the last matmul is skipped (float32
+  logits are ranked and softmaxed straight from the model's tensor, which is not changed;
+  others are widened into the buffer first).
 - Nothing waits for the device inside the loop: results stay on the device and come to the
   host once per image (`.cpu()` of the ids and of the probabilities at the end).
 """
