@@ -31,9 +31,9 @@ How `top_k` works (the lens at its arithmetic floor):
   Then the buffer is turned into probabilities in place by torch's softmax kernel in
   float32 (max-subtracted exp, float32 sum) and the k probabilities are gathered at those
   ids. (A log-sum-exp without the softmax's write is not cheaper in torch on CPU: its
-  exp alone costs more than the in-place softmax kernel, measured.) The probabilities are therefore exactly
-  `torch.softmax(logits.float(), -1)` at those ids, for fp32 and bf16/fp16 models alike;
-  only the matmul runs in the model's dtype, as it does in the model.
+  exp alone costs more than the in-place softmax kernel, measured.) The probabilities
+  are therefore exactly `torch.softmax(logits.float(), -1)` at those ids, for fp32 and
+  bf16/fp16 models alike; only the matmul runs in the model's dtype, as in the model.
 - The model's own final logits can stand in for the last layer (`final_logits=`): that
   layer's lens equals the logits exactly anyway, so the last matmul is skipped (float32
   logits are ranked and softmaxed straight from the model's tensor, which is not changed;
