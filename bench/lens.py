@@ -1,8 +1,9 @@
 """Logit lens per image: the buffered lens against the lens loop as on main, the original
 project's per-image script, and `collect lens` + `report build` end to end.
 
-Run: .venv/bin/python bench/lens.py [--images 4] [--hidden 128] [--layers 32]
-     (--images 32 for the issue's target: `collect lens` at most 0.5x the original-style CPU time)
+Run: .venv/bin/python bench/lens.py [--images 4] [--hidden 128] [--layers 32] [--intermediate N]
+     [--threads N]   (--images 32 for the issue's target: `collect lens` at most 0.5x the
+     original-style CPU time; --intermediate 17152 for the real model's forward:lens MAC ratio)
 
 The model is LLaVA-1.5-shaped from the REAL llava-1.5-7b-hf config and tokenizer
 (../shared/data/real_configs): the real 32,064-token vocabulary, 32 decoder layers, 576 image
@@ -14,12 +15,16 @@ Images are synthetic, one size per image. Every mode is timed on every image, in
                  behaviour: per layer a fresh logits tensor, `.float()`, a full softmax,
                  topk, and a `.cpu()` per layer), on the hidden states of one forward
   (b) new lens   `LogitLens.top_k(..., final_logits=logits)` on the same hidden states;
-                 its ids and probabilities are checked equal to (a)
+                 its probabilities are checked equal to (a)'s bit for bit, and the cells
+                 whose ids differ (only at ties: (a)'s `torch.topk` orders them arbitrarily)
+                 are counted
+  floor          the unembedding alone: 32 x (final norm + matmul into one reused buffer),
+                 what any full-vocabulary lens must compute
   (c) original   what the original project's `scripts/logit_lens/create_logit_lens.py` does
                  per image (github.com/clemneo/llava-interp; `HookedLVLM.forward` then
                  `src/lvlm_lens.py` `create_interactive_logit_lens`): the processor on the
                  image and prompt, one forward with hidden states under `torch.no_grad()`
-                 (use_cache left at its default); then, NOT under no_grad as in the original
+                 (use_cache left at its default); then, as in the original, not under no_grad
                  (the weights require grad, so autograd records every op), per hidden state
                  (all 33: the last one, already normed by the model, is normed again) norm +
                  lm_head + softmax over the full logits + top-5 of the probabilities; per
