@@ -33,6 +33,8 @@ from collector.tables import (
     lens_table,
     positions_table,
     run_image_marker,
+    token_pieces,
+    token_pieces_table,
 )
 from collector.vqa import class_first_token
 from db.arrow import table_from_columns
@@ -112,11 +114,14 @@ def lens_tables(
     view = adapter.view_pixels(cpu_inputs)
 
     def build() -> dict:
+        named = set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist())
         with tokenizer_lock:
-            token_text = decode_tokens(adapter.tokenizer, set(token_ids.reshape(-1).tolist()) | set(input_ids.tolist()))
+            token_text = decode_tokens(adapter.tokenizer, named)
+            pieces = token_pieces(adapter.tokenizer, named)
         tables = {
             "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text),
             "logit_lens": lens_table(run_id, record.image_id, token_ids, probs, token_text),
+            "token_pieces": token_pieces_table(run_id, token_text, pieces),
             "image_views": image_view_table(run_id, record, adapter, view),
             "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), layout, readout.n_layers),
         }

@@ -43,7 +43,7 @@
   }
 
   LensTable.prototype.build = function () {
-    var model = this.model, el = ns.text.el, showToken = ns.text.showToken;
+    var model = this.model, el = ns.text.el;
     var thead = this.table.createTHead();
     var head = thead.insertRow();
     [["pos", "position"], ["label", "input token"], ["kind", "kind of position"]].forEach(function (name) {
@@ -92,7 +92,7 @@
     for (var row = 0; row < model.nRows; row++) {
       var tr = el("tr", "kind-" + model.positions.kind[row]);
       tr.appendChild(el("th", "pos", String(model.positions.position[row])));
-      var label = el("th", "label", showToken(model.positions.label[row]));
+      var label = el("th", "label", model.labelShown[row]);
       tr.appendChild(label);
       tr.appendChild(el("th", "kind", model.positions.kind[row]));
       tr.appendChild(this.placeholder());
@@ -125,14 +125,14 @@
 
   // Give a row its layer cells (with search matches and marks) and pin its head cells.
   LensTable.prototype.renderRow = function (row) {
-    var model = this.model, tr = this.bodyRows[row], el = ns.text.el, showToken = ns.text.showToken;
+    var model = this.model, tr = this.bodyRows[row], el = ns.text.el;
     if (tr.classList.contains("live")) return;
     tr.removeChild(tr.cells[HEAD_CELLS]);
     var fragment = document.createDocumentFragment();
     for (var l = 0; l < model.nLayers; l++) {
       var at = (l * model.nRows + row) * model.topK;
       var td = el("td", BINS[Math.min(9, Math.floor(model.probTable[model.probCodes[at]] * 10))],
-        l >= this.textCols[0] && l <= this.textCols[1] ? showToken(model.tokens[model.tokenIndex[at]]) : undefined);
+        l >= this.textCols[0] && l <= this.textCols[1] ? model.shown[model.tokenIndex[at]] : undefined);
       if (this.matches && this.matches(l, row)) td.classList.add("match");
       fragment.appendChild(td);
     }
@@ -215,11 +215,11 @@
   };
 
   LensTable.prototype.fillText = function (row, c0, c1, done) {
-    var model = this.model, cells = this.bodyRows[row].cells, showToken = ns.text.showToken;
+    var model = this.model, cells = this.bodyRows[row].cells;
     for (var l = c0; l <= c1; l++) {
       if (l >= done[0] && l <= done[1]) continue;
       var cell = cells[HEAD_CELLS + l];
-      if (cell && !cell.firstChild) cell.textContent = showToken(model.tokens[model.tokenIndex[(l * model.nRows + row) * model.topK]]);
+      if (cell && !cell.firstChild) cell.textContent = model.shown[model.tokenIndex[(l * model.nRows + row) * model.topK]];
     }
   };
 
@@ -285,7 +285,7 @@
 
   // Show `row` in the mirrored row under the headers (its top-1 at every shown layer).
   LensTable.prototype.showMirror = function (row, layer) {
-    var model = this.model, g = this.geometry, showToken = ns.text.showToken;
+    var model = this.model, g = this.geometry;
     if (row === this.mirrorRow && layer === this.mirrorLayer) return;
     this.mirrorRow = row;
     this.mirrorLayer = layer;
@@ -301,7 +301,7 @@
       c.fillStyle = this.mirrorColour;
     }, this);
     var x = 0;
-    var texts = [String(model.positions.position[row]), showToken(model.positions.label[row]), model.positions.kind[row]];
+    var texts = [String(model.positions.position[row]), model.labelShown[row], model.positions.kind[row]];
     for (var i = 0; i < HEAD_CELLS; i++) {
       var w = g.pinWidths[i];
       pin.fillText(clipText(pin, texts[i], w - 2 * pad), x + pad, base);
@@ -321,7 +321,7 @@
         ctx.strokeRect(left + 1, 1, g.colWidth[l] - 2, h - 2);
       }
       ctx.fillStyle = this.mirrorColour;
-      ctx.fillText(clipText(ctx, showToken(model.tokens[model.tokenIndex[at]]), g.colWidth[l] - 2 * pad), left + pad, base);
+      ctx.fillText(clipText(ctx, model.shown[model.tokenIndex[at]], g.colWidth[l] - 2 * pad), left + pad, base);
     }
   };
 

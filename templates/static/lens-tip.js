@@ -14,9 +14,16 @@
     model.topk(layer, row).forEach(function (entry) {
       var tr = el("tr");
       tr.appendChild(el("td", "rank", String(entry.rank)));
-      var token = el("td", "token", text.showToken(entry.token));
-      token.title = "raw text " + text.rawToken(entry.token) + (entry.id !== null ? ", token id " + entry.id : "");
+      var token = el("td", "token", entry.shown);
+      token.title = text.tokenTitle(entry);
       tr.appendChild(token);
+      // The tokenizer's piece, shown where the run recorded pieces (the tooltip cannot be
+      // hovered, so what the title says is also written out here).
+      if (model.pieces) {
+        var piece = el("td", "piece", typeof entry.piece === "string" ? entry.piece : "\u2013");
+        piece.title = token.title;
+        tr.appendChild(piece);
+      }
       var probCell = el("td", "prob");
       var bar = el("span", "bar");
       bar.style.width = (100 * entry.prob).toFixed(1) + "%";
