@@ -122,6 +122,14 @@ def make_db(path: Path, seed: int = 3) -> str:
                         "offset_y": [0.0],
                     }
                 ),
+                "token_pieces": pa.table(
+                    {
+                        "run_id": [run] * len(np.unique(tok)),
+                        "token_id": pa.array(np.unique(tok).astype(np.int32)),
+                        "piece": [words[i] for i in np.unique(tok)],
+                        "text": [words[i] for i in np.unique(tok)],
+                    }
+                ),
                 "run_images": pa.table(
                     {
                         "run_id": [run],

@@ -134,6 +134,13 @@ def test_hovering_a_patch_shows_its_top_k_at_the_pointer_and_the_table_follows(b
     )
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active th.pos")
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active td:nth-child(36)")  # L32, the current layer
+    # Only the rows near the window are displayed (spacer rows stand in for the rest), and the
+    # row band and cell box drawn over the active row and cell sit exactly on them.
+    assert page.locator("#lens-table tbody tr.live").count() < 80
+    row_box = page.locator("#lens-table tbody tr.row-active td:nth-child(36)").bounding_box()
+    band, cell_box = page.locator("#lens-table-wrap .row-band").bounding_box(), page.locator(".cell-box").bounding_box()
+    assert abs(band["y"] - row_box["y"]) < 1.5 and abs(band["height"] - row_box["height"]) < 1.5
+    assert abs(cell_box["x"] - row_box["x"]) < 1.5 and abs(cell_box["y"] - row_box["y"]) < 1.5
     # Leaving the image hides the tooltip.
     page.mouse.move(5, 5)
     assert not tip.is_visible()
@@ -708,16 +715,16 @@ def test_invisible_tokens_show_as_the_legend_promises_with_piece_and_id(
     try:
         page = _open_lens(watched, run_id, 7, "layer=2&pos=0")
         assert page.locator("#panel thead th.piece").count() == 1
-        n_rows = page.locator("#lens-table tbody tr").count()
+        n_rows = page.locator("#lens-table tbody tr:not(.spacer)").count()
         for token_id in PIECE_IDS:
             # The first text position whose top-1 at layer 2 is token_id ((2 + row) % 6 == index).
             row = next(
                 r
                 for r in range(n_rows)
                 if (2 + r) % len(PIECE_IDS) == PIECE_IDS.index(token_id)
-                and page.locator("#lens-table tbody tr").nth(r).locator("th.kind").inner_text() == "text"
+                and page.locator("#lens-table tbody tr:not(.spacer)").nth(r).locator("th.kind").inner_text() == "text"
             )
-            tr = page.locator("#lens-table tbody tr").nth(row)
+            tr = page.locator("#lens-table tbody tr:not(.spacer)").nth(row)
             position = int(tr.locator("th.pos").inner_text())
             cell = tr.locator("td").nth(2)  # layer 2
             cell.hover()  # a real pointer over the table cell

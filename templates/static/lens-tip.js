@@ -66,7 +66,14 @@
     // never forces a layout.
     if (!this.size) this.size = [el.offsetWidth, el.offsetHeight];
     var width = this.size[0], height = this.size[1];
-    var vw = document.documentElement.clientWidth, vh = document.documentElement.clientHeight;
+    // The viewport's size, read once per resize (reading it at every move would force the
+    // layout of what the hover just changed).
+    if (!this.viewport) {
+      var self = this;
+      this.viewport = [document.documentElement.clientWidth, document.documentElement.clientHeight];
+      global.addEventListener("resize", function () { self.viewport = null; }, { once: true });
+    }
+    var vw = this.viewport[0], vh = this.viewport[1];
     var x = event.clientX + 16, y = event.clientY + 16;
     if (x + width > vw - 4) x = event.clientX - width - 12;
     if (y + height > vh - 4) y = event.clientY - height - 12;
