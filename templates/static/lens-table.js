@@ -325,6 +325,7 @@
     this.mirrorFont = "12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
     this.mirrorColour = style.color;
     this.mirrorRow = undefined;
+    this.clipped = {}; // "width:dictionary index" -> the token's text clipped to that width
     if (this.mirrorLast) this.showMirror(this.mirrorLast[0], this.mirrorLast[1]);
   };
 
@@ -376,7 +377,10 @@
         ctx.strokeRect(left + 1, 1, g.colWidth[l] - 2, h - 2);
       }
       ctx.fillStyle = this.mirrorColour;
-      ctx.fillText(clipText(ctx, model.shown[model.tokenIndex[at]], g.colWidth[l] - 2 * pad), left + pad, base);
+      // Clipping measures text (a binary search): each token is clipped once per column width.
+      var index = model.tokenIndex[at], key = g.colWidth[l] + ":" + index, clipped = this.clipped[key];
+      if (clipped === undefined) clipped = this.clipped[key] = clipText(ctx, model.shown[index], g.colWidth[l] - 2 * pad);
+      ctx.fillText(clipped, left + pad, base);
     }
   };
 
