@@ -39,6 +39,30 @@ def distinct_ids(*arrays: np.ndarray) -> list[int]:
     return np.flatnonzero(present).tolist()
 
 
+def token_pieces(tokenizer: Any, token_ids: Iterable[int]) -> dict[int, str]:
+    """The tokenizer's own piece of each distinct token id (`convert_ids_to_tokens`: e.g.
+    "\u2581" for LLaVA-1.5's 29871, whose decoded text is ""; "<0x0A>" for a byte-fallback
+    newline); "" for an id the tokenizer has no piece for (a padded unembedding's extra rows)."""
+    unique = sorted({int(i) for i in token_ids})
+    pieces = tokenizer.convert_ids_to_tokens(unique)
+    return {i: piece if isinstance(piece, str) else "" for i, piece in zip(unique, pieces)}
+
+
+def token_pieces_table(run_id: str, token_text: dict[int, str], pieces: dict[int, str]) -> pa.Table:
+    """`token_pieces` rows: piece and decoded text of every token id in `token_text`
+    (the store keeps one row per (run, token id) however many images name it)."""
+    ids = sorted(token_text)
+    return table_from_columns(
+        "token_pieces",
+        {
+            "run_id": [run_id] * len(ids),
+            "token_id": ids,
+            "piece": [pieces.get(i, "") for i in ids],
+            "text": [token_text[i] for i in ids],
+        },
+    )
+
+
 def image_label(index: int, n_tokens: int) -> str:
     """`<IMG001>`-style label of the index-th (0-based) image token."""
     width = max(3, len(str(n_tokens)))

@@ -84,6 +84,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "quantitative logit lens view", _quant_views),
     Migration(7, "extra_views", _create(schema.extra_views)),
     Migration(8, "class_tokens; lens hit rules; Wilson intervals in summaries", _hit_rules_and_intervals),
+    Migration(9, "token_pieces", _create(schema.token_pieces)),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -641,6 +641,20 @@ def position_token_ids(db: ResultsDB, run_id: str, image_id: int) -> list[int | 
     ]
 
 
+def token_pieces(db: ResultsDB, run_id: str, token_ids: Iterable[int]) -> dict[int, str]:
+    """The tokenizer piece of each of `token_ids` the run recorded (`token_pieces`); ids
+    without a row (runs written before schema 9) are absent."""
+    ids = sorted({int(i) for i in token_ids})
+    if not ids:
+        return {}
+    rows = db.duck.execute(
+        "SELECT p.token_id, p.piece FROM token_pieces p "
+        "JOIN (SELECT unnest(?::INTEGER[]) AS token_id) wanted USING (token_id) WHERE p.run_id = ?",
+        [ids, run_id],
+    ).fetchall()
+    return {int(token_id): piece for token_id, piece in rows}
+
+
 def lens_runs_of_image(db: ResultsDB, image_id: int) -> list[RunRecord]:
     """Every lens run with the image completely written (not skipped), by run start."""
     ids = {

@@ -227,3 +227,19 @@ class_tokens = sa.Table(
     sa.Column("token", sa.String),
     sa.PrimaryKeyConstraint("run_id", "image_id", "category"),
 )
+
+# The tokenizer's own piece (`convert_ids_to_tokens`) beside the decoded text of every
+# token id a lens run's rows or positions name, once per (run, token id), not per lens row.
+# Decoded text alone hides what a token is: SentencePiece's lone word marker "▁"
+# (id 29871 in LLaVA-1.5) decodes to "", the byte-fallback piece "<0x0A>" to a newline
+# and "<0xE2>" to U+FFFD. Runs written before migration 9 have no rows here (the report
+# then shows the decoded text alone).
+token_pieces = sa.Table(
+    "token_pieces",
+    metadata,
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("token_id", sa.Integer, nullable=False),
+    sa.Column("piece", sa.String, nullable=False),  # "" where the tokenizer has no piece for the id
+    sa.Column("text", sa.String, nullable=False),  # tokenizer.decode([token_id]), as logit_lens.token
+    sa.PrimaryKeyConstraint("run_id", "token_id"),
+)

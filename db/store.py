@@ -26,6 +26,10 @@ from db.errors import DatabaseError
 from db.migrations import LATEST_VERSION, applied_versions, migrate
 from db.version import TOOL_VERSION
 
+# Per-run tables written with each image's rows: a row already stored (same primary key,
+# e.g. a token id an earlier image of the run named) is not written again.
+ONCE_PER_RUN = frozenset({schema.token_pieces.name})
+
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
@@ -349,7 +353,8 @@ class ResultsDB:
         table's columns (inserted by name); it must include the `run_images` marker row.
         Each table is checked against the schema (`db.arrow.validate`: known columns,
         castable types, no nulls in NOT NULL columns) inside the transaction, so a bad
-        batch rolls back the whole image. Atomicity is what makes resume exact: an image
+        batch rolls back the whole image. Rows of a per-run table (ONCE_PER_RUN, e.g.
+        `token_pieces`) already stored for the run are skipped. Atomicity is what makes resume exact: an image
         is either complete (marker present, all rows present) or absent, so a rerun
         never finds partial rows.
         """
@@ -367,9 +372,24 @@ class ResultsDB:
                 view_name = f"_incoming_{name}"
                 duck.register(view_name, table)
                 try:
-                    duck.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {view_name}")
+                    duck.execute(self._insert_sql(name, view_name))
                 finally:
                     duck.unregister(view_name)
+
+    @staticmethod
+    def _insert_sql(name: str, view_name: str) -> str:
+        """The INSERT of an image's rows of table `name` from the registered `view_name`.
+
+        Tables of rows shared by a run's images (ONCE_PER_RUN: no image_id column) take only
+        the rows whose primary key is not stored yet, so each is written once per run."""
+        if name not in ONCE_PER_RUN:
+            return f"INSERT INTO {name} BY NAME SELECT * FROM {view_name}"
+        key = [column.name for column in schema.metadata.tables[name].primary_key.columns]
+        same = " AND ".join(f"stored.{column} = incoming.{column}" for column in key)
+        return (
+            f"INSERT INTO {name} BY NAME SELECT * FROM {view_name} incoming "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {name} stored WHERE {same})"
+        )
 
     # -- run provenance added while a run is in progress ------------------------------------
 

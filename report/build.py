@@ -6,7 +6,7 @@ through db/queries.py, and never imports torch or the collector. Where things ar
 - report/site.py: staging writer, Jinja environment, page rendering, provenance.
 - report/urls.py: the path of every page and file, and the relative URL between them.
 - report/catalogue.py: runs, lens images, experiment run pages.
-- report/lens_codec.py: the lens data file format ("llava-interp-lens/2").
+- report/lens_codec.py: the lens data file format ("llava-interp-lens/4").
 - report/object_cells.py: annotated objects on the patch grid, once per (run, image).
 - report/downloads.py: Parquet (and CSV where small) of every table, the database copy where small.
 - report/charts.py: SVG chart geometry.

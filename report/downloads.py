@@ -38,6 +38,7 @@ RUN_TABLES = (
     "ablations",
     "blocking",
     "class_tokens",
+    "token_pieces",
 )
 # Run tables whose PNG column is left out (the images sit next to the pages).
 PNG_TABLES = ("image_views", "extra_views")
@@ -54,6 +55,7 @@ SORT_KEYS = {
     "ablations": ("image_id", "setting", "condition"),
     "blocking": ("image_id", "target", "source", "layer_start"),
     "class_tokens": ("image_id", "category"),
+    "token_pieces": ("token_id",),
     "images": ("image_id",),
     "annotations": ("image_id", "annotation_id"),
 }

@@ -1,9 +1,11 @@
 """The lens data codec: one lens page's data file, and the packing of its cells.
 
-Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/3")
+Lens data file format (`lens/<run>/<image_id>.data.js`, format "llava-interp-lens/4")
 -----------------------------------------------------------------------------------
 Version 3 adds the token ids (``token_ids_bytes`` and ``positions.token_id``); a version 2
-file is a version 3 file without them and still decodes.
+file is a version 3 file without them and still decodes. Version 4 adds the tokenizer's
+pieces (``token_pieces_bytes`` and ``positions.piece``, table ``token_pieces``); a version 3
+file is a version 4 file without them (or a run that recorded none) and still decodes.
 
 The file is exactly ``window.LENS_DATA = <json>;`` (a classic script, because browsers
 block fetch() on file://). The JSON object holds:
@@ -13,7 +15,9 @@ block fetch() on file://). The JSON object holds:
 - ``positions``: parallel arrays ``position``, ``kind`` ('image' | 'text', or a further
   image kind such as LLaVA-NeXT's 'image_hr' and 'image_newline'), ``label``,
   ``patch_row``, ``patch_col`` (null for text), ``token_id`` (the input token id, null
-  where unrecorded), sorted by LM input position. The index
+  where unrecorded), ``piece`` (the tokenizer's piece of a text position's input token,
+  e.g. "\u2581" where ``label`` is ""; null for image positions or where unrecorded),
+  sorted by LM input position. The index
   into these arrays is the table row ("row" below); the overlay maps patch
   (patch_row, patch_col) to its row through these arrays, never through row order. For
   kind 'image' the cell is of the main grid; for another kind, of the extra view of
@@ -30,7 +34,7 @@ block fetch() on file://). The JSON object holds:
   annotation: ``annotation_id``, ``polygons`` as flat [u0, v0, u1, v1, ...] lists in view
   pixels, or ``bbox`` [u, v, w, h] for RLE masks).
 - ``packed``: ``{"encoding": "deflate-raw", "b64", "tokens_bytes", "token_ids_bytes",
-  "index_bytes", "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
+  "token_pieces_bytes", "index_bytes", "prob_log_scale"}``. base64 of a raw DEFLATE stream (RFC 1951; browsers inflate it with
   ``DecompressionStream("deflate-raw")``) whose inflated bytes are, in order:
 
   1. ``tokens_bytes`` bytes: UTF-8 JSON array of the token dictionary's strings. One
@@ -41,6 +45,12 @@ block fetch() on file://). The JSON object holds:
   1b. ``token_ids_bytes`` bytes (0 or absent: no ids): UTF-8 JSON array of the token ids
      of the dictionary entries, delta-encoded: the first id, then each id minus the one
      before it;
+  1c. ``token_pieces_bytes`` bytes (0 or absent: no pieces): UTF-8 JSON array of the
+     tokenizer's piece of each dictionary entry (``convert_ids_to_tokens``; what the
+     decoded text hides: "\u2581" for LLaVA-1.5's id 29871, whose text is "";
+     "<0xE2>" for a lone byte, whose text is U+FFFD), as: ``0`` the piece equals the text,
+     ``1`` the piece is "\u2581" + the text (a SentencePiece word start), a string: the
+     piece itself, null: not recorded for that id;
   2. ``n_cells * index_bytes`` bytes: the token index (into that array) of every cell,
      little-endian unsigned integers of ``index_bytes`` (1, 2 or 4) bytes stored
      byte-planar (all low bytes, then all next bytes, ...), which deflates better;
@@ -69,7 +79,7 @@ import numpy as np
 
 from report.site import script_json
 
-DATA_FORMAT = "llava-interp-lens/3"
+DATA_FORMAT = "llava-interp-lens/4"
 # Probability code c >= 1 <-> p = exp((c - 255) / PROB_LOG_SCALE); 0 <-> below the floor.
 PROB_LOG_SCALE = 20.0
 
@@ -94,13 +104,15 @@ def pack_cells(
     flat: np.ndarray,
     n_cells: int,
     token_ids: list[int] | None = None,
+    token_pieces: list[str | None] | None = None,
 ) -> dict[str, Any]:
     """The ``packed`` object of a lens data file.
 
     `tokens` are the distinct token strings, `token_codes` each lens row's index into
     them, `prob` its probability and `flat` its cell index; every cell must be covered
     exactly once (the caller checks). `token_ids`, parallel to `tokens`, are the
-    dictionary's token ids (None: not recorded).
+    dictionary's token ids (None: not recorded); `token_pieces`, parallel too, the
+    tokenizer's pieces (None: none recorded; an entry None: not recorded for that id).
     """
     # Frequency order: the most common tokens get the smallest indices (fewer high bytes).
     counts = np.bincount(token_codes, minlength=len(tokens))
@@ -116,6 +128,10 @@ def pack_cells(
     if token_ids is not None:
         ordered_ids = np.asarray(token_ids, dtype=np.int64)[order]
         ids_json = json.dumps(np.diff(ordered_ids, prepend=0).tolist(), separators=(",", ":")).encode("ascii")
+    pieces_json = b""
+    if token_pieces is not None:
+        ordered_pieces = [_piece_code(token_pieces[i], tokens[k]) for k, i in enumerate(order)]
+        pieces_json = json.dumps(ordered_pieces, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     index_bytes = 1 if len(tokens) <= 0x100 else 2 if len(tokens) <= 0x10000 else 4
     token_index = np.zeros(n_cells, dtype=np.uint64)
     token_index[flat] = new_code[token_codes]
@@ -125,15 +141,31 @@ def pack_cells(
     planes = planes.reshape(n_cells, index_bytes).T.tobytes()
     tokens_json = json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
-    packed = compressor.compress(tokens_json + ids_json + planes + codes.tobytes()) + compressor.flush()
+    packed = compressor.compress(tokens_json + ids_json + pieces_json + planes + codes.tobytes()) + compressor.flush()
     return {
         "encoding": "deflate-raw",
         "tokens_bytes": len(tokens_json),
         "token_ids_bytes": len(ids_json),
+        "token_pieces_bytes": len(pieces_json),
         "index_bytes": index_bytes,
         "prob_log_scale": PROB_LOG_SCALE,
         "b64": base64.b64encode(packed).decode("ascii"),
     }
+
+
+WORD_START = "\u2581"  # SentencePiece's word-start marker
+
+
+def _piece_code(piece: str | None, text: str) -> str | int | None:
+    """A dictionary entry's piece as stored: 0 (= the text), 1 (= WORD_START + the text),
+    the piece, or None (not recorded)."""
+    if piece is None:
+        return None
+    if piece == text:
+        return 0
+    if piece == WORD_START + text:
+        return 1
+    return piece
 
 
 def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -142,7 +174,7 @@ def unpack_lens_data(data: dict[str, Any]) -> tuple[list[str], np.ndarray, np.nd
     raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
     n_cells, nb = data["n_cells"], packed["index_bytes"]
     tokens = json.loads(raw[: packed["tokens_bytes"]].decode("utf-8"))
-    nt = packed["tokens_bytes"] + packed.get("token_ids_bytes", 0)
+    nt = packed["tokens_bytes"] + packed.get("token_ids_bytes", 0) + packed.get("token_pieces_bytes", 0)
     planes = np.frombuffer(raw[nt : nt + n_cells * nb], dtype=np.uint8).reshape(nb, n_cells)
     index = np.zeros(n_cells, dtype=np.int64)
     for b in range(nb):
@@ -167,3 +199,20 @@ def unpack_token_ids(data: dict[str, Any]) -> list[int] | None:
 def data_script(data: dict[str, Any]) -> str:
     """The text of a lens data file (see the module docstring)."""
     return f"window.LENS_DATA = {script_json(data)};\n"
+
+
+def unpack_token_pieces(data: dict[str, Any]) -> list[str | None] | None:
+    """The tokenizer piece of each dictionary entry of a lens data object (None: no pieces
+    recorded; an entry None: not recorded for that id)."""
+    packed = data["packed"]
+    size = packed.get("token_pieces_bytes", 0)
+    if not size:
+        return None
+    raw = zlib.decompress(base64.b64decode(packed["b64"]), -15)
+    tokens = json.loads(raw[: packed["tokens_bytes"]].decode("utf-8"))
+    start = packed["tokens_bytes"] + packed.get("token_ids_bytes", 0)
+    codes = json.loads(raw[start : start + size].decode("utf-8"))
+    return [
+        None if code is None else text if code == 0 else WORD_START + text if code == 1 else code
+        for code, text in zip(codes, tokens, strict=True)
+    ]

@@ -134,6 +134,13 @@ def test_hovering_a_patch_shows_its_top_k_at_the_pointer_and_the_table_follows(b
     )
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active th.pos")
     assert _visible_in_wrap(page, "#lens-table tbody tr.row-active td:nth-child(36)")  # L32, the current layer
+    # Only the rows near the window are displayed (spacer rows stand in for the rest), and the
+    # row band and cell box drawn over the active row and cell sit exactly on them.
+    assert page.locator("#lens-table tbody tr.live").count() < 80
+    row_box = page.locator("#lens-table tbody tr.row-active td:nth-child(36)").bounding_box()
+    band, cell_box = page.locator("#lens-table-wrap .row-band").bounding_box(), page.locator(".cell-box").bounding_box()
+    assert abs(band["y"] - row_box["y"]) < 1.5 and abs(band["height"] - row_box["height"]) < 1.5
+    assert abs(cell_box["x"] - row_box["x"]) < 1.5 and abs(cell_box["y"] - row_box["y"]) < 1.5
     # Leaving the image hides the tooltip.
     page.mouse.move(5, 5)
     assert not tip.is_visible()
@@ -334,7 +341,7 @@ def test_data_file_carries_the_token_ids(site: tuple[Path, Path, dict[str, str]]
     with ResultsDB(db_path, read_only=True) as db:
         for run_id, image_id in db.sql("SELECT run_id, image_id FROM run_images WHERE n_positions > 0"):
             data = _load_data(out / "lens" / run_dir_name(run_id) / f"{image_id}.data.js")
-            assert data["format"] == "llava-interp-lens/3"
+            assert data["format"] == "llava-interp-lens/4"
             tokens, index, _ = unpack_lens_data(data)
             ids = unpack_token_ids(data)
             assert ids is not None and len(ids) == len(tokens)
@@ -567,6 +574,214 @@ def test_blocking_windows_table_fits_at_1280(browser: Any, tmp_path_factory: pyt
         assert correct.inner_text() == "Correct"
         box, frame = correct.bounding_box(), scroller.bounding_box()
         assert box["x"] + box["width"] <= frame["x"] + frame["width"] + 0.5
+        watched.check()
+    finally:
+        watched.context.close()
+
+
+# -- invisible tokens: the tokenizer's pieces (table token_pieces), with the real LLaVA-1.5 tokenizer --
+
+# 29871: SentencePiece's lone word marker (decodes to ""); 13: byte-fallback newline; 229:
+# the lone byte <0xE2> (decodes to U+FFFD); 278: "\u2581the" (decodes to "the"); 32050: an
+# id of LLaVA-1.5's padded unembedding the tokenizer has no piece for; 999_999: a made-up id
+# whose piece is hostile markup (pieces are untrusted too).
+PIECE_IDS = (29871, 13, 229, 278, 32050, 999_999)
+HOSTILE_PIECE = "</script><script>alert(1)</script>\"&'"
+# What the page shows for each (the legend's promise).
+PIECE_SHOWN = {
+    29871: "\u2423",
+    13: "\u21b5",
+    229: "\u27e80xE2\u27e9",
+    278: "the",
+    32050: "\u2205",
+    999_999: HOSTILE_PIECE,
+}
+PIECE_PROMPT_IDS = (1, 3148, 1001, 29901, 29871)  # "<s> USER: \u2581" before the image, as LLaVA-1.5 tokenizes it
+PIECE_AFTER_IDS = (29871, 13, 4002, 29901)  # "\u2581 \n Describe :" after it
+
+
+def _real_tokenizer() -> Any:
+    from conftest import REAL_LLAVA15, require_shared
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(require_shared(REAL_LLAVA15)))
+
+
+@pytest.fixture(scope="module")
+def pieces_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str, Any]:
+    """One lens image whose cells and input positions name PIECE_IDS, written through the
+    collector's own table builders with the real tokenizer's decoded texts and pieces."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from collector.tables import decode_tokens, lens_table, token_pieces, token_pieces_table
+
+    tokenizer = _real_tokenizer()
+    root = tmp_path_factory.mktemp("lens-pieces")
+    db_path = root / "pieces.duckdb"
+    grid, n_layers, top_k = 4, 3, 3
+    input_ids = [*PIECE_PROMPT_IDS, *([32000] * grid * grid), *PIECE_AFTER_IDS]
+    n = len(input_ids)
+    ids = np.array(
+        [
+            [[PIECE_IDS[(layer + row + k) % len(PIECE_IDS)] for k in range(top_k)] for row in range(n)]
+            for layer in range(n_layers)
+        ]
+    )
+    probs = np.tile(np.array([0.5, 0.3, 0.1]), (n_layers, n, 1))
+    real = [i for i in set(ids.ravel().tolist()) | set(input_ids) if i != 999_999]
+    text = decode_tokens(tokenizer, real)
+    pieces = token_pieces(tokenizer, real)
+    text[999_999], pieces[999_999] = "", HOSTILE_PIECE
+    first = len(PIECE_PROMPT_IDS)
+    with ResultsDB(db_path) as db:
+        db.add_image(7, "seven.jpg", 64, 64, "coco")
+        run_id = db.start_run("lens", "llava-hf/llava-1.5-7b-hf", {"model_id": "p"}, {"model_id": "p", "top_k": top_k})
+        db.write_image_results(
+            run_id,
+            7,
+            {
+                "positions": pa.table(
+                    {
+                        "run_id": [run_id] * n,
+                        "image_id": pa.array([7] * n, pa.int64()),
+                        "position": pa.array(range(n), pa.int32()),
+                        "kind": ["image" if first <= p < first + grid * grid else "text" for p in range(n)],
+                        "patch_row": pa.array(
+                            [(p - first) // grid if first <= p < first + grid * grid else None for p in range(n)],
+                            pa.int32(),
+                        ),
+                        "patch_col": pa.array(
+                            [(p - first) % grid if first <= p < first + grid * grid else None for p in range(n)],
+                            pa.int32(),
+                        ),
+                        "label": [
+                            f"<IMG{p - first + 1:03d}>" if first <= p < first + grid * grid else text[i]
+                            for p, i in enumerate(input_ids)
+                        ],
+                        "token_id": pa.array(input_ids, pa.int32()),
+                    }
+                ),
+                "logit_lens": lens_table(run_id, 7, ids, probs, text),
+                "token_pieces": token_pieces_table(run_id, text, pieces),
+                "run_images": pa.table(
+                    {
+                        "run_id": [run_id],
+                        "image_id": pa.array([7], pa.int64()),
+                        "n_positions": [n],
+                        "n_layers": [n_layers],
+                        "grid_rows": [grid],
+                        "grid_cols": [grid],
+                        "written_at": [dt.datetime(2025, 1, 1)],
+                    }
+                ),
+            },
+        )
+        db.finish_run(run_id)
+    out = root / "site"
+    build_site(db_path, out, downloads=False)
+    return db_path, out, run_id, tokenizer
+
+
+def test_data_file_carries_the_tokenizers_pieces(pieces_site: tuple[Path, Path, str, Any]) -> None:
+    from report.lens_codec import unpack_token_pieces
+
+    _, out, run_id, tokenizer = pieces_site
+    data = _load_data(out / "lens" / run_dir_name(run_id) / "7.data.js")
+    assert data["format"] == "llava-interp-lens/4"
+    tokens, _, _ = unpack_lens_data(data)
+    ids, pieces = unpack_token_ids(data), unpack_token_pieces(data)
+    assert ids is not None and pieces is not None and sorted(ids) == sorted(PIECE_IDS)
+    reference = dict(zip(PIECE_IDS[:5], tokenizer.convert_ids_to_tokens(list(PIECE_IDS[:5]))))
+    for token_id, piece, token in zip(ids, pieces, tokens):
+        expected = HOSTILE_PIECE if token_id == 999_999 else (reference[token_id] or "")
+        assert piece == expected, token_id
+        assert token == ("" if token_id == 999_999 else tokenizer.decode([token_id]))
+    assert reference[29871] == "\u2581" and reference[13] == "<0x0A>" and reference[229] == "<0xE2>"
+    kinds = data["positions"]["kind"]
+    assert [p for p, k in zip(data["positions"]["piece"], kinds) if k == "text"] == tokenizer.convert_ids_to_tokens(
+        [*PIECE_PROMPT_IDS, *PIECE_AFTER_IDS]
+    )
+
+
+def test_invisible_tokens_show_as_the_legend_promises_with_piece_and_id(
+    browser: Any,
+    pieces_site: tuple[Path, Path, str, Any],  # noqa: F811
+) -> None:
+    db_path, out, run_id, tokenizer = pieces_site
+    watched = _watched(browser, out, 1400, 1000)
+    try:
+        page = _open_lens(watched, run_id, 7, "layer=2&pos=0")
+        assert page.locator("#panel thead th.piece").count() == 1
+        n_rows = page.locator("#lens-table tbody tr:not(.spacer)").count()
+        for token_id in PIECE_IDS:
+            # The first text position whose top-1 at layer 2 is token_id ((2 + row) % 6 == index).
+            row = next(
+                r
+                for r in range(n_rows)
+                if (2 + r) % len(PIECE_IDS) == PIECE_IDS.index(token_id)
+                and page.locator("#lens-table tbody tr:not(.spacer)").nth(r).locator("th.kind").inner_text() == "text"
+            )
+            tr = page.locator("#lens-table tbody tr:not(.spacer)").nth(row)
+            position = int(tr.locator("th.pos").inner_text())
+            cell = tr.locator("td").nth(2)  # layer 2
+            cell.hover()  # a real pointer over the table cell
+            tip = page.locator("#lens-tip")
+            assert tip.is_visible()
+            assert tip.locator("td.token").first.inner_text() == PIECE_SHOWN[token_id]
+            assert tip.locator("td.token-id").first.inner_text() == str(token_id)
+            piece = HOSTILE_PIECE if token_id == 999_999 else tokenizer.convert_ids_to_tokens(token_id) or ""
+            assert tip.locator("td.piece").first.inner_text() == piece  # the raw piece, as the tokenizer has it
+            assert cell.inner_text() == PIECE_SHOWN[token_id]
+            cell.click()  # lock: the panel shows the same, its token cell's title has piece, text and id
+            assert page.locator("#panel-rows td.token").first.inner_text() == PIECE_SHOWN[token_id]
+            title = page.locator("#panel-rows td.token").first.get_attribute("title")
+            assert f"token id {token_id}" in title and "piece " in title, title
+            if token_id == 29871:
+                assert 'piece "\u2581"' in title and 'text ""' in title
+            cell.click()  # unlock
+            assert position >= 0
+        # Input labels: the lone word marker before and after the image shows as a space.
+        labels = page.locator("#lens-table tbody th.label").all_inner_texts()
+        assert labels[len(PIECE_PROMPT_IDS) - 1] == "\u2423"
+        assert labels[-4:-2] == ["\u2423", "\u21b5"]
+        # Untrusted pieces stay text: nothing they spell became markup.
+        assert page.evaluate("document.querySelectorAll('script:not([src])').length") == 0
+        assert HOSTILE_PIECE not in (out / "lens" / run_dir_name(run_id) / "7.data.js").read_text(encoding="utf-8")
+        watched.check()
+    finally:
+        watched.context.close()
+
+
+def test_a_run_without_pieces_falls_back_to_the_text(
+    browser: Any,
+    site: tuple[Path, Path, dict[str, str]],  # noqa: F811
+) -> None:
+    """A run written before the token_pieces table (the test_report database writes none): the
+    data file has no pieces, the page shows the decoded text (an empty one as \u2205) and no
+    piece column, and says so in the legend."""
+    db_path, out, run_ids = site
+    run_id = run_ids["clean"]
+    with ResultsDB(db_path, read_only=True) as db:
+        assert db.sql("SELECT count(*) FROM token_pieces")[0][0] == 0
+        layer, position, rank = db.sql(
+            "SELECT layer, position, rank FROM logit_lens WHERE run_id = ? AND image_id = 102 AND token = '' "
+            "ORDER BY layer, position LIMIT 1",
+            (run_id,),
+        )[0]
+    data = _load_data(out / "lens" / run_dir_name(run_id) / "102.data.js")
+    assert not data["packed"]["token_pieces_bytes"]
+    watched = _watched(browser, out, 1400, 1000)
+    try:
+        page = _open_lens(watched, run_id, 102, f"layer={layer}&pos={position}")
+        assert page.locator("#panel thead th.piece").count() == 0
+        assert page.locator("#panel-rows td.piece").count() == 0
+        token = page.locator("#panel-rows td.token").nth(rank - 1)
+        assert token.inner_text() == "\u2205"
+        assert token.get_attribute("title").startswith('raw text ""')
+        assert "did not" in page.locator("#table-legend").inner_text()
         watched.check()
     finally:
         watched.context.close()

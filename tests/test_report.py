@@ -337,7 +337,7 @@ def test_data_file_reproduces_the_database(built: tuple[Path, Path, dict[str, st
             n_rows = len(pos["position"])
             tokens, index, prob = unpack_lens_data(data)
             assert len(index) == len(prob) == data["n_cells"] == N_LAYERS * n_rows * TOP_K
-            assert data["format"] == "llava-interp-lens/3" and data["packed"]["encoding"] == "deflate-raw"
+            assert data["format"] == "llava-interp-lens/4" and data["packed"]["encoding"] == "deflate-raw"
             row_of = {p: r for r, p in enumerate(pos["position"])}
             lens = db.sql(
                 "SELECT layer, position, rank, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",

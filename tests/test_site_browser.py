@@ -250,7 +250,7 @@ def test_tokens_are_shown_literally_and_nothing_executes(
     assert page.locator("#layer-value").inner_text() == str(layer)
     assert _shown(HOSTILE) in page.locator("#panel-rows td.token").all_inner_texts()
     # The hostile label (position 1) and file name reach the page as text.
-    assert page.locator("#lens-table tbody tr").nth(1).locator("th.label").inner_text() == _shown(HOSTILE)
+    assert page.locator("#lens-table tbody tr:not(.spacer)").nth(1).locator("th.label").inner_text() == _shown(HOSTILE)
     assert HOSTILE in page.locator("h1 + p").inner_text()
     page.hover("#patch-grid .patch >> nth=0")
     page.fill("#token-search", "onerror")
@@ -525,7 +525,7 @@ def test_hovering_a_high_res_cell_highlights_its_row(
             assert page.locator("#patch-grid .patch-active").count() == 0  # not a base-grid position
         # Selecting an image_hr row in the table highlights its cell in the high-resolution panel.
         r, c = HR_ROWS - 1, 1
-        page.locator("#lens-table tbody tr").nth(mapping[(r, c)]).locator("th.label").click()
+        page.locator("#lens-table tbody tr:not(.spacer)").nth(mapping[(r, c)]).locator("th.label").click()
         assert page.locator("#extra-grid-0 .patch-locked").evaluate_all("els => els.map(e => e.dataset.cell)") == [
             str(r * HR_COLS + c)
         ]

@@ -175,3 +175,92 @@ def test_lens_rows_match_the_lens_readout(tmp_path, loaded_models, demo_images):
     assert kinds[0][:2] == ("image", 576) and kinds[0][2] == int(layout.positions[0])
     assert kinds[1] == ("text", n_positions - 576, 0, n_positions - 1)
     assert corner == [(layout.position_of(23, 23), "<IMG576>")]
+
+
+def test_token_pieces_are_written_once_per_run_and_token(tmp_path):
+    """`token_pieces` rows shared by a run's images: a token id an earlier image wrote is not
+    written again (one row per (run, token id)); another run keeps its own rows."""
+    import pyarrow as pa
+
+    from collector.tables import token_pieces_table
+
+    def marker(run_id: str, image_id: int) -> pa.Table:
+        import datetime as dt
+
+        return pa.table(
+            {
+                "run_id": [run_id],
+                "image_id": pa.array([image_id], pa.int64()),
+                "n_positions": [0],
+                "grid_rows": [0],
+                "grid_cols": [0],
+                "written_at": [dt.datetime(2025, 1, 1)],
+            }
+        )
+
+    with ResultsDB(tmp_path / "r.duckdb") as db:
+        runs = [db.start_run("lens", "m", {"model_id": "m", "n": n}, {"model_id": "m"}) for n in (1, 2)]
+        first = {29871: "", 13: "\n"}
+        second = {13: "\n", 278: "the"}
+        pieces = {29871: "\u2581", 13: "<0x0A>", 278: "\u2581the"}
+        db.write_image_results(
+            runs[0], 1, {"token_pieces": token_pieces_table(runs[0], first, pieces), "run_images": marker(runs[0], 1)}
+        )
+        db.write_image_results(
+            runs[0], 2, {"token_pieces": token_pieces_table(runs[0], second, pieces), "run_images": marker(runs[0], 2)}
+        )
+        db.write_image_results(
+            runs[1], 1, {"token_pieces": token_pieces_table(runs[1], second, pieces), "run_images": marker(runs[1], 1)}
+        )
+        rows = db.sql("SELECT run_id, token_id, piece, text FROM token_pieces ORDER BY run_id = ? DESC, 2", (runs[0],))
+    assert rows == [
+        (runs[0], 13, "<0x0A>", "\n"),
+        (runs[0], 278, "\u2581the", "the"),
+        (runs[0], 29871, "\u2581", ""),
+        (runs[1], 13, "<0x0A>", "\n"),
+        (runs[1], 278, "\u2581the", "the"),
+    ]
+
+
+def test_a_version_8_database_gains_token_pieces(tmp_path):
+    path = tmp_path / "v8.duckdb"
+    with ResultsDB(path) as db:
+        db.sql("DROP TABLE token_pieces")
+        db.sql("DELETE FROM schema_migrations WHERE version > 8")
+    with ResultsDB(path) as db:
+        assert db.sql("SELECT max(version) FROM schema_migrations")[0][0] == LATEST_VERSION >= 9
+        assert db.sql("SELECT count(*) FROM token_pieces")[0][0] == 0
+
+
+def test_lens_collection_stores_the_real_tokenizers_pieces(tmp_path, loaded_models, demo_images):
+    """With the real LLaVA-1.5 tokenizer: every token id a lens run names (lens cells and input
+    positions) has one `token_pieces` row whose piece is the tokenizer's own
+    convert_ids_to_tokens and whose text is the lens rows' decoded text; the prompt's lone
+    word marker 29871 is the piece '\u2581' with empty text."""
+    if "llava-1.5-real-config" not in loaded_models:
+        pytest.skip("needs ../shared/data/real_configs (the real LLaVA-1.5 tokenizer)")
+    loaded = loaded_models["llava-1.5-real-config"]
+    image_dir, annotation_file = demo_images
+    records = folder_images(image_dir, annotation_file)[:2]
+    with ResultsDB(tmp_path / "r.duckdb") as db:
+        summary = collect_lens(loaded, records, db, prompt="Describe:\n the image.", top_k=5, progress=False)
+        pieces = dict(db.sql("SELECT token_id, piece FROM token_pieces WHERE run_id = ?", (summary.run_id,)))
+        texts = dict(db.sql("SELECT token_id, text FROM token_pieces WHERE run_id = ?", (summary.run_id,)))
+        named = {
+            row[0]
+            for row in db.sql(
+                "SELECT token_id FROM logit_lens WHERE run_id = ? UNION SELECT token_id FROM positions WHERE run_id = ?",
+                (summary.run_id, summary.run_id),
+            )
+        }
+        lens_text = dict(db.sql("SELECT DISTINCT token_id, token FROM logit_lens WHERE run_id = ?", (summary.run_id,)))
+        n_rows = db.sql("SELECT count(*) FROM token_pieces")[0][0]
+        input_ids = {row[0] for row in db.sql("SELECT token_id FROM positions WHERE run_id = ?", (summary.run_id,))}
+    tokenizer = loaded.adapter.tokenizer
+    assert set(pieces) == named and n_rows == len(named)
+    ids = sorted(named)
+    reference = tokenizer.convert_ids_to_tokens(ids)
+    assert [pieces[i] for i in ids] == [p if p is not None else "" for p in reference]
+    assert all(texts[i] == text for i, text in lens_text.items())
+    assert 29871 in input_ids and (pieces[29871], texts[29871]) == ("\u2581", "")
+    assert 13 in input_ids and (pieces[13], texts[13]) == ("<0x0A>", "\n")

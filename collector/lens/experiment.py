@@ -34,6 +34,8 @@ from collector.tables import (
     lens_table,
     positions_table,
     run_image_marker,
+    token_pieces,
+    token_pieces_table,
 )
 from collector.vqa import class_first_token
 from db.arrow import table_from_columns
@@ -113,11 +115,14 @@ def lens_tables(
     view = adapter.view_pixels(cpu_inputs)
 
     def build() -> dict:
+        named = distinct_ids(token_ids, input_ids.numpy())
         with tokenizer_lock:
-            token_text = decode_tokens(adapter.tokenizer, distinct_ids(token_ids, input_ids.numpy()))
+            token_text = decode_tokens(adapter.tokenizer, named)
+            pieces = token_pieces(adapter.tokenizer, named)
         tables = {
             "positions": positions_table(run_id, record.image_id, input_ids, layout, token_text),
             "logit_lens": lens_table(run_id, record.image_id, token_ids, probs, token_text),
+            "token_pieces": token_pieces_table(run_id, token_text, pieces),
             "image_views": image_view_table(run_id, record, adapter, view),
             "run_images": run_image_marker(run_id, record.image_id, int(input_ids.numel()), layout, readout.n_layers),
         }

@@ -134,6 +134,18 @@ def lens_data(
     rank = lens.column("rank").to_numpy().astype(np.int64)
     prob = lens.column("prob").to_numpy().astype(np.float64)
     tokens, token_codes, token_ids = _token_dictionary(lens)
+    pieces_by_id = queries.token_pieces(
+        db, run_id, [*(token_ids or []), *(i for i in positions["token_id"] if i is not None)]
+    )
+    # The tokenizer's piece of each dictionary entry and input position (None: not
+    # recorded, e.g. a run written before schema 9; the page then shows the text alone).
+    token_pieces = [pieces_by_id.get(int(i)) for i in token_ids] if token_ids is not None else None
+    if token_pieces is not None and all(piece is None for piece in token_pieces):
+        token_pieces = None
+    positions["piece"] = [
+        pieces_by_id.get(int(i)) if i is not None and kind == "text" else None
+        for i, kind in zip(positions["token_id"], positions["kind"])
+    ]
 
     n_rows = len(position_rows)
     if len(layer) and (layer.min() < 0 or rank.min() < 1):
@@ -186,7 +198,7 @@ def lens_data(
         "view": {"width": view[0], "height": view[1]} if view else None,
         "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
         "objects": objects.page_objects(run_id, image_id, grid_rows, grid_cols),
-        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells, token_ids),
+        "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells, token_ids, token_pieces),
     }
 
 
@@ -226,6 +238,7 @@ def write_lens_page(
         extra_views=data["extra_views"],
         top_k=data["top_k"],
         has_objects=bool(data["objects"]),
+        has_pieces=bool(data["packed"].get("token_pieces_bytes")),
         other_runs=other_runs,
     )
     entry.summary = _summary(data)  # the index's per-image columns

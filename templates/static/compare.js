@@ -107,16 +107,16 @@
       var tr = el("tr", "kind-" + a.positions.kind[ra]), differs = false;
       tr.appendChild(el("th", "pos", String(a.positions.position[ra])));
       tr.appendChild(el("th", "pos", String(b.positions.position[rb])));
-      var labelA = text.showToken(a.positions.label[ra]), labelB = text.showToken(b.positions.label[rb]);
+      var labelA = a.labelShown[ra], labelB = b.labelShown[rb];
       tr.appendChild(el("th", "label", labelA === labelB ? labelA : labelA + " / " + labelB));
       for (var layer = first; layer <= last; layer++) {
         var ca = a.top1(layer, ra), cb = b.top1(layer, rb);
         var same = ca.token === cb.token;
         var td = el("td", same ? "same" : "differ");
-        td.appendChild(el("span", "tok-a", text.showToken(ca.token)));
-        td.appendChild(el("span", "tok-b", same ? "=" : text.showToken(cb.token)));
-        td.title = "L" + layer + ": A " + text.showToken(ca.token) + " " + text.formatProb(ca) + " \u00b7 B " +
-          text.showToken(cb.token) + " " + text.formatProb(cb);
+        td.appendChild(el("span", "tok-a", ca.shown));
+        td.appendChild(el("span", "tok-b", same ? "=" : cb.shown));
+        td.title = "L" + layer + ": A " + ca.shown + " " + text.formatProb(ca) + " \u00b7 B " +
+          cb.shown + " " + text.formatProb(cb);
         if (!same) { differs = true; differPerLayer[layer - first]++; }
         tr.appendChild(td);
       }

@@ -1,5 +1,5 @@
 // Logit-lens page, data decoding: window.LENS_DATA (a classic script written by
-// report/lens_codec.py; format "llava-interp-lens/3", or /2 without token ids, documented there) -> LensModel, the
+// report/lens_codec.py; format "llava-interp-lens/4", or /3 without pieces, /2 without token ids, documented there) -> LensModel, the
 // decoded cells with lookups by (layer, row, rank) and by patch.
 // The lens page's scripts are classic scripts (ES module imports are blocked on file://)
 // sharing one namespace, window.LlavaLens; this one also exposes window.LensModel.
@@ -38,7 +38,8 @@
     var nCells = data.n_cells;
     if (nCells !== this.nLayers * this.nRows * this.topK) throw new Error("lens data: cell count mismatch");
     var ni = packed.token_ids_bytes || 0;
-    var nt = packed.tokens_bytes + ni;
+    var np = packed.token_pieces_bytes || 0;
+    var nt = packed.tokens_bytes + ni + np;
     var nb = packed.index_bytes;
     if (raw.length !== nt + nCells * (nb + 1)) throw new Error("lens data: packed length mismatch");
     var decoder = new global.TextDecoder("utf-8");
@@ -46,10 +47,24 @@
     // The token id of each dictionary entry (null without ids: format 2, or no ids recorded).
     this.tokenIds = null;
     if (ni) {
-      var deltas = JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes, nt)));
+      var deltas = JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes, packed.tokens_bytes + ni)));
       for (var d = 1; d < deltas.length; d++) deltas[d] += deltas[d - 1];
       this.tokenIds = deltas;
     }
+    // The tokenizer's piece of each dictionary entry (null: not recorded; format 3, or a run
+    // written before the pieces were), and what the page shows for each entry (ns.text.showPiece).
+    this.pieces = null;
+    if (np) {
+      var codes = JSON.parse(decoder.decode(raw.subarray(packed.tokens_bytes + ni, nt)));
+      this.pieces = codes.map(function (code, k) {
+        return code === 0 ? this.tokens[k] : code === 1 ? "\u2581" + this.tokens[k] : code;
+      }, this);
+    }
+    // (lens-text.js provides showPiece; a page or tool that loads this file alone shows the text as is.)
+    var showPiece = ns.text ? ns.text.showPiece : function (text) { return text; };
+    this.shown = this.tokens.map(function (token, k) { return showPiece(token, this.pieces ? this.pieces[k] : null); }, this);
+    var labelPieces = this.positions.piece || [];
+    this.labelShown = this.positions.label.map(function (label, row) { return showPiece(label, labelPieces[row]); });
     var index = new Uint32Array(nCells);
     for (var b = 0; b < nb; b++) {
       var plane = raw.subarray(nt + b * nCells, nt + (b + 1) * nCells);
@@ -104,7 +119,8 @@
     var at = this.at(layer, row, rank);
     var code = this.probCodes[at];
     var index = this.tokenIndex[at];
-    return { token: this.tokens[index], id: this.tokenIds ? this.tokenIds[index] : null, prob: this.probTable[code],
+    return { token: this.tokens[index], shown: this.shown[index], piece: this.pieces ? this.pieces[index] : null,
+      id: this.tokenIds ? this.tokenIds[index] : null, prob: this.probTable[code],
       code: code, belowFloor: code === 0 };
   };
 

@@ -138,8 +138,8 @@
         var row = model.rowOfPatch[r * model.gridCols + c2];
         if (row < 0) { cells.push({ text: "", fill: "#eeeeee" }); continue; }
         var cell = model.top1(layer, row);
-        cells.push({ text: text.showToken(cell.token), fill: opaque(text.tokenColour(cell.token)),
-          title: "patch " + r + "," + c2 + ": " + text.showToken(cell.token) + " " + text.formatProb(cell) });
+        cells.push({ text: cell.shown, fill: opaque(text.tokenColour(cell.token)),
+          title: "patch " + r + "," + c2 + ": " + cell.shown + " " + text.formatProb(cell) });
       }
       rows.push({ head: String(r), cells: cells });
     }
@@ -155,12 +155,12 @@
     for (var l = layersIn[0]; l <= layersIn[1]; l++) if (table.headerCells[l].offsetWidth) columns.push(l);
     for (var row = rowsIn[0]; row <= rowsIn[1]; row++) {
       rows.push({
-        head: model.positions.position[row] + " " + text.showToken(model.positions.label[row]).slice(0, 10),
+        head: model.positions.position[row] + " " + model.labelShown[row].slice(0, 10),
         cells: columns.map(function (layer) {
           var cell = model.top1(layer, row);
           var alpha = (0.05 * Math.min(9, Math.floor(cell.prob * 10))).toFixed(2);
-          return { text: text.showToken(cell.token), fill: "rgba(10,102,194," + alpha + ")",
-            title: "L" + layer + " pos " + model.positions.position[row] + ": " + text.showToken(cell.token) + " " + text.formatProb(cell) };
+          return { text: cell.shown, fill: "rgba(10,102,194," + alpha + ")",
+            title: "L" + layer + " pos " + model.positions.position[row] + ": " + cell.shown + " " + text.formatProb(cell) };
         }),
       });
     }

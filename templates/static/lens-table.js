@@ -6,10 +6,11 @@
 // Hovering must stay cheap on a 33 x 593 table (~20 000 cells):
 // - every row is in the DOM with its pos / label / kind head cells, but only the rows in
 //   and near the scrolled-to window ("live" rows) carry their layer cells and pinned
-//   (sticky) head cells; the others hold one empty spanning cell. Rows have one fixed
-//   height and columns fixed widths (table-layout: fixed), so nothing moves when a row
-//   comes alive, and scrolling to a far row builds ~60 rows instead of repainting 20 000
-//   cells and ~1800 sticky layers;
+//   (sticky) head cells and are displayed; the others ("far" rows, display: none) hold one
+//   empty spanning cell, and two spacer rows of the far rows' height stand in for them.
+//   Rows have one fixed height and columns fixed widths (table-layout: fixed), so nothing
+//   moves when a row comes alive, and scrolling to a far row (the follow-scroll of a
+//   hovered patch) builds, lays out and paints ~35 rows, not the 593-row table;
 // - the active row and cell are drawn by two overlay boxes moved with transforms, so a
 //   hover never restyles body cells; the row-active / cell-active / cell-locked classes
 //   stay on the elements as markers.
@@ -43,7 +44,7 @@
   }
 
   LensTable.prototype.build = function () {
-    var model = this.model, el = ns.text.el, showToken = ns.text.showToken;
+    var model = this.model, el = ns.text.el;
     var thead = this.table.createTHead();
     var head = thead.insertRow();
     [["pos", "position"], ["label", "input token"], ["kind", "kind of position"]].forEach(function (name) {
@@ -91,8 +92,9 @@
     var fragment = document.createDocumentFragment();
     for (var row = 0; row < model.nRows; row++) {
       var tr = el("tr", "kind-" + model.positions.kind[row]);
+      tr.lensRow = row;
       tr.appendChild(el("th", "pos", String(model.positions.position[row])));
-      var label = el("th", "label", showToken(model.positions.label[row]));
+      var label = el("th", "label", model.labelShown[row]);
       tr.appendChild(label);
       tr.appendChild(el("th", "kind", model.positions.kind[row]));
       tr.appendChild(this.placeholder());
@@ -100,6 +102,10 @@
       this.bodyRows.push(tr);
     }
     tbody.appendChild(fragment);
+    this.topSpacer = this.spacer();
+    this.bottomSpacer = this.spacer();
+    tbody.insertBefore(this.topSpacer, tbody.firstChild);
+    tbody.appendChild(this.bottomSpacer);
     this.table.appendChild(tbody);
     var self = this;
     this.wrap.addEventListener("scroll", function () { self.updateWindow(); }, { passive: true });
@@ -115,6 +121,27 @@
     this.updateWindow();
   };
 
+  // A spacer row: the height of the far rows above (or below) the live ones.
+  LensTable.prototype.spacer = function () {
+    var tr = ns.text.el("tr", "spacer");
+    tr.setAttribute("aria-hidden", "true");
+    tr.hidden = true;
+    var td = this.placeholder();
+    td.colSpan = HEAD_CELLS + this.range[1] - this.range[0] + 1;
+    tr.appendChild(td);
+    return tr;
+  };
+
+  LensTable.prototype.placeSpacers = function (first, last) {
+    var g = this.geometry, n = this.model.nRows;
+    if (!g) return;
+    [[this.topSpacer, first * g.pitch], [this.bottomSpacer, (n - 1 - last) * g.pitch]].forEach(function (pair) {
+      var tr = pair[0], height = pair[1] > 0 ? pair[1].toFixed(3) + "px" : "";
+      tr.hidden = !height;
+      if (tr.cells[0].style.height !== height) tr.cells[0].style.height = height;
+    });
+  };
+
   LensTable.prototype.placeholder = function () {
     var td = ns.text.el("td", "placeholder");
     td.colSpan = this.range[1] - this.range[0] + 1;
@@ -125,19 +152,20 @@
 
   // Give a row its layer cells (with search matches and marks) and pin its head cells.
   LensTable.prototype.renderRow = function (row) {
-    var model = this.model, tr = this.bodyRows[row], el = ns.text.el, showToken = ns.text.showToken;
+    var model = this.model, tr = this.bodyRows[row], el = ns.text.el;
     if (tr.classList.contains("live")) return;
     tr.removeChild(tr.cells[HEAD_CELLS]);
     var fragment = document.createDocumentFragment();
     for (var l = 0; l < model.nLayers; l++) {
       var at = (l * model.nRows + row) * model.topK;
       var td = el("td", BINS[Math.min(9, Math.floor(model.probTable[model.probCodes[at]] * 10))],
-        l >= this.textCols[0] && l <= this.textCols[1] ? showToken(model.tokens[model.tokenIndex[at]]) : undefined);
+        l >= this.textCols[0] && l <= this.textCols[1] ? model.shown[model.tokenIndex[at]] : undefined);
       if (this.matches && this.matches(l, row)) td.classList.add("match");
       fragment.appendChild(td);
     }
     tr.appendChild(fragment);
     tr.classList.add("live");
+    tr.classList.remove("far");
     var m = this.marked;
     if (m && m.row === row && m.state) tr.cells[HEAD_CELLS + m.layer].classList.add("cell-" + m.state);
   };
@@ -148,6 +176,7 @@
     while (tr.cells.length > HEAD_CELLS) tr.removeChild(tr.lastChild);
     tr.appendChild(this.placeholder());
     tr.classList.remove("live");
+    tr.classList.add("far");
   };
 
   // Row pitch, header height and column offsets, read once (and after a range change) so
@@ -157,22 +186,39 @@
     var g = { top: table.offsetTop, left: table.offsetLeft, head: table.tHead.offsetHeight, pitch: 0,
       row0: 0, colLeft: [], colWidth: [], width: table.offsetWidth, pinned: this.pinnedWidth(), pinWidths: [] };
     for (var p = 0; p < HEAD_CELLS; p++) g.pinWidths.push(table.tHead.rows[0].cells[p].offsetWidth);
-    if (n) {
-      g.row0 = rows[0].offsetTop;
-      g.pitch = n > 1 ? (rows[n - 1].offsetTop - g.row0) / (n - 1) : rows[0].offsetHeight;
-      g.rowHeight = rows[0].offsetHeight;
+    // The row pitch is read once, at build, while every row is displayed (later most are far
+    // rows, display: none); rows have one fixed height, whatever the layer range.
+    if (!this.rowMetrics && n) {
+      this.rowMetrics = { pitch: n > 1 ? (rows[n - 1].offsetTop - rows[0].offsetTop) / (n - 1) : rows[0].offsetHeight,
+        rowHeight: rows[0].offsetHeight };
+    }
+    if (this.rowMetrics) {
+      g.pitch = this.rowMetrics.pitch;
+      g.rowHeight = this.rowMetrics.rowHeight;
+      g.row0 = this.rowZero(g.pitch);
     }
     for (var l = 0; l < this.headerCells.length; l++) {
       g.colLeft.push(this.headerCells[l].offsetLeft);
       g.colWidth.push(this.headerCells[l].offsetWidth);
     }
+    g.maxView = parseFloat(global.getComputedStyle(this.wrap).maxHeight) || 0;
     this.geometry = g.pitch > 0 ? g : null;
     var headRow = table.tHead.rows[0].offsetHeight + "px";
     if (this.mirror && this.mirror.cells[0].style.top !== headRow) {
       for (var i = 0; i < this.mirror.cells.length; i++) this.mirror.cells[i].style.top = headRow;
     }
-    if (this.geometry) this.sizeMirror();
+    if (this.geometry) {
+      this.sizeMirror();
+      g.head = table.tHead.offsetHeight; // the mirrored row's canvases have their size now
+      g.row0 = this.rowZero(g.pitch);
+    }
     return this.geometry;
+  };
+
+  // Where row 0 is (or would be) in the table: from a displayed row.
+  LensTable.prototype.rowZero = function (pitch) {
+    var r = this.farSet && this.live[1] >= this.live[0] ? this.live[0] : 0;
+    return this.bodyRows[r].offsetTop - r * pitch;
   };
 
   LensTable.prototype.rowTop = function (row) {
@@ -187,7 +233,9 @@
     var c0 = 0, c1 = this.model.nLayers - 1;
     if (g) {
       var top = wrap.scrollTop - g.top - g.row0;
-      var height = Math.max(wrap.clientHeight, 400);
+      // The wrap's own height shrinks while its rows are far (display: none): the window
+      // is as tall as the wrap can grow (its max-height), whatever it holds now.
+      var height = Math.max(wrap.clientHeight, g.maxView, 400);
       first = Math.max(0, Math.floor(top / g.pitch) - this.overscan);
       last = Math.min(n - 1, Math.ceil((top + height) / g.pitch) + this.overscan);
       var left = wrap.scrollLeft + g.pinned - g.left, right = wrap.scrollLeft + Math.max(wrap.clientWidth, 400) - g.left;
@@ -208,18 +256,25 @@
       // Newly shown columns of rows that stay live get their text now.
       for (r = Math.max(first, old[0]); r <= Math.min(last, old[1]); r++) this.fillText(r, c0, c1, oldCols);
     }
-    if (first === old[0] && last === old[1]) return;
+    if (first === old[0] && last === old[1] && this.farSet) return;
+    if (!this.farSet) {
+      // The first window: every row outside it becomes a far row (until now all were
+      // displayed, for measure()).
+      for (r = 0; r < n; r++) if (r < first || r > last) this.bodyRows[r].classList.add("far");
+      this.farSet = true;
+    }
     for (r = old[0]; r <= old[1]; r++) if (r < first || r > last) this.unrenderRow(r);
     for (r = first; r <= last; r++) this.renderRow(r);
     this.live = [first, last];
+    this.placeSpacers(first, last);
   };
 
   LensTable.prototype.fillText = function (row, c0, c1, done) {
-    var model = this.model, cells = this.bodyRows[row].cells, showToken = ns.text.showToken;
+    var model = this.model, cells = this.bodyRows[row].cells;
     for (var l = c0; l <= c1; l++) {
       if (l >= done[0] && l <= done[1]) continue;
       var cell = cells[HEAD_CELLS + l];
-      if (cell && !cell.firstChild) cell.textContent = showToken(model.tokens[model.tokenIndex[(l * model.nRows + row) * model.topK]]);
+      if (cell && !cell.firstChild) cell.textContent = model.shown[model.tokenIndex[(l * model.nRows + row) * model.topK]];
     }
   };
 
@@ -270,6 +325,7 @@
     this.mirrorFont = "12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
     this.mirrorColour = style.color;
     this.mirrorRow = undefined;
+    this.clipped = {}; // "width:dictionary index" -> the token's text clipped to that width
     if (this.mirrorLast) this.showMirror(this.mirrorLast[0], this.mirrorLast[1]);
   };
 
@@ -285,7 +341,7 @@
 
   // Show `row` in the mirrored row under the headers (its top-1 at every shown layer).
   LensTable.prototype.showMirror = function (row, layer) {
-    var model = this.model, g = this.geometry, showToken = ns.text.showToken;
+    var model = this.model, g = this.geometry;
     if (row === this.mirrorRow && layer === this.mirrorLayer) return;
     this.mirrorRow = row;
     this.mirrorLayer = layer;
@@ -301,7 +357,7 @@
       c.fillStyle = this.mirrorColour;
     }, this);
     var x = 0;
-    var texts = [String(model.positions.position[row]), showToken(model.positions.label[row]), model.positions.kind[row]];
+    var texts = [String(model.positions.position[row]), model.labelShown[row], model.positions.kind[row]];
     for (var i = 0; i < HEAD_CELLS; i++) {
       var w = g.pinWidths[i];
       pin.fillText(clipText(pin, texts[i], w - 2 * pad), x + pad, base);
@@ -321,7 +377,10 @@
         ctx.strokeRect(left + 1, 1, g.colWidth[l] - 2, h - 2);
       }
       ctx.fillStyle = this.mirrorColour;
-      ctx.fillText(clipText(ctx, showToken(model.tokens[model.tokenIndex[at]]), g.colWidth[l] - 2 * pad), left + pad, base);
+      // Clipping measures text (a binary search): each token is clipped once per column width.
+      var index = model.tokenIndex[at], key = g.colWidth[l] + ":" + index, clipped = this.clipped[key];
+      if (clipped === undefined) clipped = this.clipped[key] = clipText(ctx, model.shown[index], g.colWidth[l] - 2 * pad);
+      ctx.fillText(clipped, left + pad, base);
     }
   };
 
@@ -384,6 +443,7 @@
       var ph = this.bodyRows[r].cells[HEAD_CELLS];
       if (ph && ph.classList.contains("placeholder")) ph.colSpan = last - first + 1;
     }
+    this.topSpacer.cells[0].colSpan = this.bottomSpacer.cells[0].colSpan = HEAD_CELLS + last - first + 1;
     this.measure();
     this.textCols = [0, -1];
     for (var rr = this.live[0]; rr <= this.live[1]; rr++) this.unrenderRow(rr);
@@ -445,10 +505,11 @@
     return first < 0 ? null : [first, last];
   };
 
-  // The rows whose middle is visible below the header: [first, last] or null.
+  // The rows whose middle is visible below the header: [first, last] or null (only live rows
+  // are displayed, and the visible ones are among them).
   LensTable.prototype.visibleRows = function () {
     var wrap = this.wrap, head = this.table.tHead.offsetHeight, first = -1, last = -1;
-    for (var r = 0; r < this.bodyRows.length; r++) {
+    for (var r = this.live[0]; r <= this.live[1]; r++) {
       var tr = this.bodyRows[r];
       var mid = this.table.offsetTop + tr.offsetTop + tr.offsetHeight / 2 - wrap.scrollTop;
       if (mid >= head && mid <= wrap.clientHeight) {
@@ -467,8 +528,9 @@
     var td = event.target.closest ? event.target.closest("td, th") : null;
     if (td && td.classList.contains("placeholder")) return null;
     if (!td || !td.parentNode || !td.parentNode.parentNode || td.parentNode.parentNode.tagName !== "TBODY") return null;
+    if (typeof td.parentNode.lensRow !== "number") return null; // a spacer row
     var layer = td.cellIndex - HEAD_CELLS;
-    return { row: td.parentNode.sectionRowIndex, layer: layer >= 0 ? layer : currentLayer };
+    return { row: td.parentNode.lensRow, layer: layer >= 0 ? layer : currentLayer };
   };
 
   // The layer whose header an event is on, or -1.

@@ -18,6 +18,30 @@
       });
   }
 
+  // What the page shows for a token: its decoded text made visible (showToken), unless the
+  // text hides the token (empty, or U+FFFD from a lone byte) and the tokenizer's piece is
+  // known; then the piece made visible: SentencePiece's word marker "\u2581" as a space
+  // (so LLaVA-1.5's lone "\u2581", id 29871, shows as \u2423), a byte-fallback piece such
+  // as "<0xE2>" as \u27e80xE2\u27e9 (or, for an ASCII byte, as that character made visible).
+  function showPiece(text, piece) {
+    if (typeof piece !== "string" || piece === "" || (text !== "" && text.indexOf("\ufffd") < 0)) return showToken(text);
+    var byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+    if (byte) {
+      var code = parseInt(byte[1], 16);
+      return code < 0x80 ? showToken(String.fromCharCode(code)) : "\u27e80x" + byte[1].toUpperCase() + "\u27e9";
+    }
+    return showToken(piece.replace(/\u2581/g, " "));
+  }
+
+  // Hover text of a token: its piece, decoded text and id, each exactly as recorded.
+  function tokenTitle(entry) {
+    var parts = [];
+    if (typeof entry.piece === "string") parts.push("piece " + rawToken(entry.piece));
+    parts.push((typeof entry.piece === "string" ? "text " : "raw text ") + rawToken(entry.token));
+    if (entry.id !== null && entry.id !== undefined) parts.push("token id " + entry.id);
+    return parts.join(", ");
+  }
+
   // What a search compares: lowercased, without whitespace and word markers at the edges.
   function normalToken(token) {
     return token.replace(/^[\s\u2581\u0120]+|[\s\u2581]+$/g, "").toLowerCase();
@@ -66,7 +90,8 @@
 
   function positionText(model, row) {
     var p = model.positions;
-    var text = "position " + p.position[row] + " \u00b7 " + showToken(p.label[row]) + " (" + p.kind[row];
+    var shown = model.labelShown ? model.labelShown[row] : showToken(p.label[row]);
+    var text = "position " + p.position[row] + " \u00b7 " + shown + " (" + p.kind[row];
     if (p.patch_row[row] !== null && p.patch_col[row] !== null) text += ", patch row " + p.patch_row[row] + " col " + p.patch_col[row];
     return text + ")";
   }
@@ -79,7 +104,7 @@
   }
 
   ns.text = {
-    showToken: showToken, normalToken: normalToken, formatProb: formatProb, formatPercent: formatPercent,
+    showToken: showToken, showPiece: showPiece, tokenTitle: tokenTitle, normalToken: normalToken, formatProb: formatProb, formatPercent: formatPercent,
     probRange: probRange, rawToken: rawToken, tokenColour: tokenColour,
     positionText: positionText, el: el,
   };

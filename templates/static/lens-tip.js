@@ -14,9 +14,16 @@
     model.topk(layer, row).forEach(function (entry) {
       var tr = el("tr");
       tr.appendChild(el("td", "rank", String(entry.rank)));
-      var token = el("td", "token", text.showToken(entry.token));
-      token.title = "raw text " + text.rawToken(entry.token) + (entry.id !== null ? ", token id " + entry.id : "");
+      var token = el("td", "token", entry.shown);
+      token.title = text.tokenTitle(entry);
       tr.appendChild(token);
+      // The tokenizer's piece, shown where the run recorded pieces (the tooltip cannot be
+      // hovered, so what the title says is also written out here).
+      if (model.pieces) {
+        var piece = el("td", "piece", typeof entry.piece === "string" ? entry.piece : "\u2013");
+        piece.title = token.title;
+        tr.appendChild(piece);
+      }
       var probCell = el("td", "prob");
       var bar = el("span", "bar");
       bar.style.width = (100 * entry.prob).toFixed(1) + "%";
@@ -59,7 +66,14 @@
     // never forces a layout.
     if (!this.size) this.size = [el.offsetWidth, el.offsetHeight];
     var width = this.size[0], height = this.size[1];
-    var vw = document.documentElement.clientWidth, vh = document.documentElement.clientHeight;
+    // The viewport's size, read once per resize (reading it at every move would force the
+    // layout of what the hover just changed).
+    if (!this.viewport) {
+      var self = this;
+      this.viewport = [document.documentElement.clientWidth, document.documentElement.clientHeight];
+      global.addEventListener("resize", function () { self.viewport = null; }, { once: true });
+    }
+    var vw = this.viewport[0], vh = this.viewport[1];
     var x = event.clientX + 16, y = event.clientY + 16;
     if (x + width > vw - 4) x = event.clientX - width - 12;
     if (y + height > vh - 4) y = event.clientY - height - 12;

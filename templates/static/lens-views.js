@@ -176,15 +176,16 @@
   // most frequent tokens; pick(token) runs when one is clicked.
   PatchViews.prototype.paint = function (layer, matches, mapOn, pick) {
     var model = this.model, text = ns.text, el = text.el, e = this.elements;
-    var counts = new Map();
+    var counts = new Map(), shownOf = new Map();
     this.patchEls.forEach(function (patch, index) {
       var row = model.rowOfPatch[index];
       patch.classList.toggle("match", row >= 0 && matches(row));
       if (row < 0) return;
-      var token = model.tokens[model.top1Index(layer, row)];
+      var index = model.top1Index(layer, row), token = model.tokens[index];
       if (mapOn) {
         patch.style.backgroundColor = text.tokenColour(token);
         counts.set(token, (counts.get(token) || 0) + 1);
+        if (!shownOf.has(token)) shownOf.set(token, model.shown[index]);
       } else {
         patch.style.backgroundColor = "";
       }
@@ -203,7 +204,7 @@
       var swatch = el("span", "swatch");
       swatch.style.backgroundColor = text.tokenColour(entry[0]);
       button.appendChild(swatch);
-      button.appendChild(el("span", "legend-token", text.showToken(entry[0])));
+      button.appendChild(el("span", "legend-token", shownOf.get(entry[0])));
       button.appendChild(el("span", "legend-count", String(entry[1])));
       button.addEventListener("click", function () { pick(entry[0]); });
       li.appendChild(button);
