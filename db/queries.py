@@ -535,11 +535,14 @@ def export_parquet(
     exclude: tuple[str, ...] = (),
     order_by: tuple[str, ...] = (),
     row_group_size: int = 122_880,
+    select: str | None = None,
 ) -> int:
     """Write a table (one run's rows, optionally only image_id in [lo, hi], without the
-    `exclude` columns) as one zstd Parquet file, sorted by `order_by` so row-group min/max
-    statistics prune; text columns are dictionary-encoded. Returns the rows written."""
-    select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
+    `exclude` columns, or the SQL select list `select`) as one zstd Parquet file, sorted by
+    `order_by` so row-group min/max statistics prune; text columns are dictionary-encoded.
+    Returns the rows written."""
+    if select is None:
+        select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
     query = f"SELECT {select} FROM {_table_name(table, db)}"
     conditions = []
     if run_id is not None:
@@ -559,6 +562,33 @@ def export_parquet(
         f"ROW_GROUP_SIZE {int(row_group_size)}, PARQUET_VERSION v2)"
     ).fetchall()
     return int(rows[0][0]) if rows and rows[0] else 0
+
+
+def ordered_columns(db: ResultsDB, table: str) -> list[tuple[str, str]]:
+    """(name, type) of the columns of a table, in their declared order."""
+    return [
+        (row[0], row[1])
+        for row in db.sql(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+            "AND table_catalog = current_database() AND table_schema = 'main' ORDER BY ordinal_position",
+            (table,),
+        )
+    ]
+
+
+def export_lens_tokens(db: ResultsDB, path: Path, run_id: str) -> tuple[int, bool]:
+    """The distinct (run_id, token_id, token) pairs of a run's logit-lens rows as one Parquet
+    file, by token id. Returns (rows, whether each token id has exactly one text and none
+    is NULL, so the pairs can stand in for the lens rows' token column)."""
+    db.duck.execute(
+        f"COPY (SELECT DISTINCT run_id, token_id, token FROM logit_lens WHERE run_id = {_sql_literal(run_id)} "
+        f"ORDER BY token_id, token) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, "
+        "PARQUET_VERSION v2)"
+    )
+    rows, ids, distinct = db.duck.execute(
+        f"SELECT count(*), count(token_id), count(DISTINCT token_id) FROM read_parquet({_sql_literal(str(path))})"
+    ).fetchall()[0]
+    return int(rows), rows == ids == distinct
 
 
 def view_definitions(db: ResultsDB) -> list[tuple[str, str]]:
