@@ -155,7 +155,8 @@ def _peak_rss_children_mb() -> float:
 
 
 def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str]:
-    """Build in a fresh process; (seconds, peak RSS MB, CLI output)."""
+    """Build in a fresh process; (seconds, peak RSS MB, CLI output). The CPU time of the
+    build and its workers is `cpu_seconds()` afterwards."""
     code = (
         "import sys; from report.cli import report; "
         "sys.exit(report.main(sys.argv[1:], prog_name='report', standalone_mode=True))"
@@ -171,6 +172,12 @@ def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str
     seconds = time.perf_counter() - started
     # RUSAGE_CHILDREN is the maximum over waited-for children: measure one child per process.
     return seconds, _peak_rss_children_mb(), completed.stdout + completed.stderr
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of the waited-for children (the build and its workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def site_stats(out: Path) -> dict[str, float | str]:
@@ -326,6 +333,7 @@ def main() -> None:
                     {
                         "images": n,
                         "seconds": round(seconds, 1),
+                        "cpu_seconds": round(cpu_seconds(), 1),
                         "peak_rss_mb": round(rss),
                         "loadavg_after": [round(x, 1) for x in load],
                         **stats,

@@ -190,6 +190,34 @@ def console_views(db: ResultsDB, download_info: dict[str, Any], root: Path) -> l
     return out
 
 
+def one_image_bytes(root: Path, files: list[str], image_id: int) -> tuple[int, int]:
+    """(bytes, total bytes): what a reader needs of the Parquet `files` (site paths under
+    `root`) for a query on one image: every file's footer, and the column chunks of the row
+    groups whose image_id statistics can hold the image. The console reads about this much
+    (DuckDB-WASM reads whole column chunks and footers)."""
+    import pyarrow.parquet as pq
+
+    needed = total = 0
+    for relative in files:
+        path = root / relative
+        size = path.stat().st_size
+        total += size
+        with path.open("rb") as handle:
+            handle.seek(size - 8)
+            needed += int.from_bytes(handle.read(4), "little") + 8
+        meta = pq.ParquetFile(path).metadata
+        names = [meta.schema.column(i).name for i in range(meta.num_columns)]
+        if "image_id" not in names:
+            continue
+        column = names.index("image_id")
+        for group in range(meta.num_row_groups):
+            chunk = meta.row_group(group).column(column)
+            stats = chunk.statistics
+            if stats is None or not stats.has_min_max or stats.min <= image_id <= stats.max:
+                needed += sum(meta.row_group(group).column(i).total_compressed_size for i in range(meta.num_columns))
+    return needed, total
+
+
 def _first_lens_image(db: ResultsDB) -> tuple[str, int, int, int] | None:
     """(run_id, image_id, middle layer, last position) of the first image of the first lens run."""
     rows = db.sql(
@@ -224,6 +252,15 @@ def write_sql_page(
     shown = [e for e in examples(db) if not e["needs"] or e["needs"] in relations]
     lens_files = parquet.get("logit_lens", [])
     lens_bytes = sum((site.writer.root / f).stat().st_size for f in lens_files) if enabled else 0
+    first = _first_lens_image(db) if lens_files and enabled else None
+    one_image = ""
+    if first is not None:
+        needed, _ = one_image_bytes(site.writer.root, lens_files, first[1])
+        one_image = (
+            f"A query on one image of this site (the last example) needs about {needed / 1e6:.1f} MB of the "
+            f"{lens_bytes / 1e6:.0f} MB of lens files: the {len(lens_files)} files' footers and that image's row "
+            "groups."
+        )
     for example in shown:
         example["scope_note"] = ""
         if example["needs"] in ("lens_top1", "lens_object_hits") and lens_bytes and not example.get("empty_note"):
@@ -255,6 +292,7 @@ def write_sql_page(
         runs_here=[],
         has_downloads=download_info is not None,
         prob_bits=(download_info or {}).get("prob_bits"),
+        one_image=one_image,
     )
     return {
         "href": urls.SQL,
