@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from db.store import ResultsDB
 from report import duckdb_wasm
 from report.build import build_site
 from report.pages import sql as sql_page
+from report.serve import serving
 
 pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
 
@@ -458,3 +460,75 @@ def test_file_url_shows_the_http_notice(browser: Any, site: Path) -> None:  # no
         watched.check()
     finally:
         watched.context.close()
+
+
+# --- in the browser: range requests at LLaVA-1.5 scale ------------------------------------------
+@pytest.fixture(scope="module")
+def scale_site(tmp_path_factory: pytest.TempPathFactory, wasm_dir: Path) -> tuple[Path, Path]:
+    """Six LLaVA-1.5-shaped images (bench/site_scale.py's synthetic database: 97,845 lens
+    rows each, about 15 row groups in one lens Parquet file), built with DuckDB-WASM."""
+    spec = importlib.util.spec_from_file_location("site_scale", REPO / "bench" / "site_scale.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = tmp_path_factory.mktemp("scale")
+    db = root / "lens.duckdb"
+    bench.make_database(db, 6)
+    out = root / "site"
+    previous = os.environ.get(duckdb_wasm.ENV_VAR)
+    os.environ[duckdb_wasm.ENV_VAR] = str(wasm_dir)
+    try:
+        build_site(db, out)
+    finally:
+        if previous is None:
+            os.environ.pop(duckdb_wasm.ENV_VAR, None)
+        else:
+            os.environ[duckdb_wasm.ENV_VAR] = previous
+    return db, out
+
+
+def test_one_image_query_reads_a_small_part_over_range_requests(
+    browser: Any,  # noqa: F811
+    scale_site: tuple[Path, Path],
+) -> None:
+    db, out = scale_site
+    lens_files = sorted(out.glob("downloads/*/logit_lens-*.parquet"))
+    lens_total = sum(f.stat().st_size for f in lens_files)
+    assert len(lens_files) == 1 and lens_total > 1_000_000
+    moved: dict[str, int] = {}
+    responses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_bytes(path: str, n: int) -> None:
+        with lock:
+            moved[path] = moved.get(path, 0) + n
+            responses[path] = responses.get(path, 0) + 1
+
+    with serving(out, on_bytes=on_bytes) as base:
+        watched = Watched(browser, base)
+        try:
+            page = _open_console(watched)
+            with lock:
+                moved.clear()
+                responses.clear()
+            example = page.locator(".sql-example", has_text="one image")
+            sql = example.get_attribute("data-sql")
+            example.click()
+            _wait(page)
+            header, rows = _result(page)
+            watched.check()
+        finally:
+            watched.context.close()
+    lens_moved = sum(n for path, n in moved.items() if "/logit_lens-" in path)
+    lens_responses = sum(n for path, n in responses.items() if "/logit_lens-" in path)
+    # Range requests: the footer and one image's row groups, not the file.
+    assert 0 < lens_moved < lens_total / 3, (lens_moved, lens_total)
+    assert lens_responses >= 2
+    # The rows are the database's: token ids and text exact, probabilities within the rounding.
+    con = duckdb.connect(str(db), read_only=True)
+    expected = con.execute(sql.replace("round(prob, 4)", "prob")).fetchall()
+    con.close()
+    assert header[-1] == "prob" and len(rows) == len(expected) == 5
+    for got, want in zip(rows, expected, strict=True):
+        assert got[:-1] == [str(v) for v in want[:-1]]
+        assert float(got[-1]) == pytest.approx(want[-1], abs=1e-4 + want[-1] * 2.0**-11)
