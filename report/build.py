@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,13 +160,20 @@ def build_site(
             site_plumbing.copy_static(writer)
             writer.write(NOJEKYLL, "")
             manifest = incremental.Manifest(out_dir, provenance["tool_version"], incremental.code_digest())
-            lens_shapes, reused = _write_lens_pages(db, db_path, site, writer, entries, objects, jobs, manifest)
+            download_info: dict[str, Any] | None = None
+
+            def export() -> None:  # meanwhile, when lens pages render in worker processes
+                nonlocal download_info
+                if downloads:
+                    download_info = write_downloads(
+                        db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
+                    )
+
+            lens_shapes, reused = _write_lens_pages(
+                db, db_path, site, writer, entries, objects, jobs, manifest, meanwhile=export
+            )
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
-            download_info = None
-            if downloads:
-                download_info = write_downloads(
-                    db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
-                )
+            if download_info is not None:
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
             write_compare_page(db, site, entries)  # compare.html: one image in two lens runs
@@ -224,11 +232,14 @@ def _write_lens_pages(
     objects: ObjectCells,
     jobs: int,
     manifest: incremental.Manifest,
+    meanwhile: Callable[[], None] = lambda: None,
 ) -> tuple[Shapes, int]:
     """Every lens page, one image at a time (in `jobs` processes when > 1); returns
     (run, image) -> (n_layers, grid_rows, grid_cols) and how many pages were reused: a
     page whose input digest matches the previous build's (report/incremental.py) is linked
-    from the previous site, not rendered."""
+    from the previous site, not rendered. `meanwhile` runs in this process while worker
+    processes render (after the pages when there are none), so the downloads' export overlaps
+    the pages."""
     published = frozenset((entry.run.run_id, entry.image_id) for entry in entries)  # links only to these
     runs_of_image: dict[int, list[str]] = {}
     for run_id, image_id in sorted(published):
@@ -266,15 +277,18 @@ def _write_lens_pages(
             shapes[(entry.run.run_id, entry.image_id)] = shape
             manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
         writer.written = None
+        meanwhile()
         return shapes, reused
     import multiprocessing
 
     shares = [pending[i::jobs] for i in range(jobs)]
     context_mp = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
     with context_mp.Pool(jobs) as pool:
-        results = pool.starmap(
+        pending_results = pool.starmap_async(
             _lens_worker, [(db_path, writer.root, share, site.common, published) for share in shares]
         )
+        meanwhile()
+        results = pending_results.get()
     summaries: dict[tuple[str, int], Any] = {}
     written: dict[tuple[str, int], list[str]] = {}
     for worker_shapes, worker_summaries, worker_files, files, size, largest, largest_bytes in results:
