@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -46,6 +47,7 @@ _REPORT = Path(__file__).resolve().parent
 _RUN_TABLES = ("logit_lens", "positions", "image_views", "extra_views", "run_images", "skipped")
 _SHARED_TABLES = ("images", "annotations")
 _CHUNK = 1 << 20
+_PAGE_FILE = re.compile(r"lens/[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def code_digest() -> str:
@@ -131,8 +133,11 @@ class Manifest:
         if not isinstance(record, dict) or record.get("digest") != digest:
             return None
         files = record.get("files")
-        if not isinstance(files, list) or not all((self.out_dir / f).is_file() for f in files):
-            return None
+        if not isinstance(files, list) or not all(
+            isinstance(f, str) and _PAGE_FILE.fullmatch(f) and ".." not in f and (self.out_dir / f).is_file()
+            for f in files
+        ):
+            return None  # missing, or not a lens page's file (a hand-edited manifest links nothing else)
         return record
 
     def record(self, entry: LensEntry, digest: str, files: list[str], shape: tuple[int, int, int]) -> None:

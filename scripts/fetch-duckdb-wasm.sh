@@ -10,7 +10,7 @@
 #                                its one dependency (apache-arrow), so the browser needs no
 #                                import map and no bare module specifiers
 #   duckdb-browser-eh.worker.js  the single-threaded "eh" worker (no COOP/COEP headers needed)
-#   duckdb-eh.wasm               the matching WebAssembly module (about 34 MB)
+#   duckdb-eh.wasm               the matching WebAssembly module (about 18 MB; DuckDB 0.9.1 with Parquet built in)
 #   LICENSE-*.txt, VERSION.json  licences, the pinned versions and each file's sha256
 # The report build finds DEST/vendor under the repository by itself; elsewhere set
 # LLAVA_INTERP_DUCKDB_WASM=DEST/vendor. Rerunning with the same pins does nothing.

@@ -130,3 +130,19 @@ def test_a_damaged_manifest_renders_everything(db: tuple[Path, dict[str, str]], 
     os.remove(page)
     summary = build_site(path, out)
     assert summary.lens_pages_reused == 2 and page.is_file()
+
+
+def test_a_manifest_cannot_link_files_from_outside_the_site(db: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    path, _ = db
+    out = tmp_path / "site"
+    build_site(path, out)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for publishing", encoding="utf-8")
+    manifest_path = out / urls.BUILD_MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for record in manifest["lens"].values():
+        record["files"].append("lens/../../secret.txt")
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    summary = build_site(path, out)
+    assert summary.lens_pages_reused == 0
+    assert not any("secret" in p.name for p in out.rglob("*"))
