@@ -146,3 +146,26 @@ def test_a_manifest_cannot_link_files_from_outside_the_site(db: tuple[Path, dict
     summary = build_site(path, out)
     assert summary.lens_pages_reused == 0
     assert not any("secret" in p.name for p in out.rglob("*"))
+
+
+def test_page_summary_from_arrays_equals_the_packed_data(db: tuple[Path, dict[str, str]]) -> None:
+    """write_lens_page takes the index's per-image columns from the arrays, not by unpacking
+    the data file: the same numbers as _summary(data)."""
+    from db.store import ResultsDB
+    from report.build import ReportError
+    from report.pages import lens as lens_page
+
+    path, run_ids = db
+    compared = 0
+    with ResultsDB(path, read_only=True) as results:
+        for run_id, image_id in results.sql("SELECT DISTINCT run_id, image_id FROM logit_lens WHERE image_id <= 102"):
+            if run_id not in run_ids.values():
+                continue
+            summary: dict = {}
+            try:
+                data = lens_page.lens_data(results, run_id, image_id, summary=summary)
+            except ReportError:  # an image the hostile database leaves incomplete on purpose
+                continue
+            assert summary == lens_page._summary(data)
+            compared += 1
+    assert compared >= 2

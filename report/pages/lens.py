@@ -109,7 +109,13 @@ def _token_dictionary(lens: Any) -> tuple[list[str], np.ndarray, list[int] | Non
 
 
 def lens_data(
-    db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None, top_k: int | None = None
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    *,
+    objects: ObjectCells | None = None,
+    top_k: int | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
@@ -177,6 +183,20 @@ def lens_data(
             f"x top-{top_k} = {n_cells} cells"
         )
 
+    if summary is not None:  # the index's per-image columns, from the arrays (not the packed data)
+        at = ((n_layers - 1) * n_rows + (n_rows - 1)) * top_k
+        cell = int(np.flatnonzero(flat == at)[0])
+        summary.update(
+            {
+                "positions": n_rows,
+                "layers": n_layers,
+                "top_k": top_k,
+                "image_positions": sum(1 for k in positions["kind"] if k == "image"),
+                "next_token": tokens[int(token_codes[cell])],
+                # as the page shows it: through the data file's probability code
+                "next_prob": float(lens_codec.decode_probs(lens_codec.encode_probs(prob[cell : cell + 1]))[0]),
+            }
+        )
     view = queries.view_size(db, run_id, image_id)
     objects = ObjectCells.from_db(db) if objects is None else objects
     return {
@@ -208,7 +228,8 @@ def write_lens_page(
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
     to the same image in other runs never point at a page left out (`--lens-pages`)."""
     run = entry.run
-    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k)
+    summary: dict[str, Any] = {}
+    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary)
     if entry.has_view:
         site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
     for index, view in enumerate(data["extra_views"]):
@@ -234,7 +255,7 @@ def write_lens_page(
         has_objects=bool(data["objects"]),
         other_runs=other_runs,
     )
-    entry.summary = _summary(data)  # the index's per-image columns
+    entry.summary = summary  # the index's per-image columns (as _summary(data) computes them)
     return data
 
 
