@@ -169,3 +169,56 @@ def test_page_summary_from_arrays_equals_the_packed_data(db: tuple[Path, dict[st
             assert summary == lens_page._summary(data)
             compared += 1
     assert compared >= 2
+
+
+@pytest.mark.parametrize("synthetic", [False, True])
+def test_object_hit_counts_equal_the_view_rule(
+    db: tuple[Path, dict[str, str]], tmp_path: Path, synthetic: bool
+) -> None:
+    """queries.object_hit_counts (distinct tokens normalised once, only the objects' rows)
+    counts what db.views.OBJECT_HITS_SELECT counts on every row: on the hostile test
+    database and on two images of bench/site_scale.py's LLaVA-1.5-shaped one."""
+    import importlib.util
+
+    import pyarrow as pa
+
+    from db import queries
+    from db.store import ResultsDB
+    from db.views import OBJECT_HITS_SELECT
+
+    path = db[0]
+    if synthetic:
+        spec = importlib.util.spec_from_file_location(
+            "site_scale", Path(__file__).parents[1] / "bench" / "site_scale.py"
+        )
+        assert spec is not None and spec.loader is not None
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        path = tmp_path / "synthetic.duckdb"
+        bench.make_database(path, 2)
+    compared = 0
+    with ResultsDB(path, read_only=True) as results:
+        for (run_id,) in results.sql("SELECT run_id FROM runs WHERE experiment = 'lens'"):
+            positions = results.duck.sql(
+                "SELECT DISTINCT p.image_id, a.category, p.position FROM positions p JOIN annotations a "
+                f"USING (image_id) WHERE p.run_id = '{run_id}' AND p.kind = 'image'"
+            ).to_arrow_table()
+            table = pa.table({name: positions.column(name) for name in ("image_id", "category", "position")})
+            got = sorted(queries.object_hit_counts(results, run_id, table))
+            reference = results.duck.execute(
+                f"""
+                WITH hits AS ({OBJECT_HITS_SELECT})
+                SELECT h.image_id, h.category, h.layer,
+                       count(*) FILTER (WHERE h.best_rank = 1), count(*)
+                FROM hits h
+                JOIN (SELECT DISTINCT p.image_id, a.category, p.position FROM positions p
+                      JOIN annotations a USING (image_id) WHERE p.run_id = ? AND p.kind = 'image') o
+                  ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+                WHERE h.run_id = ?
+                GROUP BY ALL
+                """,
+                [run_id, run_id],
+            ).fetchall()
+            assert got == sorted((int(i), c, int(layer), int(a), int(b)) for i, c, layer, a, b in reference)
+            compared += len(got)
+    assert compared > 0  # some hits were counted
