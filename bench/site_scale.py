@@ -199,7 +199,7 @@ ONE_IMAGE_SQL = (
 )
 
 
-def console_bytes(out: Path, n_images: int) -> list[dict[str, object]]:
+def console_bytes(out: Path, n_images: int, only: str = "") -> list[dict[str, object]]:
     """Bytes the SQL console moves per query (the site served by report/serve.py, counted
     by the server: every response body), each query in a fresh page after the console is
     ready: the site's example queries and ONE_IMAGE_SQL on an image in the middle."""
@@ -231,6 +231,7 @@ def console_bytes(out: Path, n_images: int) -> list[dict[str, object]]:
         for q, t in re.findall(r'class="sql-example" data-sql="([^"]*)"[^>]*>([^<]*)</button>', page_html)
     ]
     examples.append(("one image, one layer, 11 positions", ONE_IMAGE_SQL.format(image=1000000 + n_images // 2)))
+    examples = [(title, sql) for title, sql in examples if only in title]
     results = []
     with serving(out, on_bytes=on_bytes) as base, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
@@ -301,6 +302,7 @@ def main() -> None:
     parser.add_argument("--only-db", action="store_true", help="generate the databases and stop")
     parser.add_argument("--console", action="store_true", help="also measure the SQL console's bytes per query")
     parser.add_argument("--keep", action="store_true", help="reuse an existing site (no build): --console only")
+    parser.add_argument("--console-only", default="", help="only the console queries whose title holds this text")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -319,7 +321,7 @@ def main() -> None:
         if args.keep and out.exists():
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:
-                console_bytes(out, n)
+                console_bytes(out, n, args.console_only)
             continue
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -343,7 +345,7 @@ def main() -> None:
             )
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:
-                console_bytes(out, n)
+                console_bytes(out, n, args.console_only)
             os._exit(0)
         os.wait()
         results.append(n)

@@ -315,12 +315,20 @@ def positions(db: ResultsDB, run_id: str, image_id: int) -> list[Position]:
 
 
 def positions_by_image(
-    db: ResultsDB, run_id: str, *, kind: str | None = None, images_of: str | None = None
+    db: ResultsDB,
+    run_id: str,
+    *,
+    kind: str | None = None,
+    images_of: str | None = None,
+    image_ids: list[int] | None = None,
 ) -> dict[int, dict[int, Position]]:
     """Per image, its positions by number; `kind` keeps one kind, `images_of` ('ablations'
-    or 'blocking') keeps the images with rows in that table."""
+    or 'blocking') keeps the images with rows in that table, `image_ids` those images."""
     query = "SELECT image_id, position, kind, patch_row, patch_col, label FROM positions WHERE run_id = ?"
     params: list[Any] = [run_id]
+    if image_ids is not None:
+        query += " AND list_contains(?::BIGINT[], image_id)"
+        params.append([int(i) for i in image_ids])
     if kind is not None:
         query += " AND kind = ?"
         params.append(kind)
