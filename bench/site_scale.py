@@ -155,7 +155,8 @@ def _peak_rss_children_mb() -> float:
 
 
 def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str]:
-    """Build in a fresh process; (seconds, peak RSS MB, CLI output)."""
+    """Build in a fresh process; (seconds, peak RSS MB, CLI output). The CPU time of the
+    build and its workers is `cpu_seconds()` afterwards."""
     code = (
         "import sys; from report.cli import report; "
         "sys.exit(report.main(sys.argv[1:], prog_name='report', standalone_mode=True))"
@@ -173,6 +174,12 @@ def build(db_path: Path, out: Path, extra: list[str]) -> tuple[float, float, str
     return seconds, _peak_rss_children_mb(), completed.stdout + completed.stderr
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of the waited-for children (the build and its workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def site_stats(out: Path) -> dict[str, float | str]:
     sizes = {p: p.stat().st_size for p in out.rglob("*") if p.is_file()}
     largest = max(sizes, key=sizes.__getitem__)
@@ -186,12 +193,116 @@ def site_stats(out: Path) -> dict[str, float | str]:
     }
 
 
+ONE_IMAGE_SQL = (
+    "SELECT layer, position, rank, token, prob FROM logit_lens\n"
+    "WHERE image_id = {image} AND layer = 16 AND position BETWEEN 100 AND 110\nORDER BY ALL;"
+)
+
+
+def console_bytes(out: Path, n_images: int, only: str = "") -> list[dict[str, object]]:
+    """Bytes the SQL console moves per query (the site served by report/serve.py, counted
+    by the server: every response body), each query in a fresh page after the console is
+    ready: the site's example queries and ONE_IMAGE_SQL on an image in the middle."""
+    import collections
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from report.serve import serving
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_site_browser import CHROMIUM_ARGS, _chromium
+
+    counted: collections.Counter[str] = collections.Counter()
+    requests: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def on_bytes(path: str, n: int) -> None:
+        with lock:
+            counted[path] += n
+            requests[path] += 1
+
+    page_html = (out / "sql.html").read_text(encoding="utf-8")
+    import html
+    import re
+
+    examples = [
+        (html.unescape(t), html.unescape(q))
+        for q, t in re.findall(r'class="sql-example" data-sql="([^"]*)"[^>]*>([^<]*)</button>', page_html)
+    ]
+    examples.append(("one image, one layer, 11 positions", ONE_IMAGE_SQL.format(image=1000000 + n_images // 2)))
+    examples = [(title, sql) for title, sql in examples if only in title]
+    results = []
+    with serving(out, on_bytes=on_bytes) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        for title, sql in examples:
+            context = browser.new_context()
+            page = context.new_page()
+            with lock:
+                counted.clear()
+                requests.clear()
+            page.goto(base + "sql.html")
+            page.wait_for_selector("#sql-console[data-ready]", timeout=300_000)
+            with lock:
+                startup = sum(counted.values())
+                counted.clear()
+                requests.clear()
+            started = time.perf_counter()
+            page.fill("#sql-editor", sql)
+            page.click("#sql-run")
+            page.wait_for_function("!document.getElementById('sql-run').disabled", timeout=600_000)
+            seconds = time.perf_counter() - started
+            error = page.locator("#sql-error").inner_text() if page.locator("#sql-error").is_visible() else ""
+            rows = page.locator("#sql-result tbody tr").count()
+            with lock:
+                moved = sum(v for k, v in counted.items() if k.endswith(".parquet"))
+                ranges = sum(v for k, v in requests.items() if k.endswith(".parquet"))
+            results.append(
+                {
+                    "query": title,
+                    "parquet_bytes": moved,
+                    "parquet_requests": ranges,
+                    "rows": rows,
+                    "seconds": round(seconds, 1),
+                    "startup_bytes": startup,
+                    "error": error[:200],
+                }
+            )
+            print(json.dumps(results[-1]), flush=True)
+            context.close()
+        browser.close()
+    return results
+
+
+def file_kinds(out: Path, n_images: int) -> dict[str, float]:
+    """KB per image of each kind of file (lens pages, lens data, pictures, lens Parquet, ...)."""
+    kinds: dict[str, int] = {}
+    for path in out.rglob("*"):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(out).as_posix()
+        if rel.startswith("lens/"):
+            kind = "lens " + ("data.js" if rel.endswith(".data.js") else path.suffix.lstrip("."))
+        elif rel.startswith("downloads/"):
+            stem = path.name.split("-")[0].split(".")[0]
+            kind = f"download {stem} ({'csv' if '.csv' in path.name else 'parquet'})"
+        elif rel.startswith("vendor/"):
+            kind = "vendor (DuckDB-WASM)"
+        else:
+            kind = rel.split("/")[0]
+        kinds[kind] = kinds.get(kind, 0) + path.stat().st_size
+    return {k: round(v / n_images / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[20, 200])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/llava-interp-bench"))
     parser.add_argument("--build-args", default="", help="extra `report build` options, e.g. '--jobs 2'")
     parser.add_argument("--only-db", action="store_true", help="generate the databases and stop")
+    parser.add_argument("--console", action="store_true", help="also measure the SQL console's bytes per query")
+    parser.add_argument("--keep", action="store_true", help="reuse an existing site (no build): --console only")
+    parser.add_argument("--console-only", default="", help="only the console queries whose title holds this text")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -207,15 +318,34 @@ def main() -> None:
         if args.only_db:
             continue
         out = args.cache / f"site-{n}"
+        if args.keep and out.exists():
+            print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
+            if args.console:
+                console_bytes(out, n, args.console_only)
+            continue
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
         if os.fork() == 0:  # one child per measurement, so ru_maxrss is this build's alone
             seconds, rss, output = build(db_path, out, args.build_args.split())
             print(output.strip(), flush=True)
             stats = site_stats(out)
+            load = os.getloadavg()
             print(
-                json.dumps({"images": n, "seconds": round(seconds, 1), "peak_rss_mb": round(rss), **stats}), flush=True
+                json.dumps(
+                    {
+                        "images": n,
+                        "seconds": round(seconds, 1),
+                        "cpu_seconds": round(cpu_seconds(), 1),
+                        "peak_rss_mb": round(rss),
+                        "loadavg_after": [round(x, 1) for x in load],
+                        **stats,
+                    }
+                ),
+                flush=True,
             )
+            print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
+            if args.console:
+                console_bytes(out, n, args.console_only)
             os._exit(0)
         os.wait()
         results.append(n)

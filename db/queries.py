@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from db.geometry import ViewGeometry
 from db.store import ResultsDB
-from db.views import OBJECT_HITS_SELECT
+from db.views import NORMALISED_TOKEN
 
 
 def _records(db: ResultsDB, query: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
@@ -315,12 +315,20 @@ def positions(db: ResultsDB, run_id: str, image_id: int) -> list[Position]:
 
 
 def positions_by_image(
-    db: ResultsDB, run_id: str, *, kind: str | None = None, images_of: str | None = None
+    db: ResultsDB,
+    run_id: str,
+    *,
+    kind: str | None = None,
+    images_of: str | None = None,
+    image_ids: list[int] | None = None,
 ) -> dict[int, dict[int, Position]]:
     """Per image, its positions by number; `kind` keeps one kind, `images_of` ('ablations'
-    or 'blocking') keeps the images with rows in that table."""
+    or 'blocking') keeps the images with rows in that table, `image_ids` those images."""
     query = "SELECT image_id, position, kind, patch_row, patch_col, label FROM positions WHERE run_id = ?"
     params: list[Any] = [run_id]
+    if image_ids is not None:
+        query += " AND list_contains(?::BIGINT[], image_id)"
+        params.append([int(i) for i in image_ids])
     if kind is not None:
         query += " AND kind = ?"
         params.append(kind)
@@ -352,24 +360,49 @@ def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) ->
     """(image_id, category, layer, top-1 hits, top-k hits) over the given object positions.
 
     `object_positions` has columns image_id, category, position: the positions of each
-    (image, category) to count. The hit rule is db.views.OBJECT_HITS_SELECT (also the view
-    `lens_object_hits`), run here so databases created before the view work too.
+    (image, category) to count. The hit rule is db.views.OBJECT_HITS_SELECT's (also the view
+    `lens_object_hits`), run here so databases created before the view work too, and run
+    only on the lens rows of those positions, normalising each distinct token once (not
+    once per row: a paper-scale run has ~10^8 rows and ~10^4 distinct tokens).
     """
     duck = db.duck.cursor()
     try:
         duck.register("_object_positions", object_positions)
         duck.execute(
             f"""
-            WITH hits AS ({OBJECT_HITS_SELECT})
+            WITH o AS (SELECT DISTINCT image_id, category, position FROM _object_positions),
+            op AS (SELECT DISTINCT image_id, position FROM o),
+            cats AS (
+                SELECT DISTINCT image_id, category, lower(category) AS name,
+                       replace(lower(category), ' ', '') AS joined
+                FROM annotations WHERE image_id IN (SELECT image_id FROM op)
+            ),
+            cells AS (
+                SELECT l.image_id, l.layer, l.position, l.rank, l.token
+                FROM logit_lens l
+                JOIN op ON op.image_id = l.image_id AND op.position = l.position
+                JOIN positions p ON p.run_id = l.run_id AND p.image_id = l.image_id AND p.position = l.position
+                WHERE l.run_id = ? AND p.run_id = ? AND p.kind = 'image'
+            ),
+            norm AS (
+                SELECT token, {NORMALISED_TOKEN.replace("l.token", "token")} AS t FROM (SELECT DISTINCT token FROM cells)
+            ),
+            hits AS (
+                SELECT c.image_id, c.layer, c.position, a.category, min(c.rank) AS best_rank
+                FROM cells c
+                JOIN norm n ON n.token = c.token
+                JOIN cats a ON a.image_id = c.image_id
+                WHERE n.t <> ''
+                  AND (n.t = a.name OR n.t = a.joined OR list_contains(string_split(a.name, ' '), n.t))
+                GROUP BY c.image_id, c.layer, c.position, a.category
+            )
             SELECT h.image_id, h.category, h.layer,
                    count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
             FROM hits h
-            JOIN _object_positions o
-              ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
-            WHERE h.run_id = ?
+            JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
             GROUP BY ALL
             """,
-            [run_id],
+            [run_id, run_id],
         )
         return [(int(i), c, int(layer), int(n1), int(nk)) for i, c, layer, n1, nk in duck.fetchall()]
     finally:
@@ -535,11 +568,14 @@ def export_parquet(
     exclude: tuple[str, ...] = (),
     order_by: tuple[str, ...] = (),
     row_group_size: int = 122_880,
+    select: str | None = None,
 ) -> int:
     """Write a table (one run's rows, optionally only image_id in [lo, hi], without the
-    `exclude` columns) as one zstd Parquet file, sorted by `order_by` so row-group min/max
-    statistics prune; text columns are dictionary-encoded. Returns the rows written."""
-    select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
+    `exclude` columns, or the SQL select list `select`) as one zstd Parquet file, sorted by
+    `order_by` so row-group min/max statistics prune; text columns are dictionary-encoded.
+    Returns the rows written."""
+    if select is None:
+        select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
     query = f"SELECT {select} FROM {_table_name(table, db)}"
     conditions = []
     if run_id is not None:
@@ -559,6 +595,33 @@ def export_parquet(
         f"ROW_GROUP_SIZE {int(row_group_size)}, PARQUET_VERSION v2)"
     ).fetchall()
     return int(rows[0][0]) if rows and rows[0] else 0
+
+
+def ordered_columns(db: ResultsDB, table: str) -> list[tuple[str, str]]:
+    """(name, type) of the columns of a table, in their declared order."""
+    return [
+        (row[0], row[1])
+        for row in db.sql(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+            "AND table_catalog = current_database() AND table_schema = 'main' ORDER BY ordinal_position",
+            (table,),
+        )
+    ]
+
+
+def export_lens_tokens(db: ResultsDB, path: Path, run_id: str) -> tuple[int, bool]:
+    """The distinct (run_id, token_id, token) pairs of a run's logit-lens rows as one Parquet
+    file, by token id. Returns (rows, whether each token id has exactly one text and none
+    is NULL, so the pairs can stand in for the lens rows' token column)."""
+    db.duck.execute(
+        f"COPY (SELECT DISTINCT run_id, token_id, token FROM logit_lens WHERE run_id = {_sql_literal(run_id)} "
+        f"ORDER BY token_id, token) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, "
+        "PARQUET_VERSION v2)"
+    )
+    rows, ids, distinct = db.duck.execute(
+        f"SELECT count(*), count(token_id), count(DISTINCT token_id) FROM read_parquet({_sql_literal(str(path))})"
+    ).fetchall()[0]
+    return int(rows), rows == ids == distinct
 
 
 def view_definitions(db: ResultsDB) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ LENS_VIEWS = (
 # OBJECT_HITS_SELECT is the 'word' rule alone with the original columns, which the report
 # runs itself so that it also works on databases created before these views existed.
 _NORMALISED_TOKEN = r"lower(regexp_replace(l.token, '^[\s\x{2581}\x{0120}]+|[\s\x{2581}]+$', '', 'g'))"
+NORMALISED_TOKEN = _NORMALISED_TOKEN  # the word rule's token normalisation (of column l.token)
 
 OBJECT_HITS_SELECT = rf"""
     WITH cats AS (

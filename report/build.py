@@ -18,12 +18,13 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from db.store import ResultsDB
-from report import catalogue
+from report import catalogue, incremental
 from report import site as site_plumbing
 from report.catalogue import LensEntry
 from report.downloads import write_downloads
@@ -37,7 +38,7 @@ from report.pages.lens import write_lens_page
 from report.pages.quantitative import write_quantitative_page
 from report.pages.sql import write_sql_page
 from report.site import ReportError, Site, Writer, human_size
-from report.urls import NOJEKYLL, run_dir_name
+from report.urls import NOJEKYLL, OWNED_PATHS, run_dir_name
 
 # Imported from here by the CLI, the collector's demo and the tests.
 __all__ = ["ReportError", "SiteSummary", "build_site", "run_dir_name"]
@@ -64,6 +65,8 @@ class SiteSummary:
     largest_file: str = ""
     largest_bytes: int = 0
     lens_images: int = 0  # completely written lens images, with a page or not
+    lens_pages_reused: int = 0  # lens pages whose inputs had not changed since the last build: not rewritten
+    files_kept: int = 0  # files identical to the previous build's: left in place
 
 
 class LimitedWriter(Writer):
@@ -156,13 +159,21 @@ def build_site(
             site = Site(writer, site_plumbing.environment(), common)
             site_plumbing.copy_static(writer)
             writer.write(NOJEKYLL, "")
-            lens_shapes = _write_lens_pages(db, db_path, site, writer, entries, objects, jobs)
+            manifest = incremental.Manifest(out_dir, provenance["tool_version"], incremental.code_digest())
+            download_info: dict[str, Any] | None = None
+
+            def export() -> None:  # meanwhile, when lens pages render in worker processes
+                nonlocal download_info
+                if downloads:
+                    download_info = write_downloads(
+                        db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
+                    )
+
+            lens_shapes, reused = _write_lens_pages(
+                db, db_path, site, writer, entries, objects, jobs, manifest, meanwhile=export
+            )
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
-            download_info = None
-            if downloads:
-                download_info = write_downloads(
-                    db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
-                )
+            if download_info is not None:
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
             write_compare_page(db, site, entries)  # compare.html: one image in two lens runs
@@ -177,6 +188,8 @@ def build_site(
                 quant_count=len(quant_runs),
                 experiment_pages=experiment_pages,
             )
+            manifest.write(stage)
+            kept = incremental.keep_unchanged(out_dir, stage, OWNED_PATHS)
             site_plumbing.replace_owned(stage, out_dir)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
@@ -190,6 +203,8 @@ def build_site(
         largest_file=writer.largest,
         largest_bytes=writer.largest_bytes,
         lens_images=len(all_entries),
+        lens_pages_reused=reused,
+        files_kept=kept,
     )
 
 
@@ -216,33 +231,76 @@ def _write_lens_pages(
     entries: list[LensEntry],
     objects: ObjectCells,
     jobs: int,
-) -> Shapes:
+    manifest: incremental.Manifest,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> tuple[Shapes, int]:
     """Every lens page, one image at a time (in `jobs` processes when > 1); returns
-    (run, image) -> (n_layers, grid_rows, grid_cols)."""
+    (run, image) -> (n_layers, grid_rows, grid_cols) and how many pages were reused: a
+    page whose input digest matches the previous build's (report/incremental.py) is linked
+    from the previous site, not rendered. `meanwhile` runs in this process while worker
+    processes render (after the pages when there are none), so the downloads' export overlaps
+    the pages."""
     published = frozenset((entry.run.run_id, entry.image_id) for entry in entries)  # links only to these
-    if jobs <= 1 or len(entries) < 2 * jobs:
-        shapes: Shapes = {}
-        for entry in entries:
+    runs_of_image: dict[int, list[str]] = {}
+    for run_id, image_id in sorted(published):
+        runs_of_image.setdefault(image_id, []).append(run_id)
+    runs_by_id = {entry.run.run_id: [entry.run.run_id, entry.run.config_json, entry.run.model_id] for entry in entries}
+    rows = incremental.row_digests(db, sorted({entry.run.run_id for entry in entries}))
+    context = {
+        key: site.common.get(key) for key in ("experiment_nav", "has_downloads", "demo_warning", "schema_latest")
+    }
+    shapes: Shapes = {}
+    todo: list[tuple[LensEntry, str]] = []
+    reused = 0
+    for entry in entries:
+        key = (entry.run.run_id, entry.image_id)
+        others = [runs_by_id[r] for r in runs_of_image.get(entry.image_id, []) if r != entry.run.run_id]
+        digest = incremental.page_digest(entry, rows.get(key), others, context, manifest.key["code"])
+        record = manifest.reusable(entry, digest)
+        if record is None:
+            todo.append((entry, digest))
+            continue
+        for relative in record["files"]:
+            incremental.link_previous(manifest.out_dir, writer.root, relative)
+            writer.account(relative)
+        entry.summary = record["summary"]
+        shapes[key] = tuple(record["shape"])
+        manifest.lens[manifest.name(entry)] = record
+        reused += 1
+    digests = {(entry.run.run_id, entry.image_id): digest for entry, digest in todo}
+    pending = [entry for entry, _ in todo]
+    if jobs <= 1 or len(pending) < 2 * jobs:
+        for entry in pending:
+            writer.written = []
             data = write_lens_page(db, site, entry, objects, published)
-            shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
-        return shapes
+            shape = (data["n_layers"], data["grid_rows"], data["grid_cols"])
+            shapes[(entry.run.run_id, entry.image_id)] = shape
+            manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
+        writer.written = None
+        meanwhile()
+        return shapes, reused
     import multiprocessing
 
-    shares = [entries[i::jobs] for i in range(jobs)]
-    context = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
-    with context.Pool(jobs) as pool:
-        results = pool.starmap(
+    shares = [pending[i::jobs] for i in range(jobs)]
+    context_mp = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
+    with context_mp.Pool(jobs) as pool:
+        pending_results = pool.starmap_async(
             _lens_worker, [(db_path, writer.root, share, site.common, published) for share in shares]
         )
-    shapes = {}
+        meanwhile()
+        results = pending_results.get()
     summaries: dict[tuple[str, int], Any] = {}
-    for worker_shapes, worker_summaries, files, size, largest, largest_bytes in results:
+    written: dict[tuple[str, int], list[str]] = {}
+    for worker_shapes, worker_summaries, worker_files, files, size, largest, largest_bytes in results:
         shapes.update(worker_shapes)
         summaries.update(worker_summaries)
+        written.update(worker_files)
         writer.absorb(files, size, largest, largest_bytes)
-    for entry in entries:  # the index's per-image columns, computed in the workers
-        entry.summary = summaries.get((entry.run.run_id, entry.image_id))
-    return shapes
+    for entry in pending:  # the index's per-image columns, computed in the workers
+        key = (entry.run.run_id, entry.image_id)
+        entry.summary = summaries.get(key)
+        manifest.record(entry, digests[key], written.get(key, []), shapes[key])
+    return shapes, reused
 
 
 def _lens_worker(
@@ -251,12 +309,15 @@ def _lens_worker(
     writer = LimitedWriter(root, None, None)  # the parent checks the limits on what comes back
     site = Site(writer, site_plumbing.environment(), common)
     shapes: Shapes = {}
+    written: dict[tuple[str, int], list[str]] = {}
     with ResultsDB(db_path, read_only=True) as db:
         db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
         for entry in entries:
+            writer.written = []
             data = write_lens_page(db, site, entry, objects, published)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
+            written[(entry.run.run_id, entry.image_id)] = writer.written
     summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}
-    return shapes, summaries, writer.files, writer.bytes, writer.largest, writer.largest_bytes
+    return shapes, summaries, written, writer.files, writer.bytes, writer.largest, writer.largest_bytes

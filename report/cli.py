@@ -110,6 +110,11 @@ def build(
         f"Wrote {summary.lens_pages} lens pages for {summary.runs} runs "
         f"({summary.files_written} files, {summary.bytes_written / 1e6:.1f} MB) to {summary.out_dir}"
     )
+    if summary.lens_pages_reused or summary.files_kept:
+        click.echo(
+            f"Unchanged since the last build, left in place: {summary.lens_pages_reused} lens pages, "
+            f"{summary.files_kept} other files"
+        )
     if summary.lens_pages < summary.lens_images:
         click.echo(f"Lens pages for {summary.lens_pages} of {summary.lens_images} images (--lens-pages)")
     click.echo(

@@ -5,6 +5,13 @@
   TARGET_FILE_BYTES and sorted (image, then layer/position/rank) so that row-group min/max
   statistics let a reader skip everything but one run, image or layer. These files are
   also what the SQL console queries, over HTTP range requests (report/pages/sql.py).
+- The logit-lens rows without their token text: each run's distinct (token_id, token)
+  pairs are a small `lens_tokens` file beside them (the SQL console's `logit_lens` view
+  joins them back), unless a token id of the run has no text or two texts, when the rows
+  keep their token column. Probabilities are rounded to PROB_SIGNIFICANT_BITS significant
+  bits (float16's precision, float32's range: relative error at most 2^-11, about 0.05 %),
+  which zstd compresses to half; the database keeps the exact values, and so does the
+  CSV.
 - Gzipped CSV where people expect it: tables of a run (or shared tables) with at most
   CSV_MAX_ROWS rows. The lens rows of a paper-scale run are Parquet only.
 - The database itself (a copy in storage format v1.4.0, which DuckDB-WASM 1.x and DuckDB
@@ -65,6 +72,11 @@ ROW_GROUP_SIZE = 40_960
 TARGET_FILE_BYTES = 48_000_000  # well under GitHub's 100 MB per file
 FIRST_FILE_ROWS = 1_000_000  # rows of the first file of a table, before its bytes per row are known
 CSV_MAX_ROWS = 250_000
+LENS_TABLE = "logit_lens"
+LENS_TOKENS = "lens_tokens"  # per run: token_id -> token text of the lens rows
+# Lens probabilities in Parquet: rounded to this many significant bits (float16 has 11).
+PROB_SIGNIFICANT_BITS = 11
+PROB_RELATIVE_ERROR = 2.0**-PROB_SIGNIFICANT_BITS
 DATABASE_COPY_AUTO_BYTES = 64_000_000
 DATABASE_COPY_CHOICES = ("auto", "always", "never")
 
@@ -74,6 +86,32 @@ def parquet_path(run_dir: str | None, table: str, part: int | None = None) -> st
     if run_dir is None:
         return f"downloads/{table}.parquet"
     return f"downloads/{run_dir}/{table}-{part or 0:04d}.parquet"
+
+
+def rounded_prob_sql(column: str = "prob", bits: int = PROB_SIGNIFICANT_BITS) -> str:
+    """SQL rounding a positive finite float to `bits` significant bits (round half to even;
+    powers of two scale exactly, so the result is exact in float32 for bits <= 24)."""
+    value = f"CAST({column} AS DOUBLE)"
+    exponent = f"floor(log2({value}))"
+    return (
+        f"CASE WHEN {column} > 0 AND isfinite({column}) THEN "
+        f"round({value} * pow(2.0, {bits - 1} - {exponent})) * pow(2.0, {exponent} - {bits - 1}) "
+        f"ELSE {column} END"
+    )
+
+
+def lens_select(columns: list[tuple[str, str]], keep_token: bool) -> str:
+    """The select list of the lens Parquet files: every column but `token` (unless kept),
+    `prob` rounded (see the module docstring), each with its database type."""
+    parts = []
+    for name, kind in columns:
+        if name == "token" and not keep_token:
+            continue
+        if name == "prob" and kind in ("FLOAT", "DOUBLE"):
+            parts.append(f'CAST({rounded_prob_sql(name)} AS {kind}) AS "{name}"')
+        else:
+            parts.append(f'"{name}"')
+    return ", ".join(parts)
 
 
 def _image_batches(counts: list[tuple[int, int]], rows_per_file: int) -> list[tuple[int, int, int]]:
@@ -116,7 +154,7 @@ class _Exporter:
             self.bytes_per_row[table] = max(self.bytes_per_row.get(table, 0.0), size / rows)
         return {"href": relative, "bytes": size, "size": human_size(size), "rows": rows}
 
-    def parquet(self, table: str, run: RunInfo | None) -> list[dict[str, Any]]:
+    def parquet(self, table: str, run: RunInfo | None, select: str | None = None) -> list[dict[str, Any]]:
         exclude, order = self._exclude(table), self._order(table)
         if run is None or "image_id" not in self.tables[table]:
             relative = parquet_path(run.dir_name if run else None, table)
@@ -128,6 +166,7 @@ class _Exporter:
                 exclude=exclude,
                 order_by=order,
                 row_group_size=ROW_GROUP_SIZE,
+                select=select,
             )
             return [self._file(relative, rows, table)]
         files = []
@@ -148,6 +187,7 @@ class _Exporter:
                 exclude=exclude,
                 order_by=order,
                 row_group_size=ROW_GROUP_SIZE,
+                select=select,
             )
             files.append(self._file(relative, rows, table))
             remaining = [(i, n) for i, n in remaining if i > last]
@@ -176,6 +216,8 @@ def _entry(table: str, rows: int, parquet: list[dict[str, Any]], csv: dict[str, 
         # kept for templates and tests that link "the" file of a table
         "href": (csv or parquet[0])["href"],
         "size": (csv or parquet[0])["size"],
+        "rounded_prob": False,  # logit_lens: prob rounded (PROB_SIGNIFICANT_BITS)
+        "without_token": False,  # logit_lens: token text in the run's lens_tokens file instead
     }
 
 
@@ -198,7 +240,12 @@ def write_downloads(
         "database_note": "",
         "parquet": {},
         "csv_max_rows": CSV_MAX_ROWS,
+        "lens_token_files": [],  # logit_lens files that keep their token column
+        "prob_bits": PROB_SIGNIFICANT_BITS,
+        "prob_error_pct": f"{100 * PROB_RELATIVE_ERROR:.2f}",
     }
+    lens_columns = queries.ordered_columns(db, LENS_TABLE) if LENS_TABLE in base_tables else []
+    split_tokens = {"token", "token_id"} <= {name for name, _ in lens_columns}
 
     for run in runs:
         entries = []
@@ -208,9 +255,31 @@ def write_downloads(
             count = queries.count_rows(db, table, run.run_id)
             if count == 0 and table != "runs":
                 continue
-            parquet = exporter.parquet(table, run)
+            select = None
+            tokens_entry = None
+            if table == LENS_TABLE:
+                keep_token = True
+                if split_tokens:
+                    relative = parquet_path(run.dir_name, LENS_TOKENS)
+                    token_rows, usable = queries.export_lens_tokens(db, writer.path(relative), run.run_id)
+                    if usable:
+                        keep_token = False
+                        tokens = [exporter._file(relative, token_rows, LENS_TOKENS)]
+                        downloads["parquet"].setdefault(LENS_TOKENS, []).append(relative)
+                        tokens_entry = _entry(LENS_TOKENS, token_rows, tokens, None)
+                    else:
+                        writer.path(relative).unlink()
+                select = lens_select(lens_columns, keep_token) if lens_columns else None
+            parquet = exporter.parquet(table, run, select)
             downloads["parquet"].setdefault(table, []).extend(f["href"] for f in parquet)
-            entries.append(_entry(table, count, parquet, exporter.csv(table, run, count)))
+            if table == LENS_TABLE and select is not None and tokens_entry is None:
+                downloads["lens_token_files"].extend(f["href"] for f in parquet)
+            entry = _entry(table, count, parquet, exporter.csv(table, run, count))
+            entry["rounded_prob"] = table == LENS_TABLE and select is not None
+            entry["without_token"] = tokens_entry is not None
+            entries.append(entry)
+            if tokens_entry is not None:
+                entries.append(tokens_entry)
         downloads["runs"][run.run_id] = entries
     for table in SHARED_TABLES:
         if table in base_tables:

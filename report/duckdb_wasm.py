@@ -8,7 +8,7 @@ it, only when opened. A prepared folder is what `scripts/fetch-duckdb-wasm.sh` w
 package's ESM entry bundled with apache-arrow (`duckdb-browser.bundle.mjs`), licences and
 `VERSION.json` (pinned versions, sha256 of each file; checked here before copying).
 
-Without one, or without the database copy (`--no-downloads`), sql.html is still written
+Without one, or without the Parquet downloads (`--no-downloads`), sql.html is still written
 and says how to enable the console; the build never fails for it.
 """
 
@@ -25,7 +25,12 @@ from typing import Any
 from report import urls
 from report.site import Writer, sha256_file
 
-DUCKDB_WASM_VERSION = "1.32.0"  # keep equal to scripts/fetch-duckdb-wasm.sh
+# DuckDB-WASM 1.28.0 is DuckDB 0.9.1, the last release with the parquet extension built into
+# the WASM: 1.29+ load it from extensions.duckdb.org at run time, which nothing on npm
+# vendors and which an offline site (or one served on a private network) cannot reach. The
+# console reads Parquet files only (never a .duckdb file), so the older engine does it all.
+DUCKDB_WASM_VERSION = "1.28.0"  # keep equal to scripts/fetch-duckdb-wasm.sh
+DUCKDB_VERSION = "0.9.1"  # the DuckDB inside it: what the console's SQL dialect is
 ENV_VAR = "LLAVA_INTERP_DUCKDB_WASM"
 VENDOR_DIR = urls.DUCKDB_WASM_DIR
 MODULE_FILE = "duckdb-browser.bundle.mjs"
@@ -33,11 +38,6 @@ WORKER_FILE = "duckdb-browser-eh.worker.js"
 WASM_FILE = "duckdb-eh.wasm"
 REQUIRED_FILES = (MODULE_FILE, WORKER_FILE, WASM_FILE)
 MANIFEST = "VERSION.json"
-# DuckDB-WASM 1.29+ does not build in Parquet: the console over Parquet needs the parquet
-# extension, vendored beside the WASM files as extensions/<duckdb version>/wasm_eh/
-# parquet.duckdb_extension.wasm (the layout DuckDB's custom_extension_repository reads).
-EXTENSIONS_DIR = "extensions"
-PARQUET_EXTENSION = "parquet.duckdb_extension.wasm"
 FETCH_SCRIPT = "scripts/fetch-duckdb-wasm.sh"
 DEFAULT_CACHE = Path(".cache") / "duckdb-wasm" / "vendor"
 
@@ -58,11 +58,6 @@ class WasmFiles:
     def found(self) -> bool:
         return self.path is not None
 
-    @property
-    def has_parquet(self) -> bool:
-        """Whether the prepared folder carries the parquet extension (extensions/.../wasm_eh/)."""
-        return self.path is not None and any((self.path / EXTENSIONS_DIR).glob(f"*/wasm_eh/{PARQUET_EXTENSION}"))
-
 
 def _check_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(manifest, None) when `folder` holds a usable prepared DuckDB-WASM, else (None, why)."""
@@ -73,8 +68,14 @@ def _check_folder(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{folder} lacks {', '.join(missing)} (prepare it with {FETCH_SCRIPT})"
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        version = manifest.get("@duckdb/duckdb-wasm")
+        if version != DUCKDB_WASM_VERSION:
+            return None, (
+                f"{folder} holds DuckDB-WASM {version}, the console needs {DUCKDB_WASM_VERSION} "
+                f"(the last with Parquet built in; rerun {FETCH_SCRIPT})"
+            )
         expected = {name: manifest["files"][name] for name in REQUIRED_FILES}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None, f"{folder / MANIFEST} is not a manifest written by {FETCH_SCRIPT}"
     for name, info in expected.items():
         path = folder / name
@@ -119,9 +120,4 @@ def copy_duckdb_wasm(wasm: WasmFiles, writer: Writer) -> int:
             relative = f"{VENDOR_DIR}/{item.name}"
             shutil.copyfile(item, writer.path(relative))  # 34 MB: copied, never read into memory
             vendor_bytes += writer.account(relative)
-    extensions = wasm.path / EXTENSIONS_DIR
-    for item in sorted(extensions.glob(f"*/wasm_eh/{PARQUET_EXTENSION}")) if extensions.is_dir() else []:
-        relative = f"{VENDOR_DIR}/{item.relative_to(wasm.path).as_posix()}"
-        shutil.copyfile(item, writer.path(relative))
-        vendor_bytes += writer.account(relative)
     return vendor_bytes

@@ -140,7 +140,7 @@ def pack_cells(
     planes = np.frombuffer(token_index.astype(f"<u{index_bytes}").tobytes(), dtype=np.uint8)
     planes = planes.reshape(n_cells, index_bytes).T.tobytes()
     tokens_json = json.dumps(tokens, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)  # level 9: 0.7 % smaller, 4.5x slower
     packed = compressor.compress(tokens_json + ids_json + pieces_json + planes + codes.tobytes()) + compressor.flush()
     return {
         "encoding": "deflate-raw",

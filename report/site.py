@@ -99,6 +99,7 @@ class Writer:
         self.root = root
         self.files = 0
         self.bytes = 0
+        self.written: list[str] | None = None  # when a list: every path written or accounted, in order
 
     def write(self, relative: str, content: str | bytes) -> None:
         path = self.root / relative
@@ -107,6 +108,8 @@ class Writer:
         path.write_bytes(data)
         self.files += 1
         self.bytes += len(data)
+        if self.written is not None:
+            self.written.append(relative)
 
     def path(self, relative: str) -> Path:
         """A path for a file written by someone else (DuckDB COPY); call `account` after."""
@@ -118,6 +121,8 @@ class Writer:
         size = (self.root / relative).stat().st_size
         self.files += 1
         self.bytes += size
+        if self.written is not None:
+            self.written.append(relative)
         return size
 
 

@@ -19,6 +19,7 @@ DOWNLOADS = "downloads.html"
 SQL = "sql.html"
 COMPARE = "compare.html"
 NOJEKYLL = ".nojekyll"
+BUILD_MANIFEST = ".llava-interp-build.json"  # report/incremental.py
 STATIC_DIR = "static"
 SITE_DATABASE = "data/results.duckdb"
 DUCKDB_WASM_DIR = "vendor/duckdb-wasm"
@@ -37,6 +38,7 @@ OWNED_PATHS = (
     "data",
     "vendor",
     NOJEKYLL,
+    BUILD_MANIFEST,
 )
 
 _SAFE_PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}")

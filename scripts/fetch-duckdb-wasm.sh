@@ -10,14 +10,14 @@
 #                                its one dependency (apache-arrow), so the browser needs no
 #                                import map and no bare module specifiers
 #   duckdb-browser-eh.worker.js  the single-threaded "eh" worker (no COOP/COEP headers needed)
-#   duckdb-eh.wasm               the matching WebAssembly module (about 34 MB)
+#   duckdb-eh.wasm               the matching WebAssembly module (about 18 MB; DuckDB 0.9.1 with Parquet built in)
 #   LICENSE-*.txt, VERSION.json  licences, the pinned versions and each file's sha256
 # The report build finds DEST/vendor under the repository by itself; elsewhere set
 # LLAVA_INTERP_DUCKDB_WASM=DEST/vendor. Rerunning with the same pins does nothing.
 # Keep DUCKDB_WASM_VERSION equal to report/duckdb_wasm.py (tests/test_sql_console.py checks).
 set -euo pipefail
-DUCKDB_WASM_VERSION=1.32.0  # DuckDB 1.4: reads the site's storage version v1.4.0
-APACHE_ARROW_VERSION=17.0.0 # the version @duckdb/duckdb-wasm 1.32.0 depends on (^17.0.0)
+DUCKDB_WASM_VERSION=1.28.0  # DuckDB 0.9.1: the last release with the parquet extension built into the WASM
+APACHE_ARROW_VERSION=13.0.0 # the version @duckdb/duckdb-wasm 1.28.0 depends on (^13.0.0)
 ESBUILD_VERSION=0.25.12
 
 cd "$(dirname "$0")/.."

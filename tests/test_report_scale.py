@@ -70,27 +70,88 @@ def test_parquet_downloads_hold_every_row_sorted(
     ).fetchall()
     assert len(files) == len(lens_images) > 1  # one image per file here, never split
     published = duckdb.connect()
-    for table, keys in (("logit_lens", "image_id, layer, position, rank"), ("positions", "image_id, position")):
-        listed = ", ".join(f"'{f}'" for f in sorted((out / "downloads" / hostile).glob(f"{table}-*.parquet")))
-        got = published.execute(f"SELECT * FROM read_parquet([{listed}])").fetchall()
-        expected = native.execute(
-            f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {keys}", [run_ids["hostile"]]
-        ).fetchall()
-        assert got == expected  # every row, every value, already in sort order
+    run_dir = out / "downloads" / hostile
+    listed = ", ".join(f"'{f}'" for f in sorted(run_dir.glob("positions-*.parquet")))
+    got = published.execute(f"SELECT * FROM read_parquet([{listed}])").fetchall()
+    expected = native.execute(
+        "SELECT * FROM positions WHERE run_id = ? ORDER BY image_id, position", [run_ids["hostile"]]
+    ).fetchall()
+    assert got == expected  # every row, every value, already in sort order
+    # Lens rows: token ids without text (the run's lens_tokens file maps them back), prob
+    # rounded to PROB_SIGNIFICANT_BITS significant bits; every row, in sort order.
+    listed = ", ".join(f"'{f}'" for f in files)
+    assert "token" not in [
+        c[0] for c in published.execute(f"DESCRIBE SELECT * FROM read_parquet([{listed}])").fetchall()
+    ]
+    got = published.execute(
+        f"SELECT l.run_id, l.image_id, l.layer, l.position, l.rank, l.token_id, t.token, l.prob "
+        f"FROM read_parquet([{listed}]) l JOIN '{run_dir / 'lens_tokens-0000.parquet'}' t USING (run_id, token_id) "
+        "ORDER BY l.image_id, l.layer, l.position, l.rank"
+    ).fetchall()
+    expected = native.execute(
+        "SELECT run_id, image_id, layer, position, rank, token_id, token, prob FROM logit_lens WHERE run_id = ? "
+        "ORDER BY image_id, layer, position, rank",
+        [run_ids["hostile"]],
+    ).fetchall()
+    assert [row[:-1] for row in got] == [row[:-1] for row in expected] and got
+    bound = downloads_module.PROB_RELATIVE_ERROR
+    assert all(abs(g[-1] - e[-1]) <= bound * e[-1] for g, e in zip(got, expected, strict=True))
+    assert any(g[-1] != e[-1] for g, e in zip(got, expected, strict=True))  # it is rounded
+    unrounded = published.execute(
+        f"SELECT count(*) FROM read_parquet([{listed}]) WHERE prob * 2048 % 1 != 0 AND prob > 0.5"
+    ).fetchone()
+    assert unrounded == (0,)  # at most 11 significant bits: p in [0.5, 1) is a multiple of 2^-11
+    # Unordered rows read in order: the files are sorted (image, layer, position, rank).
+    order = published.execute(f"SELECT image_id, layer, position, rank FROM read_parquet([{listed}])").fetchall()
+    assert order == sorted(order)
     # Each file holds whole images, in order; text is dictionary-encoded, zstd-compressed.
     images = [published.execute(f"SELECT DISTINCT image_id FROM '{f}'").fetchall() for f in files]
     assert images == [[image] for image in lens_images]
     meta = pq.ParquetFile(files[0]).metadata
-    token = next(i for i in range(meta.num_columns) if meta.schema.column(i).name == "token")
-    column = meta.row_group(0).column(token)
+    run_column = next(i for i in range(meta.num_columns) if meta.schema.column(i).name == "run_id")
+    column = meta.row_group(0).column(run_column)
     assert column.compression == "ZSTD" and any("DICTIONARY" in e for e in column.encodings)
-    assert HOSTILE in {t for (t,) in published.execute(f"SELECT token FROM '{files[0]}'").fetchall()}
+    tokens = run_dir / "lens_tokens-0000.parquet"
+    assert HOSTILE in {t for (t,) in published.execute(f"SELECT token FROM '{tokens}'").fetchall()}
+    pairs = published.execute(f"SELECT token_id, token FROM '{tokens}' ORDER BY ALL").fetchall()
+    assert (
+        pairs
+        == native.execute(
+            "SELECT DISTINCT token_id, token FROM logit_lens WHERE run_id = ? ORDER BY ALL", [run_ids["hostile"]]
+        ).fetchall()
+    )
     # The downloads page lists every file with its size.
     page = (out / "downloads.html").read_text(encoding="utf-8")
     for f in files:
         assert f.relative_to(out).as_posix() in page
     assert "read_parquet" in page and "pd.read_parquet" in page and "pl.read_parquet" in page
     native.close()
+
+
+def test_lens_rows_keep_their_text_when_ids_are_ambiguous(tmp_path: Path) -> None:
+    """A run where one token id has two texts: no lens_tokens file, the rows keep `token`."""
+    path = tmp_path / "results.duckdb"
+    run_ids = _make_db(path)
+    con = duckdb.connect(str(path))
+    con.execute(
+        "UPDATE logit_lens SET token = token || '~' WHERE run_id = ? AND layer = 0 AND rank = 1", [run_ids["hostile"]]
+    )
+    con.close()
+    out = tmp_path / "site"
+    build_site(path, out)
+    run_dir = out / "downloads" / run_dir_name(run_ids["hostile"])
+    assert not (run_dir / "lens_tokens-0000.parquet").exists()
+    listed = ", ".join(f"'{f}'" for f in sorted(run_dir.glob("logit_lens-*.parquet")))
+    published = duckdb.connect()
+    got = published.execute(f"SELECT token FROM read_parquet([{listed}]) ORDER BY image_id, layer, position, rank")
+    native = duckdb.connect(str(path), read_only=True)
+    assert (
+        got.fetchall()
+        == native.execute(
+            "SELECT token FROM logit_lens WHERE run_id = ? ORDER BY image_id, layer, position, rank",
+            [run_ids["hostile"]],
+        ).fetchall()
+    )
 
 
 def test_small_tables_keep_csv_large_ones_are_parquet_only(

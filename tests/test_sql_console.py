@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -35,6 +36,7 @@ from db.store import ResultsDB
 from report import duckdb_wasm
 from report.build import build_site
 from report.pages import sql as sql_page
+from report.serve import serving
 
 pytestmark = pytest.mark.browser  # Chromium / validators: not in the fast subset
 
@@ -77,10 +79,17 @@ def _no_wasm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def _published(site: Path) -> duckdb.DuckDBPyConnection:
-    """The site's database copy, attached as the page attaches it."""
+    """The console's catalog in native DuckDB: the views the page creates, over the site's files."""
+    text = (site / "sql.html").read_text(encoding="utf-8")
+    match = re.search(r'<script type="application/json" id="sql-views">(.*?)</script>', text, re.DOTALL)
+    assert match, "sql.html carries no view definitions"
+    spec = json.loads(match.group(1))
     con = duckdb.connect()
-    con.execute(f"ATTACH '{site / 'data' / 'results.duckdb'}' AS results (READ_ONLY)")
+    con.execute(f"SET file_search_path = '{site}'")
+    con.execute("ATTACH ':memory:' AS results")
     con.execute("USE results")
+    for view in spec["views"]:
+        con.execute(view["sql"])
     return con
 
 
@@ -259,7 +268,10 @@ def test_a_damaged_folder_is_reported_not_fatal(db_path: Path, tmp_path: Path, m
     folder.mkdir()
     for name in duckdb_wasm.REQUIRED_FILES:
         (folder / name).write_bytes(b"truncated")
-    manifest = {"files": {name: {"bytes": 9, "sha256": "0" * 64} for name in duckdb_wasm.REQUIRED_FILES}}
+    manifest = {
+        "@duckdb/duckdb-wasm": duckdb_wasm.DUCKDB_WASM_VERSION,
+        "files": {name: {"bytes": 9, "sha256": "0" * 64} for name in duckdb_wasm.REQUIRED_FILES},
+    }
     (folder / duckdb_wasm.MANIFEST).write_text(json.dumps(manifest))
     monkeypatch.setenv(duckdb_wasm.ENV_VAR, str(folder))
     found = duckdb_wasm.find_duckdb_wasm()
@@ -291,22 +303,41 @@ def test_vendored_files_match_their_manifest(site: Path, wasm_dir: Path) -> None
         assert "vendor/" not in (site / other).read_text(encoding="utf-8")
 
 
-def test_every_example_runs_on_the_published_copy(
-    db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Native DuckDB, on the file the page attaches: each example query is valid SQL there."""
-    _no_wasm(monkeypatch, tmp_path)
-    site = tmp_path / "site"
-    build_site(db_path, site)
+def test_an_old_prepared_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder prepared for another DuckDB-WASM (1.29+ has no Parquet reader built in) is not used."""
+    folder = tmp_path / "wasm"
+    folder.mkdir()
+    (folder / duckdb_wasm.MANIFEST).write_text(json.dumps({"@duckdb/duckdb-wasm": "1.32.0", "files": {}}))
+    for name in duckdb_wasm.REQUIRED_FILES:
+        (folder / name).write_bytes(b"x")
+    monkeypatch.setenv(duckdb_wasm.ENV_VAR, str(folder))
+    found = duckdb_wasm.find_duckdb_wasm()
+    assert not found.found and "1.32.0" in found.problems[0] and duckdb_wasm.DUCKDB_WASM_VERSION in found.problems[0]
+
+
+def test_every_example_runs_on_the_published_views(db_path: Path, site: Path) -> None:
+    """Native DuckDB over the site's Parquet files, with the views the page creates: each
+    example is valid SQL there and returns what it returns on the database itself (lens
+    probabilities: within the Parquet files' rounding)."""
     page = (site / "sql.html").read_text(encoding="utf-8")
     with ResultsDB(db_path, read_only=True) as db:
         examples = sql_page.examples(db)
+        expected = {e["title"]: db.duck.execute(e["sql"]).fetchall() for e in examples if e["needs"]}
     titles = [e["title"] for e in examples]
     assert any("ablation" in t.lower() for t in titles) and any("blocking" in t.lower() for t in titles)
-    assert any("object hits" in t for t in titles)
+    assert any("object hits" in t for t in titles) and any("one image" in t for t in titles)
     con = _published(site)
     for example in examples:
-        con.execute(example["sql"]).fetchall()
+        got = con.execute(example["sql"]).fetchall()
+        if example["title"] in expected:
+            want = expected[example["title"]]
+            assert len(got) == len(want), example["title"]
+            for row, other in zip(got, want, strict=True):
+                for a, b in zip(row, other, strict=True):
+                    if isinstance(a, float) and isinstance(b, float):
+                        assert a == pytest.approx(b, rel=2e-3, abs=1e-4), example["title"]
+                    else:
+                        assert a == b, example["title"]
     assert page.count('class="sql-example"') == len(examples)
 
 
@@ -337,7 +368,7 @@ def test_disabled_page_loads_cleanly(
 def test_console_answers_queries_like_duckdb(http_page: Watched, site: Path) -> None:
     page = _open_console(http_page)
     status = page.locator("#sql-status").inner_text()
-    assert "Ready" in status and "read-only" in status
+    assert "Ready" in status and "range requests" in status
     con = _published(site)
 
     # An example query, one click away: the same rows as native DuckDB.
@@ -362,22 +393,17 @@ def test_console_answers_queries_like_duckdb(http_page: Watched, site: Path) -> 
     assert "raise the row limit" in page.locator("#sql-summary").inner_text()
     page.fill("#sql-limit", "1000")
 
-    # Read-only: the error is shown, the console keeps working.
-    _run(page, "CREATE TABLE results.scratch AS SELECT 1")
-    assert "read-only" in page.locator("#sql-error").inner_text()
+    # A view cannot be written to: the error is shown, the console keeps working.
+    _run(page, "INSERT INTO logit_lens SELECT * FROM logit_lens LIMIT 1")
+    assert page.locator("#sql-error").is_visible()
     _run(page, "SELECT 41 + 1 AS answer")
     assert page.locator("#sql-error").is_hidden()
     assert _result(page) == (["answer"], [["42"]])
 
-    # DuckDB-WASM and the database came from this site (Watched.check: nothing else).
+    # DuckDB-WASM and the Parquet files came from this site (Watched.check: nothing else);
+    # no database file is fetched.
     assert any(u.endswith(f"/{duckdb_wasm.WASM_FILE}") for u in http_page.requests)
-    if 'data-mode="parquet"' in (site / "sql.html").read_text(encoding="utf-8"):
-        # The tables are views over the Parquet downloads, read in parts: the database copy is never fetched.
-        assert any(u.endswith(".parquet") for u in http_page.requests)
-        assert any(u.endswith("/data/console.duckdb") for u in http_page.requests)
-        assert not any(u.endswith("/data/results.duckdb") for u in http_page.requests)
-    else:  # no vendored parquet extension: the small site's database copy, as before
-        assert any(u.endswith("/data/results.duckdb") for u in http_page.requests)
+    assert not any(u.endswith(".duckdb") for u in http_page.requests)
 
 
 def test_hostile_tokens_are_text(http_page: Watched) -> None:
@@ -434,3 +460,75 @@ def test_file_url_shows_the_http_notice(browser: Any, site: Path) -> None:  # no
         watched.check()
     finally:
         watched.context.close()
+
+
+# --- in the browser: range requests at LLaVA-1.5 scale ------------------------------------------
+@pytest.fixture(scope="module")
+def scale_site(tmp_path_factory: pytest.TempPathFactory, wasm_dir: Path) -> tuple[Path, Path]:
+    """Six LLaVA-1.5-shaped images (bench/site_scale.py's synthetic database: 97,845 lens
+    rows each, about 15 row groups in one lens Parquet file), built with DuckDB-WASM."""
+    spec = importlib.util.spec_from_file_location("site_scale", REPO / "bench" / "site_scale.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = tmp_path_factory.mktemp("scale")
+    db = root / "lens.duckdb"
+    bench.make_database(db, 6)
+    out = root / "site"
+    previous = os.environ.get(duckdb_wasm.ENV_VAR)
+    os.environ[duckdb_wasm.ENV_VAR] = str(wasm_dir)
+    try:
+        build_site(db, out)
+    finally:
+        if previous is None:
+            os.environ.pop(duckdb_wasm.ENV_VAR, None)
+        else:
+            os.environ[duckdb_wasm.ENV_VAR] = previous
+    return db, out
+
+
+def test_one_image_query_reads_a_small_part_over_range_requests(
+    browser: Any,  # noqa: F811
+    scale_site: tuple[Path, Path],
+) -> None:
+    db, out = scale_site
+    lens_files = sorted(out.glob("downloads/*/logit_lens-*.parquet"))
+    lens_total = sum(f.stat().st_size for f in lens_files)
+    assert len(lens_files) == 1 and lens_total > 1_000_000
+    moved: dict[str, int] = {}
+    responses: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def on_bytes(path: str, n: int) -> None:
+        with lock:
+            moved[path] = moved.get(path, 0) + n
+            responses[path] = responses.get(path, 0) + 1
+
+    with serving(out, on_bytes=on_bytes) as base:
+        watched = Watched(browser, base)
+        try:
+            page = _open_console(watched)
+            with lock:
+                moved.clear()
+                responses.clear()
+            example = page.locator(".sql-example", has_text="one image")
+            sql = example.get_attribute("data-sql")
+            example.click()
+            _wait(page)
+            header, rows = _result(page)
+            watched.check()
+        finally:
+            watched.context.close()
+    lens_moved = sum(n for path, n in moved.items() if "/logit_lens-" in path)
+    lens_responses = sum(n for path, n in responses.items() if "/logit_lens-" in path)
+    # Range requests: the footer and one image's row groups, not the file.
+    assert 0 < lens_moved < lens_total / 3, (lens_moved, lens_total)
+    assert lens_responses >= 2
+    # The rows are the database's: token ids and text exact, probabilities within the rounding.
+    con = duckdb.connect(str(db), read_only=True)
+    expected = con.execute(sql.replace("round(prob, 4)", "prob")).fetchall()
+    con.close()
+    assert header[-1] == "prob" and len(rows) == len(expected) == 5
+    for got, want in zip(rows, expected, strict=True):
+        assert got[:-1] == [str(v) for v in want[:-1]]
+        assert float(got[-1]) == pytest.approx(want[-1], abs=1e-4 + want[-1] * 2.0**-11)

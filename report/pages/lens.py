@@ -98,13 +98,24 @@ def _token_dictionary(lens: Any) -> tuple[list[str], np.ndarray, list[int] | Non
     ids_column = lens.column("token_id").combine_chunks()
     if len(ids_column) and ids_column.null_count == 0:
         ids = ids_column.to_numpy(zero_copy_only=False).astype(np.int64)
-        pairs, codes = np.unique(np.stack([ids, string_codes], axis=1), axis=0, return_inverse=True)
-        return [strings[int(c)] for c in pairs[:, 1]], codes.astype(np.int64).ravel(), pairs[:, 0].tolist()
+        # One int64 key per (id, text), ordered as the pairs are (by id, then text code):
+        # a 1-D unique is many times faster than np.unique(..., axis=0).
+        low = int(ids.min())
+        width = max(len(strings), 1)
+        keys, codes = np.unique((ids - low) * width + string_codes, return_inverse=True)
+        pair_ids, pair_codes = keys // width + low, keys % width
+        return [strings[int(c)] for c in pair_codes], codes.astype(np.int64).ravel(), pair_ids.tolist()
     return strings, string_codes, None
 
 
 def lens_data(
-    db: ResultsDB, run_id: str, image_id: int, *, objects: ObjectCells | None = None, top_k: int | None = None
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    *,
+    objects: ObjectCells | None = None,
+    top_k: int | None = None,
+    summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
@@ -173,9 +184,10 @@ def lens_data(
         raise ReportError(f"{context}: lens rows for position {unknown}, which is not in positions")
 
     flat = (layer * n_rows + row) * top_k + (rank - 1)
-    if len(np.unique(flat)) != len(flat):
-        raise ReportError(f"{context}: duplicate lens rows for one (layer, position, rank)")
     n_cells = n_layers * n_rows * top_k
+    # Every index is in [0, n_cells) after the checks above: counting finds duplicates in O(n).
+    if len(flat) and np.bincount(flat, minlength=n_cells).max() > 1:
+        raise ReportError(f"{context}: duplicate lens rows for one (layer, position, rank)")
     # A gap would render as an empty cell that reads like data; a complete image has none.
     if n_cells == 0 or len(flat) != n_cells:
         raise ReportError(
@@ -183,6 +195,20 @@ def lens_data(
             f"x top-{top_k} = {n_cells} cells"
         )
 
+    if summary is not None:  # the index's per-image columns, from the arrays (not the packed data)
+        at = ((n_layers - 1) * n_rows + (n_rows - 1)) * top_k
+        cell = int(np.flatnonzero(flat == at)[0])
+        summary.update(
+            {
+                "positions": n_rows,
+                "layers": n_layers,
+                "top_k": top_k,
+                "image_positions": sum(1 for k in positions["kind"] if k == "image"),
+                "next_token": tokens[int(token_codes[cell])],
+                # as the page shows it: through the data file's probability code
+                "next_prob": float(lens_codec.decode_probs(lens_codec.encode_probs(prob[cell : cell + 1]))[0]),
+            }
+        )
     view = queries.view_size(db, run_id, image_id)
     objects = ObjectCells.from_db(db) if objects is None else objects
     return {
@@ -214,7 +240,8 @@ def write_lens_page(
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
     to the same image in other runs never point at a page left out (`--lens-pages`)."""
     run = entry.run
-    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k)
+    summary: dict[str, Any] = {}
+    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary)
     if entry.has_view:
         site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
     for index, view in enumerate(data["extra_views"]):
@@ -241,7 +268,7 @@ def write_lens_page(
         has_pieces=bool(data["packed"].get("token_pieces_bytes")),
         other_runs=other_runs,
     )
-    entry.summary = _summary(data)  # the index's per-image columns
+    entry.summary = summary  # the index's per-image columns (as _summary(data) computes them)
     return data
 
 

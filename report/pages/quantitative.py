@@ -24,6 +24,8 @@ from report.object_cells import ObjectCells
 from report.pages.lens import differing_settings, run_label
 from report.site import Site
 
+POSITION_BATCH = 256  # images whose positions are read at once (not the whole run's, ~600 rows/image)
+
 
 @dataclass
 class RunQuant:
@@ -68,15 +70,17 @@ def quantitative_lens(
     totals: dict[tuple[int, str], int] = {}
     n_layers = 0
     image_positions: dict[int, dict[int, queries.Position]] | None = None
-    for image_id, layers, grid_rows, grid_cols in entries:
+    for at, (image_id, layers, grid_rows, grid_cols) in enumerate(entries):
         if not objects.annotated(run_id, image_id):
             continue
         n_layers = max(n_layers, int(layers or 0))
         by_category = objects.cells(run_id, image_id, grid_rows, grid_cols)
         if not by_category:
             continue
-        if image_positions is None:  # one query per run, only for runs with objects
-            image_positions = queries.positions_by_image(db, run_id, kind="image")
+        if image_positions is None or image_id not in image_positions:
+            # A batch of the next images at a time: a paper-scale run has millions of positions.
+            batch = [e[0] for e in entries[at : at + POSITION_BATCH]]
+            image_positions = queries.positions_by_image(db, run_id, kind="image", image_ids=batch)
         patch_position = {(p.patch_row, p.patch_col): number for number, p in image_positions.get(image_id, {}).items()}
         for category, cells in by_category.items():
             rows, cols = np.nonzero(cells)

@@ -1,4 +1,4 @@
-// SQL console (sql.html): DuckDB-WASM over the site's Parquet files (views in data/console.duckdb), read-only.
+// SQL console (sql.html): DuckDB-WASM over the site's Parquet files, each table a view (report/pages/sql.py).
 //
 // A classic script (so it runs, and explains itself, on file:// too) that imports the
 // vendored DuckDB-WASM module only on this page and only over http(s). Every string from
@@ -15,7 +15,6 @@
     return;
   }
 
-  var DB_FILE = root.dataset.mode === "parquet" ? "console.duckdb" : "results.duckdb";
   var CATALOG = "results";
   var editor = document.getElementById("sql-editor");
   var runButton = document.getElementById("sql-run");
@@ -41,28 +40,6 @@
     return n >= 1e6 ? (n / 1e6).toFixed(1) + " MB" : n >= 1e3 ? (n / 1e3).toFixed(0) + " KB" : n + " B";
   }
 
-  async function fetchDatabase(href) {
-    var response = await fetch(href);
-    if (!response.ok) throw new Error("cannot load " + root.dataset.database + ": HTTP " + response.status);
-    var total = Number(response.headers.get("Content-Length")) || 0;
-    if (!response.body || !total) return new Uint8Array(await response.arrayBuffer());
-    var bytes = new Uint8Array(total), offset = 0, reader = response.body.getReader();
-    for (;;) {
-      var step = await reader.read();
-      if (step.done) break;
-      if (offset + step.value.length > total) {  // length header was wrong: fall back to growing
-        var grown = new Uint8Array(Math.max(total * 2, offset + step.value.length));
-        grown.set(bytes.subarray(0, offset));
-        bytes = grown;
-        total = grown.length;
-      }
-      bytes.set(step.value, offset);
-      offset += step.value.length;
-      setStatus("Loading the database: " + formatBytes(offset) + " of " + formatBytes(total) + "\u2026");
-    }
-    return bytes.subarray(0, offset);
-  }
-
   var ready = null;
   function open() {
     if (ready) return ready;
@@ -73,41 +50,27 @@
       var db = new duckdb.AsyncDuckDB(new duckdb.VoidLogger(), worker);
       await db.instantiate(url("wasm"), null);
       await db.open({ path: ":memory:", query: { castDecimalToDouble: true } });
-      var parquetMode = root.dataset.mode === "parquet";
-      var files = [], size = 0;
-      if (parquetMode) {
-        // Every Parquet file by its site path (what the views in console.duckdb name), read
-        // over HTTP range requests: only the footers and row groups a query needs move.
-        files = JSON.parse(document.getElementById("sql-files").textContent);
-        var http = duckdb.DuckDBDataProtocol.HTTP;
-        for (var i = 0; i < files.length; i++) {
-          await db.registerFileURL(files[i], new URL(files[i], document.baseURI).href, http, false);
-        }
-        await db.registerFileURL(DB_FILE, url("database"), http, false);
-      } else {
-        // Small sites without the vendored parquet extension: the whole database copy.
-        var bytes = await fetchDatabase(url("database"));
-        size = bytes.length;  // the buffer moves to the worker: read its size first
-        await db.registerFileBuffer(DB_FILE, bytes);
+      // Every Parquet file by its site path (what the views name), read over HTTP range
+      // requests: only the footers and the row groups a query needs move.
+      var spec = JSON.parse(document.getElementById("sql-views").textContent);
+      var http = duckdb.DuckDBDataProtocol.HTTP;
+      for (var i = 0; i < spec.files.length; i++) {
+        await db.registerFileURL(spec.files[i], new URL(spec.files[i], document.baseURI).href, http, false);
       }
       var conn = await db.connect();
-      // Extensions would be downloaded from extensions.duckdb.org: nothing leaves this site.
-      await conn.query("SET autoinstall_known_extensions = false");
-      await conn.query("SET autoload_known_extensions = false");
-      if (parquetMode) {
-        // The parquet extension comes from this site (vendor/duckdb-wasm/extensions), never from a CDN.
-        await conn.query("SET custom_extension_repository = '" + url("extensions").replace(/\/$/, "").replace(/'/g, "''") + "'");
-        await conn.query("LOAD parquet");
-        try { await conn.query("SET parquet_metadata_cache = true"); } catch (e) { /* older DuckDB */ }
-      }
-      await conn.query("ATTACH '" + DB_FILE + "' AS " + CATALOG + " (READ_ONLY)");
+      // DuckDB 0.9 reads Parquet itself; never download an extension (nothing leaves this site).
+      try { await conn.query("SET autoinstall_known_extensions = false"); } catch (e) { /* older DuckDB */ }
+      try { await conn.query("SET autoload_known_extensions = false"); } catch (e) { /* older DuckDB */ }
+      await conn.query("ATTACH ':memory:' AS " + CATALOG);
       await conn.query("USE " + CATALOG);
+      for (var v = 0; v < spec.views.length; v++) {
+        setStatus("Creating the views: " + (v + 1) + " of " + spec.views.length + "\u2026");
+        await conn.query(spec.views[v].sql);
+      }
       var version = (await conn.query("SELECT version() AS v")).getChild("v").get(0);
-      setStatus(parquetMode
-        ? "Ready: DuckDB " + version + " (WebAssembly); " + files.length + " Parquet files as views in the " +
-          "read-only catalog \u201c" + CATALOG + "\u201d, read in parts over HTTP range requests."
-        : "Ready: DuckDB " + version + " (WebAssembly), " + root.dataset.database + " (" +
-          formatBytes(size) + ") attached read-only as \u201c" + CATALOG + "\u201d.");
+      setStatus("Ready: DuckDB " + version + " (WebAssembly); " + spec.views.length + " tables and views over " +
+        spec.files.length + " Parquet files in the catalog \u201c" + CATALOG + "\u201d, read in parts over " +
+        "HTTP range requests. What you create lives in this tab only.");
       return conn;
     })();
     ready.catch(function (error) {
