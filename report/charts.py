@@ -17,6 +17,13 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 DASHES = ("", "7 3", "2 2", "9 3 2 3", "4 4", "1 3", "12 4", "6 2 2 2")
 
 
+def error_bar(x: float, low: float | None, high: float | None, y_of: Any) -> dict[str, Any] | None:
+    """A vertical 95% interval whisker at x (SVG coordinates and the bounds); None without bounds."""
+    if low is None or high is None:
+        return None
+    return {"x": x, "y_low": round(y_of(low), 2), "y_high": round(y_of(high), 2), "low": low, "high": high}
+
+
 def layer_share_chart(
     series: list[tuple[str, list[float], str]],
     n_layers: int,
@@ -24,14 +31,21 @@ def layer_share_chart(
     width: int = 640,
     height: int = 260,
     y_label: str = "share of object-patch positions",
+    intervals: list[tuple[list[float | None], list[float | None]] | None] | None = None,
+    n_notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Geometry of an inline SVG line chart (rendered by a template; all text autoescaped).
 
     `series` is [(name, values per layer, css class)]; y runs 0..max (at least 0.05).
+    `intervals`, aligned with `series`, gives each series' (lows, highs) per layer, drawn
+    as whiskers; `n_notes`, aligned too, says in every point's tooltip what n is.
     """
     left, right, top, bottom = 52, 12, 12, 36
     plot_w, plot_h = width - left - right, height - top - bottom
-    y_max = max([0.05] + [v for _, values, _ in series for v in values])
+    bounds = intervals or [None] * len(series)
+    notes = n_notes or [""] * len(series)
+    highs = [h for b in bounds if b is not None for h in b[1] if h is not None]
+    y_max = max([0.05] + [v for _, values, _ in series for v in values] + highs)
     y_max = float(np.ceil(y_max * 25 - 1e-9) / 25)  # a multiple of 4 %, so the quarter ticks are whole percents
 
     def x_of(layer: int) -> float:
@@ -41,12 +55,20 @@ def layer_share_chart(
         return top + plot_h * (1 - value / y_max)
 
     lines = []
-    for name, values, css in series:
+    for (name, values, css), bound, note in zip(series, bounds, notes):
         points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(values))
-        dots = [
-            {"x": round(x_of(i), 1), "y": round(y_of(v), 1), "title": f"{name}, layer {i}: {100 * v:.1f}%"}
-            for i, v in enumerate(values)
-        ]
+        dots = []
+        for i, v in enumerate(values):
+            low, high = (bound[0][i], bound[1][i]) if bound is not None else (None, None)
+            interval = f", 95% CI {100 * low:.1f}–{100 * high:.1f}%" if low is not None and high is not None else ""
+            dots.append(
+                {
+                    "x": round(x_of(i), 1),
+                    "y": round(y_of(v), 1),
+                    "ci": error_bar(round(x_of(i), 1), low, high, y_of),
+                    "title": f"{name}, layer {i}: {100 * v:.1f}%{interval}" + (f" ({note})" if note else ""),
+                }
+            )
         lines.append({"name": name, "points": points, "css": css, "dots": dots})
     step = max(1, int(np.ceil(n_layers / 12)))
     x_ticks = [{"x": round(x_of(i), 1), "label": str(i)} for i in range(0, n_layers, step)]
@@ -75,15 +97,21 @@ def flip_rate_bar_chart(
     is rendered by the template (autoescaped); the SVG carries its own colours and fonts
     so it can be saved and used as a figure on its own.
     """
-    left, right, top, bottom = 52, 12, 22, 92
+    left, right, top, bottom = 52, 12, 34, 92  # top: room for the value and n above a full bar
     plot_w, plot_h = width - left - right, height - top - bottom
     slot = plot_w / max(1, len(rows))
     bar_w = min(44.0, slot * 0.7)
     bars = []
+
+    def y_of(pct: float) -> float:
+        return top + plot_h * (1 - min(pct, y_max) / y_max)
+
     for i, row in enumerate(rows):
         pct = row["pct_flipped"]
         h = plot_h * min(pct, y_max) / y_max
         cx = left + slot * (i + 0.5)
+        low, high = row.get("pct_flipped_ci_low"), row.get("pct_flipped_ci_high")
+        interval = f"; 95% Wilson CI {low:.1f}–{high:.1f}%" if low is not None and high is not None else ""
         bars.append(
             {
                 "x": round(cx - bar_w / 2, 2),
@@ -91,13 +119,15 @@ def flip_rate_bar_chart(
                 "w": round(bar_w, 2),
                 "h": round(h, 2),
                 "cx": round(cx, 2),
-                "label_y": round(top + plot_h - h - 4, 2),
+                "label_y": round(min(top + plot_h - h, y_of(high) if high is not None else top + plot_h) - 4, 2),
                 "value": f"{pct:.1f}",
+                "n": row["n_baseline_correct"],
+                "ci": error_bar(round(cx, 2), low, high, y_of),
                 "condition": row["condition"],
                 "title": (
                     f"{row['setting']} / {row['condition']}: {row['n_flipped']} of {row['n_baseline_correct']} "
-                    f"baseline-correct answers flipped ({pct:.2f}%); mean {row['mean_tokens_ablated']:.2f} "
-                    "tokens ablated"
+                    f"baseline-correct answers flipped ({pct:.2f}%{interval}, n = {row['n_baseline_correct']}); "
+                    f"mean {row['mean_tokens_ablated']:.2f} tokens ablated"
                 ),
             }
         )
@@ -111,13 +141,21 @@ def flip_rate_bar_chart(
         "plot_h": plot_h,
         "bottom_y": top + plot_h,
         "bars": bars,
+        "y_max": y_max,
         "y_ticks": ticks,
     }
 
 
 def flip_rate_y_max(summary: list[dict[str, Any]]) -> float:
-    """A shared y range for a run's charts: the largest % flipped rounded up to 10, at least 10."""
-    top = max([row["pct_flipped"] for row in summary if row["condition"] != "none"], default=0.0)
+    """A shared y range for a run's charts: the largest % flipped (or interval top) rounded up to 10, at least 10."""
+    top = max(
+        [
+            max(row["pct_flipped"], row.get("pct_flipped_ci_high") or 0.0)
+            for row in summary
+            if row["condition"] != "none"
+        ],
+        default=0.0,
+    )
     return float(min(100, max(10, -(-top // 10) * 10)))
 
 
@@ -151,7 +189,8 @@ def blocking_curve_chart(
     plot_w, plot_h = width - left - right - legend_w, height - top - bottom
     x_values = curve["x"]
     values = [v for series in curve["series"] for v in series[measure] if v is not None]
-    y_max = _nice_ceiling(max(values + ([reference] if reference is not None else []), default=0.0))
+    highs = [v for series in curve["series"] for v in series.get(f"{measure}_ci_high", []) if v is not None]
+    y_max = _nice_ceiling(max(values + highs + ([reference] if reference is not None else []), default=0.0))
     x_min, x_max = (min(x_values), max(x_values)) if x_values else (0, 1)
 
     def x_of(x: float) -> float:
@@ -178,15 +217,21 @@ def blocking_curve_chart(
             current.append(point)
             end = curve["window_ends"][j]
             accuracy = series["accuracy"][j]
+            low = (series.get(f"{measure}_ci_low") or [None] * len(x_values))[j]
+            high = (series.get(f"{measure}_ci_high") or [None] * len(x_values))[j]
+            interval = f", 95% CI {low:.4g}–{high:.4g}" if low is not None and high is not None else ""
             dots.append(
                 {
                     "x": point[0],
                     "y": point[1],
+                    "ci": error_bar(point[0], low, high, y_of),
+                    "n": series["n"][j],
                     "title": (
-                        f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} "
-                        f"(accuracy {accuracy:.4g}, n = {series['n'][j]})"
+                        f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g}{interval} "
+                        f"(accuracy {accuracy:.4g}, n = {series['n'][j]} images)"
                         if accuracy is not None
-                        else f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g} (n = {series['n'][j]})"
+                        else f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g}{interval} "
+                        f"(n = {series['n'][j]} images)"
                     ),
                 }
             )
@@ -214,6 +259,7 @@ def blocking_curve_chart(
         "plot_h": plot_h,
         "bottom_y": top + plot_h,
         "legend_x": left + plot_w + 18,
+        "y_max": y_max,
         "lines": lines,
         "x_ticks": x_ticks,
         "y_ticks": y_ticks,
