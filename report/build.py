@@ -31,6 +31,7 @@ from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages
 from report.pages.blocking import write_blocking_pages
 from report.pages.compare import write_compare_page
+from report.pages.depth import write_depth_page
 from report.pages.downloads import write_downloads_page
 from report.pages.index import write_index_page
 from report.pages.lens import write_lens_page
@@ -158,6 +159,7 @@ def build_site(
             writer.write(NOJEKYLL, "")
             lens_shapes = _write_lens_pages(db, db_path, site, writer, entries, objects, jobs)
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
+            depth_count = write_depth_page(db, site, runs, quant_runs)  # depth.html: every run at relative depth
             download_info = None
             if downloads:
                 download_info = write_downloads(
@@ -175,6 +177,7 @@ def build_site(
                 db_name=db_path.name,
                 has_downloads=download_info is not None,
                 quant_count=len(quant_runs),
+                depth_count=depth_count,
                 experiment_pages=experiment_pages,
             )
             site_plumbing.replace_owned(stage, out_dir)

@@ -267,3 +267,164 @@ def blocking_curve_chart(
         "empty": not values,
         "reference_y": round(y_of(reference), 2) if reference is not None and values else None,
     }
+
+
+def relative_depth_chart(
+    series: list[dict[str, Any]],
+    *,
+    y_label: str,
+    percent: bool = False,
+    width: int = 640,
+    height: int = 300,
+    reference: float | None = None,
+) -> dict[str, Any]:
+    """Geometry of a chart of several runs on one relative-depth axis (report/pages/depth.py).
+
+    `series`: one dict per run, with `key` (the run's toggle key), `name`, `color`, `dash`
+    and `points`, each {depth (0..1), value (None: no point), low, high (None: no
+    whisker), n, where (e.g. "layer 3 of 8")}. x = left + plot_w * depth, so every run,
+    whatever its number of layers, spans the same axis; y runs 0..y_max. `percent` prints
+    values as percentages. A line is broken where a value is None.
+    """
+    left, right, top, bottom = 64, 14, 14, 42
+    plot_w, plot_h = width - left - right, height - top - bottom
+    values = [p["value"] for s in series for p in s["points"] if p["value"] is not None]
+    highs = [p["high"] for s in series for p in s["points"] if p.get("high") is not None]
+    y_max = _nice_ceiling(max(values + highs + ([reference] if reference is not None else []), default=0.0))
+
+    def x_of(depth: float) -> float:
+        return left + plot_w * depth
+
+    def y_of(value: float) -> float:
+        return top + plot_h * (1 - value / y_max)
+
+    def show(value: float) -> str:
+        return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
+
+    lines = []
+    for s in series:
+        segments: list[list[tuple[float, float]]] = []
+        current: list[tuple[float, float]] = []
+        dots = []
+        for p in s["points"]:
+            if p["value"] is None:
+                if current:
+                    segments.append(current)
+                current = []
+                continue
+            x, y = round(x_of(p["depth"]), 2), round(y_of(p["value"]), 2)
+            current.append((x, y))
+            low, high = p.get("low"), p.get("high")
+            interval = f", 95% CI {show(low)}–{show(high)}" if low is not None and high is not None else ""
+            dots.append(
+                {
+                    "x": x,
+                    "y": y,
+                    "depth": p["depth"],
+                    "n": p["n"],
+                    "ci": error_bar(x, low, high, y_of),
+                    "title": (
+                        f"{s['name']}: {p['where']}, relative depth {p['depth']:.3f}: {y_label} "
+                        f"{show(p['value'])}{interval} (n = {p['n']})"
+                    ),
+                }
+            )
+        if current:
+            segments.append(current)
+        lines.append(
+            {
+                "key": s["key"],
+                "name": s["name"],
+                "color": s["color"],
+                "dash": s["dash"],
+                "segments": [" ".join(f"{x},{y}" for x, y in seg) for seg in segments],
+                "dots": dots,
+            }
+        )
+    x_ticks = [{"x": round(x_of(f), 2), "label": f"{f:g}"} for f in (0, 0.25, 0.5, 0.75, 1)]
+    y_ticks = [
+        {"y": round(y_of(y_max * f), 2), "label": f"{100 * y_max * f:.0f}%" if percent else f"{y_max * f:.4g}"}
+        for f in (0, 0.25, 0.5, 0.75, 1)
+    ]
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "plot_w": plot_w,
+        "plot_h": plot_h,
+        "bottom_y": top + plot_h,
+        "y_max": y_max,
+        "y_label": y_label,
+        "lines": lines,
+        "x_ticks": x_ticks,
+        "y_ticks": y_ticks,
+        "empty": not values,
+        "reference_y": round(y_of(reference), 2) if reference is not None and values else None,
+    }
+
+
+def grouped_bar_chart(
+    groups: list[str],
+    series: list[dict[str, Any]],
+    *,
+    y_label: str,
+    width: int = 720,
+    height: int = 320,
+) -> dict[str, Any]:
+    """Geometry of a grouped bar chart: one group per x label, one bar per series (run) in it.
+
+    `series`: dicts with `key`, `name`, `color` and `values`: {group: {value, low, high, n,
+    title}} (percentages); a series without a group has no bar there. Whiskers from low to
+    high; y runs 0..y_max (a multiple of 10, at least 10, at most 100).
+    """
+    left, right, top, bottom = 56, 12, 30, 92
+    plot_w, plot_h = width - left - right, height - top - bottom
+    tops = [max(v["value"], v.get("high") or 0.0) for s in series for v in s["values"].values()]
+    y_max = float(min(100, max(10, -(-max(tops, default=0.0) // 10) * 10)))
+
+    def y_of(value: float) -> float:
+        return top + plot_h * (1 - min(value, y_max) / y_max)
+
+    slot = plot_w / max(1, len(groups))
+    bar_w = min(28.0, slot * 0.8 / max(1, len(series)))
+    bars = []
+    for g, group in enumerate(groups):
+        start = left + slot * g + (slot - bar_w * len(series)) / 2
+        for i, s in enumerate(series):
+            v = s["values"].get(group)
+            if v is None:
+                continue
+            x = start + bar_w * i
+            bars.append(
+                {
+                    "key": s["key"],
+                    "group": group,
+                    "color": s["color"],
+                    "x": round(x, 2),
+                    "y": round(y_of(v["value"]), 2),
+                    "w": round(bar_w * 0.9, 2),
+                    "h": round(top + plot_h - y_of(v["value"]), 2),
+                    "cx": round(x + bar_w * 0.45, 2),
+                    "n": v["n"],
+                    "value": v["value"],
+                    "ci": error_bar(round(x + bar_w * 0.45, 2), v.get("low"), v.get("high"), y_of),
+                    "title": v["title"],
+                }
+            )
+    group_labels = [{"x": round(left + slot * (g + 0.5), 2), "label": group} for g, group in enumerate(groups)]
+    y_ticks = [{"y": round(y_of(y_max * f), 2), "label": f"{y_max * f:g}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "top": top,
+        "plot_w": plot_w,
+        "plot_h": plot_h,
+        "bottom_y": top + plot_h,
+        "y_max": y_max,
+        "y_label": y_label,
+        "bars": bars,
+        "group_labels": group_labels,
+        "y_ticks": y_ticks,
+    }

@@ -18,6 +18,7 @@ QUANTITATIVE = "quantitative.html"
 DOWNLOADS = "downloads.html"
 SQL = "sql.html"
 COMPARE = "compare.html"
+DEPTH = "depth.html"
 NOJEKYLL = ".nojekyll"
 STATIC_DIR = "static"
 SITE_DATABASE = "data/results.duckdb"
@@ -30,6 +31,7 @@ OWNED_PATHS = (
     DOWNLOADS,
     SQL,
     COMPARE,
+    DEPTH,
     "experiments",
     "lens",
     STATIC_DIR,
