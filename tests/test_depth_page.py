@@ -347,10 +347,14 @@ def test_two_families_tiny_lens_runs_share_the_relative_depth_axis(
     [svg] = [s for s in dom.find_all("svg") if s.attrs.get("data-chart") == "lens-top1"]
     left, plot_w, *_ = _plot_box(svg)
     keys = _run_keys(dom)
-    labels = " ".join(label.text() for label in dom.find_all("label", class_="depth-run"))
-    assert "llava-1.5" in labels and "qwen2-vl" in labels
+    labels = {label.attrs["data-run"]: label.text().strip() for label in dom.find_all("label", class_="depth-run")}
     with ResultsDB(db_path, read_only=True) as db:
         states = dict(db.sql("SELECT run_id, max(n_layers) FROM run_images GROUP BY 1"))
+        families = dict(db.sql("SELECT run_id, json_extract_string(config, 'family') FROM runs"))
+    # Each run is labelled by the family its loader recorded.
+    assert sorted(families.values()) == ["llava-1.5", "qwen2-vl"]
+    for run_id, family in families.items():
+        assert labels[keys[run_id]].startswith(f"{family} \u00b7 ")
     assert len(states) == 2 and len(set(states.values())) == 2  # different depths: the axis must normalise
     for run_id, n_states in states.items():
         [group] = [g for g in svg.find_all("g", class_="run-series") if g.attrs["data-run"] == keys[run_id]]
