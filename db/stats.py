@@ -54,9 +54,17 @@ def bootstrap_ratio_ci(
     if n < 2:
         return None
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n, size=(resamples, n))
-    num_sums = num[picks].sum(axis=1)
-    den_sums = den[picks].sum(axis=1)
+    num_sums = np.empty((resamples, *num.shape[1:]))
+    den_sums = np.empty((resamples, *den.shape[1:]))
+    # A resample as counts per image (how often each was drawn): its sums are counts @ rows.
+    # In blocks of resamples, so memory is block x images, never resamples x images x points.
+    block = max(1, min(resamples, 500_000 // n))
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        picks = rng.integers(0, n, size=(size, n)) + n * np.arange(size)[:, None]
+        counts = np.bincount(picks.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+        num_sums[start : start + size] = counts @ num
+        den_sums[start : start + size] = counts @ den
     with np.errstate(invalid="ignore", divide="ignore"):
         ratios = num_sums / den_sums
     alpha = (1 - level) / 2

@@ -126,12 +126,13 @@ def quantitative_lens(
     # object positions summed over its categories.
     image_ids = sorted({image_id for image_id, _ in keys})
     image_row = {image_id: j for j, image_id in enumerate(image_ids)}
-    member = np.zeros((len(image_ids), len(keys)))
-    for i, (image_id, _) in enumerate(keys):
-        member[image_row[image_id], i] = 1.0
-    positions_per_image = np.repeat((member @ counts)[:, None], n_layers, axis=1)
-    result.top1_ci_low, result.top1_ci_high = stats.bootstrap_curve_ci(member @ top1, positions_per_image)
-    result.topk_ci_low, result.topk_ci_high = stats.bootstrap_curve_ci(member @ topk, positions_per_image)
+    row_of_key = np.array([image_row[image_id] for image_id, _ in keys], dtype=np.int64)
+    top1_per_image, topk_per_image = np.zeros((len(image_ids), n_layers)), np.zeros((len(image_ids), n_layers))
+    np.add.at(top1_per_image, row_of_key, top1)
+    np.add.at(topk_per_image, row_of_key, topk)
+    positions_per_image = np.repeat(np.bincount(row_of_key, weights=counts)[:, None], n_layers, axis=1)
+    result.top1_ci_low, result.top1_ci_high = stats.bootstrap_curve_ci(top1_per_image, positions_per_image)
+    result.topk_ci_low, result.topk_ci_high = stats.bootstrap_curve_ci(topk_per_image, positions_per_image)
     result.peak_top1 = int(np.argmax(result.top1)) if max(result.top1) > 0 else None
     result.peak_topk = int(np.argmax(result.topk)) if max(result.topk) > 0 else None
     for i, (image_id, category) in enumerate(keys):
