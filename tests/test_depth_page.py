@@ -22,7 +22,7 @@ from PIL import Image
 from db.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
 from report.build import build_site
-from tests.test_report_experiments import Node, parse, run_page
+from tests.test_report_experiments import Node, _TreeBuilder, parse, run_page
 
 HOSTILE_MODEL = 'org/<script>alert("m")</script>'
 LENS_DEPTHS = {"llava-1.5": 4, "qwen2-vl": 2}  # decoder layers: L + 1 hidden states stored
@@ -360,3 +360,28 @@ def test_two_families_tiny_lens_runs_share_the_relative_depth_axis(
         [group] = [g for g in svg.find_all("g", class_="run-series") if g.attrs["data-run"] == keys[run_id]]
         xs = [float(d.attrs["cx"]) for d in group.find_all("circle", class_="dot")]
         assert xs == pytest.approx([left + plot_w * layer / (n_states - 1) for layer in range(n_states)], abs=0.006)
+
+
+@pytest.mark.browser  # headless Chromium runs static/depth.js on the page from file://
+def test_runs_hidden_by_the_url_are_hidden_from_file_url(two_families) -> None:
+    import subprocess
+
+    from tests.test_site_browser import CHROMIUM_ARGS, _chromium, _unavailable
+
+    _, out, _ = two_families
+    executable = _chromium()
+    if executable is None:
+        _unavailable("no Chromium binary found (apt-get install chromium, or set CHROMIUM=/path)")
+    page = (out / "depth.html").resolve().as_uri() + "#hide=run-1"
+    dumped = subprocess.run(
+        [str(executable), *CHROMIUM_ARGS, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    builder = _TreeBuilder()
+    builder.feed(dumped)  # the DOM after the page's scripts ran
+    dom = builder.root
+    marks = [n for n in dom.iter() if "data-run" in n.attrs and "depth-run" not in (n.attrs.get("class") or "")]
+    hidden = {n.attrs["data-run"] for n in marks if n.attrs.get("display") == "none"}
+    shown = {n.attrs["data-run"] for n in marks if n.attrs.get("display") != "none"}
+    assert hidden == {"run-1"} and "run-1" not in shown and {"run-0", "run-2"} <= shown
+    rows = [n for n in marks if n.tag == "tr"]
+    assert all(("hidden" in n.attrs) == (n.attrs["data-run"] == "run-1") for n in rows)
