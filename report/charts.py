@@ -24,6 +24,12 @@ def error_bar(x: float, low: float | None, high: float | None, y_of: Any) -> dic
     return {"x": x, "y_low": round(y_of(low), 2), "y_high": round(y_of(high), 2), "low": low, "high": high}
 
 
+def _dodge(index: int, count: int, step: float = 2.5) -> float:
+    """Horizontal offset of series `index` of `count` for whiskers, so that intervals of
+    lines sharing an x stay apart (the points themselves stay at their x)."""
+    return (index - (count - 1) / 2) * step
+
+
 def layer_share_chart(
     series: list[tuple[str, list[float], str]],
     n_layers: int,
@@ -55,7 +61,7 @@ def layer_share_chart(
         return top + plot_h * (1 - value / y_max)
 
     lines = []
-    for (name, values, css), bound, note in zip(series, bounds, notes):
+    for k, ((name, values, css), bound, note) in enumerate(zip(series, bounds, notes)):
         points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(values))
         dots = []
         for i, v in enumerate(values):
@@ -65,7 +71,7 @@ def layer_share_chart(
                 {
                     "x": round(x_of(i), 1),
                     "y": round(y_of(v), 1),
-                    "ci": error_bar(round(x_of(i), 1), low, high, y_of),
+                    "ci": error_bar(round(x_of(i) + _dodge(k, len(series)), 2), low, high, y_of),
                     "title": f"{name}, layer {i}: {100 * v:.1f}%{interval}" + (f" ({note})" if note else ""),
                 }
             )
@@ -224,7 +230,7 @@ def blocking_curve_chart(
                 {
                     "x": point[0],
                     "y": point[1],
-                    "ci": error_bar(point[0], low, high, y_of),
+                    "ci": error_bar(round(point[0] + _dodge(i, len(curve["series"])), 2), low, high, y_of),
                     "n": series["n"][j],
                     "title": (
                         f"{series['source']}, layers {x}–{end}: {y_label} {value:.4g}{interval} "
@@ -302,7 +308,7 @@ def relative_depth_chart(
         return f"{100 * value:.1f}%" if percent else f"{value:.3g}"
 
     lines = []
-    for s in series:
+    for i, s in enumerate(series):
         segments: list[list[tuple[float, float]]] = []
         current: list[tuple[float, float]] = []
         dots = []
@@ -322,7 +328,7 @@ def relative_depth_chart(
                     "y": y,
                     "depth": p["depth"],
                     "n": p["n"],
-                    "ci": error_bar(x, low, high, y_of),
+                    "ci": error_bar(round(x + _dodge(i, len(series)), 2), low, high, y_of),
                     "title": (
                         f"{s['name']}: {p['where']}, relative depth {p['depth']:.3f}: {y_label} "
                         f"{show(p['value'])}{interval} (n = {p['n']})"

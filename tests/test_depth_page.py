@@ -280,6 +280,17 @@ def test_blocking_curves_and_flip_rates_of_two_families(two_families) -> None:
                 assert float(whisker.attrs["data-low"]) == pytest.approx(low[start], abs=1e-12)
                 assert float(whisker.attrs["data-high"]) == pytest.approx(high[start], abs=1e-12)
                 assert dot.attrs["data-n"] == f"{len(IMAGES)} images"
+            # The run's own page draws the same intervals over window start layers.
+            run_svg = [
+                s
+                for s in parse(run_page(out, "blocking", run)).find_all("svg")
+                if s.attrs.get("data-measure") == "relative_accuracy"
+            ][0]
+            [series] = run_svg.find_all("g", class_="series")
+            drawn = [
+                (float(w.attrs["data-low"]), float(w.attrs["data-high"])) for w in series.find_all("line", class_="ci")
+            ]
+            assert drawn == [(pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12)) for lo, hi in zip(low, high)]
         # Ablation: one bar per run and condition, whiskers the Wilson interval of the raw counts.
         [bars_svg] = [s for s in dom.find_all("svg") if s.attrs.get("data-chart") == "ablation-1"]
         for family in LENS_DEPTHS:
