@@ -22,7 +22,8 @@ from PIL import Image
 from db.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
 from report.build import build_site
-from tests.test_report_experiments import Node, _TreeBuilder, parse, run_page
+from tests.test_report_experiments import Node, parse, run_page
+from tests.test_site_browser import browser  # noqa: F401  (the shared Chromium fixture)
 
 HOSTILE_MODEL = 'org/<script>alert("m")</script>'
 LENS_DEPTHS = {"llava-1.5": 4, "qwen2-vl": 2}  # decoder layers: L + 1 hidden states stored
@@ -373,26 +374,44 @@ def test_two_families_tiny_lens_runs_share_the_relative_depth_axis(
         assert xs == pytest.approx([left + plot_w * layer / (n_states - 1) for layer in range(n_states)], abs=0.006)
 
 
-@pytest.mark.browser  # headless Chromium runs static/depth.js on the page from file://
-def test_runs_hidden_by_the_url_are_hidden_from_file_url(two_families) -> None:
-    import subprocess
-
-    from tests.test_site_browser import CHROMIUM_ARGS, _chromium, _unavailable
+@pytest.mark.browser  # Chromium through Playwright, from file://
+def test_checkboxes_choose_the_runs_drawn(browser, two_families) -> None:
+    from tests.test_site_browser import Watched
 
     _, out, _ = two_families
-    executable = _chromium()
-    if executable is None:
-        _unavailable("no Chromium binary found (apt-get install chromium, or set CHROMIUM=/path)")
-    page = (out / "depth.html").resolve().as_uri() + "#hide=run-1"
-    dumped = subprocess.run(
-        [str(executable), *CHROMIUM_ARGS, "--dump-dom", page], capture_output=True, text=True, timeout=120, check=True
-    ).stdout
-    builder = _TreeBuilder()
-    builder.feed(dumped)  # the DOM after the page's scripts ran
-    dom = builder.root
-    marks = [n for n in dom.iter() if "data-run" in n.attrs and "depth-run" not in (n.attrs.get("class") or "")]
-    hidden = {n.attrs["data-run"] for n in marks if n.attrs.get("display") == "none"}
-    shown = {n.attrs["data-run"] for n in marks if n.attrs.get("display") != "none"}
-    assert hidden == {"run-1"} and "run-1" not in shown and {"run-0", "run-2"} <= shown
-    rows = [n for n in marks if n.tag == "tr"]
-    assert all(("hidden" in n.attrs) == (n.attrs["data-run"] == "run-1") for n in rows)
+    watched = Watched(browser, out.resolve().as_uri() + "/")
+
+    def hidden_runs(page) -> set[str]:
+        # Marks of a run: chart groups and bars (display="none") and rows of the n tables (hidden).
+        return set(
+            page.evaluate(
+                """() => [...document.querySelectorAll("[data-run]:not(.depth-run)")]
+                    .filter(e => e.getAttribute("display") === "none" || e.hidden)
+                    .map(e => e.dataset.run)"""
+            )
+        )
+
+    try:
+        page = watched.goto("depth.html")
+        assert hidden_runs(page) == set()
+        page.locator('#run-picker input[value="run-1"]').uncheck()
+        assert hidden_runs(page) == {"run-1"}
+        assert page.evaluate("location.hash") == "#hide=run-1"
+        # run-1 (the second lens run) is in both lens charts and both of their n tables.
+        assert page.locator('svg [data-run="run-1"][display="none"]').count() == 2
+        assert page.locator('tr[data-run="run-1"][hidden]').count() == 2
+        page.locator("#runs-none").click()
+        assert hidden_runs(page) == {f"run-{i}" for i in range(6)}
+        page.locator("#runs-all").click()
+        assert hidden_runs(page) == set() and page.evaluate("location.hash") == ""
+        # A link with #hide= shows those runs hidden and their boxes cleared: followed on the
+        # page (only the hash changes) and loaded afresh.
+        page = watched.goto("depth.html#hide=run-0,run-4")
+        assert hidden_runs(page) == {"run-0", "run-4"}
+        page.reload()
+        assert hidden_runs(page) == {"run-0", "run-4"}
+        assert not page.locator('#run-picker input[value="run-4"]').is_checked()
+        assert page.locator('#run-picker input[value="run-1"]').is_checked()
+        watched.check()
+    finally:
+        watched.context.close()

@@ -44,6 +44,8 @@
       apply();
     });
   });
+  // A link to another selection on this page changes only the hash: no reload.
+  window.addEventListener("hashchange", function () { fromHash(); apply(); });
   fromHash();
   apply();
 })();
