@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+from test_report_experiments import Node, parse, run_page
+from test_site_browser import Watched, browser  # noqa: F401  (browser: the shared Chromium fixture)
 
 from db.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
 from report.build import build_site
-from tests.test_report_experiments import Node, parse, run_page
-from tests.test_site_browser import browser  # noqa: F401  (the shared Chromium fixture)
 
 HOSTILE_MODEL = 'org/<script>alert("m")</script>'
 LENS_DEPTHS = {"llava-1.5": 4, "qwen2-vl": 2}  # decoder layers: L + 1 hidden states stored
@@ -376,8 +376,6 @@ def test_two_families_tiny_lens_runs_share_the_relative_depth_axis(
 
 @pytest.mark.browser  # Chromium through Playwright, from file://
 def test_checkboxes_choose_the_runs_drawn(browser, two_families) -> None:
-    from tests.test_site_browser import Watched
-
     _, out, _ = two_families
     watched = Watched(browser, out.resolve().as_uri() + "/")
 
