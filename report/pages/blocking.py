@@ -53,7 +53,7 @@ def window_intervals(outcomes: list[tuple[Any, ...]]) -> dict[WindowKey, dict[st
         by_pair.setdefault((row[0], row[1]), []).append(row)
     out: dict[WindowKey, dict[str, float | None]] = {}
     for (target, source), rows in by_pair.items():
-        windows = sorted({(r[2], r[3]) for r in rows}, key=lambda w: (w[0] if w[0] is not None else -1, w[1] or -1))
+        windows = sorted({(r[2], r[3]) for r in rows}, key=lambda w: tuple(-1 if v is None else v for v in w))
         images = sorted({r[4] for r in rows})
         col = {w: j for j, w in enumerate(windows)}
         row_of = {image: i for i, image in enumerate(images)}
