@@ -457,6 +457,37 @@ def blocking_curves(db: ResultsDB, run_id: str, window_kind: str) -> list[dict[s
     )
 
 
+def blocking_outcomes(db: ResultsDB, run_id: str, window_kind: str) -> list[tuple[Any, ...]]:
+    """Per image and blocking condition of one window kind: (target, source, layer_start,
+    layer_end, image_id, correct, target_prob, baseline_correct), by condition then image.
+
+    The rows the `blocking_curves` view aggregates (images with a baseline row only), for
+    intervals by bootstrap over images; one row per image x condition, never per position.
+    """
+    return [
+        tuple(row)
+        for row in db.sql(
+            """
+            SELECT b.target, b.source, b.layer_start, b.layer_end, b.image_id, b.correct, b.target_prob,
+                   base.correct AS baseline_correct
+            FROM blocking b
+            JOIN (SELECT run_id, image_id, correct FROM blocking WHERE window_kind = 'baseline') base
+              USING (run_id, image_id)
+            WHERE b.run_id = ? AND b.window_kind = ?
+            ORDER BY b.target, b.source, b.layer_start, b.layer_end, b.image_id
+            """,
+            (run_id, window_kind),
+        )
+    ]
+
+
+def run_layer_count(db: ResultsDB, run_id: str) -> int | None:
+    """The largest `run_images.n_layers` of a run: hidden states for a lens run (embeddings
+    + one per decoder layer), decoder layers for ablation and blocking runs; None if unknown."""
+    rows = db.sql("SELECT max(n_layers) FROM run_images WHERE run_id = ?", (run_id,))
+    return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+
 def blocking_image_summary(db: ResultsDB, run_id: str) -> list[dict[str, Any]]:
     """Per image with a marker: category, question, baseline prediction, share of blocking
     conditions still correct, and why it was skipped (if it was)."""

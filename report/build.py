@@ -32,6 +32,7 @@ from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages
 from report.pages.blocking import write_blocking_pages
 from report.pages.compare import write_compare_page
+from report.pages.depth import write_depth_page
 from report.pages.downloads import write_downloads_page
 from report.pages.index import write_index_page
 from report.pages.lens import write_lens_page
@@ -173,6 +174,7 @@ def build_site(
                 db, db_path, site, writer, entries, objects, jobs, manifest, meanwhile=export
             )
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
+            depth_count = write_depth_page(db, site, runs, quant_runs)  # depth.html: every run at relative depth
             if download_info is not None:
                 write_downloads_page(site, runs, download_info)
             write_sql_page(db, site, download_info)  # sql.html, vendor/duckdb-wasm/
@@ -186,6 +188,7 @@ def build_site(
                 db_name=db_path.name,
                 has_downloads=download_info is not None,
                 quant_count=len(quant_runs),
+                depth_count=depth_count,
                 experiment_pages=experiment_pages,
             )
             manifest.write(stage)

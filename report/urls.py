@@ -18,6 +18,7 @@ QUANTITATIVE = "quantitative.html"
 DOWNLOADS = "downloads.html"
 SQL = "sql.html"
 COMPARE = "compare.html"
+DEPTH = "depth.html"
 NOJEKYLL = ".nojekyll"
 BUILD_MANIFEST = ".llava-interp-build.json"  # report/incremental.py
 STATIC_DIR = "static"
@@ -31,6 +32,7 @@ OWNED_PATHS = (
     DOWNLOADS,
     SQL,
     COMPARE,
+    DEPTH,
     "experiments",
     "lens",
     STATIC_DIR,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from db.stats import wilson_interval
 from db.store import ResultsDB
 from report.pages.blocking import blocking_page_data
 
@@ -41,7 +42,23 @@ def test_blocking_page_data_from_synthetic_rows(tmp_path):
     assert series["object_1"]["relative_accuracy"] == [pytest.approx(0.5), pytest.approx(1.0)]
     assert series["object_1"]["mean_target_prob"] == [pytest.approx(0.4), pytest.approx(0.7)]
     assert series["object_0"]["relative_accuracy"] == [None, pytest.approx(1.0)]
-    assert data["baseline"] == {"n": 2, "accuracy": 1.0, "mean_target_prob": pytest.approx(0.8)}
+    assert data["baseline"] == {
+        "n": 2,
+        "accuracy": 1.0,
+        "mean_target_prob": pytest.approx(0.8),
+        "accuracy_ci": list(wilson_interval(2, 2)),
+    }
+    # Intervals: Wilson on accuracy (1 of 2 right); bootstrap over the two images of the
+    # first window: a resample holds image 1 twice (ratio 0), image 2 twice (1) or both
+    # (0.5), so with 2000 resamples the 2.5 / 97.5 percentiles are 0 and 1.
+    object_1 = series["object_1"]
+    assert (object_1["accuracy_ci_low"][0], object_1["accuracy_ci_high"][0]) == wilson_interval(1, 2)
+    assert (object_1["relative_accuracy_ci_low"][0], object_1["relative_accuracy_ci_high"][0]) == (0.0, 1.0)
+    assert object_1["mean_target_prob_ci_low"][0] == pytest.approx(0.2)
+    assert object_1["mean_target_prob_ci_high"][0] == pytest.approx(0.6)
+    # One image in the second window: no bootstrap interval, but Wilson is defined.
+    assert object_1["relative_accuracy_ci_low"][1] is None and object_1["mean_target_prob_ci_high"][1] is None
+    assert (object_1["accuracy_ci_low"][1], object_1["accuracy_ci_high"][1]) == wilson_interval(1, 1)
     assert [
         (p["preset"], p["layer_start"], p["layer_end"], p["n"], p["relative_accuracy"]) for p in data["presets"]
     ] == [("all", 0, 3, 1, 0.0)]

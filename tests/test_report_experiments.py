@@ -24,6 +24,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
+from db.stats import wilson_interval
 from db.store import ResultsDB
 from report.build import build_site, run_dir_name
 
@@ -498,8 +499,8 @@ def test_ablation_summary_equals_the_view(site: tuple[Path, Path, dict[str, str]
     run_id = run_ids["ablation"]
     with ResultsDB(db_path, read_only=True) as db:
         rows = db.sql(
-            "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated "
-            "FROM ablation_summary WHERE run_id = ?",
+            "SELECT setting, condition, n_baseline_correct, n_flipped, pct_flipped, mean_tokens_ablated, "
+            "pct_flipped_ci_low, pct_flipped_ci_high FROM ablation_summary WHERE run_id = ?",
             [run_id],
         )
     assert len(rows) > 20 and any(0 < r[4] < 100 for r in rows)  # the fixture has realistic numbers
@@ -514,14 +515,18 @@ def test_ablation_summary_equals_the_view(site: tuple[Path, Path, dict[str, str]
                 int(tds[0].attrs["data-value"]),
                 int(tds[1].attrs["data-value"]),
                 float(tds[2].attrs["data-value"]),
-                float(tds[3].attrs["data-value"]),
+                float(tds[4].attrs["data-value"]),
                 [td.text().strip() for td in tds],
+                (float(tds[3].attrs["data-low"]), float(tds[3].attrs["data-high"])),
             )
     assert set(shown) == {(r[0], r[1]) for r in rows}
-    for setting, condition, n_base, n_flipped, pct, mean_tokens in rows:
+    for setting, condition, n_base, n_flipped, pct, mean_tokens, ci_low, ci_high in rows:
         got = shown[(setting, condition)]
         assert got[:4] == (n_base, n_flipped, pct, mean_tokens)  # exactly the view's values
-        assert got[4] == [str(n_base), str(n_flipped), f"{pct:.2f}", f"{mean_tokens:.2f}"]
+        # The page's Wilson interval (db.stats) equals the view's (SQL) to rounding.
+        assert got[5] == (pytest.approx(ci_low, abs=1e-9), pytest.approx(ci_high, abs=1e-9))
+        ci_text = f"{ci_low:.1f}\u2013{ci_high:.1f}"
+        assert got[4] == [str(n_base), str(n_flipped), f"{pct:.2f}", ci_text, f"{mean_tokens:.2f}"]
     # Tables in reading order: generative, polling, vqa; none first, image_noise last.
     assert [t.attrs["data-setting"] for t in dom.find_all("table", class_="exp-summary")] == list(SETTINGS)
     first = dom.find_all("table", class_="exp-summary")[0]
@@ -538,6 +543,17 @@ def test_ablation_bar_charts(site: tuple[Path, Path, dict[str, str]]) -> None:
             "WHERE run_id = ? AND condition <> 'none'",
             [run_id],
         )
+        # Flip counts straight from the raw rows, for the intervals (independent of the view).
+        raw = {
+            (setting, condition): (int(n), int(flipped))
+            for setting, condition, n, flipped in db.sql(
+                "SELECT a.setting, a.condition, count(*), count(*) FILTER (WHERE NOT a.correct) FROM ablations a "
+                "WHERE a.run_id = ? AND EXISTS (SELECT 1 FROM ablations b WHERE b.run_id = a.run_id "
+                "AND b.image_id = a.image_id AND b.setting = a.setting AND b.condition = 'none' AND b.correct) "
+                "GROUP BY 1, 2",
+                [run_id],
+            )
+        }
     dom = parse(run_page(out, "ablation", run_id))
     charts = dom.find_all("svg", class_="bar-chart")
     assert [c.attrs["data-setting"] for c in charts] == list(SETTINGS)
@@ -549,7 +565,18 @@ def test_ablation_bar_charts(site: tuple[Path, Path, dict[str, str]]) -> None:
         for bar in bars:
             _, _, n_base, n_flipped, pct = expected[bar.attrs["data-condition"]]
             title = bar.find_all("title")[0].text()
-            assert f"{n_flipped} of {n_base} baseline-correct answers flipped ({pct:.2f}%)" in title
+            assert f"{n_flipped} of {n_base} baseline-correct answers flipped ({pct:.2f}%" in title
+            # The whisker: the Wilson interval of the raw counts, at y = top + h (1 - v / y_max).
+            n, flipped = raw[(setting, bar.attrs["data-condition"])]
+            low, high = wilson_interval(flipped, n)
+            [whisker] = bar.find_all("line", class_="ci")
+            assert float(whisker.attrs["data-low"]) == pytest.approx(100 * low, abs=1e-9)
+            assert float(whisker.attrs["data-high"]) == pytest.approx(100 * high, abs=1e-9)
+            assert int(whisker.attrs["data-n"]) == n and f"n = {n}" in title
+            top, plot_h, y_max = (float(chart.attrs[k]) for k in ("data-plot-top", "data-plot-height", "data-y-max"))
+            assert float(whisker.attrs["y1"]) == pytest.approx(top + plot_h * (1 - 100 * low / y_max), abs=0.01)
+            assert float(whisker.attrs["y2"]) == pytest.approx(top + plot_h * (1 - 100 * high / y_max), abs=0.01)
+            assert any(t.text() == f"n={n}" for t in bar.find_all("text"))
             assert bar.find_all("text")[0].text() == f"{pct:.1f}"
             # The bar height is proportional to % flipped (shared y range).
             assert float(bar.find_all("rect")[0].attrs["height"]) >= 0
@@ -687,14 +714,17 @@ def test_blocking_presets_equal_the_view(site: tuple[Path, Path, dict[str, str]]
         assert [tr.attrs["data-preset"] for tr in body if tr.attrs["data-source"] == "object_1"] == list(PRESETS)
         for tr in body:
             tds = tr.find_all("td")
-            values = [json.loads(td.attrs["data-value"]) for td in tds[3:]]
+            values = [json.loads(td.attrs["data-value"]) for td in tds[3:] if "data-value" in td.attrs]
+            [accuracy_ci] = [td for td in tds if td.attrs.get("data-measure") == "accuracy"]
             shown[(table.attrs["data-target"], tr.attrs["data-source"], tr.attrs["data-preset"])] = (
                 tds[2].text(),
                 *values,
+                (json.loads(accuracy_ci.attrs["data-low"]), json.loads(accuracy_ci.attrs["data-high"])),
             )
     assert set(shown) == {r[:3] for r in rows}
     for target, source, preset, start, end, n, accuracy, relative, prob in rows:
-        assert shown[(target, source, preset)] == (f"{start}–{end}", n, accuracy, relative, prob)
+        wilson = wilson_interval(round(accuracy * n), n)
+        assert shown[(target, source, preset)] == (f"{start}–{end}", n, accuracy, relative, prob, wilson)
 
 
 def test_all_null_relative_accuracy_is_said(site: tuple[Path, Path, dict[str, str]]) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from db.stats import bootstrap_ratio_ci, wilson_interval
+from db.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_curve_ci, bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
 
 Z = 1.959963984540054
@@ -57,6 +57,31 @@ def test_bootstrap_ratio_interval() -> None:
     curves = bootstrap_ratio_ci(np.stack([num, 0.5 * den], axis=1), np.stack([den, den], axis=1))
     assert curves[0].shape == (2,) and curves[0][1] == pytest.approx(0.5)
     assert bootstrap_ratio_ci([1.0], [2.0]) is None
+
+
+def test_bootstrap_equals_resampling_images_directly() -> None:
+    """The per-image draw counts give the interval that summing the drawn rows gives (the
+    plain definition), for the same draws: one block of resamples draws as one call does."""
+    rng = np.random.default_rng(5)
+    den = rng.integers(1, 20, size=(40, 3)).astype(float)
+    num = rng.binomial(den.astype(int), [0.2, 0.5, 0.8]).astype(float)
+    picks = np.random.default_rng(9).integers(0, 40, size=(500, 40))
+    ratios = num[picks].sum(axis=1) / den[picks].sum(axis=1)
+    expected = np.quantile(ratios, [0.025, 0.975], axis=0)
+    low, high = bootstrap_ratio_ci(num, den, resamples=500, seed=9)
+    np.testing.assert_allclose(low, expected[0], rtol=1e-12)
+    np.testing.assert_allclose(high, expected[1], rtol=1e-12)
+
+
+def test_bootstrap_curve_ci_points_without_two_images_have_no_interval() -> None:
+    # Point 0: three images; point 1: one image has it (the others 0/0); point 2: nobody.
+    num = np.array([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    den = np.array([[2.0, 2.0, 0.0], [2.0, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    low, high = bootstrap_curve_ci(num, den)
+    reference = bootstrap_ratio_ci(num[:, 0], den[:, 0], resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED)
+    assert (low[0], high[0]) == (pytest.approx(reference[0]), pytest.approx(reference[1]))
+    assert low[1:] == [None, None] and high[1:] == [None, None]
+    assert bootstrap_curve_ci(num[:1], den[:1]) == ([None] * 3, [None] * 3)
 
 
 def _ablation_rows(run_id: str, image_id: int, flipped: bool) -> pa.Table:

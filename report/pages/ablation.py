@@ -4,7 +4,8 @@
 
 - ``run``: run_id, model_id, status, config.
 - ``summary``: rows of the `ablation_summary` view (setting, condition, n_baseline_correct,
-  n_flipped, pct_flipped, mean_tokens_ablated), ordered by setting then condition.
+  n_flipped, pct_flipped, mean_tokens_ablated, and the 95% Wilson interval of pct_flipped
+  as pct_flipped_ci_low / pct_flipped_ci_high), ordered by setting then condition.
 - ``images``: one entry per ablated image: image_id, file_name, category, grid size and
   ``conditions``: every (setting, condition) row with positions, patch cells, answer and
   correctness.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from db import queries
+from db import queries, stats
 from db.store import ResultsDB
 from report import charts
 from report.catalogue import ExperimentPage
@@ -68,6 +69,11 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
         }
         for row in queries.ablation_summary(db, run_id)
     ]
+    for row in summary:
+        # The view's Wilson bounds, recomputed from its counts so that databases written
+        # before the view had them (schema < 8, opened read-only) render the same.
+        interval = stats.wilson_percent(row["n_flipped"], row["n_baseline_correct"])
+        row["pct_flipped_ci_low"], row["pct_flipped_ci_high"] = interval if interval else (None, None)
     summary.sort(key=lambda row: (setting_sort_key(row["setting"]), condition_sort_key(row["condition"])))
 
     image_positions = queries.positions_by_image(db, run_id, kind="image")

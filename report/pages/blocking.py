@@ -7,6 +7,9 @@
   window (ascending) and `window_ends`, and one series per source set with
   `relative_accuracy`, `accuracy`, `mean_target_prob` and `n`, aligned with `x` (None where
   a source has no window starting there).
+  Each measure also has `<measure>_ci_low` / `<measure>_ci_high` lists: accuracy a 95%
+  Wilson interval (its unit, the image, answers right or wrong), relative accuracy and
+  mean class probability a percentile bootstrap over images (`window_intervals`).
 - `baseline`: n images with a baseline row, their accuracy and mean class probability.
 - `presets`: one row per (target, source, preset) with its window and the same measures.
 - `images`: one row per image: category, question, baseline prediction, and the share of
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from db import queries
+import numpy as np
+
+from db import queries, stats
 from db.store import ResultsDB
 from report import charts
 from report.catalogue import ExperimentPage
@@ -30,6 +35,53 @@ from report.pages.experiment_images import write_experiment_pages
 from report.site import Site
 
 MEASURES = ("relative_accuracy", "accuracy", "mean_target_prob", "n")
+INTERVAL_MEASURES = ("accuracy", "relative_accuracy", "mean_target_prob")
+WindowKey = tuple[str, str, int, int]
+
+
+def window_intervals(outcomes: list[tuple[Any, ...]]) -> dict[WindowKey, dict[str, float | None]]:
+    """95% intervals of every blocking condition's measures, keyed (target, source, layer_start, layer_end).
+
+    `outcomes` are `queries.blocking_outcomes` rows (one per image x condition). Accuracy:
+    Wilson over the condition's images. Relative accuracy (sum of correct / sum of baseline
+    correct over the same images, as the view computes it) and mean class probability:
+    percentile bootstrap over images (db.stats.bootstrap_curve_ci), resampling every
+    window of a (target, source) pair together so one resample is one set of images.
+    """
+    by_pair: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    for row in outcomes:
+        by_pair.setdefault((row[0], row[1]), []).append(row)
+    out: dict[WindowKey, dict[str, float | None]] = {}
+    for (target, source), rows in by_pair.items():
+        windows = sorted({(r[2], r[3]) for r in rows}, key=lambda w: tuple(-1 if v is None else v for v in w))
+        images = sorted({r[4] for r in rows})
+        col = {w: j for j, w in enumerate(windows)}
+        row_of = {image: i for i, image in enumerate(images)}
+        shape = (len(images), len(windows))
+        correct, base, prob, has_prob = (np.zeros(shape) for _ in range(4))
+        for _, _, start, end, image_id, ok, target_prob, base_ok in rows:
+            i, j = row_of[image_id], col[(start, end)]
+            correct[i, j], base[i, j] = float(bool(ok)), float(bool(base_ok))
+            if target_prob is not None:
+                prob[i, j], has_prob[i, j] = float(target_prob), 1.0
+        present = np.zeros(shape, dtype=bool)
+        for _, _, start, end, image_id, *_ in rows:
+            present[row_of[image_id], col[(start, end)]] = True
+        rel_low, rel_high = stats.bootstrap_curve_ci(correct, base)
+        prob_low, prob_high = stats.bootstrap_curve_ci(prob, has_prob)
+        for (start, end), j in col.items():
+            wilson = stats.wilson_interval(int(correct[:, j].sum()), int(present[:, j].sum()))
+            out[(target, source, start, end)] = {
+                "accuracy_ci_low": wilson[0] if wilson else None,
+                "accuracy_ci_high": wilson[1] if wilson else None,
+                "relative_accuracy_ci_low": rel_low[j],
+                "relative_accuracy_ci_high": rel_high[j],
+                "mean_target_prob_ci_low": prob_low[j],
+                "mean_target_prob_ci_high": prob_high[j],
+            }
+    return out
+
+
 PRESET_ORDER = ("early", "early_mid", "mid", "mid_late", "late", "all")
 
 
@@ -43,6 +95,7 @@ def blocking_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
     if run is None or run.experiment != "blocking":
         raise ValueError(f"no blocking run {run_id!r} in {db.path}")
     curve_rows = queries.blocking_curves(db, run_id, "sliding")
+    sliding_ci = window_intervals(queries.blocking_outcomes(db, run_id, "sliding"))
     curves: dict[str, dict[str, Any]] = {}
     for target in sorted({row["target"] for row in curve_rows}):
         rows = [row for row in curve_rows if row["target"] == target]
@@ -51,6 +104,9 @@ def blocking_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
         series = []
         for source in sorted({row["source"] for row in rows}):
             by_start = {row["layer_start"]: row for row in rows if row["source"] == source}
+            intervals = [
+                sliding_ci.get((target, source, s, by_start[s]["layer_end"]), {}) if s in by_start else {} for s in x
+            ]
             series.append(
                 {
                     "source": source,
@@ -58,13 +114,27 @@ def blocking_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
                         measure: [by_start[s][measure] if s in by_start else None for s in x]
                         for measure in ("n", "accuracy", "mean_target_prob", "relative_accuracy")
                     },
+                    **{
+                        f"{measure}_ci_{bound}": [ci.get(f"{measure}_ci_{bound}") for ci in intervals]
+                        for measure in INTERVAL_MEASURES
+                        for bound in ("low", "high")
+                    },
                 }
             )
         curves[target] = {"x": x, "window_ends": [ends[s] for s in x], "series": series}
 
     baseline_rows = queries.blocking_curves(db, run_id, "baseline")
     baseline = {key: baseline_rows[0][key] for key in ("n", "accuracy", "mean_target_prob")} if baseline_rows else None
+    if baseline is not None and baseline["accuracy"] is not None:
+        wilson = stats.wilson_interval(round(baseline["accuracy"] * baseline["n"]), int(baseline["n"]))
+        baseline["accuracy_ci"] = list(wilson) if wilson else None
     presets = queries.blocking_curves(db, run_id, "preset")
+    preset_ci = window_intervals(queries.blocking_outcomes(db, run_id, "preset"))
+    for row in presets:
+        row.update(
+            preset_ci.get((row["target"], row["source"], row["layer_start"], row["layer_end"]), {})
+            or {f"{m}_ci_{b}": None for m in INTERVAL_MEASURES for b in ("low", "high")}
+        )
     presets.sort(
         key=lambda p: (p["target"], p["source"], preset_sort_key(p["preset"]), p["layer_start"], p["layer_end"])
     )
@@ -218,7 +288,8 @@ def blocking_context(data: dict[str, Any]) -> tuple[dict[str, Any], list[dict[st
                 "initial": initial,
             }
         )
-    return {"charts": chart_list, "presets": presets}, images
+    bootstrap = {"resamples": stats.BOOTSTRAP_RESAMPLES, "seed": stats.BOOTSTRAP_SEED}
+    return {"charts": chart_list, "presets": presets, "bootstrap": bootstrap}, images
 
 
 def write_blocking_pages(db: ResultsDB, site: Site, page: ExperimentPage) -> None:

@@ -18,6 +18,7 @@ def write_index_page(
     db_name: str,
     has_downloads: bool,
     quant_count: int,
+    depth_count: int = 0,
     experiment_pages: list[ExperimentPage],
 ) -> None:
     models = sorted({entry.run.model_id for entry in entries})
@@ -40,6 +41,7 @@ def write_index_page(
         db_name=db_name,
         has_downloads=has_downloads,
         quant_count=quant_count,
+        depth_count=depth_count,
         experiment_pages=experiment_pages,
         run_pages={page.run.run_id: page.path for page in experiment_pages},
     )

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from db import queries
+from db import queries, stats
 from db.store import ResultsDB
 from report import charts, urls
 from report.catalogue import LENS_EXPERIMENT, LensEntry, RunInfo
@@ -38,6 +38,11 @@ class RunQuant:
     n_positions: int = 0  # object-patch positions, pooled
     top1: list[float] = field(default_factory=list)  # share per layer
     topk: list[float] = field(default_factory=list)
+    # 95% percentile bootstrap over images of each share (None where fewer than 2 images).
+    top1_ci_low: list[float | None] = field(default_factory=list)
+    top1_ci_high: list[float | None] = field(default_factory=list)
+    topk_ci_low: list[float | None] = field(default_factory=list)
+    topk_ci_high: list[float | None] = field(default_factory=list)
     peak_top1: int | None = None
     peak_topk: int | None = None
     per_image: list[dict[str, Any]] = field(default_factory=list)
@@ -120,6 +125,18 @@ def quantitative_lens(
     result.n_positions = int(counts.sum())
     result.top1 = (top1.sum(axis=0) / counts.sum()).tolist()
     result.topk = (topk.sum(axis=0) / counts.sum()).tolist()
+    # Positions of one image are not independent draws (neighbouring patches of one object
+    # share their fate), so the interval resamples whole images: per image, the hits and
+    # object positions summed over its categories.
+    image_ids = sorted({image_id for image_id, _ in keys})
+    image_row = {image_id: j for j, image_id in enumerate(image_ids)}
+    row_of_key = np.array([image_row[image_id] for image_id, _ in keys], dtype=np.int64)
+    top1_per_image, topk_per_image = np.zeros((len(image_ids), n_layers)), np.zeros((len(image_ids), n_layers))
+    np.add.at(top1_per_image, row_of_key, top1)
+    np.add.at(topk_per_image, row_of_key, topk)
+    positions_per_image = np.repeat(np.bincount(row_of_key, weights=counts)[:, None], n_layers, axis=1)
+    result.top1_ci_low, result.top1_ci_high = stats.bootstrap_curve_ci(top1_per_image, positions_per_image)
+    result.topk_ci_low, result.topk_ci_high = stats.bootstrap_curve_ci(topk_per_image, positions_per_image)
     result.peak_top1 = int(np.argmax(result.top1)) if max(result.top1) > 0 else None
     result.peak_topk = int(np.argmax(result.topk)) if max(result.topk) > 0 else None
     for i, (image_id, category) in enumerate(keys):
@@ -158,9 +175,15 @@ def write_quantitative_page(
         result = quantitative_lens(db, run.run_id, run.model_id, shapes, objects=objects, top_k=run.top_k)
         if result is None:
             continue
+        note = f"n = {result.n_images} images, {result.n_positions} object positions"
         chart = charts.layer_share_chart(
             [("top-1", result.top1, "series-top1"), (f"top-{result.top_k}", result.topk, "series-topk")],
             result.n_layers,
+            intervals=[
+                (result.top1_ci_low, result.top1_ci_high),
+                (result.topk_ci_low, result.topk_ci_high),
+            ],
+            n_notes=[note, note],
         )
         pages = {e.image_id: e.page for e in run_entries}
         quant_runs.append({"run": run, "result": result, "chart": chart, "pages": pages})
@@ -175,6 +198,7 @@ def write_quantitative_page(
     site.render(
         "quantitative.html.j2",
         urls.QUANTITATIVE,
+        bootstrap={"resamples": stats.BOOTSTRAP_RESAMPLES, "seed": stats.BOOTSTRAP_SEED},
         quant_runs=quant_runs,
         overlay=overlay,
         differing=sorted(differing),
@@ -186,12 +210,16 @@ def write_quantitative_page(
 def _overlay_chart(quant_runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every run on one chart: top-1 share solid, top-k dashed, one colour per run."""
     n_layers = max(q["result"].n_layers for q in quant_runs)
-    series = []
+    series: list[tuple[str, list[float], str]] = []
+    intervals: list[tuple[list[float | None], list[float | None]] | None] = []
+    notes = []
     for i, q in enumerate(quant_runs):
         r = q["result"]
         series.append((f"{q['label']}: top-1", r.top1, f"run-{i}"))
         series.append((f"{q['label']}: top-{r.top_k}", r.topk, f"run-{i}"))
-    chart = charts.layer_share_chart(series, n_layers, width=720, height=320)
+        intervals += [(r.top1_ci_low, r.top1_ci_high), (r.topk_ci_low, r.topk_ci_high)]
+        notes += [f"n = {r.n_images} images, {r.n_positions} object positions"] * 2
+    chart = charts.layer_share_chart(series, n_layers, width=720, height=320, intervals=intervals, n_notes=notes)
     for j, line in enumerate(chart["lines"]):
         line["stroke"] = charts.PALETTE[(j // 2) % len(charts.PALETTE)]
         line["dash"] = "" if j % 2 == 0 else "6 3"
