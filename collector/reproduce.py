@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from collector.ablation.settings import DEFAULT_MAX_NEW_TOKENS, SETTINGS
 from collector.ablation.token_sets import DEFAULT_IG_STEPS, DEFAULT_K, DEFAULT_NOISE_STD
 from collector.blocking.settings import DEFAULT_AREA_RANGE, DEFAULT_MAX_ANNOTATIONS, DEFAULT_WINDOW, REFERENCE_DEPTH
 from collector.errors import UserError
 from collector.images import ImageRecord
+from collector.options import load_options, loader_workers_option, model_options, run_options
 
 PAPER_MODEL = "llava-hf/llava-1.5-7b-hf"
 PAPER_IMAGE_TOKENS = 576  # LLaVA-1.5: a 24 x 24 patch grid
@@ -284,3 +287,196 @@ def organism_protocol(
         "max_new_tokens": "the organism answers in one or two words",
     }
     return protocol, reasons
+
+
+# -- the command -------------------------------------------------------------------------------
+
+ORGANISM = "organism"
+ORGANISM_NOTE = (
+    "the model organism (collector/organism.py): a tiny LLaVA-1.5-shaped model trained offline on "
+    "synthetic scenes, with its own held-out scenes in place of COCO"
+)
+
+
+def _cli_protocol(
+    limit: int | None, lens_limit: int | None, mean_images: int | None, max_new_tokens: int | None, ig_steps: int | None
+) -> tuple[Protocol, dict[str, str]]:
+    """The paper's protocol with the command line's overrides, and a reason for each."""
+    changes: dict[str, Any] = {}
+    reasons: dict[str, str] = {}
+    for name, value, option in (
+        ("limit", limit, "--limit"),
+        ("lens_limit", lens_limit, "--lens-limit"),
+        ("mean_images", mean_images, "--mean-images"),
+        ("max_new_tokens", max_new_tokens, "--max-new-tokens"),
+        ("ig_steps", ig_steps, "--ig-steps"),
+    ):
+        if value is not None:
+            changes[name] = value
+            reasons[name] = f"given on the command line ({option} {value})"
+    return dataclasses.replace(PAPER_PROTOCOL, **changes), reasons
+
+
+@click.command("reproduce")
+@model_options
+@click.option(
+    "--coco-images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of COCO images (e.g. val2017/); needed unless --model organism.",
+)
+@click.option(
+    "--coco-annotations",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="COCO instances JSON of those images (e.g. annotations/instances_val2017.json).",
+)
+@click.option(
+    "--questions",
+    "questions_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help='VQA questions {"<coco id>": ["question", ...]} for the VQA setting and blocking (the paper\'s '
+    "data/clean_questions.json); needed unless --model organism.",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="DuckDB results file (created if missing); every run goes into it.",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Kept images per ablation and blocking run, and images of the lens run (default: every "
+    "selected image, as the paper). Recorded as a deviation.",
+)
+@click.option(
+    "--lens-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images of the lens run, if other than --limit. Recorded as a deviation.",
+)
+@click.option(
+    "--mean-images",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images averaged for the mean vector (default: every given image). Recorded as a deviation.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Tokens generated in the generative setting (paper: {DEFAULT_MAX_NEW_TOKENS}). Recorded as a deviation.",
+)
+@click.option(
+    "--ig-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Integrated-gradients steps (paper: {DEFAULT_IG_STEPS}). Recorded as a deviation.",
+)
+@click.option(
+    "--scenes",
+    type=click.IntRange(min=1),
+    default=12,
+    show_default=True,
+    help="With --model organism: how many held-out scenes to generate and use.",
+)
+@loader_workers_option
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def reproduce_command(
+    model_id: str,
+    revision: str | None,
+    device: str | None,
+    dtype: str,
+    quantization: str,
+    prompt_template: str | None,
+    coco_images: Path | None,
+    coco_annotations: Path | None,
+    questions_file: Path | None,
+    db_path: Path,
+    limit: int | None,
+    lens_limit: int | None,
+    mean_images: int | None,
+    max_new_tokens: int | None,
+    ig_steps: int | None,
+    scenes: int,
+    loader_workers: int,
+    quiet: bool,
+) -> None:
+    """The paper's protocol, resumable, into one database: logit lens, mean vector, token
+    ablation (generative, polling, VQA; with curation), attention blocking (presets and
+    sliding windows), with the defaults of Neo et al. (arXiv 2410.07149) and its code.
+
+    --model llava-hf/llava-1.5-7b-hf --coco-images DIR --coco-annotations FILE --questions FILE
+    runs it on COCO; --model organism runs it offline on the model organism and its scenes
+    (written beside --db). Every run's config records the protocol and each deviation from
+    the paper's (runs.config -> reproduce). Rerunning the same command resumes; once complete
+    it writes nothing new. `llava-interp report build` then renders the Reproduction page."""
+    from collector.distributed import refuse_several_processes
+    from collector.images import folder_images
+    from collector.loading import check_before_load, load_model
+    from collector.options import resolve_images
+    from collector.vqa import load_questions
+    from db.store import ResultsDB
+
+    refuse_several_processes("reproduce")
+    if not db_path.parent.exists():
+        raise UserError(f"folder for --db does not exist: {db_path.parent}")
+    protocol, reasons = _cli_protocol(limit, lens_limit, mean_images, max_new_tokens, ig_steps)
+    model_note = None
+    if model_id == ORGANISM:
+        given = [name for name, value in (("--coco-images", coco_images), ("--coco-annotations", coco_annotations),
+                                          ("--questions", questions_file)) if value is not None]  # fmt: skip
+        if given:
+            raise UserError(f"--model organism brings its own scenes: leave out {', '.join(given)}")
+        from collector.organism import GRID_SIDE, prepare_demo
+
+        scene_set = prepare_demo(db_path.parent / f"{db_path.stem}-organism-scenes", n_scenes=scenes)
+        annotation_file = scene_set.annotations_path
+        questions = load_questions(scene_set.questions_path)
+        records = folder_images(scene_set.images_dir, annotation_file)
+        loaded = load_model(str(scene_set.model_dir), device or "cpu", dtype, quantization, prompt_template)
+        protocol, organism_reasons = organism_protocol(GRID_SIDE * GRID_SIDE, loaded.adapter.n_layers, protocol)
+        reasons = {**organism_reasons, **reasons}
+        model_note = ORGANISM_NOTE
+        extra = {"model_organism": True, "images": str(scene_set.images_dir), "annotations": str(annotation_file)}
+    else:
+        missing = [name for name, value in (("--coco-images", coco_images), ("--coco-annotations", coco_annotations),
+                                            ("--questions", questions_file)) if value is None]  # fmt: skip
+        if missing:
+            raise UserError(f"reproduce on {model_id} needs {', '.join(missing)} (or --model organism)")
+        assert coco_images is not None and coco_annotations is not None and questions_file is not None
+        questions = load_questions(questions_file)
+        records = resolve_images(coco_images, coco_annotations, None, None, None)
+        annotation_file = coco_annotations
+        check_before_load(model_id, revision, prompt_template)  # before any weight is read
+        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+        extra = {
+            "images": str(coco_images),
+            "annotations": str(coco_annotations),
+            "questions_file": str(questions_file),
+        }
+    with ResultsDB(db_path) as db:
+        summary = run_protocol(
+            loaded,
+            records,
+            db,
+            annotation_file,
+            questions,
+            protocol,
+            extra_config=extra,
+            deviation_reasons=reasons,
+            model_note=model_note,
+            progress=not quiet,
+            echo=click.echo,
+            loader_workers=loader_workers,
+            **run_options(),
+        )
+    click.echo(
+        f"reproduce: lens {summary.lens.run_id}, mean vector {summary.mean_vector_id}, ablation "
+        f"{summary.ablation.run_id}, blocking {summary.blocking.run_id} in {db_path}; "
+        f"{len(summary.deviations)} deviation(s) from the paper's protocol recorded in runs.config"
+    )
