@@ -88,6 +88,7 @@ def _pages(site: tuple[Path, dict[str, str]]) -> dict[str, str]:
         "ablation-run": f"experiments/ablation-{run_dir_name(ids['ablation'])}.html",
         "blocking-run": f"experiments/blocking-{run_dir_name(ids['blocking'])}.html",
         "quantitative": "quantitative.html",
+        "reproduction": "reproduction.html",
         "downloads": "downloads.html",
         "sql": "sql.html",
     }
