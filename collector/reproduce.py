@@ -17,23 +17,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from collector.ablation.settings import DEFAULT_MAX_NEW_TOKENS, SETTINGS
-from collector.ablation.token_sets import DEFAULT_IG_STEPS, DEFAULT_K, DEFAULT_NOISE_STD
 from collector.blocking.settings import DEFAULT_AREA_RANGE, DEFAULT_MAX_ANNOTATIONS, DEFAULT_WINDOW, REFERENCE_DEPTH
 from collector.errors import UserError
 from collector.images import ImageRecord
 from collector.options import load_options, loader_workers_option, model_options, run_options
 
+if TYPE_CHECKING:  # not imported at run time: the CLI's --help must not load torch
+    from collector.loading import LoadedModel
+    from db.store import ResultsDB
+
 PAPER_MODEL = "llava-hf/llava-1.5-7b-hf"
 PAPER_IMAGE_TOKENS = 576  # LLaVA-1.5: a 24 x 24 patch grid
 PROTOCOL_NAME = "neo2024"
+# The paper code's ablation defaults (scripts/ablation_experiment_curate.py), the same as
+# `collect ablation`'s (tests/test_reproduce.py checks); written out here because the
+# collector's modules that hold them import torch, which `llava-interp --help` must not.
+SETTINGS = ("generative", "polling", "vqa")
+DEFAULT_K = (5, 10, 20, 40, 60, 100, 250)
+DEFAULT_IG_STEPS = 50
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_NOISE_STD = 1.0
 LENS_PROMPT = "Describe the image."  # scripts/logit_lens/create_logit_lens.py of the paper's code
 
 
@@ -151,9 +161,9 @@ def selected_records(
 
 
 def run_protocol(
-    loaded: Any,
+    loaded: LoadedModel,
     records: Sequence[ImageRecord],
-    db: Any,
+    db: ResultsDB,
     annotation_file: str | Path,
     questions: Mapping[int, Sequence[str]],
     protocol: Protocol,
@@ -163,7 +173,7 @@ def run_protocol(
     deviation_reasons: Mapping[str, str] | None = None,
     model_note: str | None = None,
     progress: bool = True,
-    echo: Any = None,
+    echo: Callable[[str], None] | None = None,
     **run_options: Any,  # run_experiment's strict, retry_skipped, loader_workers
 ) -> ProtocolSummary:
     """Lens, mean vector, ablation (every setting of the protocol), blocking (presets and
@@ -179,7 +189,10 @@ def run_protocol(
     from collector.lens.experiment import collect_lens
     from db.reproduction import find_mean_vector
 
-    say = echo or (lambda message: None)
+    def say(message: str) -> None:
+        if echo is not None:
+            echo(message)
+
     found = deviations(protocol, loaded.model_id, deviation_reasons, model_note)
     config = {
         **(extra_config or {}),
@@ -251,10 +264,20 @@ def run_protocol(
     )
     say(f"ablation: run {summary.ablation.run_id}")
     summary.blocking = collect_blocking(
-        loaded, records, db, annotation_file, questions, max_annotations=protocol.max_annotations,
-        area_range=protocol.area_range, curate=protocol.blocking_curate, window=protocol.window,
-        limit=protocol.limit, extra_config=config, progress=progress, **run_options,
-    )  # fmt: skip
+        loaded,
+        records,
+        db,
+        annotation_file,
+        questions,
+        max_annotations=protocol.max_annotations,
+        area_range=protocol.area_range,
+        curate=protocol.blocking_curate,
+        window=protocol.window,
+        limit=protocol.limit,
+        extra_config=config,
+        progress=progress,
+        **run_options,
+    )
     say(f"blocking: run {summary.blocking.run_id}")
     return summary
 

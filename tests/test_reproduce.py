@@ -139,9 +139,29 @@ def test_bad_input_is_one_error_line(tmp_path, args, message):
     assert not (tmp_path / "r.duckdb").exists()
 
 
+def test_paper_protocol_is_the_collectors_defaults():
+    """The protocol's ablation defaults are written out (no torch at CLI start-up); they must
+    stay the collectors' own defaults, those of the paper's code."""
+    from collector import reproduce
+    from collector.ablation.settings import DEFAULT_MAX_NEW_TOKENS, SETTINGS
+    from collector.ablation.token_sets import DEFAULT_IG_STEPS, DEFAULT_K, DEFAULT_NOISE_STD
+    from collector.blocking.settings import DEFAULT_AREA_RANGE, DEFAULT_WINDOW
+
+    paper = reproduce.PAPER_PROTOCOL
+    assert paper.settings == SETTINGS and paper.k_values == DEFAULT_K and paper.ig_steps == DEFAULT_IG_STEPS
+    assert paper.max_new_tokens == DEFAULT_MAX_NEW_TOKENS and paper.noise_std == DEFAULT_NOISE_STD
+    assert paper.area_range == DEFAULT_AREA_RANGE == (1000.0, 2000.0) and paper.window == DEFAULT_WINDOW == 9
+    assert paper.ablation_curate and paper.blocking_curate and paper.limit is None
+    # scaled to the organism's 64 image tokens and 4 layers
+    assert reproduce.scaled_k_values(64) == (1, 2, 4, 7, 11, 28)
+    assert reproduce.scaled_k_values(576) == DEFAULT_K
+    assert reproduce.scaled_window(4) == 1 and reproduce.scaled_window(32) == 9
+
+
 def test_reference_values_and_measures_import_no_torch():
     code = (
-        "import sys, report.paper_reference, db.reproduction, report.pages.reproduction; print('torch' in sys.modules)"
+        "import sys, report.paper_reference, db.reproduction, report.pages.reproduction, collector.cli; "
+        "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
