@@ -57,6 +57,10 @@ QWEN2VL = "Qwen/Qwen2-VL-2B-Instruct"
 _ABLATION_WHERE = "§5 token ablation results table (LLaVA-1.5-7B), not read"
 _LENS_WHERE = "§4.1 quantitative logit lens, not read"
 _BLOCKING_WHERE = "§6 attention knockout figures, not read"
+_QWEN_WHERE = (
+    "not located: the paper's code (github.com/clemneo/llava-interp) covers LLaVA-1.5 and LLaVA-Phi only, and "
+    "the paper's text beyond its abstract could not be read; may be the replication's own measurement"
+)
 
 PAPER_VALUES: tuple[PaperValue, ...] = (
     PaperValue(
@@ -168,7 +172,7 @@ PAPER_VALUES: tuple[PaperValue, ...] = (
         "%",
         False,
         REPLICATION_SUMMARY,
-        "not located in the paper (its models are LLaVA-1.5 and LLaVA-Phi); may be the replication's own",
+        _QWEN_WHERE,
     ),
     PaperValue(
         "lens-mean-layer-qwen2vl",
@@ -180,7 +184,7 @@ PAPER_VALUES: tuple[PaperValue, ...] = (
         "layer",
         False,
         REPLICATION_SUMMARY,
-        "not located in the paper (its models are LLaVA-1.5 and LLaVA-Phi); may be the replication's own",
+        _QWEN_WHERE,
         of_layers=29,
     ),
     PaperValue(

@@ -123,6 +123,7 @@ def reproduction_rows(
                     raw=m,
                 )
             )
+        row.ours.sort(key=lambda o: not o.same_model)  # the paper's model first
         rows.append(row)
     return rows
 
