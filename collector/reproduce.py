@@ -160,6 +160,14 @@ def selected_records(
     return sorted((record for record in records if record.image_id in keep), key=lambda record: record.image_id)
 
 
+def no_selection_message(protocol: Protocol) -> str:
+    low, high = protocol.area_range
+    return (
+        f"no image passes the paper's selection (at most {protocol.max_annotations} annotations, one "
+        f"single-instance object of {low:g}-{high:g} px²): nothing to reproduce on"
+    )
+
+
 def run_protocol(
     loaded: LoadedModel,
     records: Sequence[ImageRecord],
@@ -211,7 +219,7 @@ def run_protocol(
     if lens_limit is not None:
         lens_records = lens_records[:lens_limit]
     if not lens_records:
-        raise UserError("no image passes the selection (<= max annotations, one object within the area range)")
+        raise UserError(no_selection_message(protocol))
     summary.lens = collect_lens(
         loaded,
         lens_records,
@@ -475,6 +483,8 @@ def reproduce_command(
         questions = load_questions(questions_file)
         records = resolve_images(coco_images, coco_annotations, None, None, None)
         annotation_file = coco_annotations
+        if not selected_records(records, annotation_file, protocol):  # before any weight is read
+            raise UserError(no_selection_message(protocol))
         check_before_load(model_id, revision, prompt_template)  # before any weight is read
         loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
         extra = {

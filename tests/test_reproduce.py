@@ -60,7 +60,7 @@ def page(reproduced, tmp_path_factory):
 # -- the command -------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # two passes of every experiment on the organism: about 40 s on 2 busy cores
+@pytest.mark.slow  # two passes of every experiment on the organism: 40-130 s on 2 shared cores
 def test_reproduce_runs_every_experiment_and_resumes(reproduced):
     db_path, after_first, after_second, second_output = reproduced
     assert after_second == after_first  # the second call wrote no row
@@ -136,6 +136,39 @@ def test_bad_input_is_one_error_line(tmp_path, args, message):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], result.output
+    assert not (tmp_path / "r.duckdb").exists()
+
+
+def test_coco_without_a_selectable_image_stops_before_the_model_loads(tmp_path):
+    """The COCO path up to loading: the shared sample image has six annotations, so the
+    paper's selection keeps nothing, and the command says so before reading any weight
+    (the model id is one this offline machine cannot load)."""
+    from tests.conftest import COCO_SAMPLE, require_shared
+
+    require_shared(COCO_SAMPLE)
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps({"39769": ["What animal is this?"]}))
+    result = CliRunner().invoke(
+        cli,
+        [
+            "reproduce",
+            "--model",
+            "llava-hf/llava-1.5-7b-hf",
+            "--coco-images",
+            str(COCO_SAMPLE / "images"),
+            "--coco-annotations",
+            str(COCO_SAMPLE / "instances_sample.json"),
+            "--questions",
+            str(questions),
+            "--db",
+            str(tmp_path / "r.duckdb"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: no image passes the paper's selection (at most 3 annotations, one single-instance object of "
+        "1000-2000 px²): nothing to reproduce on"
+    ]
     assert not (tmp_path / "r.duckdb").exists()
 
 
