@@ -146,7 +146,9 @@ def run_demo(out_dir: str | Path, progress: bool = True, organism: bool = True) 
             questions,
             protocol,
             extra_config=demo_config,
-            deviation_reasons={name: "the demo: every experiment in seconds on a CPU" for name in protocol.as_config()},
+            deviation_reasons={
+                name: "the demo: every experiment in seconds on a CPU" for name in [*protocol.as_config(), "dtype"]
+            },
             model_note="the demo's " + ("model organism" if organism else "tiny random-weight model"),
             progress=progress,
         )

@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # not imported at run time: the CLI's --help must not load to
 
 PAPER_MODEL = "llava-hf/llava-1.5-7b-hf"
 PAPER_IMAGE_TOKENS = 576  # LLaVA-1.5: a 24 x 24 patch grid
+# The paper's code loads the model in float16, unquantized (HookedLVLM(quantize=True,
+# quantize_type="fp16") in src/HookedLVLM.py).
+PAPER_DTYPE = "float16"
+PAPER_QUANTIZATION = "none"
 PROTOCOL_NAME = "neo2024"
 # The paper code's ablation defaults (scripts/ablation_experiment_curate.py), the same as
 # `collect ablation`'s (tests/test_reproduce.py checks); written out here because the
@@ -99,14 +103,23 @@ class Deviation:
 
 
 def deviations(
-    protocol: Protocol, model_id: str, reasons: Mapping[str, str] | None = None, model_note: str | None = None
+    protocol: Protocol,
+    model_id: str,
+    reasons: Mapping[str, str] | None = None,
+    model_note: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> list[Deviation]:
-    """Every field of `protocol` that differs from PAPER_PROTOCOL, and the model if it is not
-    the paper's; `reasons` explains fields by name (default: 'set by the caller')."""
+    """Every field of `protocol` that differs from PAPER_PROTOCOL, the model if it is not the
+    paper's, and the dtype and quantization of `provenance` (how the model was loaded) if
+    they are not the paper's; `reasons` explains them by name (default: 'set by the caller')."""
     reasons = reasons or {}
     out = []
     if model_id != PAPER_MODEL:
         out.append(Deviation("model", PAPER_MODEL, model_id, model_note or "a model other than the paper's"))
+    for name, paper_value in (("dtype", PAPER_DTYPE), ("quantization", PAPER_QUANTIZATION)):
+        here = (provenance or {}).get(name)
+        if here is not None and here != paper_value:
+            out.append(Deviation(name, paper_value, here, reasons.get(name, f"loaded with --{name} {here}")))
     paper = dataclasses.asdict(PAPER_PROTOCOL)
     for name, value in dataclasses.asdict(protocol).items():
         if value != paper[name]:
@@ -201,7 +214,7 @@ def run_protocol(
         if echo is not None:
             echo(message)
 
-    found = deviations(protocol, loaded.model_id, deviation_reasons, model_note)
+    found = deviations(protocol, loaded.model_id, deviation_reasons, model_note, loaded.provenance)
     config = {
         **(extra_config or {}),
         "reproduce": {
@@ -472,6 +485,8 @@ def reproduce_command(
         loaded = load_model(str(scene_set.model_dir), device or "cpu", dtype, quantization, prompt_template)
         protocol, organism_reasons = organism_protocol(GRID_SIDE * GRID_SIDE, loaded.adapter.n_layers, protocol)
         reasons = {**organism_reasons, **reasons}
+        if dtype == "float32":
+            reasons["dtype"] = "the organism is trained in float32 and runs on a CPU"
         model_note = ORGANISM_NOTE
         extra = {"model_organism": True, "images": str(scene_set.images_dir), "annotations": str(annotation_file)}
     else:

@@ -85,6 +85,7 @@ def test_reproduce_runs_every_experiment_and_resumes(reproduced):
         deviations = {d["setting"]: d for d in recorded["deviations"]}
         assert set(deviations) == {
             "model",
+            "dtype",
             "area_range",
             "k_values",
             "window",
@@ -95,6 +96,7 @@ def test_reproduce_runs_every_experiment_and_resumes(reproduced):
         assert deviations["ig_steps"]["paper"] == 50 and deviations["ig_steps"]["here"] == 4
         assert deviations["max_new_tokens"]["paper"] == 200 and deviations["max_new_tokens"]["here"] == 6
         assert deviations["model"]["paper"] == "llava-hf/llava-1.5-7b-hf"
+        assert deviations["dtype"]["paper"] == "float16" and deviations["dtype"]["here"] == "float32"
         assert all(d["reason"] for d in deviations.values())
 
 
