@@ -142,11 +142,13 @@ def _add_commands() -> None:
     from collector.ablation.cli import ablation_command, mean_vector_command
     from collector.blocking.cli import blocking_command
     from collector.db_cli import db
+    from collector.reproduce import reproduce_command
     from report.cli import report
 
     collect.add_command(ablation_command)
     collect.add_command(mean_vector_command)
     collect.add_command(blocking_command)
+    cli.add_command(reproduce_command)
     cli.add_command(report)
     cli.add_command(db)
 

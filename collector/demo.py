@@ -89,12 +89,9 @@ DEMO_AREA_RANGE = (1000.0, 40000.0)
 
 def run_demo(out_dir: str | Path, progress: bool = True, organism: bool = True) -> DemoSummary:
     """Build (or take from the cache) the model, write the images, run every experiment, build the site."""
-    from collector.ablation.experiment import AblationOptions, collect_ablation
-    from collector.ablation.replacement import compute_mean_vector, load_replacement, store_mean_vector
-    from collector.blocking.experiment import collect_blocking
     from collector.images import folder_images
-    from collector.lens.experiment import collect_lens
     from collector.loading import load_model
+    from collector.reproduce import Protocol, run_protocol
     from collector.tiny import build_tiny_llava
     from collector.vqa import load_questions
     from db.store import ResultsDB
@@ -127,41 +124,32 @@ def run_demo(out_dir: str | Path, progress: bool = True, organism: bool = True) 
         "images": str(records[0].path.parent) if records else None,
         "annotations": str(annotation_file),
     }
+    # The paper's sequence (collector/reproduce.py) with the demo's small settings: every
+    # image in the lens, a few k values, short answers, and no curation (random weights never
+    # pass it, and the organism's answers survive the image-noise check).
+    protocol = Protocol(
+        lens_images="all",
+        k_values=k_values,
+        ablation_curate=False,
+        blocking_curate=False,
+        area_range=area_range,
+        ig_steps=8,
+        max_new_tokens=12,
+        window=window,
+    )
     with ResultsDB(db_path) as db:
-        collect_lens(loaded, records, db, extra_config=demo_config, progress=progress)
-
-        mean = compute_mean_vector(loaded, records, progress=progress)
-        vector_id = store_mean_vector(db, loaded, mean, source=demo_config["images"], config=demo_config)
-        replacement = load_replacement(f"db:{vector_id}", loaded.adapter.hidden_size, db)
-        options = AblationOptions(
-            settings=("generative", "polling", "vqa"),
-            questions=questions,
-            k_values=k_values,
-            curate=False,
-            area_range=area_range,
-            ig_steps=8,
-            max_new_tokens=12,
-        )
-        collect_ablation(
-            loaded,
-            records,
-            db,
-            annotation_file,
-            options,
-            replacement,
-            extra_config=demo_config,
-            progress=progress,
-        )
-        collect_blocking(
+        run_protocol(
             loaded,
             records,
             db,
             annotation_file,
             questions,
-            area_range=area_range,
-            curate=False,
-            window=window,
+            protocol,
             extra_config=demo_config,
+            deviation_reasons={
+                name: "the demo: every experiment in seconds on a CPU" for name in [*protocol.as_config(), "dtype"]
+            },
+            model_note="the demo's " + ("model organism" if organism else "tiny random-weight model"),
             progress=progress,
         )
     site_dir = out / "site"

@@ -37,6 +37,7 @@ from report.pages.downloads import write_downloads_page
 from report.pages.index import write_index_page
 from report.pages.lens import write_lens_page
 from report.pages.quantitative import write_quantitative_page
+from report.pages.reproduction import write_reproduction_page
 from report.pages.sql import write_sql_page
 from report.site import ReportError, Site, Writer, human_size
 from report.urls import NOJEKYLL, OWNED_PATHS, run_dir_name
@@ -181,6 +182,8 @@ def build_site(
             write_compare_page(db, site, entries)  # compare.html: one image in two lens runs
             for page in experiment_pages:
                 _EXPERIMENT_WRITERS[page.experiment](db, site, page)
+            # reproduction.html: the paper's headline values beside ours, linking to the pages above
+            write_reproduction_page(db, site, runs, {page.path for page in experiment_pages})
             write_index_page(
                 site,
                 runs,

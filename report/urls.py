@@ -15,6 +15,7 @@ import urllib.parse
 
 INDEX = "index.html"
 QUANTITATIVE = "quantitative.html"
+REPRODUCTION = "reproduction.html"
 DOWNLOADS = "downloads.html"
 SQL = "sql.html"
 COMPARE = "compare.html"
@@ -29,6 +30,7 @@ DUCKDB_WASM_DIR = "vendor/duckdb-wasm"
 OWNED_PATHS = (
     INDEX,
     QUANTITATIVE,
+    REPRODUCTION,
     DOWNLOADS,
     SQL,
     COMPARE,

@@ -284,8 +284,17 @@ def test_every_link_resolves_and_is_relative(built: tuple[Path, Path, dict[str, 
     html_files = list(out.rglob("*.html"))
     names = {p.relative_to(out).as_posix() for p in html_files if not p.parent.name == "experiments"}
     assert (
-        len(names) == 9
-        and {"index.html", "quantitative.html", "downloads.html", "sql.html", "compare.html", "depth.html"} <= names
+        len(names) == 10
+        and {
+            "index.html",
+            "quantitative.html",
+            "depth.html",
+            "reproduction.html",
+            "downloads.html",
+            "sql.html",
+            "compare.html",
+        }
+        <= names
     )
     for page in html_files:
         parser = _Links()

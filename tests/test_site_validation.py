@@ -89,6 +89,7 @@ def _pages(site: tuple[Path, dict[str, str]]) -> dict[str, str]:
         "blocking-run": f"experiments/blocking-{run_dir_name(ids['blocking'])}.html",
         "quantitative": "quantitative.html",
         "depth": "depth.html",
+        "reproduction": "reproduction.html",
         "downloads": "downloads.html",
         "sql": "sql.html",
     }
