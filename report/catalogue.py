@@ -11,7 +11,7 @@ from typing import Any
 from db import queries
 from db.store import ResultsDB
 from report import urls
-from report.site import ReportError, format_time, readable_json
+from report.site import DEMO_WARNING, ORGANISM_WARNING, ReportError, format_time, readable_json
 
 LENS_EXPERIMENT = "lens"
 # Experiments with a run page (and per-image drill-down pages): experiment -> title.
@@ -32,6 +32,8 @@ class RunInfo:
     finished_at: str
     tool_version: str
     demo: bool
+    # The banner a demo run carries (None: not a demo run).
+    demo_warning: str | None
     dir_name: str
     config_summary: list[tuple[str, str]]
     # The lens top-k the run asked for; None for databases written before config held it.
@@ -99,6 +101,7 @@ def load_runs(db: ResultsDB) -> list[RunInfo]:
                 finished_at=format_time(record.finished_at),
                 tool_version=record.tool_version,
                 demo=config.get("demo") is True,
+                demo_warning=_demo_warning(config),
                 dir_name=urls.run_dir_name(record.run_id),
                 config_summary=[(key, _summary_value(config[key])) for key in CONFIG_SUMMARY_KEYS if key in config],
                 top_k=record.top_k,
@@ -162,3 +165,11 @@ def experiment_nav(pages: list[ExperimentPage]) -> list[dict[str, str]]:
         }
         for page in pages
     ]
+
+
+def _demo_warning(config: dict[str, Any]) -> str | None:
+    """The banner of a demo run: the organism's results are real effects on synthetic scenes,
+    a random-weight model's are noise."""
+    if config.get("demo") is not True:
+        return None
+    return ORGANISM_WARNING if config.get("model") == "organism" else DEMO_WARNING

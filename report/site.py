@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 DEMO_WARNING = "weights are random: demo output, not results"
+# The demo's trained organism (collector/organism.py) shows real effects, but on synthetic scenes.
+ORGANISM_WARNING = "model organism: a tiny model trained on synthetic scenes, not results of a real VLM"
 
 _JSON_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _JSON_SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029]")

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from collector.cli import cli
 from db.stats import wilson_interval
+from report.site import DEMO_WARNING, ORGANISM_WARNING
 
 
 def _run_demo(tmp_path, *extra):
@@ -43,6 +44,7 @@ def test_random_weights_demo_runs_every_experiment(tmp_path):
     # under blocking are still drawn with their intervals, here and on the depth page.
     assert _whiskers(site / "quantitative.html") and _whiskers(_run_page(site, "blocking"))
     assert _whiskers(site / "depth.html")
+    assert DEMO_WARNING in (site / "index.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.slow  # trains the organism once (about two CPU-minutes), then it is cached
@@ -87,3 +89,6 @@ def test_organism_demo_shows_the_effects(tmp_path):
         assert object_low > random_high, setting
     for page in (site / "quantitative.html", _run_page(site, "blocking"), site / "depth.html"):
         assert _whiskers(page), page
+    # The organism's banner says what its results are (synthetic scenes), not "random weights".
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert ORGANISM_WARNING in index and DEMO_WARNING not in index
