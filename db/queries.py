@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from db.geometry import ViewGeometry
 from db.store import ResultsDB
-from db.views import NORMALISED_TOKEN
+from db.views import HIT_RULES, NORMALISED_TOKEN
 
 
 def _records(db: ResultsDB, query: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
@@ -356,7 +356,16 @@ def max_rank(db: ResultsDB, run_id: str) -> int:
     return int(db.sql("SELECT coalesce(max(rank), 0) FROM logit_lens WHERE run_id = ?", (run_id,))[0][0])
 
 
-def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) -> list[tuple[int, str, int, int, int]]:
+def runs_with_class_tokens(db: ResultsDB) -> set[str]:
+    """Runs with `class_tokens` rows (the lens collector writes them since schema 8)."""
+    if "class_tokens" not in relations(db):
+        return set()
+    return {str(r[0]) for r in db.sql("SELECT DISTINCT run_id FROM class_tokens")}
+
+
+def object_hit_counts(
+    db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rule: str = "word"
+) -> list[tuple[int, str, int, int, int]]:
     """(image_id, category, layer, top-1 hits, top-k hits) over the given object positions.
 
     `object_positions` has columns image_id, category, position: the positions of each
@@ -364,7 +373,35 @@ def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) ->
     `lens_object_hits`), run here so databases created before the view work too, and run
     only on the lens rows of those positions, normalising each distinct token once (not
     once per row: a paper-scale run has ~10^8 rows and ~10^4 distinct tokens).
+    `hit_rule` "first_token" counts instead the cells whose token id is the category's first
+    token in the run's tokenizer (table `class_tokens`, rule 'first_token' of the view).
     """
+    if hit_rule not in HIT_RULES:
+        raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
+    if hit_rule == "first_token":
+        matched = """
+            hits AS (
+                SELECT c.image_id, c.layer, c.position, k.category, min(c.rank) AS best_rank
+                FROM cells c
+                JOIN class_tokens k ON k.run_id = ? AND k.image_id = c.image_id AND k.token_id = c.token_id
+                GROUP BY c.image_id, c.layer, c.position, k.category
+            )"""
+        params = [run_id, run_id, run_id]
+    else:
+        matched = f"""
+            norm AS (
+                SELECT token, {NORMALISED_TOKEN.replace("l.token", "token")} AS t FROM (SELECT DISTINCT token FROM cells)
+            ),
+            hits AS (
+                SELECT c.image_id, c.layer, c.position, a.category, min(c.rank) AS best_rank
+                FROM cells c
+                JOIN norm n ON n.token = c.token
+                JOIN cats a ON a.image_id = c.image_id
+                WHERE n.t <> ''
+                  AND (n.t = a.name OR n.t = a.joined OR list_contains(string_split(a.name, ' '), n.t))
+                GROUP BY c.image_id, c.layer, c.position, a.category
+            )"""
+        params = [run_id, run_id]
     duck = db.duck.cursor()
     try:
         duck.register("_object_positions", object_positions)
@@ -378,31 +415,19 @@ def object_hit_counts(db: ResultsDB, run_id: str, object_positions: pa.Table) ->
                 FROM annotations WHERE image_id IN (SELECT image_id FROM op)
             ),
             cells AS (
-                SELECT l.image_id, l.layer, l.position, l.rank, l.token
+                SELECT l.image_id, l.layer, l.position, l.rank, l.token, l.token_id
                 FROM logit_lens l
                 JOIN op ON op.image_id = l.image_id AND op.position = l.position
                 JOIN positions p ON p.run_id = l.run_id AND p.image_id = l.image_id AND p.position = l.position
                 WHERE l.run_id = ? AND p.run_id = ? AND p.kind = 'image'
-            ),
-            norm AS (
-                SELECT token, {NORMALISED_TOKEN.replace("l.token", "token")} AS t FROM (SELECT DISTINCT token FROM cells)
-            ),
-            hits AS (
-                SELECT c.image_id, c.layer, c.position, a.category, min(c.rank) AS best_rank
-                FROM cells c
-                JOIN norm n ON n.token = c.token
-                JOIN cats a ON a.image_id = c.image_id
-                WHERE n.t <> ''
-                  AND (n.t = a.name OR n.t = a.joined OR list_contains(string_split(a.name, ' '), n.t))
-                GROUP BY c.image_id, c.layer, c.position, a.category
-            )
+            ),{matched}
             SELECT h.image_id, h.category, h.layer,
                    count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
             FROM hits h
             JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
             GROUP BY ALL
             """,
-            [run_id, run_id],
+            params,
         )
         return [(int(i), c, int(layer), int(n1), int(nk)) for i, c, layer, n1, nk in duck.fetchall()]
     finally:

@@ -32,7 +32,7 @@ from db import queries
 from db.geometry import object_cells_by_category
 from db.stats import bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
-from db.views import OBJECT_HITS_SELECT
+from db.views import FIRST_TOKEN_HITS_SELECT, HIT_RULES, OBJECT_HITS_SELECT
 
 PAPER_IMAGE_TOKENS = 576
 PAPER_RANDOM_K = 40
@@ -49,7 +49,7 @@ MAPPINGS: dict[str, str] = {
     ),
     "lens_hit_share": (
         "Object-patch positions (image positions whose patch overlaps a mask of a category annotated in the "
-        "image, no buffer) whose top-1 logit-lens token names the category (rule 'word' of the view "
+        "image, no buffer) whose top-1 logit-lens token names the category (rule '{hit_rule}' of the view "
         "lens_object_hits) at one or more hidden states, over all object-patch positions, pooled over the "
         "run's images; 95% percentile bootstrap over images (2000 resamples)."
     ),
@@ -233,9 +233,12 @@ def lens_object_positions(db: ResultsDB, run_id: str) -> tuple[pa.Table, dict[in
     return table, per_image, n_layers
 
 
-def lens_image_hits(db: ResultsDB, run_id: str) -> tuple[list[LensImageHits], int]:
+def lens_image_hits(db: ResultsDB, run_id: str, hit_rule: str = "word") -> tuple[list[LensImageHits], int]:
     """Per image with object-patch positions: decoded positions and their first layers; the
-    run's hidden-state count."""
+    run's hidden-state count. `hit_rule` is the lens hit rule (db.views.HIT_RULES)."""
+    if hit_rule not in HIT_RULES:
+        raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
+    hits_select = FIRST_TOKEN_HITS_SELECT if hit_rule == "first_token" else OBJECT_HITS_SELECT
     table, per_image, n_layers = lens_object_positions(db, run_id)
     if not per_image:
         return [], n_layers
@@ -244,7 +247,7 @@ def lens_image_hits(db: ResultsDB, run_id: str) -> tuple[list[LensImageHits], in
         duck.register("_object_positions", table)
         duck.execute(
             f"""
-            WITH hits AS ({OBJECT_HITS_SELECT}),
+            WITH hits AS ({hits_select}),
             first AS (
                 SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer
                 FROM hits h
@@ -268,8 +271,8 @@ def lens_image_hits(db: ResultsDB, run_id: str) -> tuple[list[LensImageHits], in
     return images, n_layers
 
 
-def lens_measures(db: ResultsDB, run: queries.RunRecord) -> list[Measured]:
-    images, n_layers = lens_image_hits(db, run.run_id)
+def lens_measures(db: ResultsDB, run: queries.RunRecord, hit_rule: str = "word") -> list[Measured]:
+    images, n_layers = lens_image_hits(db, run.run_id, hit_rule)
     if not images:
         return []
     positions = np.array([i.object_positions for i in images], dtype=np.float64)
@@ -369,10 +372,14 @@ def blocking_measures(db: ResultsDB, run: queries.RunRecord) -> list[Measured]:
 _BY_EXPERIMENT = {"ablation": ablation_measures, "lens": lens_measures, "blocking": blocking_measures}
 
 
-def headline_measures(db: ResultsDB) -> list[Measured]:
-    """Every headline quantity on every run of the database, runs by start time."""
+def headline_measures(db: ResultsDB, hit_rule: str = "word") -> list[Measured]:
+    """Every headline quantity on every run of the database, runs by start time; lens hits
+    counted by `hit_rule`."""
     out: list[Measured] = []
     for run in queries.runs(db):
+        if run.experiment == "lens":
+            out += lens_measures(db, run, hit_rule)
+            continue
         measure = _BY_EXPERIMENT.get(run.experiment)
         if measure is not None:
             out += measure(db, run)

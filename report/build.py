@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from db import queries
 from db.store import ResultsDB
+from db.views import HIT_RULES
 from report import catalogue, incremental
 from report import site as site_plumbing
 from report.catalogue import LensEntry
@@ -113,6 +115,22 @@ class LimitedWriter(Writer):
             self._check(largest, largest_bytes)
 
 
+def _check_hit_rule(db: ResultsDB, runs: list[catalogue.RunInfo], hit_rule: str) -> None:
+    """'first_token' needs every lens run's class tokens (written by the lens collector since
+    schema 8): without them its hit rates would read as zero, not as unknown."""
+    if hit_rule not in HIT_RULES:
+        raise ReportError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
+    if hit_rule != "first_token":
+        return
+    with_tokens = queries.runs_with_class_tokens(db)
+    missing = [run.run_id for run in runs if run.experiment == "lens" and run.run_id not in with_tokens]
+    if missing:
+        raise ReportError(
+            f"lens run {missing[0]} has no class tokens (collected before schema 8), so the first_token hit "
+            "rule cannot be applied; build with --hit-rule word or collect the run again"
+        )
+
+
 def build_site(
     db_path: Path,
     out_dir: Path,
@@ -123,6 +141,7 @@ def build_site(
     max_file_bytes: int | None = MAX_FILE_BYTES,
     max_site_bytes: int | None = MAX_SITE_BYTES,
     jobs: int = 1,
+    hit_rule: str = "word",
 ) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
@@ -135,7 +154,8 @@ def build_site(
     run (the downloads keep every image). A file over `max_file_bytes` or a site over `max_site_bytes` (None: no
     limit) is a ReportError raised as soon as it is written. `jobs` > 1 renders the lens
     pages in that many processes. Lens pages are rendered image by image, reading only
-    that image's rows. Raises db.errors.DatabaseError for an unusable database file and
+    that image's rows. `hit_rule` (db.views.HIT_RULES) is the lens hit rule of the
+    quantitative, depth and reproduction pages. Raises db.errors.DatabaseError for an unusable database file and
     ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
@@ -148,6 +168,7 @@ def build_site(
         db.duck.execute("SET enable_progress_bar = false")
         provenance = site_plumbing.provenance(db, db_path, generated_at)
         runs = catalogue.load_runs(db)
+        _check_hit_rule(db, runs, hit_rule)
         all_entries = catalogue.load_lens_entries(db, runs)
         entries = _limit_pages(all_entries, lens_pages)
         experiment_pages = catalogue.experiment_pages(runs)
@@ -157,6 +178,7 @@ def build_site(
         try:
             writer = LimitedWriter(stage, max_file_bytes, max_site_bytes)
             common = site_plumbing.common_context(provenance, generated_at, catalogue.experiment_nav(experiment_pages))
+            common["hit_rule"] = hit_rule  # the lens hit rule the pages name
             common["has_downloads"] = downloads  # every page's nav: no Downloads link without downloads
             site = Site(writer, site_plumbing.environment(), common)
             site_plumbing.copy_static(writer)
@@ -174,7 +196,7 @@ def build_site(
             lens_shapes, reused = _write_lens_pages(
                 db, db_path, site, writer, entries, objects, jobs, manifest, meanwhile=export
             )
-            quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects)
+            quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects, hit_rule)
             depth_count = write_depth_page(db, site, runs, quant_runs)  # depth.html: every run at relative depth
             if download_info is not None:
                 write_downloads_page(site, runs, download_info)
@@ -183,7 +205,7 @@ def build_site(
             for page in experiment_pages:
                 _EXPERIMENT_WRITERS[page.experiment](db, site, page)
             # reproduction.html: the paper's headline values beside ours, linking to the pages above
-            write_reproduction_page(db, site, runs, {page.path for page in experiment_pages})
+            write_reproduction_page(db, site, runs, {page.path for page in experiment_pages}, hit_rule)
             write_index_page(
                 site,
                 runs,

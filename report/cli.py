@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from db.errors import DatabaseError, disk_full
+from db.views import HIT_RULES
 from report.build import ReportError, build_site
 
 
@@ -73,6 +74,14 @@ def report() -> None:
 @click.option(
     "--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Render lens pages in this many processes."
 )
+@click.option(
+    "--hit-rule",
+    type=click.Choice(HIT_RULES),
+    default="word",
+    show_default=True,
+    help="When a lens token names an object: 'word' (the class word itself) or 'first_token' (the first "
+    "token of the class name in the run's tokenizer, word pieces included).",
+)
 def build(
     db_path: Path,
     out_dir: Path,
@@ -82,6 +91,7 @@ def build(
     max_file_mb: float,
     max_site_mb: float,
     jobs: int,
+    hit_rule: str,
 ) -> None:
     """Build the site and print what was written."""
     try:
@@ -94,6 +104,7 @@ def build(
             max_file_bytes=int(max_file_mb * 1e6),
             max_site_bytes=int(max_site_mb * 1e6),
             jobs=jobs,
+            hit_rule=hit_rule,
         )
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None

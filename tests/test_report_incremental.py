@@ -222,3 +222,92 @@ def test_object_hit_counts_equal_the_view_rule(
             assert got == sorted((int(i), c, int(layer), int(a), int(b)) for i, c, layer, a, b in reference)
             compared += len(got)
     assert compared > 0  # some hits were counted
+
+
+def test_first_token_hit_rule_counts_the_class_token_ids(tmp_path: Path) -> None:
+    """object_hit_counts(..., "first_token") counts the object positions whose lens token id
+    is the category's class token: checked against a count over the raw rows in Python, on
+    bench/site_scale.py's LLaVA-1.5-shaped database with class tokens chosen by hand (the
+    top-1 id at one object position of each image, so that hits exist)."""
+    import importlib.util
+    from collections import defaultdict
+
+    import duckdb
+    import pyarrow as pa
+
+    from db import queries
+    from db.store import ResultsDB
+
+    spec = importlib.util.spec_from_file_location("site_scale", Path(__file__).parents[1] / "bench" / "site_scale.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    path = tmp_path / "synthetic.duckdb"
+    bench.make_database(path, 2)
+    with duckdb.connect(str(path)) as con:
+        (run_id,) = con.execute("SELECT run_id FROM runs WHERE experiment = 'lens'").fetchone()
+        objects = con.execute(
+            "SELECT DISTINCT p.image_id, a.category, p.position FROM positions p JOIN annotations a USING (image_id) "
+            "WHERE p.run_id = ? AND p.kind = 'image' ORDER BY ALL",
+            [run_id],
+        ).fetchall()
+        chosen: dict[tuple[int, str], int] = {}
+        for image_id, category, position in objects:
+            if (image_id, category) not in chosen:
+                (token_id,) = con.execute(
+                    "SELECT token_id FROM logit_lens WHERE run_id = ? AND image_id = ? AND position = ? "
+                    "AND rank = 1 ORDER BY layer DESC LIMIT 1",
+                    [run_id, image_id, position],
+                ).fetchone()
+                chosen[(image_id, category)] = int(token_id)
+        con.executemany(
+            "INSERT INTO class_tokens VALUES (?, ?, ?, ?, NULL)",
+            [(run_id, i, c, t) for (i, c), t in chosen.items()],
+        )
+        # The reference: every lens row of every object position, counted here.
+        best: dict[tuple[int, str, int, int], int] = {}
+        for image_id, category, position in objects:
+            rows = con.execute(
+                "SELECT layer, rank, token_id FROM logit_lens WHERE run_id = ? AND image_id = ? AND position = ?",
+                [run_id, image_id, position],
+            ).fetchall()
+            for layer, rank, token_id in rows:
+                if token_id == chosen[(image_id, category)]:
+                    key = (image_id, category, int(layer), position)
+                    best[key] = min(best.get(key, rank), rank)
+    expected: dict[tuple[int, str, int], list[int]] = defaultdict(lambda: [0, 0])
+    for (image_id, category, layer, _), rank in best.items():
+        expected[(image_id, category, layer)][0] += rank == 1
+        expected[(image_id, category, layer)][1] += 1
+    table = pa.table(
+        {
+            "image_id": pa.array([o[0] for o in objects], pa.int64()),
+            "category": pa.array([o[1] for o in objects], pa.string()),
+            "position": pa.array([o[2] for o in objects], pa.int32()),
+        }
+    )
+    with ResultsDB(path, read_only=True) as results:
+        got = sorted(queries.object_hit_counts(results, run_id, table, "first_token"))
+        assert queries.runs_with_class_tokens(results) == {run_id}
+    assert got == sorted((i, c, layer, n1, nk) for (i, c, layer), (n1, nk) in expected.items())
+    assert sum(n1 for *_, n1, _ in got) >= len(chosen)  # the chosen cells themselves are top-1 hits
+    from report.build import build_site
+
+    build_site(path, tmp_path / "site", downloads=False, hit_rule="first_token")
+    page = (tmp_path / "site" / "quantitative.html").read_text(encoding="utf-8")
+    assert "hit rule <code>first_token</code>" in page and "hit rule <code>word</code>" not in page
+
+
+def test_report_build_hit_rule_option(db: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """--hit-rule first_token on lens runs without class tokens is one line and exit 1, and
+    nothing is written; --hit-rule word names its rule on the quantitative page."""
+    from click.testing import CliRunner
+
+    from report.cli import report
+
+    out = tmp_path / "site"
+    refused = CliRunner().invoke(report, ["build", "--db", str(db[0]), "--out", str(out), "--hit-rule", "first_token"])
+    assert refused.exit_code == 1, refused.output
+    assert "first_token hit rule cannot be applied" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    assert not (out / "index.html").exists()

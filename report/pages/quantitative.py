@@ -56,12 +56,14 @@ def quantitative_lens(
     *,
     objects: ObjectCells | None = None,
     top_k: int | None = None,
+    hit_rule: str = "word",
 ) -> RunQuant | None:
     """Per-layer shares for one lens run; `entries` are (image_id, n_layers, grid_rows, grid_cols)
     of its completely written images. None when no image has annotated object cells.
 
     `objects` shares the object cells with the lens pages (default: computed here);
-    `top_k` is the run's configured top-k (default: read from the run).
+    `top_k` is the run's configured top-k (default: read from the run); `hit_rule` is the
+    lens hit rule (db.views.HIT_RULES).
     """
     objects = ObjectCells.from_db(db) if objects is None else objects
     if top_k is None:
@@ -108,7 +110,7 @@ def quantitative_lens(
             "position": pa.array(object_rows["position"], pa.int32()),
         }
     )
-    hits = queries.object_hit_counts(db, run_id, table)
+    hits = queries.object_hit_counts(db, run_id, table, hit_rule)
 
     top1 = np.zeros((len(totals), n_layers))
     topk = np.zeros((len(totals), n_layers))
@@ -163,16 +165,20 @@ def write_quantitative_page(
     entries: list[LensEntry],
     lens_shapes: dict[tuple[str, int], tuple[int, int, int]],
     objects: ObjectCells,
+    hit_rule: str = "word",
 ) -> list[dict[str, Any]]:
     """Write quantitative.html; `lens_shapes` maps each written (run, image) to its
-    (n_layers, grid_rows, grid_cols). Returns one entry per run with object cells."""
+    (n_layers, grid_rows, grid_cols); `hit_rule` is the lens hit rule counted. Returns one
+    entry per run with object cells."""
     quant_runs: list[dict[str, Any]] = []
     for run in runs:
         run_entries = [e for e in entries if e.run.run_id == run.run_id]
         if run.experiment != LENS_EXPERIMENT or not run_entries:
             continue
         shapes = [(e.image_id, *lens_shapes[(run.run_id, e.image_id)]) for e in run_entries]
-        result = quantitative_lens(db, run.run_id, run.model_id, shapes, objects=objects, top_k=run.top_k)
+        result = quantitative_lens(
+            db, run.run_id, run.model_id, shapes, objects=objects, top_k=run.top_k, hit_rule=hit_rule
+        )
         if result is None:
             continue
         note = f"n = {result.n_images} images, {result.n_positions} object positions"

@@ -95,13 +95,15 @@ def _evidence(m: Measured, dir_names: dict[str, str], experiment_paths: set[str]
 
 
 def reproduction_rows(
-    measured: list[Measured], dir_names: dict[str, str], experiment_paths: set[str]
+    measured: list[Measured], dir_names: dict[str, str], experiment_paths: set[str], hit_rule: str = "word"
 ) -> list[ReproductionRow]:
     """One row per paper value, with our values of the same measure and target."""
     rows = []
     for paper in PAPER_VALUES:
         row = ReproductionRow(
-            paper, format_value(paper.value, paper.unit, paper.of_layers), reproduction.MAPPINGS[paper.measure]
+            paper,
+            format_value(paper.value, paper.unit, paper.of_layers),
+            reproduction.MAPPINGS[paper.measure].format(hit_rule=hit_rule),
         )
         for m in measured:
             if m.measure != paper.measure or m.target not in paper.targets:
@@ -137,11 +139,14 @@ _NEEDS = {
 }
 
 
-def write_reproduction_page(db: ResultsDB, site: Site, runs: list[RunInfo], experiment_paths: set[str]) -> int:
-    """Write reproduction.html; returns how many paper values have at least one value of ours."""
-    measured = reproduction.headline_measures(db)
+def write_reproduction_page(
+    db: ResultsDB, site: Site, runs: list[RunInfo], experiment_paths: set[str], hit_rule: str = "word"
+) -> int:
+    """Write reproduction.html (lens hits counted by `hit_rule`); returns how many paper
+    values have at least one value of ours."""
+    measured = reproduction.headline_measures(db, hit_rule)
     dir_names = {run.run_id: run.dir_name for run in runs}
-    rows = reproduction_rows(measured, dir_names, experiment_paths)
+    rows = reproduction_rows(measured, dir_names, experiment_paths, hit_rule)
     used = {m.run_id for m in measured}
     site.render(
         "reproduction.html.j2",
