@@ -337,7 +337,7 @@ def organism_protocol(
 
 ORGANISM = "organism"
 ORGANISM_NOTE = (
-    "the model organism (collector/organism.py): a tiny LLaVA-1.5-shaped model trained offline on "
+    "the model organism (collector/organism.py): a tiny model of the paper model's shape, trained offline on "
     "synthetic scenes, with its own held-out scenes in place of COCO"
 )
 

@@ -9,8 +9,9 @@ copied; the rule of each table is derived from `db.schema`, not listed by hand:
   copied only when the shard holds that image's `run_images` completion marker and the
   target does not. An image is complete or absent in a shard (one transaction per image),
   so it is complete or absent in the target too, and a rerun copies nothing twice.
-- keyed tables without a run (`images`, `annotations`, `mean_vectors`): deduplicated by
-  their primary key (the first copy wins, as `ResultsDB.add_image` does).
+- keyed tables without an image (`images`, `annotations`, `mean_vectors`, and per run
+  `token_pieces`): deduplicated by their primary key (the first copy wins, as
+  `ResultsDB.add_image` does; a run's token pieces come from one tokenizer).
 - `runs`: one row per run_id. run_id derives from `run_key` (the hash of the settings that
   define results), so the shards of one run hold one run. Its status in the target is
   recomputed from the shards of this merge that hold it: complete only if complete in every
@@ -104,7 +105,9 @@ def table_rules() -> dict[str, str]:
             rules[name] = "runs"
         elif {"run_id", "image_id"} <= columns:
             rules[name] = "per_image"
-        elif "run_id" not in columns and table.primary_key.columns:
+        elif table.primary_key.columns:
+            # Rows keyed without an image (`images`, `mean_vectors`, or per run such as
+            # `token_pieces`): equal in every shard that holds them, so the first copy wins.
             rules[name] = "keyed"
         else:
             raise TypeError(f"db.merge has no rule for table {name!r}; add one before merging it")

@@ -45,7 +45,7 @@ MAPPINGS: dict[str, str] = {
     ),
     "ablation_random_flip": (
         "The same share for random_k, k image tokens drawn at random, with k the run's k nearest to "
-        "40 x (image tokens / 576) (40 on LLaVA-1.5); 95% Wilson interval."
+        "40 x (image tokens / 576) (40 with 576 image tokens); 95% Wilson interval."
     ),
     "lens_hit_share": (
         "Object-patch positions (image positions whose patch overlaps a mask of a category annotated in the "
@@ -55,7 +55,7 @@ MAPPINGS: dict[str, str] = {
     ),
     "lens_mean_layer": (
         "Over the decoded object-patch positions, the mean index of the first hidden state at which the "
-        "class is decoded (0 = embeddings, last = n_layers - 1; LLaVA-1.5-7B has 33 hidden states, so "
+        "class is decoded (0 = embeddings, last = n_layers - 1; the paper's model has 33 hidden states, so "
         "'of 33'); 95% percentile bootstrap over images."
     ),
     "blocking_kept": (

@@ -68,6 +68,11 @@ ALLOWED: dict[str, set[str] | None] = {
     "collector/organism.py": None,
     # The demo runs that tiny LLaVA-1.5 by design; nothing else in it may name a family.
     "collector/demo.py": {"build_tiny_llava", "tiny-llava-1.5", "llava-1.5"},
+    # `llava-interp reproduce` runs the paper's protocol, whose default model is the paper's.
+    "collector/reproduce.py": {"llava-hf/llava-1.5-7b-hf"},
+    # The paper's reported values are data about the models the paper measured (their hub
+    # ids and names); nothing there handles a family.
+    "report/paper_reference.py": None,
 }
 
 

@@ -96,8 +96,13 @@ def write_images(db: ResultsDB, experiment: str, image_ids, status: str = "compl
         with db.transaction():
             for name, rule in rules.items():
                 table = schema.metadata.tables[name]
-                if rule == "keyed":  # images/annotations of the image, and one vector of two
-                    key = {"image_id": image_id} if "image_id" in table.c else {"vector_id": f"v{image_id % 2}"}
+                if rule == "keyed":  # images/annotations of the image, one vector of two, the run's pieces
+                    if "image_id" in table.c:
+                        key: dict = {"image_id": image_id}
+                    elif "run_id" in table.c:  # per run (token_pieces): one of two token ids, equal in every shard
+                        key = {"run_id": run_id, "token_id": image_id % 2}
+                    else:
+                        key = {"vector_id": f"v{image_id % 2}"}
                     _insert(db, name, _rows(table, key, 1 if name != "annotations" else 2))
             tables = {
                 name: _rows(schema.metadata.tables[name], {"run_id": run_id, "image_id": image_id}, 3)
@@ -167,7 +172,7 @@ def test_every_table_has_a_rule():
         "ablations",
         "blocking",
     } <= {n for n, r in rules.items() if r == "per_image"}
-    assert {"images", "annotations", "mean_vectors"} <= {n for n, r in rules.items() if r == "keyed"}
+    assert {"images", "annotations", "mean_vectors", "token_pieces"} <= {n for n, r in rules.items() if r == "keyed"}
 
 
 def test_two_shards_equal_one_database(shards, tmp_path):
