@@ -517,15 +517,19 @@ def test_ablation_summary_equals_the_view(site: tuple[Path, Path, dict[str, str]
                 float(tds[2].attrs["data-value"]),
                 float(tds[4].attrs["data-value"]),
                 [td.text().strip() for td in tds],
-                (float(tds[3].attrs["data-low"]), float(tds[3].attrs["data-high"])),
+                (json.loads(tds[3].attrs["data-low"]), json.loads(tds[3].attrs["data-high"])),
             )
     assert set(shown) == {(r[0], r[1]) for r in rows}
     for setting, condition, n_base, n_flipped, pct, mean_tokens, ci_low, ci_high in rows:
         got = shown[(setting, condition)]
         assert got[:4] == (n_base, n_flipped, pct, mean_tokens)  # exactly the view's values
-        # The page's Wilson interval (db.stats) equals the view's (SQL) to rounding.
-        assert got[5] == (pytest.approx(ci_low, abs=1e-9), pytest.approx(ci_high, abs=1e-9))
-        ci_text = f"{ci_low:.1f}\u2013{ci_high:.1f}"
+        if condition == "none":  # nothing ablated: a flip rate of 0 by definition, no interval shown
+            assert got[5] == (None, None)
+            ci_text = ""
+        else:
+            # The page's Wilson interval (db.stats) equals the view's (SQL) to rounding.
+            assert got[5] == (pytest.approx(ci_low, abs=1e-9), pytest.approx(ci_high, abs=1e-9))
+            ci_text = f"{ci_low:.1f}\u2013{ci_high:.1f}"
         assert got[4] == [str(n_base), str(n_flipped), f"{pct:.2f}", ci_text, f"{mean_tokens:.2f}"]
     # Tables in reading order: generative, polling, vqa; none first, image_noise last.
     assert [t.attrs["data-setting"] for t in dom.find_all("table", class_="exp-summary")] == list(SETTINGS)

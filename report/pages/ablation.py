@@ -73,6 +73,8 @@ def ablation_page_data(db: ResultsDB, run_id: str) -> dict[str, Any]:
         # The view's Wilson bounds, recomputed from its counts so that databases written
         # before the view had them (schema < 8, opened read-only) render the same.
         interval = stats.wilson_percent(row["n_flipped"], row["n_baseline_correct"])
+        if row["condition"] == "none":
+            interval = None  # nothing ablated: its flip rate is 0 by definition, not an estimate
         row["pct_flipped_ci_low"], row["pct_flipped_ci_high"] = interval if interval else (None, None)
     summary.sort(key=lambda row: (setting_sort_key(row["setting"]), condition_sort_key(row["condition"])))
 
