@@ -8,6 +8,7 @@ attributes, so a saved SVG is a figure on its own.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,35 @@ import numpy as np
 # Okabe-Ito colours (colour-blind safe) and dash patterns (tell lines apart in greyscale print).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999")
 DASHES = ("", "7 3", "2 2", "9 3 2 3", "4 4", "1 3", "12 4", "6 2 2 2")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A chart's SVG size and its plot area: `plot_w` x `plot_h` at (`left`, `top`)."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    plot_w: int
+    plot_h: int
+
+    def geometry(self) -> dict[str, Any]:
+        """The keys every chart's geometry starts with; the templates draw the frame and axes from them."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "left": self.left,
+            "top": self.top,
+            "plot_w": self.plot_w,
+            "plot_h": self.plot_h,
+            "bottom_y": self.top + self.plot_h,
+        }
+
+
+def _frame(width: int, height: int, *, left: int, right: int, top: int, bottom: int) -> Frame:
+    """The frame of a `width` x `height` chart with these margins."""
+    return Frame(width, height, left, top, width - left - right, height - top - bottom)
 
 
 def error_bar(x: float, low: float | None, high: float | None, y_of: Any) -> dict[str, Any] | None:
@@ -46,8 +76,8 @@ def layer_share_chart(
     `intervals`, aligned with `series`, gives each series' (lows, highs) per layer, drawn
     as whiskers; `n_notes`, aligned too, says in every point's tooltip what n is.
     """
-    left, right, top, bottom = 52, 12, 12, 36
-    plot_w, plot_h = width - left - right, height - top - bottom
+    frame = _frame(width, height, left=52, right=12, top=12, bottom=36)
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     bounds = intervals or [None] * len(series)
     notes = n_notes or [""] * len(series)
     highs = [h for b in bounds if b is not None for h in b[1] if h is not None]
@@ -80,13 +110,7 @@ def layer_share_chart(
     x_ticks = [{"x": round(x_of(i), 1), "label": str(i)} for i in range(0, n_layers, step)]
     y_ticks = [{"y": round(y_of(y_max * f), 1), "label": f"{100 * y_max * f:.0f}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "top": top,
-        "plot_w": plot_w,
-        "plot_h": plot_h,
-        "bottom_y": top + plot_h,
+        **frame.geometry(),
         "lines": lines,
         "x_ticks": x_ticks,
         "y_ticks": y_ticks,
@@ -103,8 +127,9 @@ def flip_rate_bar_chart(
     is rendered by the template (autoescaped); the SVG carries its own colours and fonts
     so it can be saved and used as a figure on its own.
     """
-    left, right, top, bottom = 52, 12, 34, 92  # top: room for the value and n above a full bar
-    plot_w, plot_h = width - left - right, height - top - bottom
+    # top: room for the value and n above a full bar
+    frame = _frame(width, height, left=52, right=12, top=34, bottom=92)
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     slot = plot_w / max(1, len(rows))
     bar_w = min(44.0, slot * 0.7)
     bars = []
@@ -139,13 +164,7 @@ def flip_rate_bar_chart(
         )
     ticks = [{"y": round(top + plot_h * (1 - f), 2), "label": f"{y_max * f:g}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "top": top,
-        "plot_w": plot_w,
-        "plot_h": plot_h,
-        "bottom_y": top + plot_h,
+        **frame.geometry(),
         "bars": bars,
         "y_max": y_max,
         "y_ticks": ticks,
@@ -191,8 +210,8 @@ def blocking_curve_chart(
     inside the SVG and every colour and font is an attribute, so the SVG is a figure on
     its own.
     """
-    left, right, top, bottom, legend_w = 64, 12, 14, 40, 172
-    plot_w, plot_h = width - left - right - legend_w, height - top - bottom
+    frame = _frame(width, height, left=64, right=12 + 172, top=14, bottom=40)  # right: room for the legend
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     x_values = curve["x"]
     values = [v for series in curve["series"] for v in series[measure] if v is not None]
     highs = [v for series in curve["series"] for v in series.get(f"{measure}_ci_high", []) if v is not None]
@@ -257,13 +276,7 @@ def blocking_curve_chart(
     x_ticks = [{"x": round(x_of(x), 2), "label": str(x)} for x in x_values[::step]]
     y_ticks = [{"y": round(y_of(y_max * f), 2), "label": f"{y_max * f:.4g}"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "top": top,
-        "plot_w": plot_w,
-        "plot_h": plot_h,
-        "bottom_y": top + plot_h,
+        **frame.geometry(),
         "legend_x": left + plot_w + 18,
         "y_max": y_max,
         "lines": lines,
@@ -292,8 +305,8 @@ def relative_depth_chart(
     whatever its number of layers, spans the same axis; y runs 0..y_max. `percent` prints
     values as percentages. A line is broken where a value is None.
     """
-    left, right, top, bottom = 64, 14, 14, 42
-    plot_w, plot_h = width - left - right, height - top - bottom
+    frame = _frame(width, height, left=64, right=14, top=14, bottom=42)
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     values = [p["value"] for s in series for p in s["points"] if p["value"] is not None]
     highs = [p["high"] for s in series for p in s["points"] if p.get("high") is not None]
     y_max = _nice_ceiling(max(values + highs + ([reference] if reference is not None else []), default=0.0))
@@ -353,13 +366,7 @@ def relative_depth_chart(
         for f in (0, 0.25, 0.5, 0.75, 1)
     ]
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "top": top,
-        "plot_w": plot_w,
-        "plot_h": plot_h,
-        "bottom_y": top + plot_h,
+        **frame.geometry(),
         "y_max": y_max,
         "y_label": y_label,
         "lines": lines,
@@ -384,8 +391,8 @@ def grouped_bar_chart(
     title}} (percentages); a series without a group has no bar there. Whiskers from low to
     high; y runs 0..y_max (a multiple of 10, at least 10, at most 100).
     """
-    left, right, top, bottom = 56, 12, 30, 92
-    plot_w, plot_h = width - left - right, height - top - bottom
+    frame = _frame(width, height, left=56, right=12, top=30, bottom=92)
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     tops = [max(v["value"], v.get("high") or 0.0) for s in series for v in s["values"].values()]
     y_max = float(min(100, max(10, -(-max(tops, default=0.0) // 10) * 10)))
 
@@ -421,13 +428,7 @@ def grouped_bar_chart(
     group_labels = [{"x": round(left + slot * (g + 0.5), 2), "label": group} for g, group in enumerate(groups)]
     y_ticks = [{"y": round(y_of(y_max * f), 2), "label": f"{y_max * f:g}%"} for f in (0, 0.25, 0.5, 0.75, 1)]
     return {
-        "width": width,
-        "height": height,
-        "left": left,
-        "top": top,
-        "plot_w": plot_w,
-        "plot_h": plot_h,
-        "bottom_y": top + plot_h,
+        **frame.geometry(),
         "y_max": y_max,
         "y_label": y_label,
         "bars": bars,
