@@ -9,12 +9,13 @@ import click
 
 from collector.options import (
     CleanErrorGroup,
-    input_config,
+    ImageInputs,
+    ModelChoice,
+    db_option,
     input_options,
-    load_options,
     loader_workers_option,
     model_options,
-    resolve_images,
+    quiet_option,
     run_options,
 )
 
@@ -34,9 +35,7 @@ def collect() -> None:
 @collect.command("lens")
 @model_options
 @input_options
-@click.option(
-    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
-)
+@db_option()
 @click.option(
     "--prompt",
     default="Describe the image.",
@@ -60,19 +59,10 @@ def collect() -> None:
     "runs.config.oom_events). Results do not change.",
 )
 @loader_workers_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def collect_lens_command(
-    model_id: str,
-    revision: str | None,
-    device: str | None,
-    dtype: str,
-    quantization: str,
-    prompt_template: str | None,
-    images_dir: Path | None,
-    annotations: Path | None,
-    coco_root: Path | None,
-    split: str | None,
-    limit: int | None,
+    model: ModelChoice,
+    inputs: ImageInputs,
     db_path: Path,
     prompt: str,
     top_k: int,
@@ -84,23 +74,19 @@ def collect_lens_command(
     position; keeps the top-k tokens per cell. Rerunning the same command resumes."""
     from collector.distributed import run_collect
     from collector.lens.experiment import collect_lens
-    from collector.loading import check_before_load, load_model
 
-    records = resolve_images(images_dir, annotations, coco_root, split, limit)
-    check_before_load(model_id, revision, prompt_template, [prompt], top_k)  # before any weight is read
+    records = inputs.records(inputs.limit)
+    model.check([prompt], top_k)  # before any weight is read
     handling = run_options()
 
     def run_one(db, share: list, group) -> object:
-        loaded = load_model(
-            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options()
-        )
         return collect_lens(
-            loaded,
+            model.load(group.default_device()),
             share,
             db,
             prompt=prompt,
             top_k=top_k,
-            extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id),
+            extra_config=inputs.config(model.model_id),
             progress=not quiet,
             batch_size=batch_size,
             loader_workers=loader_workers,
@@ -125,7 +111,7 @@ def collect_lens_command(
     help="Use a tiny random-weight LLaVA instead of the trained model organism (seconds instead of the "
     "organism's one-time training of about two CPU-minutes; results are meaningless).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option("bars")
 def demo_command(out_dir: Path, random_weights: bool, quiet: bool) -> None:
     """Offline end-to-end demo: every experiment on a tiny LLaVA -> OUT/results.duckdb -> OUT/site/.
 

@@ -1,16 +1,23 @@
-"""Click options and input handling shared by every `llava-interp collect` command."""
+"""Click options and input handling shared by the `llava-interp collect` commands and `reproduce`."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from collector.blocking.settings import DEFAULT_AREA_RANGE, DEFAULT_MAX_ANNOTATIONS
 from collector.errors import UserError
 from collector.images import DEFAULT_MAX_PIXELS
 from db.errors import DatabaseError, disk_full
+
+if TYPE_CHECKING:  # not imported at run time: the CLI's --help must not load torch
+    from collector.images import ImageRecord
+    from collector.loading import LoadedModel
 
 MODEL_HELP = "Hugging Face model id (e.g. llava-hf/llava-1.5-7b-hf) or local checkpoint folder."
 
@@ -113,9 +120,54 @@ def model_options(command: Callable) -> Callable:
             "Default: refuse such a checkpoint.",
         ),
     ]
+    return _with_options(command, options, "model", ModelChoice)
+
+
+def _with_options(command: Callable, options: list[Callable], name: str, group: type) -> Callable:
+    """`command` with `options`, their values passed as one `group` object, keyword `name`."""
+    fields = list(group.__dataclass_fields__)
+
+    @functools.wraps(command)
+    def with_group(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, **{name: group(**{field: kwargs.pop(field) for field in fields})}, **kwargs)
+
     for option in reversed(options):
-        command = option(command)
-    return command
+        with_group = option(with_group)
+    return with_group
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The values of `model_options`: which model, and how to load it."""
+
+    model_id: str
+    revision: str | None
+    device: str | None
+    dtype: str
+    quantization: str
+    prompt_template: str | None
+
+    def check(self, *args: Any) -> Any:
+        """`check_before_load` of this model (before any weight is read; `args`: its prompts, top_k)."""
+        from collector.loading import check_before_load
+
+        return check_before_load(self.model_id, self.revision, self.prompt_template, *args)
+
+    def load(self, default_device: str | None = None, **extra: Any) -> LoadedModel:
+        """`load_model` with these options and the command's `load_options()`; `default_device`
+        where --device is not given; `extra`: further `load_model` keywords."""
+        from collector.loading import load_model
+
+        return load_model(
+            self.model_id,
+            self.device or default_device,
+            self.dtype,
+            self.quantization,
+            self.prompt_template,
+            self.revision,
+            **extra,
+            **load_options(),
+        )
 
 
 def _image_handling() -> dict[str, Any]:
@@ -188,9 +240,26 @@ def input_options(command: Callable) -> Callable:
             "used (reasons unreadable, truncated, too_large); other skips stay.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options, "inputs", ImageInputs)
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """The values of `input_options`: a folder of images or a COCO split, and --limit."""
+
+    images_dir: Path | None
+    annotations: Path | None
+    coco_root: Path | None
+    split: str | None
+    limit: int | None
+
+    def records(self, limit: int | None) -> list[ImageRecord]:
+        """`resolve_images` of these inputs, at most `limit` (None: every listed image)."""
+        return resolve_images(self.images_dir, self.annotations, self.coco_root, self.split, limit)
+
+    def config(self, model_id: str) -> dict[str, Any]:
+        """`input_config` of these inputs: their provenance in runs.config."""
+        return input_config(self.images_dir, self.annotations, self.coco_root, self.split, self.limit, model_id)
 
 
 def loader_workers_option(command: Callable) -> Callable:
@@ -203,6 +272,93 @@ def loader_workers_option(command: Callable) -> Callable:
         help="Threads that decode and preprocess the next images while the model works; with any, "
         "a writer thread also stores finished images meanwhile. 0: no pipelining. Results do not change.",
     )(command)
+
+
+def db_option(note: str = "") -> Callable[[Callable], Callable]:
+    """--db, the results file a command writes (`note`: what more the help says)."""
+    return click.option(
+        "--db",
+        "db_path",
+        type=click.Path(path_type=Path),
+        required=True,
+        help=f"DuckDB results file (created if missing){note}.",
+    )
+
+
+def quiet_option(bars: str = "bar") -> Callable[[Callable], Callable]:
+    """--quiet: no progress `bars` ('bars' for a command that shows several)."""
+    return click.option("--quiet", is_flag=True, help=f"No progress {bars}.")
+
+
+def questions_option(help: str, *, required: bool = False) -> Callable[[Callable], Callable]:
+    """--questions: a VQA questions JSON {"<coco id>": ["question", ...]} (`help`: what the command asks)."""
+    return click.option(
+        "--questions", "questions_file", type=click.Path(path_type=Path), required=required, default=None, help=help
+    )
+
+
+def selection_options(command: Callable) -> Callable:
+    """The paper's image selection (collector.coco.select_targets): --max-annotations, --object-area."""
+    low, high = DEFAULT_AREA_RANGE
+    command = click.option(
+        "--object-area",
+        default=f"{low:g}:{high:g}",
+        show_default=True,
+        help="MIN:MAX area (COCO 'area', original pixels², exclusive) of the single-instance target object.",
+    )(command)
+    return click.option(
+        "--max-annotations",
+        type=click.IntRange(min=1),
+        default=DEFAULT_MAX_ANNOTATIONS,
+        show_default=True,
+        help="Select images with at most N annotations.",
+    )(command)
+
+
+def parse_area_range(text: str) -> tuple[float, float]:
+    """--object-area 'MIN:MAX' in px² -> (min, max); UserError if malformed."""
+    try:
+        low, high = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise UserError(f"--object-area must be MIN:MAX in px² (e.g. 1000:2000), got {text!r}") from None
+    if not 0 <= low < high:
+        raise UserError(f"--object-area needs 0 <= MIN < MAX, got {text!r}")
+    return low, high
+
+
+# The paper code's ablation defaults (scripts/ablation_experiment_curate.py), the same as
+# the collector's (tests/test_reproduce.py checks); written out here because the
+# collector's modules that hold them import torch, which `llava-interp --help` must not.
+ABLATION_SETTINGS = ("generative", "polling", "vqa")
+DEFAULT_K = (5, 10, 20, 40, 60, 100, 250)
+DEFAULT_IG_STEPS = 50
+DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_NOISE_STD = 1.0
+
+
+def _protocol_option(name: str, default: int, help: str, deviation: bool) -> Callable[[Callable], Callable]:
+    if deviation:  # `reproduce`: unset means the paper's value; a value given is recorded as a deviation
+        return click.option(
+            name,
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"{help} (paper: {default}). Recorded as a deviation.",
+        )
+    return click.option(name, type=click.IntRange(min=1), default=default, show_default=True, help=f"{help}.")
+
+
+def ig_steps_option(*, deviation: bool = False) -> Callable[[Callable], Callable]:
+    """--ig-steps (default the paper's; with `deviation`, unset unless given, for `reproduce`)."""
+    return _protocol_option(
+        "--ig-steps", DEFAULT_IG_STEPS, "Integrated-gradients quadrature nodes for gradient_k", deviation
+    )
+
+
+def max_new_tokens_option(*, deviation: bool = False) -> Callable[[Callable], Callable]:
+    """--max-new-tokens (default the paper's; with `deviation`, unset unless given, for `reproduce`)."""
+    return _protocol_option(
+        "--max-new-tokens", DEFAULT_MAX_NEW_TOKENS, "Greedy tokens generated in the generative setting", deviation
+    )
 
 
 def resolve_images(

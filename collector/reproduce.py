@@ -27,7 +27,22 @@ import click
 from collector.blocking.settings import DEFAULT_AREA_RANGE, DEFAULT_MAX_ANNOTATIONS, DEFAULT_WINDOW, REFERENCE_DEPTH
 from collector.errors import UserError
 from collector.images import ImageRecord
-from collector.options import load_options, loader_workers_option, model_options, run_options
+from collector.options import (
+    ABLATION_SETTINGS,
+    DEFAULT_IG_STEPS,
+    DEFAULT_K,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_NOISE_STD,
+    ModelChoice,
+    db_option,
+    ig_steps_option,
+    loader_workers_option,
+    max_new_tokens_option,
+    model_options,
+    questions_option,
+    quiet_option,
+    run_options,
+)
 
 if TYPE_CHECKING:  # not imported at run time: the CLI's --help must not load torch
     from collector.loading import LoadedModel
@@ -40,14 +55,8 @@ PAPER_IMAGE_TOKENS = 576  # LLaVA-1.5: a 24 x 24 patch grid
 PAPER_DTYPE = "float16"
 PAPER_QUANTIZATION = "none"
 PROTOCOL_NAME = "neo2024"
-# The paper code's ablation defaults (scripts/ablation_experiment_curate.py), the same as
-# `collect ablation`'s (tests/test_reproduce.py checks); written out here because the
-# collector's modules that hold them import torch, which `llava-interp --help` must not.
-SETTINGS = ("generative", "polling", "vqa")
-DEFAULT_K = (5, 10, 20, 40, 60, 100, 250)
-DEFAULT_IG_STEPS = 50
-DEFAULT_MAX_NEW_TOKENS = 200
-DEFAULT_NOISE_STD = 1.0
+# The paper code's ablation defaults are `collect ablation`'s (collector/options.py; tests/test_reproduce.py checks).
+SETTINGS = ABLATION_SETTINGS
 LENS_PROMPT = "Describe the image."  # scripts/logit_lens/create_logit_lens.py of the paper's code
 
 
@@ -375,21 +384,11 @@ def _cli_protocol(
     default=None,
     help="COCO instances JSON of those images (e.g. annotations/instances_val2017.json).",
 )
-@click.option(
-    "--questions",
-    "questions_file",
-    type=click.Path(path_type=Path),
-    default=None,
-    help='VQA questions {"<coco id>": ["question", ...]} for the VQA setting and blocking (the paper\'s '
-    "data/clean_questions.json); needed unless --model organism.",
+@questions_option(
+    'VQA questions {"<coco id>": ["question", ...]} for the VQA setting and blocking (the paper\'s '
+    "data/clean_questions.json); needed unless --model organism."
 )
-@click.option(
-    "--db",
-    "db_path",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="DuckDB results file (created if missing); every run goes into it.",
-)
+@db_option("; every run goes into it")
 @click.option(
     "--limit",
     type=click.IntRange(min=1),
@@ -409,18 +408,8 @@ def _cli_protocol(
     default=None,
     help="Images averaged for the mean vector (default: every given image). Recorded as a deviation.",
 )
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    default=None,
-    help=f"Tokens generated in the generative setting (paper: {DEFAULT_MAX_NEW_TOKENS}). Recorded as a deviation.",
-)
-@click.option(
-    "--ig-steps",
-    type=click.IntRange(min=1),
-    default=None,
-    help=f"Integrated-gradients steps (paper: {DEFAULT_IG_STEPS}). Recorded as a deviation.",
-)
+@max_new_tokens_option(deviation=True)
+@ig_steps_option(deviation=True)
 @click.option(
     "--scenes",
     type=click.IntRange(min=1),
@@ -429,14 +418,9 @@ def _cli_protocol(
     help="With --model organism: how many held-out scenes to generate and use.",
 )
 @loader_workers_option
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@quiet_option("bars")
 def reproduce_command(
-    model_id: str,
-    revision: str | None,
-    device: str | None,
-    dtype: str,
-    quantization: str,
-    prompt_template: str | None,
+    model: ModelChoice,
     coco_images: Path | None,
     coco_annotations: Path | None,
     questions_file: Path | None,
@@ -461,7 +445,7 @@ def reproduce_command(
     it writes nothing new. `llava-interp report build` then renders the Reproduction page."""
     from collector.distributed import refuse_several_processes
     from collector.images import folder_images
-    from collector.loading import check_before_load, load_model
+    from collector.loading import load_model
     from collector.options import resolve_images
     from collector.vqa import load_questions
     from db.store import ResultsDB
@@ -471,7 +455,7 @@ def reproduce_command(
         raise UserError(f"folder for --db does not exist: {db_path.parent}")
     protocol, reasons = _cli_protocol(limit, lens_limit, mean_images, max_new_tokens, ig_steps)
     model_note = None
-    if model_id == ORGANISM:
+    if model.model_id == ORGANISM:
         given = [name for name, value in (("--coco-images", coco_images), ("--coco-annotations", coco_annotations),
                                           ("--questions", questions_file)) if value is not None]  # fmt: skip
         if given:
@@ -482,10 +466,12 @@ def reproduce_command(
         annotation_file = scene_set.annotations_path
         questions = load_questions(scene_set.questions_path)
         records = folder_images(scene_set.images_dir, annotation_file)
-        loaded = load_model(str(scene_set.model_dir), device or "cpu", dtype, quantization, prompt_template)
+        loaded = load_model(
+            str(scene_set.model_dir), model.device or "cpu", model.dtype, model.quantization, model.prompt_template
+        )
         protocol, organism_reasons = organism_protocol(GRID_SIDE * GRID_SIDE, loaded.adapter.n_layers, protocol)
         reasons = {**organism_reasons, **reasons}
-        if dtype == "float32":
+        if model.dtype == "float32":
             reasons["dtype"] = "the organism is trained in float32 and runs on a CPU"
         model_note = ORGANISM_NOTE
         extra = {"model_organism": True, "images": str(scene_set.images_dir), "annotations": str(annotation_file)}
@@ -493,15 +479,15 @@ def reproduce_command(
         missing = [name for name, value in (("--coco-images", coco_images), ("--coco-annotations", coco_annotations),
                                             ("--questions", questions_file)) if value is None]  # fmt: skip
         if missing:
-            raise UserError(f"reproduce on {model_id} needs {', '.join(missing)} (or --model organism)")
+            raise UserError(f"reproduce on {model.model_id} needs {', '.join(missing)} (or --model organism)")
         assert coco_images is not None and coco_annotations is not None and questions_file is not None
         questions = load_questions(questions_file)
         records = resolve_images(coco_images, coco_annotations, None, None, None)
         annotation_file = coco_annotations
         if not selected_records(records, annotation_file, protocol):  # before any weight is read
             raise UserError(no_selection_message(protocol))
-        check_before_load(model_id, revision, prompt_template)  # before any weight is read
-        loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+        model.check()  # before any weight is read
+        loaded = model.load()
         extra = {
             "images": str(coco_images),
             "annotations": str(coco_annotations),

@@ -7,9 +7,24 @@ from pathlib import Path
 import click
 
 from collector.errors import UserError
-from collector.options import input_options, loader_workers_option, model_options
+from collector.options import (
+    DEFAULT_K,
+    DEFAULT_NOISE_STD,
+    ImageInputs,
+    ModelChoice,
+    db_option,
+    ig_steps_option,
+    input_options,
+    loader_workers_option,
+    max_new_tokens_option,
+    model_options,
+    parse_area_range,
+    questions_option,
+    quiet_option,
+    selection_options,
+)
 
-K_DEFAULT = "5,10,20,40,60,100,250"
+K_DEFAULT = ",".join(str(k) for k in DEFAULT_K)
 
 
 def _parse_k(value: str) -> tuple[int, ...]:
@@ -22,23 +37,12 @@ def _parse_k(value: str) -> tuple[int, ...]:
     return ks
 
 
-def _parse_area(value: str) -> tuple[float, float]:
-    parts = value.split(":")
-    try:
-        low, high = (float(p) for p in parts)
-    except ValueError:
-        raise UserError(f"--object-area must be MIN:MAX (e.g. 1000:2000), got {value!r}") from None
-    if not 0 <= low < high:
-        raise UserError(f"--object-area must have 0 <= MIN < MAX, got {value!r}")
-    return low, high
-
-
-def _annotation_file(annotations: Path | None, coco_root: Path | None, split: str | None) -> Path:
-    if coco_root is not None and split is not None:
-        return coco_root / "annotations" / f"instances_{split}.json"
-    if annotations is None:
+def _annotation_file(inputs: ImageInputs) -> Path:
+    if inputs.coco_root is not None and inputs.split is not None:
+        return inputs.coco_root / "annotations" / f"instances_{inputs.split}.json"
+    if inputs.annotations is None:
         raise UserError("ablation needs COCO annotations: give --annotations FILE with --images")
-    return annotations
+    return inputs.annotations
 
 
 def _model_and_input_options(command):
@@ -55,9 +59,7 @@ SHARDED_LIMIT = (
 
 @click.command("ablation")
 @_model_and_input_options
-@click.option(
-    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
-)
+@db_option()
 @click.option(
     "--settings",
     "settings_text",
@@ -66,12 +68,7 @@ SHARDED_LIMIT = (
     help="Comma-separated settings: generative (describe the image), polling (is there a CLASS?), "
     "vqa (a question + ' It is a'; needs --questions).",
 )
-@click.option(
-    "--questions",
-    type=click.Path(path_type=Path),
-    default=None,
-    help='VQA questions, {"<coco id>": ["question", ...]}; the first question of each image is asked.',
-)
+@questions_option('VQA questions, {"<coco id>": ["question", ...]}; the first question of each image is asked.')
 @click.option(
     "--replacement",
     default="zero",
@@ -85,19 +82,7 @@ SHARDED_LIMIT = (
     help="Keep every selected image (default: keep one only if the unablated model names the class "
     "and stops naming it under image noise).",
 )
-@click.option(
-    "--max-annotations",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Select images with at most N annotations.",
-)
-@click.option(
-    "--object-area",
-    default="1000:2000",
-    show_default=True,
-    help="MIN:MAX area (original pixels², exclusive) of the single-instance target object.",
-)
+@selection_options
 @click.option(
     "--k",
     "k_text",
@@ -106,13 +91,7 @@ SHARDED_LIMIT = (
     help="Comma-separated token counts for the random_k and gradient_k conditions.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random_k draws and the image noise.")
-@click.option(
-    "--ig-steps",
-    type=click.IntRange(min=1),
-    default=50,
-    show_default=True,
-    help="Integrated-gradients quadrature nodes for gradient_k.",
-)
+@ig_steps_option()
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
@@ -120,37 +99,22 @@ SHARDED_LIMIT = (
     show_default=True,
     help="Conditions per forward/generate batch (speed only; results do not change).",
 )
-@click.option(
-    "--max-new-tokens",
-    type=click.IntRange(min=1),
-    default=200,
-    show_default=True,
-    help="Greedy tokens generated in the generative setting.",
-)
+@max_new_tokens_option()
 @click.option(
     "--noise-std",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=DEFAULT_NOISE_STD,
     show_default=True,
     help="Std of the image_noise Gaussian, in normalised pixel units.",
 )
 @loader_workers_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def ablation_command(
-    model_id: str,
-    revision: str | None,
-    device: str | None,
-    dtype: str,
-    quantization: str,
-    prompt_template: str | None,
-    images_dir: Path | None,
-    annotations: Path | None,
-    coco_root: Path | None,
-    split: str | None,
-    limit: int | None,
+    model: ModelChoice,
+    inputs: ImageInputs,
     db_path: Path,
     settings_text: str,
-    questions: Path | None,
+    questions_file: Path | None,
     replacement: str,
     no_curate: bool,
     max_annotations: int,
@@ -174,25 +138,25 @@ def ablation_command(
     from collector.ablation.experiment import AblationOptions, collect_ablation
     from collector.ablation.replacement import load_replacement
     from collector.distributed import ProcessGroup, run_collect
-    from collector.loading import check_before_load, load_model, text_config_value
-    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.loading import text_config_value
+    from collector.options import run_options
     from collector.vqa import load_questions
 
     settings = tuple(s.strip() for s in settings_text.split(",") if s.strip())
     options = AblationOptions(
         settings=settings,
-        questions=load_questions(questions) if questions is not None else None,
+        questions=load_questions(questions_file) if questions_file is not None else None,
         k_values=_parse_k(k_text),
         seed=seed,
         curate=not no_curate,
         max_annotations=max_annotations,
-        area_range=_parse_area(object_area),
+        area_range=parse_area_range(object_area),
         ig_steps=ig_steps,
         max_new_tokens=max_new_tokens,
         noise_std=noise_std,
         batch_size=batch_size,
     )
-    annotation_file = _annotation_file(annotations, coco_root, split)
+    annotation_file = _annotation_file(inputs)
     group = ProcessGroup.from_env()
     if group.world_size > 1 and replacement.startswith("db:"):
         raise UserError(
@@ -200,16 +164,14 @@ def ablation_command(
             "launch do not open: give the vector's .pt file (collect mean-vector --out)"
         )
     # --limit counts kept images, so every listed image is a candidate.
-    records = resolve_images(images_dir, annotations, coco_root, split, None)
+    records = inputs.records(None)
     # Before any weight is read: the template, the questions, the replacement's size.
-    hidden_size = text_config_value(check_before_load(model_id, revision, prompt_template), "hidden_size")
+    hidden_size = text_config_value(model.check(), "hidden_size")
     handling = run_options()
 
     def run_one(db, share: list, group: ProcessGroup):
         vector = load_replacement(replacement, hidden_size, db) if hidden_size else None
-        loaded = load_model(
-            model_id, device or group.default_device(), dtype, quantization, prompt_template, revision, **load_options()
-        )
+        loaded = model.load(group.default_device())
         vector = vector or load_replacement(replacement, loaded.adapter.hidden_size, db)
         if vector.hidden_size != loaded.adapter.hidden_size:
             raise UserError(
@@ -223,9 +185,8 @@ def ablation_command(
             annotation_file,
             options,
             vector,
-            limit=limit,
-            extra_config=input_config(images_dir, annotations, coco_root, split, limit, model_id)
-            | {"questions": str(questions) if questions else None},
+            limit=inputs.limit,
+            extra_config=inputs.config(model.model_id) | {"questions": str(questions_file) if questions_file else None},
             progress=not quiet,
             loader_workers=loader_workers,
             **handling,
@@ -237,7 +198,7 @@ def ablation_command(
         run_one,
         echo=click.echo,
         group=group,
-        refuse_sharded=SHARDED_LIMIT if limit is not None else None,
+        refuse_sharded=SHARDED_LIMIT if inputs.limit is not None else None,
     )
 
 
@@ -257,19 +218,10 @@ def ablation_command(
     default=None,
     help="Also store the vector in this DuckDB file's mean_vectors table (use as --replacement db:<id>).",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def mean_vector_command(
-    model_id: str,
-    revision: str | None,
-    device: str | None,
-    dtype: str,
-    quantization: str,
-    prompt_template: str | None,
-    images_dir: Path | None,
-    annotations: Path | None,
-    coco_root: Path | None,
-    split: str | None,
-    limit: int | None,
+    model: ModelChoice,
+    inputs: ImageInputs,
     out_path: Path,
     db_path: Path | None,
     quiet: bool,
@@ -279,16 +231,15 @@ def mean_vector_command(
     (a mean over shards would need a weighted merge)."""
     from collector.ablation.replacement import compute_mean_vector, save_mean_vector, store_mean_vector
     from collector.distributed import refuse_several_processes
-    from collector.loading import check_before_load, load_model
-    from collector.options import input_config, load_options, resolve_images, run_options
+    from collector.options import run_options
     from db.store import ResultsDB
 
     refuse_several_processes("collect mean-vector")
     if not out_path.parent.exists():
         raise UserError(f"folder for --out does not exist: {out_path.parent}")
-    records = resolve_images(images_dir, annotations, coco_root, split, limit)
-    check_before_load(model_id, revision, prompt_template)
-    loaded = load_model(model_id, device, dtype, quantization, prompt_template, revision, **load_options())
+    records = inputs.records(inputs.limit)
+    model.check()
+    loaded = model.load()
     mean = compute_mean_vector(loaded, records, progress=not quiet, strict=run_options()["strict"])
     save_mean_vector(out_path, mean)
     message = f"mean of {mean.n_tokens} image tokens over {mean.n_images} images -> {out_path}"
@@ -297,7 +248,7 @@ def mean_vector_command(
         message += f" ({len(mean.skipped)} image files skipped: {', '.join(reasons)}; first {mean.skipped[0][0]})"
     if db_path is not None:
         with ResultsDB(db_path) as db:
-            config = input_config(images_dir, annotations, coco_root, split, limit, model_id)
+            config = inputs.config(model.model_id)
             vector_id = store_mean_vector(db, loaded, mean, str(out_path), config)
         message += f" and {db_path} (--replacement db:{vector_id})"
     click.echo(message)

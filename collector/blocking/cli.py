@@ -6,34 +6,21 @@ from pathlib import Path
 
 import click
 
-from collector.blocking.settings import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_ANNOTATIONS,
-    DEFAULT_WINDOW,
-    SOURCE_SETS,
-    TARGET_SETS,
-)
+from collector.blocking.settings import DEFAULT_BATCH_SIZE, DEFAULT_WINDOW, SOURCE_SETS, TARGET_SETS
 from collector.errors import UserError
 from collector.options import (
-    input_config,
+    ImageInputs,
+    ModelChoice,
+    db_option,
     input_options,
-    load_options,
     loader_workers_option,
     model_options,
-    resolve_images,
+    parse_area_range,
+    questions_option,
+    quiet_option,
     run_options,
+    selection_options,
 )
-
-
-def parse_area_range(text: str) -> tuple[float, float]:
-    """'MIN:MAX' in px² -> (min, max); UserError if malformed."""
-    try:
-        low, high = (float(part) for part in text.split(":"))
-    except ValueError:
-        raise UserError(f"--object-area must be MIN:MAX in px² (e.g. 1000:2000), got {text!r}") from None
-    if not 0 <= low < high:
-        raise UserError(f"--object-area needs 0 <= MIN < MAX, got {text!r}")
-    return low, high
 
 
 def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
@@ -47,29 +34,12 @@ def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, 
 @click.command("blocking")
 @model_options
 @input_options
-@click.option(
-    "--db", "db_path", type=click.Path(path_type=Path), required=True, help="DuckDB results file (created if missing)."
-)
-@click.option(
-    "--questions",
-    "questions_file",
-    type=click.Path(path_type=Path),
+@db_option()
+@questions_option(
+    'Questions JSON in the original format {"<coco id>": ["question", ...]}; the first question of each image is asked.',
     required=True,
-    help='Questions JSON in the original format {"<coco id>": ["question", ...]}; the first question of each image is asked.',
 )
-@click.option(
-    "--max-annotations",
-    type=click.IntRange(min=1),
-    default=DEFAULT_MAX_ANNOTATIONS,
-    show_default=True,
-    help="Select images with at most this many annotations.",
-)
-@click.option(
-    "--object-area",
-    default="1000:2000",
-    show_default=True,
-    help="MIN:MAX area (px², COCO 'area') of the single-instance target object.",
-)
+@selection_options
 @click.option(
     "--no-curate", is_flag=True, help="Also block on images the unblocked model answers wrongly (default: skip them)."
 )
@@ -107,19 +77,10 @@ def parse_names(text: str, allowed: tuple[str, ...], option: str) -> tuple[str, 
     help="Comma-separated target sets (blocked query positions).",
 )
 @loader_workers_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def blocking_command(
-    model_id: str,
-    revision: str | None,
-    device: str | None,
-    dtype: str,
-    quantization: str,
-    prompt_template: str | None,
-    images_dir: Path | None,
-    annotations: Path | None,
-    coco_root: Path | None,
-    split: str | None,
-    limit: int | None,
+    model: ModelChoice,
+    inputs: ImageInputs,
     db_path: Path,
     questions_file: Path,
     max_annotations: int,
@@ -144,35 +105,26 @@ def blocking_command(
     from collector.ablation.cli import SHARDED_LIMIT
     from collector.blocking.experiment import collect_blocking
     from collector.distributed import run_collect
-    from collector.loading import check_before_load, load_model
     from collector.vqa import load_questions
 
     area_range = parse_area_range(object_area)
     source_names = parse_names(sources, SOURCE_SETS, "--sources")
     target_names = parse_names(targets, TARGET_SETS, "--targets")
-    if images_dir is not None and annotations is None:
+    if inputs.images_dir is not None and inputs.annotations is None:
         raise UserError("collect blocking needs object annotations: give --annotations with --images")
-    records = resolve_images(images_dir, annotations, coco_root, split, None)
+    records = inputs.records(None)
     annotation_file = (
-        annotations if annotations is not None else Path(coco_root) / "annotations" / f"instances_{split}.json"
+        inputs.annotations
+        if inputs.annotations is not None
+        else Path(inputs.coco_root) / "annotations" / f"instances_{inputs.split}.json"
     )
     questions = load_questions(questions_file)
-    check_before_load(model_id, revision, prompt_template)  # before any weight is read
+    model.check()  # before any weight is read
     handling = run_options()
 
     def run_one(db, share: list, group):
-        loaded = load_model(
-            model_id,
-            device or group.default_device(),
-            dtype,
-            quantization,
-            prompt_template,
-            revision,
-            attn_implementation=attn_implementation,
-            **load_options(),
-        )
         return collect_blocking(
-            loaded,
+            model.load(group.default_device(), attn_implementation=attn_implementation),
             share,
             db,
             annotation_file,
@@ -182,16 +134,15 @@ def blocking_command(
             curate=not no_curate,
             window=window,
             batch_size=batch_size,
-            limit=limit,
+            limit=inputs.limit,
             sources=source_names,
             targets=target_names,
-            extra_config={
-                **input_config(images_dir, annotations, coco_root, split, limit, model_id),
-                "questions_file": str(questions_file),
-            },
+            extra_config={**inputs.config(model.model_id), "questions_file": str(questions_file)},
             progress=not quiet,
             loader_workers=loader_workers,
             **handling,
         )
 
-    run_collect(db_path, records, run_one, echo=click.echo, refuse_sharded=SHARDED_LIMIT if limit is not None else None)
+    run_collect(
+        db_path, records, run_one, echo=click.echo, refuse_sharded=SHARDED_LIMIT if inputs.limit is not None else None
+    )
