@@ -23,13 +23,12 @@ condition with n and a 95% interval. Torch-free; reads only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
 from db import queries
-from db.geometry import object_cells_by_category
 from db.stats import bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
 from db.views import FIRST_TOKEN_HITS_SELECT, HIT_RULES, OBJECT_HITS_SELECT
@@ -192,11 +191,20 @@ class LensImageHits:
     first_layer_sum: int
 
 
-def lens_object_positions(db: ResultsDB, run_id: str) -> tuple[pa.Table, dict[int, int], int]:
+class ObjectCellSource(Protocol):
+    """The object cells of every (run, image): report.object_cells.ObjectCells, which the report
+    build rasterises once per image for all its pages."""
+
+    def annotated(self, run_id: str, image_id: int) -> bool: ...
+
+    def cells(self, run_id: str, image_id: int, grid_rows: int, grid_cols: int) -> dict[str, np.ndarray]: ...
+
+
+def lens_object_positions(
+    db: ResultsDB, run_id: str, objects: ObjectCellSource
+) -> tuple[pa.Table, dict[int, int], int]:
     """Every (image_id, category, position) object-patch triple of the run's completely written,
     unskipped images; per image its number of triples; the run's hidden-state count."""
-    geometries = queries.view_geometries(db)
-    annotations = queries.annotations_by_image(db)
     grids = {
         int(image_id): (int(rows), int(cols), int(layers or 0))
         for image_id, rows, cols, layers in db.sql(
@@ -210,11 +218,10 @@ def lens_object_positions(db: ResultsDB, run_id: str) -> tuple[pa.Table, dict[in
     per_image: dict[int, int] = {}
     n_layers = 0
     for image_id, (grid_rows, grid_cols, layers) in sorted(grids.items()):
-        geometry = geometries.get((run_id, image_id))
-        if geometry is None or not annotations.get(image_id):
+        if not objects.annotated(run_id, image_id):
             continue
         n_layers = max(n_layers, layers)
-        cells = object_cells_by_category(annotations[image_id], geometry, grid_rows, grid_cols).cells
+        cells = objects.cells(run_id, image_id, grid_rows, grid_cols)
         by_cell = {(p.patch_row, p.patch_col): number for number, p in positions.get(image_id, {}).items()}
         for category, grid in sorted(cells.items()):
             rows, cols = np.nonzero(grid)
@@ -233,13 +240,15 @@ def lens_object_positions(db: ResultsDB, run_id: str) -> tuple[pa.Table, dict[in
     return table, per_image, n_layers
 
 
-def lens_image_hits(db: ResultsDB, run_id: str, hit_rule: str = "word") -> tuple[list[LensImageHits], int]:
+def lens_image_hits(
+    db: ResultsDB, run_id: str, objects: ObjectCellSource, hit_rule: str = "word"
+) -> tuple[list[LensImageHits], int]:
     """Per image with object-patch positions: decoded positions and their first layers; the
     run's hidden-state count. `hit_rule` is the lens hit rule (db.views.HIT_RULES)."""
     if hit_rule not in HIT_RULES:
         raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
     hits_select = FIRST_TOKEN_HITS_SELECT if hit_rule == "first_token" else OBJECT_HITS_SELECT
-    table, per_image, n_layers = lens_object_positions(db, run_id)
+    table, per_image, n_layers = lens_object_positions(db, run_id, objects)
     if not per_image:
         return [], n_layers
     duck = db.duck.cursor()
@@ -271,8 +280,10 @@ def lens_image_hits(db: ResultsDB, run_id: str, hit_rule: str = "word") -> tuple
     return images, n_layers
 
 
-def lens_measures(db: ResultsDB, run: queries.RunRecord, hit_rule: str = "word") -> list[Measured]:
-    images, n_layers = lens_image_hits(db, run.run_id, hit_rule)
+def lens_measures(
+    db: ResultsDB, run: queries.RunRecord, objects: ObjectCellSource, hit_rule: str = "word"
+) -> list[Measured]:
+    images, n_layers = lens_image_hits(db, run.run_id, objects, hit_rule)
     if not images:
         return []
     positions = np.array([i.object_positions for i in images], dtype=np.float64)
@@ -369,16 +380,16 @@ def blocking_measures(db: ResultsDB, run: queries.RunRecord) -> list[Measured]:
 
 # -- everything ----------------------------------------------------------------------------------
 
-_BY_EXPERIMENT = {"ablation": ablation_measures, "lens": lens_measures, "blocking": blocking_measures}
+_BY_EXPERIMENT = {"ablation": ablation_measures, "blocking": blocking_measures}  # lens: lens_measures
 
 
-def headline_measures(db: ResultsDB, hit_rule: str = "word") -> list[Measured]:
+def headline_measures(db: ResultsDB, objects: ObjectCellSource, hit_rule: str = "word") -> list[Measured]:
     """Every headline quantity on every run of the database, runs by start time; lens hits
-    counted by `hit_rule`."""
+    counted by `hit_rule` on the object cells of `objects`."""
     out: list[Measured] = []
     for run in queries.runs(db):
         if run.experiment == "lens":
-            out += lens_measures(db, run, hit_rule)
+            out += lens_measures(db, run, objects, hit_rule)
             continue
         measure = _BY_EXPERIMENT.get(run.experiment)
         if measure is not None:

@@ -205,7 +205,7 @@ def build_site(
             for page in experiment_pages:
                 _EXPERIMENT_WRITERS[page.experiment](db, site, page)
             # reproduction.html: the paper's headline values beside ours, linking to the pages above
-            write_reproduction_page(db, site, runs, {page.path for page in experiment_pages}, hit_rule)
+            write_reproduction_page(db, site, runs, {page.path for page in experiment_pages}, hit_rule, objects)
             write_index_page(
                 site,
                 runs,

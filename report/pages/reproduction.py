@@ -17,6 +17,7 @@ from db.reproduction import Measured
 from db.store import ResultsDB
 from report import urls
 from report.catalogue import RunInfo
+from report.object_cells import ObjectCells
 from report.paper_reference import PAPER, PAPER_URL, PAPER_VALUES, PaperValue
 from report.site import Site
 
@@ -140,11 +141,17 @@ _NEEDS = {
 
 
 def write_reproduction_page(
-    db: ResultsDB, site: Site, runs: list[RunInfo], experiment_paths: set[str], hit_rule: str = "word"
+    db: ResultsDB,
+    site: Site,
+    runs: list[RunInfo],
+    experiment_paths: set[str],
+    hit_rule: str = "word",
+    objects: ObjectCells | None = None,
 ) -> int:
-    """Write reproduction.html (lens hits counted by `hit_rule`); returns how many paper
-    values have at least one value of ours."""
-    measured = reproduction.headline_measures(db, hit_rule)
+    """Write reproduction.html (lens hits counted by `hit_rule`, on the build's object cells
+    `objects`); returns how many paper values have at least one value of ours."""
+    objects = ObjectCells.from_db(db) if objects is None else objects
+    measured = reproduction.headline_measures(db, objects, hit_rule)
     dir_names = {run.run_id: run.dir_name for run in runs}
     rows = reproduction_rows(measured, dir_names, experiment_paths, hit_rule)
     used = {m.run_id for m in measured}
