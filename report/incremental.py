@@ -115,13 +115,19 @@ class Manifest:
     def __init__(self, out_dir: Path, tool_version: str, code: str) -> None:
         self.out_dir, self.key = out_dir, {"format": FORMAT, "tool_version": tool_version, "code": code}
         self.previous: dict[str, Any] = {}
+        # The downloads' records (report/downloads.py ExportCache), checked against their own
+        # key there: a change of the report's code does not re-export unchanged downloads.
+        self.previous_downloads: Any = None
         try:
             loaded = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
             if isinstance(loaded, dict) and loaded.get("key") == self.key and isinstance(loaded.get("lens"), dict):
                 self.previous = loaded["lens"]
+            if isinstance(loaded, dict):
+                self.previous_downloads = loaded.get("downloads")
         except (OSError, ValueError):
             pass
         self.lens: dict[str, Any] = {}
+        self.downloads: Any = None  # this build's ExportCache, when it writes downloads
 
     @staticmethod
     def name(entry: LensEntry) -> str:
@@ -144,9 +150,12 @@ class Manifest:
         self.lens[self.name(entry)] = {"digest": digest, "files": files, "shape": list(shape), "summary": entry.summary}
 
     def write(self, stage: Path) -> None:
-        (stage / MANIFEST).write_text(
-            json.dumps({"key": self.key, "lens": self.lens}, sort_keys=True), encoding="utf-8"
-        )
+        """Write the manifest into the staging folder: after `keep_unchanged`, so that the
+        downloads' recorded mtimes are those of the files the swap puts in place."""
+        content: dict[str, Any] = {"key": self.key, "lens": self.lens}
+        if self.downloads is not None:
+            content["downloads"] = self.downloads.state(stage)
+        (stage / MANIFEST).write_text(json.dumps(content, sort_keys=True), encoding="utf-8")
 
 
 def link_previous(out_dir: Path, stage: Path, relative: str) -> int:
