@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -166,15 +167,20 @@ def _export_functions() -> tuple[Any, ...]:
     )
 
 
-def cache_key() -> dict[str, Any]:
-    """What every exported file depends on besides its rows: the writer (this module's source
-    and the export queries'), DuckDB's version and the constants. Any change rewrites all."""
+@functools.cache
+def _writer_source() -> str:
     source = hashlib.sha256(Path(__file__).read_bytes())
     for function in _export_functions():
         source.update(inspect.getsource(function).encode())
+    return source.hexdigest()
+
+
+def cache_key() -> dict[str, Any]:
+    """What every exported file depends on besides its rows: the writer (this module's source
+    and the export queries'), DuckDB's version and the constants. Any change rewrites all."""
     return {
         "format": EXPORT_FORMAT,
-        "writer": source.hexdigest(),
+        "writer": _writer_source(),
         "duckdb": duckdb.__version__,
         "constants": [ROW_GROUP_SIZE, TARGET_FILE_BYTES, FIRST_FILE_ROWS, CSV_MAX_ROWS, PROB_SIGNIFICANT_BITS,
                       SITE_DB_STORAGE_VERSION, BYTES_PER_ROW_STEP],
@@ -535,10 +541,12 @@ def write_downloads(
     for table in sorted(base_tables):
         if table not in downloads["parquet"] and {"run_id", "image_id"} <= tables[table] and table in RUN_TABLES:
             relative = parquet_path(None, table)  # downloads/<table>.parquet, no rows
-            queries.export_parquet(
-                db, table, writer.path(relative), image_range=(1, 0), exclude=exporter._exclude(table)
-            )
-            writer.account(relative)
+            digest = exporter._digest("empty", relative, table, None, 0, 0, types=queries.ordered_columns(db, table))
+            if cache.reuse(relative, digest) is None:
+                queries.export_parquet(
+                    db, table, writer.path(relative), image_range=(1, 0), exclude=exporter._exclude(table)
+                )
+                cache.store(relative, digest, exporter._file(relative, 0))
             downloads["parquet"][table] = [relative]
 
     if database_copy == "always" or (database_copy == "auto" and source_bytes <= DATABASE_COPY_AUTO_BYTES):
