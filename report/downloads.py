@@ -232,12 +232,14 @@ class ExportCache:
             return None
         incremental.link_previous(self.out_dir, self.writer.root, relative)
         self.writer.account(relative)
-        self.files[relative] = {"digest": digest, "file": file}
+        self.files[relative] = {"digest": digest, "file": file}  # fields added to it later are recorded too
         self.reused += 1
-        return dict(file)
+        return file
 
     def store(self, relative: str, digest: str, file: dict[str, Any]) -> None:
-        """Record a file this build wrote (its dict as `write_downloads` returns it)."""
+        """Record a file this build wrote: its dict as `write_downloads` returns it (the
+        manifest is written at the end of the build, with any field added to the dict
+        meanwhile; a reused file gets its dict back through JSON: lists, not tuples)."""
         self.files[relative] = {"digest": digest, "file": file}
         self.exported += 1
 
