@@ -13,6 +13,7 @@ schema) in one place; the functions share no state.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -678,6 +679,11 @@ def export_lens_tokens(db: ResultsDB, path: Path, run_id: str) -> tuple[int, boo
     return rows, usable
 
 
+_ROW_DIGESTS: weakref.WeakKeyDictionary[ResultsDB, dict[tuple[Any, ...], list[tuple[int, int, int, int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _hash_columns(columns: Iterable[str]) -> str:
     return "hash(" + ", ".join(f'"{c}"' for c in columns) + ")"
 
@@ -688,17 +694,23 @@ def image_row_digests(
     """(image_id, rows, sum of the rows' hashes over `columns`, sum of hash(token columns) or 0)
     of one run's rows of a table with an image_id column, by image: what a file of an image
     range holds, to tell whether an exported file is still current (report/downloads.py).
-    A sum, not a xor, so that two equal rows do not cancel."""
-    name = _table_name(table, db)
-    tokens = f"sum({_hash_columns(token)}::HUGEINT)" if token else "0"
-    return [
-        (int(i), int(n), int(h or 0), int(t or 0))
-        for i, n, h, t in db.sql(
-            f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
-            "WHERE run_id = ? GROUP BY image_id ORDER BY image_id",
-            (run_id,),
-        )
-    ]
+    A sum, not a xor, so that two equal rows do not cancel. On a read-only connection (nothing
+    can write the file meanwhile) the answer is remembered: the build's lens page digests and
+    its downloads read the lens rows' digests once."""
+    key = (table, run_id, tuple(columns), token)
+    memo = _ROW_DIGESTS.setdefault(db, {}) if db.read_only else {}
+    if key not in memo:
+        name = _table_name(table, db)
+        tokens = f"sum({_hash_columns(token)}::HUGEINT)" if token else "0"
+        memo[key] = [
+            (int(i), int(n), int(h or 0), int(t or 0))
+            for i, n, h, t in db.sql(
+                f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
+                "WHERE run_id = ? GROUP BY image_id ORDER BY image_id",
+                (run_id,),
+            )
+        ]
+    return memo[key]
 
 
 def row_digest(db: ResultsDB, table: str, columns: list[str], run_id: str | None = None) -> tuple[int, int]:

@@ -19,6 +19,20 @@
   file is at most DATABASE_COPY_AUTO_BYTES; "always" and "never" decide it outright.
 
 `write_downloads` streams: one COPY per file, never more than one file's rows at a time.
+
+A rebuild exports only what changed (ExportCache): the build manifest records per file a
+digest of its inputs (its rows' count and sum of row hashes, one DuckDB aggregate by image
+per run and table; its select list, order and image range; EXPORT_FORMAT, the constants,
+DuckDB's version and the writer's source), its size and mtime, and its dict as returned
+here. A file whose digest matches and which is intact in the site stays in place. The
+split of a run's table is a function of its rows alone (bytes per row learnt per run from
+its own first file, rounded up to BYTES_PER_ROW_STEP), so unchanged rows split the same:
+images appended at the end of a run rewrite its last file and add files; a changed image
+rewrites its file; an image inserted or deleted in the middle rewrites the files after it.
+The lens_tokens file comes from the run's `token_pieces` where every lens row agrees with
+them (queries.lens_tokens_from_pieces), else from the lens rows' distinct pairs; the
+manifest keeps the decision, keyed by the (token_id, token) rows' digest and the
+token_pieces rows' digest, so a rebuild with the same tokens repeats neither.
 """
 
 from __future__ import annotations

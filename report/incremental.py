@@ -17,6 +17,10 @@ place (report/site.py `replace_owned`); this module keeps what did not change in
   its place when the bytes are identical, so untouched files keep their inode and mtime
   (static files, the vendored DuckDB-WASM, the Parquet files of unchanged runs).
 
+- Downloads (report/downloads.py ExportCache): the manifest's `downloads` records, with their
+  own key (the writer, not the report's code), let an unchanged Parquet or CSV file, the
+  lens_tokens file or the database copy stay in place without being exported again.
+
 Pages of deleted runs or images are simply not staged, so the swap removes them. An
 unchanged page keeps the footer of the build that wrote it (its build time and database
 digest): it says which database the page was rendered from. The manifest is thrown away
@@ -69,20 +73,18 @@ def _digest(value: Any) -> str:
 
 
 def row_digests(db: ResultsDB, run_ids: Iterable[str]) -> dict[tuple[str, int], list[Any]]:
-    """(run_id, image_id) -> [table, rows, xor of row hashes, ...] for the tables a lens page reads."""
+    """(run_id, image_id) -> [table, rows, sum of row hashes, ...] for the tables a lens page reads."""
     tables = queries.table_columns(db)
     out: dict[tuple[str, int], list[Any]] = {}
     for table in _RUN_TABLES:
         if table not in tables or not {"run_id", "image_id"} <= tables[table]:
             continue
-        columns = ", ".join(f'"{name}"' for name, _ in queries.ordered_columns(db, table))
+        names = [name for name, _ in queries.ordered_columns(db, table)]
+        # The lens rows' digests as the downloads ask for them (queries remembers them for the export).
+        token = ("token_id", "token") if table == "logit_lens" and {"token_id", "token"} <= set(names) else None
         for run_id in run_ids:
-            rows = db.sql(
-                f"SELECT image_id, count(*), bit_xor(hash({columns})) FROM {table} WHERE run_id = ? GROUP BY image_id",
-                (run_id,),
-            )
-            for image_id, count, xor in rows:
-                out.setdefault((run_id, int(image_id)), []).append([table, int(count), str(xor)])
+            for image_id, count, hashed, _ in queries.image_row_digests(db, table, run_id, names, token):
+                out.setdefault((run_id, image_id), []).append([table, count, str(hashed)])
     shared: dict[int, list[Any]] = {}
     for table in _SHARED_TABLES:
         if table not in tables or "image_id" not in tables[table]:
