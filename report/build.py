@@ -222,6 +222,7 @@ def build_site(
                 experiment_pages=experiment_pages,
             )
             kept = incremental.keep_unchanged(out_dir, stage, OWNED_PATHS)
+            kept += download_info["files_reused"] if download_info else 0  # linked before, not exported
             manifest.write(stage)  # after keep_unchanged: it records the downloads' mtimes
             site_plumbing.replace_owned(stage, out_dir)
         finally:
