@@ -2,7 +2,7 @@
 peak memory, on synthetic databases with LLaVA-1.5's real vocabulary and depth.
 
 Run: PYTHONPATH=. .venv/bin/python bench/site_scale.py [--images 200 1000 5000] [--jobs 1]
-     [--no-downloads] [--console]
+     [--no-downloads] [--console] [--rebuild]
 
 Each database is generated with DuckDB SQL (no model, seconds per thousand images): one
 lens run, 33 hidden states x 593 positions (576 patches on a 24x24 grid + 17 text
@@ -10,11 +10,15 @@ positions), top-5, tokens drawn from the real LLaVA-1.5 vocabulary (tokenizer.js
 ../shared/data when present, else 32064 made-up pieces) the way a real lens table looks
 (the top-1 token persists over a few layers, the others are Zipf-like), float32
 probabilities descending along rank, one COCO-style annotation per image and a small view
-PNG. Databases are cached under --cache (default /tmp/llava-interp-bench).
+PNG, and the run's `token_pieces` rows (schema 9; databases generated before them have
+none: the lens_tokens file then comes from the lens rows). Databases are cached under
+--cache (default /tmp/llava-interp-bench).
 
 Printed per size: database size, site size, bytes per image (all included, and without
 the pictures), the largest file, `report build` wall time and peak RSS of the build
 process (a fresh `llava-interp report build` subprocess, measured with getrusage).
+With --rebuild: a second build into the same folder, nothing changed (report/incremental.py
+and the downloads' ExportCache keep what is unchanged), measured the same way.
 With --console: bytes the SQL console's example queries move over HTTP range requests
 (headless Chromium through Playwright, the site served by report/serve.py).
 """
@@ -145,9 +149,20 @@ def make_database(path: Path, n_images: int) -> None:
                 ORDER BY i, l, p, r""",
                 [run_id],
             )
+        add_token_pieces(con)
         con.execute("CHECKPOINT")
     finally:
         con.close()
+
+
+def add_token_pieces(con: duckdb.DuckDBPyConnection) -> None:
+    """`token_pieces` rows (schema 9) for the ids of the lens rows, as the collector writes
+    them: the lens rows' text (here the piece itself) once per (run, token id)."""
+    con.execute(
+        "INSERT INTO token_pieces SELECT d.run_id, d.token_id, d.token, d.token "
+        "FROM (SELECT DISTINCT run_id, token_id, token FROM logit_lens) d "
+        "ANTI JOIN token_pieces p ON p.run_id = d.run_id AND p.token_id = d.token_id"
+    )
 
 
 def _peak_rss_children_mb() -> float:
@@ -294,6 +309,35 @@ def file_kinds(out: Path, n_images: int) -> dict[str, float]:
     return {k: round(v / n_images / 1e3, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
+def measure(db_path: Path, out: Path, n: int, args: argparse.Namespace, rebuild: bool) -> None:
+    """One `report build` into `out` (a rebuild when the site is there): its numbers as JSON."""
+    load_before = os.getloadavg()
+    seconds, rss, output = build(db_path, out, args.build_args.split())
+    print(output.strip(), flush=True)
+    stats = site_stats(out)
+    load = os.getloadavg()
+    print(
+        json.dumps(
+            {
+                "images": n,
+                "rebuild": rebuild,
+                "seconds": round(seconds, 1),
+                "cpu_seconds": round(cpu_seconds(), 1),
+                "peak_rss_mb": round(rss),
+                "loadavg_before": [round(x, 1) for x in load_before],
+                "loadavg_after": [round(x, 1) for x in load],
+                **stats,
+            }
+        ),
+        flush=True,
+    )
+    if rebuild:
+        return
+    print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
+    if args.console:
+        console_bytes(out, n, args.console_only)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[20, 200])
@@ -303,6 +347,9 @@ def main() -> None:
     parser.add_argument("--console", action="store_true", help="also measure the SQL console's bytes per query")
     parser.add_argument("--keep", action="store_true", help="reuse an existing site (no build): --console only")
     parser.add_argument("--console-only", default="", help="only the console queries whose title holds this text")
+    parser.add_argument(
+        "--rebuild", action="store_true", help="then build again into the same folder, nothing changed, and measure it"
+    )
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -325,29 +372,11 @@ def main() -> None:
             continue
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
-        if os.fork() == 0:  # one child per measurement, so ru_maxrss is this build's alone
-            seconds, rss, output = build(db_path, out, args.build_args.split())
-            print(output.strip(), flush=True)
-            stats = site_stats(out)
-            load = os.getloadavg()
-            print(
-                json.dumps(
-                    {
-                        "images": n,
-                        "seconds": round(seconds, 1),
-                        "cpu_seconds": round(cpu_seconds(), 1),
-                        "peak_rss_mb": round(rss),
-                        "loadavg_after": [round(x, 1) for x in load],
-                        **stats,
-                    }
-                ),
-                flush=True,
-            )
-            print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
-            if args.console:
-                console_bytes(out, n, args.console_only)
-            os._exit(0)
-        os.wait()
+        for rebuild in [False, True] if args.rebuild else [False]:
+            if os.fork() == 0:  # one child per measurement, so ru_maxrss is this build's alone
+                measure(db_path, out, n, args, rebuild)
+                os._exit(0)
+            os.wait()
         results.append(n)
 
 

@@ -13,6 +13,7 @@ schema) in one place; the functions share no state.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -674,10 +675,116 @@ def export_lens_tokens(db: ResultsDB, path: Path, run_id: str) -> tuple[int, boo
         f"ORDER BY token_id, token) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, "
         "PARQUET_VERSION v2)"
     )
+    rows, usable = _lens_tokens_check(db, path)
+    return rows, usable
+
+
+_ROW_DIGESTS: weakref.WeakKeyDictionary[ResultsDB, dict[tuple[Any, ...], list[tuple[int, int, int, int]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hash_columns(columns: Iterable[str]) -> str:
+    return "hash(" + ", ".join(f'"{c}"' for c in columns) + ")"
+
+
+def image_row_digests(
+    db: ResultsDB, table: str, run_id: str, columns: list[str], token: tuple[str, str] | None = None
+) -> list[tuple[int, int, int, int]]:
+    """(image_id, rows, sum of the rows' hashes over `columns`, sum of hash(token columns) or 0)
+    of one run's rows of a table with an image_id column, by image: what a file of an image
+    range holds, to tell whether an exported file is still current (report/downloads.py).
+    A sum, not a xor, so that two equal rows do not cancel. On a read-only connection (nothing
+    can write the file meanwhile) the answer is remembered: the build's lens page digests and
+    its downloads read the lens rows' digests once."""
+    key = (table, run_id, tuple(columns), token)
+    memo = _ROW_DIGESTS.setdefault(db, {}) if db.read_only else {}
+    if key not in memo:
+        name = _table_name(table, db)
+        tokens = f"sum({_hash_columns(token)}::HUGEINT)" if token else "0"
+        memo[key] = [
+            (int(i), int(n), int(h or 0), int(t or 0))
+            for i, n, h, t in db.sql(
+                f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
+                "WHERE run_id = ? GROUP BY image_id ORDER BY image_id",
+                (run_id,),
+            )
+        ]
+    return memo[key]
+
+
+def row_digest(db: ResultsDB, table: str, columns: list[str], run_id: str | None = None) -> tuple[int, int]:
+    """(rows, sum of the rows' hashes over `columns`) of a table (of one run)."""
+    query = f"SELECT count(*), sum({_hash_columns(columns)}::HUGEINT) FROM {_table_name(table, db)}"
+    rows = db.sql(query, ()) if run_id is None else db.sql(query + " WHERE run_id = ?", (run_id,))
+    return int(rows[0][0]), int(rows[0][1] or 0)
+
+
+def schema_statements(db: ResultsDB) -> list[str]:
+    """The SQL of every table, view, index, sequence and macro of the database (a database
+    copy's inputs beside the rows)."""
+    current = "database_name = current_database() AND NOT internal"
+    return [
+        str(sql)
+        for (sql,) in db.sql(
+            f"SELECT sql FROM duckdb_tables() WHERE {current} UNION ALL "
+            f"SELECT sql FROM duckdb_views() WHERE {current} UNION ALL "
+            f"SELECT sql FROM duckdb_indexes() WHERE database_name = current_database() UNION ALL "
+            "SELECT sql || ' -- ' || coalesce(CAST(last_value AS VARCHAR), '') FROM duckdb_sequences() "
+            "WHERE database_name = current_database() UNION ALL "
+            f"SELECT macro_definition FROM duckdb_functions() WHERE {current} AND macro_definition IS NOT NULL "
+            "ORDER BY 1"
+        )
+        if sql is not None
+    ]
+
+
+def lens_tokens_from_pieces(db: ResultsDB, run_id: str) -> list[int] | None:
+    """The token ids of a run's logit-lens rows when every row's token_id has a
+    `token_pieces` row of the run whose text is the row's token (compared by 64-bit hash:
+    a row with another text passes only on a hash collision) and no row's token or
+    token_id is NULL; None otherwise (or without token_pieces rows)."""
+    if "token_pieces" not in relations(db):
+        return None
+    rows = db.sql(
+        "WITH used AS (SELECT token_id, min(hash(token)) AS lo, max(hash(token)) AS hi, count(token) AS texts, "
+        "count(*) AS n FROM logit_lens WHERE run_id = ? GROUP BY token_id) "
+        "SELECT used.token_id, p.token_id IS NOT NULL AND used.token_id IS NOT NULL AND lo = hi AND texts = n "
+        "AND lo = hash(p.text) FROM used LEFT JOIN (SELECT token_id, text FROM token_pieces WHERE run_id = ?) p "
+        "ON p.token_id = used.token_id ORDER BY 1",
+        (run_id, run_id),
+    )
+    if not rows or not all(ok for _, ok in rows):
+        return None
+    return [int(token_id) for token_id, _ in rows]
+
+
+def export_token_pieces_as_lens_tokens(
+    db: ResultsDB, path: Path, run_id: str, token_ids: list[int]
+) -> tuple[int, bool]:
+    """The (run_id, token_id, text AS token) rows of the run's `token_pieces` for `token_ids`
+    (`lens_tokens_from_pieces`) as one Parquet file by token id, the same file as
+    `export_lens_tokens` writes when the lens rows agree with token_pieces. Returns (rows,
+    whether each id has exactly one row)."""
+    wanted = pa.table({"token_id": pa.array(token_ids, pa.int64())})
+    view = "llava_interp_lens_token_ids"
+    db.duck.register(view, wanted)
+    try:
+        db.duck.execute(
+            f"COPY (SELECT p.run_id, p.token_id, p.text AS token FROM token_pieces p SEMI JOIN {view} w "
+            f"ON w.token_id = p.token_id WHERE p.run_id = {_sql_literal(run_id)} ORDER BY p.token_id, p.text) "
+            f"TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, PARQUET_VERSION v2)"
+        )
+    finally:
+        db.duck.unregister(view)
+    return _lens_tokens_check(db, path, len(token_ids))
+
+
+def _lens_tokens_check(db: ResultsDB, path: Path, expected: int | None = None) -> tuple[int, bool]:
     rows, ids, distinct = db.duck.execute(
         f"SELECT count(*), count(token_id), count(DISTINCT token_id) FROM read_parquet({_sql_literal(str(path))})"
     ).fetchall()[0]
-    return int(rows), rows == ids == distinct
+    return int(rows), rows == ids == distinct and (expected is None or rows == expected)
 
 
 def view_definitions(db: ResultsDB) -> list[tuple[str, str]]:

@@ -190,7 +190,12 @@ def build_site(
                 nonlocal download_info
                 if downloads:
                     download_info = write_downloads(
-                        db, writer, runs, source_bytes=db_path.stat().st_size, database_copy=database_copy
+                        db,
+                        writer,
+                        runs,
+                        source_bytes=db_path.stat().st_size,
+                        database_copy=database_copy,
+                        manifest=manifest,
                     )
 
             lens_shapes, reused = _write_lens_pages(
@@ -216,8 +221,9 @@ def build_site(
                 depth_count=depth_count,
                 experiment_pages=experiment_pages,
             )
-            manifest.write(stage)
             kept = incremental.keep_unchanged(out_dir, stage, OWNED_PATHS)
+            kept += download_info["files_reused"] if download_info else 0  # linked before, not exported
+            manifest.write(stage)  # after keep_unchanged: it records the downloads' mtimes
             site_plumbing.replace_owned(stage, out_dir)
         finally:
             shutil.rmtree(stage, ignore_errors=True)

@@ -17,6 +17,10 @@ place (report/site.py `replace_owned`); this module keeps what did not change in
   its place when the bytes are identical, so untouched files keep their inode and mtime
   (static files, the vendored DuckDB-WASM, the Parquet files of unchanged runs).
 
+- Downloads (report/downloads.py ExportCache): the manifest's `downloads` records, with their
+  own key (the writer, not the report's code), let an unchanged Parquet or CSV file, the
+  lens_tokens file or the database copy stay in place without being exported again.
+
 Pages of deleted runs or images are simply not staged, so the swap removes them. An
 unchanged page keeps the footer of the build that wrote it (its build time and database
 digest): it says which database the page was rendered from. The manifest is thrown away
@@ -69,20 +73,18 @@ def _digest(value: Any) -> str:
 
 
 def row_digests(db: ResultsDB, run_ids: Iterable[str]) -> dict[tuple[str, int], list[Any]]:
-    """(run_id, image_id) -> [table, rows, xor of row hashes, ...] for the tables a lens page reads."""
+    """(run_id, image_id) -> [table, rows, sum of row hashes, ...] for the tables a lens page reads."""
     tables = queries.table_columns(db)
     out: dict[tuple[str, int], list[Any]] = {}
     for table in _RUN_TABLES:
         if table not in tables or not {"run_id", "image_id"} <= tables[table]:
             continue
-        columns = ", ".join(f'"{name}"' for name, _ in queries.ordered_columns(db, table))
+        names = [name for name, _ in queries.ordered_columns(db, table)]
+        # The lens rows' digests as the downloads ask for them (queries remembers them for the export).
+        token = ("token_id", "token") if table == "logit_lens" and {"token_id", "token"} <= set(names) else None
         for run_id in run_ids:
-            rows = db.sql(
-                f"SELECT image_id, count(*), bit_xor(hash({columns})) FROM {table} WHERE run_id = ? GROUP BY image_id",
-                (run_id,),
-            )
-            for image_id, count, xor in rows:
-                out.setdefault((run_id, int(image_id)), []).append([table, int(count), str(xor)])
+            for image_id, count, hashed, _ in queries.image_row_digests(db, table, run_id, names, token):
+                out.setdefault((run_id, image_id), []).append([table, count, str(hashed)])
     shared: dict[int, list[Any]] = {}
     for table in _SHARED_TABLES:
         if table not in tables or "image_id" not in tables[table]:
@@ -115,13 +117,19 @@ class Manifest:
     def __init__(self, out_dir: Path, tool_version: str, code: str) -> None:
         self.out_dir, self.key = out_dir, {"format": FORMAT, "tool_version": tool_version, "code": code}
         self.previous: dict[str, Any] = {}
+        # The downloads' records (report/downloads.py ExportCache), checked against their own
+        # key there: a change of the report's code does not re-export unchanged downloads.
+        self.previous_downloads: Any = None
         try:
             loaded = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
             if isinstance(loaded, dict) and loaded.get("key") == self.key and isinstance(loaded.get("lens"), dict):
                 self.previous = loaded["lens"]
+            if isinstance(loaded, dict):
+                self.previous_downloads = loaded.get("downloads")
         except (OSError, ValueError):
             pass
         self.lens: dict[str, Any] = {}
+        self.downloads: Any = None  # this build's ExportCache, when it writes downloads
 
     @staticmethod
     def name(entry: LensEntry) -> str:
@@ -144,9 +152,12 @@ class Manifest:
         self.lens[self.name(entry)] = {"digest": digest, "files": files, "shape": list(shape), "summary": entry.summary}
 
     def write(self, stage: Path) -> None:
-        (stage / MANIFEST).write_text(
-            json.dumps({"key": self.key, "lens": self.lens}, sort_keys=True), encoding="utf-8"
-        )
+        """Write the manifest into the staging folder: after `keep_unchanged`, so that the
+        downloads' recorded mtimes are those of the files the swap puts in place."""
+        content: dict[str, Any] = {"key": self.key, "lens": self.lens}
+        if self.downloads is not None:
+            content["downloads"] = self.downloads.state(stage)
+        (stage / MANIFEST).write_text(json.dumps(content, sort_keys=True), encoding="utf-8")
 
 
 def link_previous(out_dir: Path, stage: Path, relative: str) -> int:
