@@ -801,3 +801,46 @@ def last_position_top1(db: ResultsDB, run_id: str) -> dict[int, tuple[str, float
         (run_id, run_id, run_id),
     )
     return {int(image_id): (token, float(prob), int(layer)) for image_id, token, prob, layer in rows}
+
+
+@dataclass(frozen=True)
+class LensImageFacts:
+    """One image's lens rows in aggregate (what a lens page checks when it does not read
+    the rows itself), and the last layer's top-1 at the image's last position."""
+
+    rows: int
+    min_layer: int
+    max_layer: int
+    min_rank: int
+    max_rank: int
+    min_position: int
+    max_position: int
+    next_token: str | None
+    next_prob: float | None
+
+
+def lens_image_facts(db: ResultsDB, run_id: str) -> dict[int, LensImageFacts]:
+    """image_id -> LensImageFacts of every image of a run's logit-lens rows, in two scans."""
+    bounds = db.sql(
+        "SELECT image_id, count(*), min(layer), max(layer), min(rank), max(rank), min(position), max(position) "
+        "FROM logit_lens WHERE run_id = ? GROUP BY image_id",
+        (run_id,),
+    )
+    last = {
+        int(image_id): (token, prob)
+        for image_id, token, prob in db.sql(
+            "WITH p AS (SELECT image_id, max(position) AS position FROM positions WHERE run_id = ? GROUP BY image_id), "
+            "l AS (SELECT image_id, max(layer) AS layer FROM logit_lens WHERE run_id = ? GROUP BY image_id) "
+            "SELECT lens.image_id, lens.token, lens.prob FROM logit_lens lens JOIN p USING (image_id, position) "
+            "JOIN l USING (image_id, layer) WHERE lens.run_id = ? AND lens.rank = 1",
+            (run_id, run_id, run_id),
+        )
+    }
+    out = {}
+    for image_id, rows, min_layer, max_layer, min_rank, max_rank, min_position, max_position in bounds:
+        token, prob = last.get(int(image_id), (None, None))
+        out[int(image_id)] = LensImageFacts(
+            int(rows), int(min_layer), int(max_layer), int(min_rank), int(max_rank), int(min_position),
+            int(max_position), token, None if prob is None else float(prob),
+        )  # fmt: skip
+    return out

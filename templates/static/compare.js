@@ -43,7 +43,10 @@
         script.onerror = function () { reject(new Error("could not read " + entry.data)); };
         document.head.appendChild(script);
       });
-    }).then(function (data) { return ns.LensModel.load(data); });
+    }).then(function (data) {
+      // A parquet-mode data file's paths are relative to it (the lens page's folder).
+      return ns.LensModel.load(data, { base: new URL(entry.data, global.location.href).href });
+    });
     return models[key];
   }
 
