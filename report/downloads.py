@@ -256,7 +256,9 @@ def write_downloads(
 ) -> dict[str, Any]:
     """Write every download; returns what the downloads page and the SQL console need:
     per run id its tables, the shared tables, the database copy (or None, with the reason
-    in `database_note`) and `parquet`: table -> every Parquet file of it (site paths)."""
+    in `database_note`), `parquet`: table -> every Parquet file of it (site paths), and
+    `lens_files`: run id -> where each image's lens rows are (see `_lens_files`; None where
+    the run's lens files keep their token column), for parquet-mode lens pages."""
     if database_copy not in DATABASE_COPY_CHOICES:
         raise ValueError(f"database_copy must be one of {DATABASE_COPY_CHOICES}")
     tables = queries.table_columns(db)

@@ -326,3 +326,36 @@ def test_a_parquet_page_from_file_says_how_to_open_it(
         watched.check()  # no console error, no uncaught exception, nothing fetched off the folder
     finally:
         watched.context.close()
+
+
+def test_pinned_version_matches_the_fetch_script() -> None:
+    script = (REPO / hyparquet.FETCH_SCRIPT).read_text(encoding="utf-8")
+    assert f"HYPARQUET_VERSION={hyparquet.HYPARQUET_VERSION}\n" in script
+
+
+def test_vendored_reader_matches_its_manifest(scale_db: Path, tmp_path: Path, reader: Path) -> None:
+    import hashlib
+
+    out = tmp_path / "site"
+    build_site(scale_db, out, lens_data="parquet")
+    vendor = out / hyparquet.VENDOR_DIR
+    manifest = json.loads((vendor / hyparquet.MANIFEST).read_text(encoding="utf-8"))
+    bundle = (vendor / hyparquet.MODULE_FILE).read_bytes()
+    assert manifest["hyparquet"] == hyparquet.HYPARQUET_VERSION
+    assert manifest["files"][hyparquet.MODULE_FILE]["sha256"] == hashlib.sha256(bundle).hexdigest()
+    assert {p.name for p in vendor.glob("LICENSE-*.txt")} >= {"LICENSE-hyparquet.txt", "LICENSE-fzstd.txt"}
+
+
+def test_a_damaged_reader_is_refused_for_parquet_and_skipped_by_auto(
+    scale_db: Path, tmp_path: Path, reader: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    damaged = tmp_path / "vendor"
+    shutil.copytree(reader, damaged)
+    (damaged / hyparquet.MODULE_FILE).write_text("export {};\n", encoding="utf-8")
+    monkeypatch.setenv(hyparquet.ENV_VAR, str(damaged))
+    with pytest.raises(build_module.ReportError, match="sha256"):
+        build_site(scale_db, tmp_path / "refused", lens_data="parquet")
+    monkeypatch.setattr(build_module, "PARQUET_LENS_PAGES", 5)
+    summary = build_site(scale_db, tmp_path / "auto")
+    (mode, why) = summary.lens_modes[_run_id(scale_db)]
+    assert mode == "inline" and "no vendored Parquet reader" in why
