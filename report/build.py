@@ -429,9 +429,12 @@ def _write_lens_pages(
     digests = {(entry.run.run_id, entry.image_id): digest for entry, digest in todo}
     pending = [entry for entry, _ in todo]
     if jobs <= 1 or len(pending) < 2 * jobs:
+        lens_runs = queries.runs(db, "lens")
         for entry in pending:
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)))
+            data = write_lens_page(
+                db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)), lens_runs
+            )
             shape = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             shapes[(entry.run.run_id, entry.image_id)] = shape
             manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
@@ -493,9 +496,12 @@ def _lens_worker(
         db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
+        lens_runs = queries.runs(db, "lens")
         for entry in entries:
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)))
+            data = write_lens_page(
+                db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)), lens_runs
+            )
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             written[(entry.run.run_id, entry.image_id)] = writer.written
     summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}

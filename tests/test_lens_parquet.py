@@ -359,3 +359,45 @@ def test_a_damaged_reader_is_refused_for_parquet_and_skipped_by_auto(
     summary = build_site(scale_db, tmp_path / "auto")
     (mode, why) = summary.lens_modes[_run_id(scale_db)]
     assert mode == "inline" and "no vendored Parquet reader" in why
+
+
+@browser_mark
+def test_compare_page_reads_parquet_mode_data(browser: Any, tmp_path: Path, reader: Path) -> None:  # noqa: F811
+    """compare.html resolves a parquet-mode data file's paths against the data file, not itself."""
+    from test_lens_page import _make_two_run_db
+    from test_report import N_LAYERS
+
+    db_path = tmp_path / "two.duckdb"
+    ids = _make_two_run_db(db_path)
+    out = tmp_path / "site"
+    summary = build_site(db_path, out, lens_data="parquet")
+    assert {mode for mode, _ in summary.lens_modes.values()} == {"parquet"}, summary.lens_modes
+    con = duckdb.connect(str(db_path), read_only=True)
+    top1 = {
+        (run, layer, position): token
+        for run, layer, position, token in con.execute(
+            "SELECT run_id, layer, position, token FROM logit_lens WHERE image_id = 102 AND rank = 1"
+        ).fetchall()
+    }
+    con.close()
+    a, b = (f"{run_dir_name(run)}/102" for run in ids)
+    with serving(out) as base:
+        watched = Watched(browser, base)
+        try:
+            page = watched.goto(f"compare.html#a={a}&b={b}")
+            page.wait_for_selector("body[data-compare-ready]", timeout=20_000)
+            rows = page.locator("#compare-table tbody tr")
+            assert rows.count() > 0
+            n_diff = 0
+            for i in range(rows.count()):
+                row = rows.nth(i)
+                pa_, pb = (int(t) for t in row.locator("th.pos").all_inner_texts())
+                cells = row.locator("td")
+                for layer in range(N_LAYERS):
+                    differs = top1[(ids[0], layer, pa_)] != top1[(ids[1], layer, pb)]
+                    assert ("differ" in cells.nth(layer).get_attribute("class")) == differs
+                    n_diff += differs
+            assert n_diff > 0
+            watched.check()
+        finally:
+            watched.context.close()

@@ -324,12 +324,15 @@ def write_lens_page(
     objects: ObjectCells,
     published: frozenset[tuple[str, int]] | None = None,
     parquet: dict[str, Any] | None = None,
+    lens_runs: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Write one lens page with its data file and PNGs; returns its data object.
 
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
     to the same image in other runs never point at a page left out (`--lens-pages`).
-    parquet: where the page reads its cells in parquet mode (see `lens_data`; None: inline)."""
+    parquet: where the page reads its cells in parquet mode (see `lens_data`; None: inline).
+    lens_runs: queries.runs(db, "lens"), read once per build (None: read per page); with
+    `published` it names the other runs of the image without a query per page."""
     run = entry.run
     summary: dict[str, Any] = {}
     data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary, parquet=parquet)
@@ -340,7 +343,7 @@ def write_lens_page(
             urls.lens_extra_png(run.dir_name, entry.image_id, index),
             queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]),
         )
-    other_runs = _other_runs(db, entry, published)
+    other_runs = _other_runs(db, entry, published, lens_runs)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
@@ -398,13 +401,23 @@ def json_key(value: Any) -> str:
     return repr(value)
 
 
-def _other_runs(db: ResultsDB, entry: LensEntry, published: frozenset[tuple[str, int]] | None) -> list[dict[str, str]]:
+def _other_runs(
+    db: ResultsDB,
+    entry: LensEntry,
+    published: frozenset[tuple[str, int]] | None,
+    lens_runs: list[Any] | None = None,
+) -> list[dict[str, str]]:
     """Links to the same image in every other lens run whose page is written, each named by what differs."""
-    records = [
-        record
-        for record in queries.lens_runs_of_image(db, entry.image_id)
-        if published is None or (record.run_id, entry.image_id) in published
-    ]
+    if published is not None and lens_runs is not None:
+        # A published (run, image) is completely written and not skipped (catalogue.load_lens_entries),
+        # so this is lens_runs_of_image without its query.
+        records = [record for record in lens_runs if (record.run_id, entry.image_id) in published]
+    else:
+        records = [
+            record
+            for record in queries.lens_runs_of_image(db, entry.image_id)
+            if published is None or (record.run_id, entry.image_id) in published
+        ]
     if len(records) < 2:
         return []
     differing = differing_settings(records)

@@ -20,7 +20,9 @@
 
   function fail(error) {
     var box = byId("load-error");
-    box.textContent = "Could not load the lens data: " + (error && error.message ? error.message : String(error));
+    // A notice (parquet-mode data opened from file://) is the whole message: what to do instead.
+    box.textContent = error && error.notice ? error.message
+      : "Could not load the lens data: " + (error && error.message ? error.message : String(error));
     box.hidden = false;
   }
 
