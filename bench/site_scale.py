@@ -16,7 +16,9 @@ Printed per size: database size, site size, bytes per image (all included, and w
 the pictures), the largest file, `report build` wall time and peak RSS of the build
 process (a fresh `llava-interp report build` subprocess, measured with getrusage).
 With --console: bytes the SQL console's example queries move over HTTP range requests
-(headless Chromium through Playwright, the site served by report/serve.py).
+(headless Chromium through Playwright, the site served by report/serve.py). With
+--lens-page: bytes and requests one lens page view moves, by kind (a parquet-mode page,
+`--build-args "--lens-data parquet"`, reads its image's rows of the lens Parquet file).
 """
 
 from __future__ import annotations
@@ -274,6 +276,57 @@ def console_bytes(out: Path, n_images: int, only: str = "") -> list[dict[str, ob
     return results
 
 
+def lens_page_bytes(out: Path, n_images: int) -> dict[str, object]:
+    """Bytes and requests one view of the lens page of the image in the middle moves (a fresh
+    browser context: nothing cached), by kind, counted by report/serve.py."""
+    import collections
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from report.serve import serving
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_site_browser import CHROMIUM_ARGS, _chromium
+
+    counted: collections.Counter[str] = collections.Counter()
+    requests: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def on_bytes(path: str, n: int) -> None:
+        kind = (
+            "lens Parquet" if "/logit_lens-" in path
+            else "lens_tokens, token_pieces" if "/lens_tokens-" in path or "/token_pieces-" in path
+            else "vendor (hyparquet)" if "/vendor/" in path
+            else "lens page + data.js" if "/lens/" in path
+            else "static"
+        )  # fmt: skip
+        with lock:
+            counted[kind] += n
+            requests[kind] += 1
+
+    page = next(iter(sorted(out.glob(f"lens/*/{1000000 + n_images // 2}.html"))))
+    with serving(out, on_bytes=on_bytes) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        started = time.perf_counter()
+        tab = context.new_page()
+        tab.goto(base + page.relative_to(out).as_posix())
+        tab.wait_for_selector("body[data-lens-ready]", timeout=120_000)
+        seconds = time.perf_counter() - started
+        context.close()
+        browser.close()
+    result = {
+        "lens_page_view": page.relative_to(out).as_posix(),
+        "seconds": round(seconds, 2),
+        "kb": {k: round(v / 1e3, 1) for k, v in counted.most_common()},
+        "requests": dict(requests),
+        "total_kb": round(sum(counted.values()) / 1e3, 1),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def file_kinds(out: Path, n_images: int) -> dict[str, float]:
     """KB per image of each kind of file (lens pages, lens data, pictures, lens Parquet, ...)."""
     kinds: dict[str, int] = {}
@@ -287,7 +340,7 @@ def file_kinds(out: Path, n_images: int) -> dict[str, float]:
             stem = path.name.split("-")[0].split(".")[0]
             kind = f"download {stem} ({'csv' if '.csv' in path.name else 'parquet'})"
         elif rel.startswith("vendor/"):
-            kind = "vendor (DuckDB-WASM)"
+            kind = "vendor (hyparquet)" if rel.startswith("vendor/hyparquet/") else "vendor (DuckDB-WASM)"
         else:
             kind = rel.split("/")[0]
         kinds[kind] = kinds.get(kind, 0) + path.stat().st_size
@@ -303,6 +356,7 @@ def main() -> None:
     parser.add_argument("--console", action="store_true", help="also measure the SQL console's bytes per query")
     parser.add_argument("--keep", action="store_true", help="reuse an existing site (no build): --console only")
     parser.add_argument("--console-only", default="", help="only the console queries whose title holds this text")
+    parser.add_argument("--lens-page", action="store_true", help="also measure the bytes one lens page view moves")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -322,6 +376,8 @@ def main() -> None:
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:
                 console_bytes(out, n, args.console_only)
+            if args.lens_page:
+                lens_page_bytes(out, n)
             continue
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -346,6 +402,8 @@ def main() -> None:
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:
                 console_bytes(out, n, args.console_only)
+            if args.lens_page:
+                lens_page_bytes(out, n)
             os._exit(0)
         os.wait()
         results.append(n)
