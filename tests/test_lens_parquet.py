@@ -114,6 +114,27 @@ def test_auto_picks_parquet_only_for_runs_over_the_threshold(
     assert f"Lens data of run {run_id}: parquet (6 lens pages, over 5" in result.output
 
 
+def test_a_run_whose_lens_download_keeps_its_token_text_stays_inline(
+    scale_db: Path, tmp_path: Path, reader: Path
+) -> None:
+    """A token id with two texts: the lens Parquet keeps its token column, so no lens_tokens file
+    can stand in for it and the pages keep their cells."""
+    db = tmp_path / "two-texts.duckdb"
+    shutil.copyfile(scale_db, db)
+    con = duckdb.connect(str(db))
+    con.execute(
+        "UPDATE logit_lens SET token = token || 'x' WHERE image_id = 1000001 AND layer = 0 AND position = 0 AND rank = 1"
+    )
+    con.close()
+    out = tmp_path / "site"
+    summary = build_site(db, out, lens_data="parquet")
+    run_id = _run_id(db)
+    mode, why = summary.lens_modes[run_id]
+    assert mode == "inline" and "keeps the token text" in why
+    assert "packed" in _data(out, run_id, 1_000_001)
+    assert not (out / "vendor" / "hyparquet").exists()
+
+
 def test_row_ranges_point_at_each_images_rows(scale_db: Path, tmp_path: Path, reader: Path) -> None:
     """Each page's (file, row_start, row_end) holds exactly its image's rows, per DuckDB."""
     out = tmp_path / "site"
@@ -401,3 +422,63 @@ def test_compare_page_reads_parquet_mode_data(browser: Any, tmp_path: Path, read
             watched.check()
         finally:
             watched.context.close()
+
+
+# --- in Node (no browser): the page's decoder on the served files ---------------------------------
+NODE_SCRIPT = """
+import fs from "fs";
+const [page, dataJs, lensData, bundle] = process.argv.slice(1);
+globalThis.window = globalThis;
+globalThis.location = { protocol: "http:", href: page };
+(0, eval)(fs.readFileSync(dataJs, "utf8"));
+(0, eval)(fs.readFileSync(lensData, "utf8"));
+const hyparquet = await import(bundle);
+const seen = [];
+const m = await LensModel.load(LENS_DATA, { hyparquet, onProgress: (text) => seen.push(text) });
+const cells = [];
+for (let l = 0; l < m.nLayers; l++) for (let r = 0; r < m.nRows; r++) for (const c of m.topk(l, r))
+  cells.push([l, m.positions.position[r], c.rank, c.id, c.token, c.prob, c.piece]);
+process.stdout.write(JSON.stringify({ cells, progress: seen.length }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+def test_the_page_decoder_reads_every_cell_of_the_database(tmp_path: Path, reader: Path) -> None:
+    """lens-data.js in Node on a parquet-mode site served over HTTP: every (layer, position, rank)
+    of the image is the database's row (id and text exact, probability within the rounding);
+    the hostile test database's texts survive the lens_tokens round trip."""
+    import subprocess
+
+    from test_lens_page import _make_two_run_db
+
+    db_path = tmp_path / "two.duckdb"
+    ids = _make_two_run_db(db_path)
+    out = tmp_path / "site"
+    build_site(db_path, out, lens_data="parquet")
+    con = duckdb.connect(str(db_path), read_only=True)
+    for run_id in ids:
+        image_id = 102
+        page = f"lens/{run_dir_name(run_id)}/{image_id}.html"
+        with serving(out) as base:
+            done = subprocess.run(
+                ["node", "--input-type=module", "-e", NODE_SCRIPT, base + page,
+                 str(out / page.replace(".html", ".data.js")), str(out / "static" / "lens-data.js"),
+                 (reader / hyparquet.MODULE_FILE).as_uri()],
+                capture_output=True, text=True, timeout=120, check=False,
+            )  # fmt: skip
+        assert "parquet" in _data(out, run_id, image_id)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout)
+        assert result["progress"] >= 3  # the page is told what is being read
+        want = con.execute(
+            "SELECT l.layer, l.position, l.rank, l.token_id, l.token, l.prob, p.piece FROM logit_lens l "
+            "LEFT JOIN token_pieces p ON p.run_id = l.run_id AND p.token_id = l.token_id "
+            "WHERE l.run_id = ? AND l.image_id = ? ORDER BY l.layer, l.position, l.rank",
+            [run_id, image_id],
+        ).fetchall()
+        got = sorted(result["cells"], key=lambda c: (c[0], c[1], c[2]))
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want, strict=True):
+            assert g[:5] == list(w[:5]) and g[6] == w[6], (g, w)
+            assert g[5] == pytest.approx(w[5], rel=PROB_RELATIVE_ERROR, abs=1e-12)
+    con.close()

@@ -233,7 +233,8 @@
     var base = options.base || (global.location && global.location.href);
     function url(path) { return new URL(path, base).href; }
     progress("loading the Parquet reader");
-    return import(url(source.reader)).then(function (hp) {
+    var reader = options.hyparquet ? Promise.resolve(options.hyparquet) : import(url(source.reader));
+    return reader.then(function (hp) {
       var lensUrl = url(source.file);
       var file = hp.asyncBufferFromUrl({ url: lensUrl, byteLength: source.bytes });
       var done = 0;
@@ -283,7 +284,8 @@
   }
 
   // options: {base: URL the data file's paths are relative to (default: this page),
-  // onProgress: function (text) called while a parquet-mode page reads its cells}.
+  // onProgress: function (text) called while a parquet-mode page reads its cells,
+  // hyparquet: the reader's module, already imported (default: import the data file's `reader`)}.
   LensModel.load = function (data, options) {
     if (data.parquet) return loadParquet(data, options || {});
     if (!data.packed || data.packed.encoding !== "deflate-raw") {
