@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -301,6 +301,38 @@ def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[st
     return out
 
 
+# Parquet-mode pages read their other inputs (positions, views, ...) this many images at a time.
+INPUT_BATCH = 128
+
+
+def _with_inputs(
+    db: ResultsDB, entries: list[LensEntry], sources: dict[tuple[str, int], dict[str, Any]]
+) -> Iterator[tuple[LensEntry, dict[str, Any] | None]]:
+    """Each entry with its parquet-mode source (None: inline), the source completed with the
+    page's other inputs read INPUT_BATCH images at a time (queries.lens_page_inputs), so a
+    parquet-mode page makes no query of its own."""
+    for start in range(0, len(entries), INPUT_BATCH):
+        batch = entries[start : start + INPUT_BATCH]
+        inputs: dict[str, dict[int, queries.LensPageInputs]] = {}
+        pieces: dict[str, dict[int, str]] = {}
+        for run_id in dict.fromkeys(e.run.run_id for e in batch if (e.run.run_id, e.image_id) in sources):
+            image_ids = [e.image_id for e in batch if e.run.run_id == run_id and (run_id, e.image_id) in sources]
+            inputs[run_id] = queries.lens_page_inputs(db, run_id, image_ids)
+            wanted = {
+                int(token_id)
+                for page in inputs[run_id].values()
+                for token_id, position in zip(page.token_ids, page.positions)
+                if token_id is not None and position.kind == "text"
+            }
+            pieces[run_id] = queries.token_pieces(db, run_id, wanted)
+        for entry in batch:
+            source = sources.get((entry.run.run_id, entry.image_id))
+            page = inputs.get(entry.run.run_id, {}).get(entry.image_id)
+            if source is not None and page is not None:
+                source = {**source, "inputs": page, "pieces": pieces[entry.run.run_id]}
+            yield entry, source
+
+
 def _parquet_footer_bytes(path: Path) -> int:
     """The bytes a reader fetches first from a Parquet file: its footer (the metadata, its
     4-byte length and the 4-byte magic), so the page gets it in one request."""
@@ -430,11 +462,9 @@ def _write_lens_pages(
     pending = [entry for entry, _ in todo]
     if jobs <= 1 or len(pending) < 2 * jobs:
         lens_runs = queries.runs(db, "lens")
-        for entry in pending:
+        for entry, source in _with_inputs(db, pending, sources):
             writer.written = []
-            data = write_lens_page(
-                db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)), lens_runs
-            )
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
             shape = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             shapes[(entry.run.run_id, entry.image_id)] = shape
             manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
@@ -497,11 +527,9 @@ def _lens_worker(
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
         lens_runs = queries.runs(db, "lens")
-        for entry in entries:
+        for entry, source in _with_inputs(db, entries, sources):
             writer.written = []
-            data = write_lens_page(
-                db, site, entry, objects, published, sources.get((entry.run.run_id, entry.image_id)), lens_runs
-            )
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             written[(entry.run.run_id, entry.image_id)] = writer.written
     summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}

@@ -48,11 +48,17 @@ def _checked_positions(
 
 
 def _checked_extra_views(
-    db: ResultsDB, run_id: str, image_id: int, context: str, positions: dict[str, list[Any]], page: str
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    context: str,
+    positions: dict[str, list[Any]],
+    page: str,
+    views: list[queries.ExtraView] | None = None,
 ) -> list[dict[str, Any]]:
-    """The extra views of an image, each checked against the positions of its kind."""
+    """The extra views of an image (`views`, default: read here), each checked against the positions of its kind."""
     out = []
-    for index, view in enumerate(queries.extra_views(db, run_id, image_id)):
+    for index, view in enumerate(queries.extra_views(db, run_id, image_id) if views is None else views):
         if view.kind in ("image", "text"):
             raise ReportError(f"{context}: extra view {view.name!r} claims kind {view.kind!r}")
         seen: set[tuple[int, int]] = set()
@@ -124,7 +130,9 @@ def lens_data(
     queries.LensImageFacts}``; the object then holds ``parquet`` (where the page reads its
     cells) instead of ``packed``, and the lens rows are checked through their aggregate
     `facts` (count and bounds) instead of being read here (the page checks on load that
-    its rows cover every cell exactly once).
+    its rows cover every cell exactly once). With ``"inputs"`` (queries.LensPageInputs) and
+    ``"pieces"`` (token id -> piece of the input tokens) read for many images at once, the
+    page makes no query of its own.
 
     `objects` shares the object cells with the rest of the build (default: computed here);
     `top_k` is the run's configured top-k (default: read from the run). Raises ReportError
@@ -132,20 +140,23 @@ def lens_data(
     one patch, lens rows for unknown positions or layers or ranks beyond top-k, duplicate or
     missing (layer, position, rank) cells).
     """
-    marker = queries.image_marker(db, run_id, image_id)
+    inputs: queries.LensPageInputs | None = parquet.get("inputs") if parquet is not None else None
+    marker = inputs.marker if inputs is not None else queries.image_marker(db, run_id, image_id)
     if marker is None:
         raise ReportError(f"run {run_id!r} image {image_id}: not completely written")
     context = f"run {run_id!r} image {image_id}"
     grid_rows, grid_cols = int(marker.grid_rows or 0), int(marker.grid_cols or 0)
     page = urls.lens_page(urls.run_dir_name(run_id), image_id)
 
-    position_rows = queries.positions(db, run_id, image_id)
+    position_rows = inputs.positions if inputs is not None else queries.positions(db, run_id, image_id)
     if len(position_rows) != marker.n_positions:
         raise ReportError(f"{context}: {len(position_rows)} positions written, run_images says {marker.n_positions}")
     positions = _checked_positions(position_rows, grid_rows, grid_cols, context)
     position_numbers = positions["position"]
 
-    positions["token_id"] = queries.position_token_ids(db, run_id, image_id)
+    positions["token_id"] = (
+        list(inputs.token_ids) if inputs is not None else queries.position_token_ids(db, run_id, image_id)
+    )
     if parquet is not None:
         return _parquet_lens_data(
             db, run_id, image_id, marker, positions, parquet, objects=objects, top_k=top_k, summary=summary, page=page
@@ -255,7 +266,10 @@ def _parquet_lens_data(
     """lens_data's parquet mode: the non-cell data, and where the page reads its cells."""
     context = f"run {run_id!r} image {image_id}"
     facts: queries.LensImageFacts = parquet["facts"]
-    pieces_by_id = queries.token_pieces(db, run_id, [i for i in positions["token_id"] if i is not None])
+    inputs: queries.LensPageInputs | None = parquet.get("inputs")
+    pieces_by_id = parquet.get("pieces")
+    if pieces_by_id is None:
+        pieces_by_id = queries.token_pieces(db, run_id, [i for i in positions["token_id"] if i is not None])
     positions["piece"] = [
         pieces_by_id.get(int(i)) if i is not None and kind == "text" else None
         for i, kind in zip(positions["token_id"], positions["kind"])
@@ -298,8 +312,9 @@ def _parquet_lens_data(
                 "next_prob": float(lens_codec.decode_probs(lens_codec.encode_probs(prob))[0]),
             }
         )
-    view = queries.view_size(db, run_id, image_id)
+    view = inputs.view if inputs is not None else queries.view_size(db, run_id, image_id)
     objects = ObjectCells.from_db(db) if objects is None else objects
+    extra = inputs.extra_views if inputs is not None else None
     return {
         "format": lens_codec.DATA_FORMAT,
         "run_id": run_id,
@@ -311,7 +326,7 @@ def _parquet_lens_data(
         "n_cells": n_cells,
         "positions": positions,
         "view": {"width": view[0], "height": view[1]} if view else None,
-        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
+        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page, extra),
         "objects": objects.page_objects(run_id, image_id, int(marker.grid_rows or 0), int(marker.grid_cols or 0)),
         "parquet": dict(source),
     }
