@@ -282,7 +282,7 @@ def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[st
     for entry in entries:
         pages[entry.run.run_id] = pages.get(entry.run.run_id, 0) + 1
     reader, problem = hyparquet.find_hyparquet()
-    if mode == "parquet" and reader is None:
+    if mode == "parquet" and reader is None and pages:
         raise ReportError(f"--lens-data parquet needs the vendored Parquet reader: {problem}")
     out: dict[str, tuple[str, str]] = {}
     for run_id, n in pages.items():
