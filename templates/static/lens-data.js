@@ -64,11 +64,6 @@
         return code === 0 ? this.tokens[k] : code === 1 ? "\u2581" + this.tokens[k] : code;
       }, this);
     }
-    // (lens-text.js provides showPiece; a page or tool that loads this file alone shows the text as is.)
-    var showPiece = ns.text ? ns.text.showPiece : function (text) { return text; };
-    this.shown = this.tokens.map(function (token, k) { return showPiece(token, this.pieces ? this.pieces[k] : null); }, this);
-    var labelPieces = this.positions.piece || [];
-    this.labelShown = this.positions.label.map(function (label, row) { return showPiece(label, labelPieces[row]); });
     var index = new Uint32Array(nCells);
     for (var b = 0; b < nb; b++) {
       var plane = raw.subarray(nt + b * nCells, nt + (b + 1) * nCells);
@@ -76,12 +71,23 @@
     }
     this.tokenIndex = index;
     this.probCodes = raw.subarray(nt + nb * nCells);
-    this.probTable = new Float64Array(256);
-    for (var c = 1; c < 256; c++) this.probTable[c] = Math.exp((c - 255) / packed.prob_log_scale);
-    this.probFloor = Math.exp(-254.5 / packed.prob_log_scale);
-    // A code stands for every probability within half a step of it: this relative error.
     this.probScale = packed.prob_log_scale;
-    this.probRelError = Math.exp(0.5 / packed.prob_log_scale) - 1;
+    this.finish(data);
+  }
+
+  // The lookups every format shares: what the page shows for each entry (ns.text.showPiece),
+  // the probability table, the patch and view maps.
+  LensModel.prototype.finish = function (data) {
+    // (lens-text.js provides showPiece; a page or tool that loads this file alone shows the text as is.)
+    var showPiece = ns.text ? ns.text.showPiece : function (text) { return text; };
+    this.shown = this.tokens.map(function (token, k) { return showPiece(token, this.pieces ? this.pieces[k] : null); }, this);
+    var labelPieces = this.positions.piece || [];
+    this.labelShown = this.positions.label.map(function (label, row) { return showPiece(label, labelPieces[row]); });
+    this.probTable = new Float64Array(256);
+    for (var c = 1; c < 256; c++) this.probTable[c] = Math.exp((c - 255) / this.probScale);
+    this.probFloor = Math.exp(-254.5 / this.probScale);
+    // A code stands for every probability within half a step of it: this relative error.
+    this.probRelError = Math.exp(0.5 / this.probScale) - 1;
     // Patches map to rows through the recorded (patch_row, patch_col), never through
     // row order, so a reordered or partial grid still lines up.
     this.rowOfPatch = new Int32Array(this.gridRows * this.gridCols).fill(-1);
@@ -94,38 +100,6 @@
     }
     // Extra views (e.g. LLaVA-NeXT's high-resolution view): the positions of a view's
     // kind map to its cells through their recorded (patch_row, patch_col) too.
-    this.extraViews = (data.extra_views || []).map(function (view) {
-      var rowOfCell = new Int32Array(view.grid_rows * view.grid_cols).fill(-1);
-      var cellOfRow = new Int32Array(this.nRows).fill(-1);
-      for (var r = 0; r < this.nRows; r++) {
-        if (this.positions.kind[r] !== view.kind) continue;
-        var pr = this.positions.patch_row[r], pc = this.positions.patch_col[r];
-        if (pr === null || pc === null || pr < 0 || pr >= view.grid_rows || pc < 0 || pc >= view.grid_cols) continue;
-        rowOfCell[pr * view.grid_cols + pc] = r;
-        cellOfRow[r] = pr * view.grid_cols + pc;
-      }
-      return { view: view, rowOfCell: rowOfCell, cellOfRow: cellOfRow };
-    }, this);
-  }
-
-  // The lookups every format shares: shown strings, probability table, patch and view maps.
-  LensModel.prototype.finish = function (data) {
-    var showPiece = ns.text ? ns.text.showPiece : function (text) { return text; };
-    this.shown = this.tokens.map(function (token, k) { return showPiece(token, this.pieces ? this.pieces[k] : null); }, this);
-    var labelPieces = this.positions.piece || [];
-    this.labelShown = this.positions.label.map(function (label, row) { return showPiece(label, labelPieces[row]); });
-    this.probTable = new Float64Array(256);
-    for (var c = 1; c < 256; c++) this.probTable[c] = Math.exp((c - 255) / this.probScale);
-    this.probFloor = Math.exp(-254.5 / this.probScale);
-    this.probRelError = Math.exp(0.5 / this.probScale) - 1;
-    this.rowOfPatch = new Int32Array(this.gridRows * this.gridCols).fill(-1);
-    this.patchOfRow = new Int32Array(this.nRows).fill(-1);
-    for (var row = 0; row < this.nRows; row++) {
-      if (this.positions.kind[row] !== "image") continue;
-      var patch = this.positions.patch_row[row] * this.gridCols + this.positions.patch_col[row];
-      this.rowOfPatch[patch] = row;
-      this.patchOfRow[row] = patch;
-    }
     this.extraViews = (data.extra_views || []).map(function (view) {
       var rowOfCell = new Int32Array(view.grid_rows * view.grid_cols).fill(-1);
       var cellOfRow = new Int32Array(this.nRows).fill(-1);
