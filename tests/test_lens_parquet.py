@@ -453,6 +453,13 @@ def test_the_page_decoder_reads_every_cell_of_the_database(tmp_path: Path, reade
 
     db_path = tmp_path / "two.duckdb"
     ids = _make_two_run_db(db_path)
+    con = duckdb.connect(str(db_path))
+    # A text that starts with U+FEFF (LLaVA-1.5's id 30143 is that character alone): kept, not stripped as a BOM.
+    con.execute(
+        "UPDATE logit_lens SET token = '\ufeff' || token WHERE token_id = (SELECT min(token_id) FROM logit_lens)"
+    )
+    assert con.execute("SELECT count(*) FROM logit_lens WHERE token LIKE '\ufeff%'").fetchone()[0] > 0
+    con.close()
     out = tmp_path / "site"
     build_site(db_path, out, lens_data="parquet")
     con = duckdb.connect(str(db_path), read_only=True)

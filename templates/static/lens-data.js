@@ -187,6 +187,12 @@
     "with `llava-interp report build --lens-data inline` for pages that open from disk (each then carries its own " +
     "copy of its cells).";
 
+  // Token text exactly as stored: the reader's default TextDecoder drops a leading U+FEFF
+  // (a token of its own in LLaVA-1.5's vocabulary), ignoreBOM keeps it.
+  var EXACT_TEXT = { stringFromBytes: function (bytes) {
+    return bytes && new global.TextDecoder("utf-8", { ignoreBOM: true }).decode(bytes);
+  } };
+
   function fetchBytes(url) {
     return global.fetch(url).then(function (response) {
       if (!response.ok) throw new Error("could not read " + url + " (HTTP " + response.status + ")");
@@ -230,7 +236,7 @@
         if (!part) return Promise.resolve(null);
         return fetchBytes(url(part.file)).then(function (buffer) {
           return new Promise(function (resolve, reject) {
-            hp.parquetRead({ file: buffer, compressors: hp.compressors, columns: columns, onComplete: function (found) {
+            hp.parquetRead({ file: buffer, compressors: hp.compressors, columns: columns, parsers: EXACT_TEXT, onComplete: function (found) {
               var map = new Map();
               found.forEach(function (r) { map.set(Number(r[0]), r[1]); });
               resolve(map);
