@@ -489,3 +489,44 @@ def test_the_page_decoder_reads_every_cell_of_the_database(tmp_path: Path, reade
             assert g[:5] == list(w[:5]) and g[6] == w[6], (g, w)
             assert g[5] == pytest.approx(w[5], rel=PROB_RELATIVE_ERROR, abs=1e-12)
     con.close()
+
+
+@browser_mark
+def test_the_next_page_of_a_tab_reads_no_footer_again(
+    browser: Any,  # noqa: F811
+    scale_db: Path,
+    scale_site: Path,
+) -> None:
+    """The lens file's footer is kept in sessionStorage: a second page of the same file in the
+    tab asks only for its row groups (and still shows the database's cells)."""
+    run_id = _run_id(scale_db)
+    ranges: list[tuple[int, str]] = []
+    with serving(scale_site) as base:
+        watched = Watched(browser, base)
+        try:
+            page = watched.page
+            view = [0]
+            page.on(
+                "request",
+                lambda r: ranges.append((view[0], r.headers.get("range", ""))) if "/logit_lens-" in r.url else None,
+            )
+            for image_id in (1_000_001, 1_000_004):
+                page.goto(f"{base}lens/{run_dir_name(run_id)}/{image_id}.html")
+                page.wait_for_selector("body[data-lens-ready]", timeout=30_000)
+                view[0] += 1
+            last = page.evaluate("window.LlavaLens.model.top1(32, 592)")
+            watched.check()
+        finally:
+            watched.context.close()
+    source = _data(scale_site, run_id, 1_000_004)["parquet"]
+    footer = f"bytes={source['bytes'] - source['footer_bytes']}-"
+    first = [r for v, r in ranges if v == 0]
+    second = [r for v, r in ranges if v == 1]
+    assert any(r.startswith(footer) for r in first), first
+    assert second and not any(r.startswith(footer) for r in second), second
+    con = duckdb.connect(str(scale_db), read_only=True)
+    token, prob = con.execute(
+        "SELECT token, prob FROM logit_lens WHERE image_id = 1000004 AND layer = 32 AND position = 592 AND rank = 1"
+    ).fetchone()
+    con.close()
+    assert last["token"] == token and last["prob"] == pytest.approx(prob, rel=PROB_RELATIVE_ERROR)

@@ -200,6 +200,38 @@
     });
   }
 
+  // The lens file's footer (its metadata, about 1.5 KB per image in the file) is the same for
+  // every page of the images in that file: kept in sessionStorage once read, so the next page
+  // of the tab reads only its row groups. Where storage is full or unavailable, it is read again.
+  function withStoredFooter(remote, url, footerBytes) {
+    if (!footerBytes) return remote;
+    var size = remote.byteLength, footerStart = size - footerBytes;
+    var key = "llava-interp-lens-footer:" + url + ":" + size + ":" + footerBytes;
+    var footer = null;
+    try {
+      var stored = global.sessionStorage && global.sessionStorage.getItem(key);
+      if (stored) footer = decodeBase64(stored).buffer;
+    } catch (error) { footer = null; }
+    function store(buffer) {
+      try {
+        var bytes = new Uint8Array(buffer), parts = [];
+        for (var i = 0; i < bytes.length; i += 0x8000) parts.push(String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000)));
+        global.sessionStorage.setItem(key, global.btoa(parts.join("")));
+      } catch (error) { /* full or unavailable: read it again next time */ }
+    }
+    return {
+      byteLength: size,
+      slice: function (start, end) {
+        var stop = end === undefined ? size : end;
+        if (footer && start >= footerStart && stop <= size) return footer.slice(start - footerStart, stop - footerStart);
+        if (start === footerStart && stop === size) {
+          return Promise.resolve(remote.slice(start, end)).then(function (buffer) { footer = buffer; store(buffer); return buffer; });
+        }
+        return remote.slice(start, end);
+      },
+    };
+  }
+
   // Parquet mode: the image's rows of the lens file (row range and byte length from the build,
   // so no HEAD request and only the row groups holding them), the run's token texts and pieces.
   function loadParquet(data, options) {
@@ -216,7 +248,9 @@
     var reader = options.hyparquet ? Promise.resolve(options.hyparquet) : import(url(source.reader));
     return reader.then(function (hp) {
       var lensUrl = url(source.file);
-      var file = hp.asyncBufferFromUrl({ url: lensUrl, byteLength: source.bytes });
+      var file = hp.asyncBufferFromUrl({ url: lensUrl, byteLength: source.bytes }).then(function (remote) {
+        return withStoredFooter(remote, lensUrl, source.footer_bytes);
+      });
       var done = 0;
       function step(what) { return function (value) { done += 1; progress(what + " (" + done + " of 3 parts read)"); return value; }; }
       progress("reading rows " + source.row_start + "–" + source.row_end + " of " + source.file);
