@@ -530,3 +530,27 @@ def test_the_next_page_of_a_tab_reads_no_footer_again(
     ).fetchone()
     con.close()
     assert last["token"] == token and last["prob"] == pytest.approx(prob, rel=PROB_RELATIVE_ERROR)
+
+
+@browser_mark  # the HTML validators run with the browser tests
+def test_a_parquet_mode_lens_page_is_valid_html(scale_site: Path, scale_db: Path) -> None:
+    """The Nu HTML Checker on a parquet-mode page (its progress line and legend differ from inline)."""
+    import subprocess
+
+    from test_site_validation import _unavailable as unavailable
+    from test_site_validation import _vnu_jar
+
+    java, jar = shutil.which("java"), _vnu_jar()
+    if java is None or jar is None:
+        unavailable("Java or vnu.jar not found (apt-get install default-jre-headless; pip install -e '.[test]')")
+    page = scale_site / "lens" / run_dir_name(_run_id(scale_db)) / "1000002.html"
+    assert 'id="load-progress"' in page.read_text(encoding="utf-8")
+    done = subprocess.run(
+        [str(java), "-Xss2m", "-jar", str(jar), "--errors-only", "--format", "json", str(page)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    report = done.stderr + done.stdout
+    messages = json.loads(report[report.index('{"messages"') :].splitlines()[0])["messages"]
+    assert [m for m in messages if m.get("type") in ("error", "non-document-error")] == [], messages
