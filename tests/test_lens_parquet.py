@@ -554,3 +554,30 @@ def test_a_parquet_mode_lens_page_is_valid_html(scale_site: Path, scale_db: Path
     report = done.stderr + done.stdout
     messages = json.loads(report[report.index('{"messages"') :].splitlines()[0])["messages"]
     assert [m for m in messages if m.get("type") in ("error", "non-document-error")] == [], messages
+
+
+@browser_mark
+def test_a_lens_file_that_cannot_be_read_is_said_on_the_page(
+    browser: Any,  # noqa: F811
+    scale_db: Path,
+    scale_site: Path,
+) -> None:
+    """A lens file the server does not answer: the page says what failed instead of a table,
+    and the progress line goes away."""
+    run_id = _run_id(scale_db)
+    with serving(scale_site) as base:
+        watched = Watched(browser, base)
+        try:
+            page = watched.page
+            page.route("**/logit_lens-*.parquet", lambda route: route.fulfill(status=404, body="gone"))
+            page.goto(f"{base}lens/{run_dir_name(run_id)}/1000002.html")
+            page.wait_for_selector("body[data-lens-failed]", timeout=30_000)
+            assert page.get_attribute("body", "data-lens-failed") == "error"
+            box = page.locator("#load-error")
+            assert box.is_visible() and "Could not load the lens data" in box.inner_text()
+            assert "404" in box.inner_text()
+            assert page.locator("#load-progress").is_hidden()
+            assert page.get_attribute("body", "data-lens-ready") is None
+            assert [e for e in watched.errors if "pageerror" in e] == []  # reported, not thrown
+        finally:
+            watched.context.close()
