@@ -20,7 +20,9 @@ process (a fresh `llava-interp report build` subprocess, measured with getrusage
 With --rebuild: a second build into the same folder, nothing changed (report/incremental.py
 and the downloads' ExportCache keep what is unchanged), measured the same way.
 With --console: bytes the SQL console's example queries move over HTTP range requests
-(headless Chromium through Playwright, the site served by report/serve.py).
+(headless Chromium through Playwright, the site served by report/serve.py). With
+--lens-page: bytes and requests one lens page view moves, by kind (a parquet-mode page,
+`--build-args "--lens-data parquet"`, reads its image's rows of the lens Parquet file).
 """
 
 from __future__ import annotations
@@ -289,6 +291,65 @@ def console_bytes(out: Path, n_images: int, only: str = "") -> list[dict[str, ob
     return results
 
 
+def lens_page_bytes(out: Path, n_images: int) -> dict[str, object]:
+    """Bytes and requests a view of the lens page of the image in the middle moves (a fresh
+    browser context: nothing cached), then the next image's page in the same tab, by kind,
+    counted by report/serve.py."""
+    import collections
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from report.serve import serving
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_site_browser import CHROMIUM_ARGS, _chromium
+
+    counted: collections.Counter[str] = collections.Counter()
+    requests: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+
+    def on_bytes(path: str, n: int) -> None:
+        kind = (
+            "lens Parquet" if "/logit_lens-" in path
+            else "lens_tokens, token_pieces" if "/lens_tokens-" in path or "/token_pieces-" in path
+            else "vendor (hyparquet)" if "/vendor/" in path
+            else "lens page + data.js" if "/lens/" in path
+            else "static"
+        )  # fmt: skip
+        with lock:
+            counted[kind] += n
+            requests[kind] += 1
+
+    pages = [next(iter(sorted(out.glob(f"lens/*/{1000000 + n_images // 2 + k}.html")))) for k in (0, 1)]
+    views = []
+    with serving(out, on_bytes=on_bytes) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        tab = context.new_page()
+        for page in pages:  # the second in the same tab: what it has cached (reader, tokens, footer)
+            with lock:
+                counted.clear()
+                requests.clear()
+            started = time.perf_counter()
+            tab.goto(base + page.relative_to(out).as_posix())
+            tab.wait_for_selector("body[data-lens-ready]", timeout=120_000)
+            with lock:
+                views.append(
+                    {
+                        "lens_page_view": page.relative_to(out).as_posix(),
+                        "seconds": round(time.perf_counter() - started, 2),
+                        "kb": {k: round(v / 1e3, 1) for k, v in counted.most_common()},
+                        "requests": dict(requests),
+                        "total_kb": round(sum(counted.values()) / 1e3, 1),
+                    }
+                )
+            print(json.dumps(views[-1]), flush=True)
+        context.close()
+        browser.close()
+    return {"views": views}
+
+
 def file_kinds(out: Path, n_images: int) -> dict[str, float]:
     """KB per image of each kind of file (lens pages, lens data, pictures, lens Parquet, ...)."""
     kinds: dict[str, int] = {}
@@ -302,7 +363,7 @@ def file_kinds(out: Path, n_images: int) -> dict[str, float]:
             stem = path.name.split("-")[0].split(".")[0]
             kind = f"download {stem} ({'csv' if '.csv' in path.name else 'parquet'})"
         elif rel.startswith("vendor/"):
-            kind = "vendor (DuckDB-WASM)"
+            kind = "vendor (hyparquet)" if rel.startswith("vendor/hyparquet/") else "vendor (DuckDB-WASM)"
         else:
             kind = rel.split("/")[0]
         kinds[kind] = kinds.get(kind, 0) + path.stat().st_size
@@ -336,6 +397,8 @@ def measure(db_path: Path, out: Path, n: int, args: argparse.Namespace, rebuild:
     print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
     if args.console:
         console_bytes(out, n, args.console_only)
+    if args.lens_page:
+        lens_page_bytes(out, n)
 
 
 def main() -> None:
@@ -350,6 +413,7 @@ def main() -> None:
     parser.add_argument(
         "--rebuild", action="store_true", help="then build again into the same folder, nothing changed, and measure it"
     )
+    parser.add_argument("--lens-page", action="store_true", help="also measure the bytes one lens page view moves")
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -369,6 +433,8 @@ def main() -> None:
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:
                 console_bytes(out, n, args.console_only)
+            if args.lens_page:
+                lens_page_bytes(out, n)
             continue
         if out.exists():
             subprocess.run(["rm", "-rf", str(out)], check=True)

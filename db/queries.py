@@ -908,3 +908,104 @@ def last_position_top1(db: ResultsDB, run_id: str) -> dict[int, tuple[str, float
         (run_id, run_id, run_id),
     )
     return {int(image_id): (token, float(prob), int(layer)) for image_id, token, prob, layer in rows}
+
+
+@dataclass(frozen=True)
+class LensImageFacts:
+    """One image's lens rows in aggregate (what a lens page checks when it does not read
+    the rows itself), and the last layer's top-1 at the image's last position."""
+
+    rows: int
+    min_layer: int
+    max_layer: int
+    min_rank: int
+    max_rank: int
+    min_position: int
+    max_position: int
+    next_token: str | None
+    next_prob: float | None
+
+
+def lens_image_facts(db: ResultsDB, run_id: str) -> dict[int, LensImageFacts]:
+    """image_id -> LensImageFacts of every image of a run's logit-lens rows, in two scans."""
+    bounds = db.sql(
+        "SELECT image_id, count(*), min(layer), max(layer), min(rank), max(rank), min(position), max(position) "
+        "FROM logit_lens WHERE run_id = ? GROUP BY image_id",
+        (run_id,),
+    )
+    last = {
+        int(image_id): (token, prob)
+        for image_id, token, prob in db.sql(
+            "WITH p AS (SELECT image_id, max(position) AS position FROM positions WHERE run_id = ? GROUP BY image_id), "
+            "l AS (SELECT image_id, max(layer) AS layer FROM logit_lens WHERE run_id = ? GROUP BY image_id) "
+            "SELECT lens.image_id, lens.token, lens.prob FROM logit_lens lens JOIN p USING (image_id, position) "
+            "JOIN l USING (image_id, layer) WHERE lens.run_id = ? AND lens.rank = 1",
+            (run_id, run_id, run_id),
+        )
+    }
+    out = {}
+    for image_id, rows, min_layer, max_layer, min_rank, max_rank, min_position, max_position in bounds:
+        token, prob = last.get(int(image_id), (None, None))
+        out[int(image_id)] = LensImageFacts(
+            int(rows), int(min_layer), int(max_layer), int(min_rank), int(max_rank), int(min_position),
+            int(max_position), token, None if prob is None else float(prob),
+        )  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True)
+class LensPageInputs:
+    """What a lens page reads about one image besides its lens rows (lens_page_inputs)."""
+
+    marker: ImageMarker
+    positions: list[Position]
+    token_ids: list[int | None]  # each position's input token id, in position order
+    view: tuple[int, int] | None
+    extra_views: list[ExtraView]
+
+
+def lens_page_inputs(db: ResultsDB, run_id: str, image_ids: list[int]) -> dict[int, LensPageInputs]:
+    """image_id -> LensPageInputs for the completely written images among `image_ids`, in
+    four queries (image_marker, positions, position_token_ids, view_size and extra_views
+    image by image are one query each)."""
+    ids = [int(i) for i in image_ids]
+    markers = {
+        int(row[0]): ImageMarker(*row[1:])
+        for row in db.duck.execute(
+            "SELECT image_id, n_positions, n_layers, grid_rows, grid_cols FROM run_images "
+            "WHERE run_id = ? AND list_contains(?::BIGINT[], image_id)",
+            [run_id, ids],
+        ).fetchall()
+    }
+    positions: dict[int, list[Position]] = {i: [] for i in markers}
+    token_ids: dict[int, list[int | None]] = {i: [] for i in markers}
+    for image_id, position, kind, patch_row, patch_col, label, token_id in db.duck.execute(
+        "SELECT image_id, position, kind, patch_row, patch_col, label, token_id FROM positions "
+        "WHERE run_id = ? AND list_contains(?::BIGINT[], image_id) ORDER BY image_id, position",
+        [run_id, ids],
+    ).fetchall():
+        if int(image_id) in positions:
+            positions[int(image_id)].append(Position(position, kind, patch_row, patch_col, label))
+            token_ids[int(image_id)].append(token_id)
+    views = {
+        int(image_id): (int(width), int(height))
+        for image_id, width, height in db.duck.execute(
+            "SELECT image_id, view_width, view_height FROM image_views "
+            "WHERE run_id = ? AND list_contains(?::BIGINT[], image_id)",
+            [run_id, ids],
+        ).fetchall()
+    }
+    extra: dict[int, list[ExtraView]] = {}
+    if "extra_views" in relations(db):
+        for image_id, name, kind, width, height, grid_rows, grid_cols in db.duck.execute(
+            "SELECT image_id, name, kind, view_width, view_height, grid_rows, grid_cols FROM extra_views "
+            "WHERE run_id = ? AND list_contains(?::BIGINT[], image_id) ORDER BY image_id, name",
+            [run_id, ids],
+        ).fetchall():
+            extra.setdefault(int(image_id), []).append(
+                ExtraView(name, kind, int(width), int(height), int(grid_rows), int(grid_cols))
+            )
+    return {
+        i: LensPageInputs(marker, positions[i], token_ids[i], views.get(i), extra.get(i, []))
+        for i, marker in markers.items()
+    }

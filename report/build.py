@@ -18,18 +18,18 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from db import queries
 from db.store import ResultsDB
 from db.views import HIT_RULES
-from report import catalogue, incremental
+from report import catalogue, hyparquet, incremental, urls
 from report import site as site_plumbing
 from report.catalogue import LensEntry
-from report.downloads import write_downloads
+from report.downloads import PROB_SIGNIFICANT_BITS, write_downloads
 from report.object_cells import ObjectCells
 from report.pages.ablation import write_ablation_pages
 from report.pages.blocking import write_blocking_pages
@@ -55,6 +55,14 @@ MAX_FILE_BYTES = 100_000_000
 MAX_SITE_BYTES = 1_000_000_000
 # DuckDB's buffer pool while the build reads (it would otherwise cache up to 80 % of RAM).
 DUCKDB_MEMORY_LIMIT = "256MB"
+# Where lens pages get their cells (report/lens_codec.py): "inline" in their data file,
+# "parquet" from the lens Parquet downloads over HTTP range requests, "auto" per run.
+LENS_DATA_MODES = ("auto", "inline", "parquet")
+# auto: parquet for a run with more lens pages than this. A LLaVA-1.5 page's cells are about
+# 0.28 MB inline and 0.37 MB in the Parquet download, so at 200 pages the duplicate costs
+# about 55 MB (a twentieth of GitHub Pages' 1 GB) and the build seconds; below that, pages
+# that open from file:// (no server) are worth more than the bytes.
+PARQUET_LENS_PAGES = 200
 
 
 @dataclass
@@ -71,6 +79,7 @@ class SiteSummary:
     lens_images: int = 0  # completely written lens images, with a page or not
     lens_pages_reused: int = 0  # lens pages whose inputs had not changed since the last build: not rewritten
     files_kept: int = 0  # files identical to the previous build's: left in place
+    lens_modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (lens data mode, why)
 
 
 class LimitedWriter(Writer):
@@ -142,6 +151,7 @@ def build_site(
     max_site_bytes: int | None = MAX_SITE_BYTES,
     jobs: int = 1,
     hit_rule: str = "word",
+    lens_data: str = "auto",
 ) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
@@ -155,12 +165,22 @@ def build_site(
     limit) is a ReportError raised as soon as it is written. `jobs` > 1 renders the lens
     pages in that many processes. Lens pages are rendered image by image, reading only
     that image's rows. `hit_rule` (db.views.HIT_RULES) is the lens hit rule of the
-    quantitative, depth and reproduction pages. Raises db.errors.DatabaseError for an unusable database file and
+    quantitative, depth and reproduction pages. `lens_data` (LENS_DATA_MODES) is where lens
+    pages get their cells: "inline" in each page's data file (opens from file://), "parquet"
+    from the lens Parquet downloads (needs http(s) and downloads), "auto" parquet for runs
+    with more than PARQUET_LENS_PAGES pages when downloads are on. Raises db.errors.DatabaseError for an unusable database file and
     ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ReportError(f"output path exists and is not a folder: {out_dir}")
+    if lens_data not in LENS_DATA_MODES:
+        raise ReportError(f"unknown lens data mode {lens_data!r} (one of {', '.join(LENS_DATA_MODES)})")
+    if lens_data == "parquet" and not downloads:
+        raise ReportError(
+            "--lens-data parquet reads the lens cells from the Parquet downloads, which --no-downloads leaves out: "
+            "drop --no-downloads or build with --lens-data inline"
+        )
     generated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with ResultsDB(db_path, read_only=True) as db:
@@ -171,6 +191,7 @@ def build_site(
         _check_hit_rule(db, runs, hit_rule)
         all_entries = catalogue.load_lens_entries(db, runs)
         entries = _limit_pages(all_entries, lens_pages)
+        modes = _lens_modes(entries, lens_data, downloads)
         experiment_pages = catalogue.experiment_pages(runs)
         objects = ObjectCells.from_db(db)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,8 +219,25 @@ def build_site(
                         manifest=manifest,
                     )
 
+            sources: dict[tuple[str, int], dict[str, Any]] = {}
+            if any(mode == "parquet" for mode, _ in modes.values()):
+                export()  # parquet-mode pages point into the files: their layout first
+                sources = _lens_sources(db, writer, entries, modes, download_info)
+                if sources:
+                    reader, _ = hyparquet.find_hyparquet()
+                    assert reader is not None  # checked by _lens_modes
+                    hyparquet.copy_hyparquet(reader, writer)
             lens_shapes, reused = _write_lens_pages(
-                db, db_path, site, writer, entries, objects, jobs, manifest, meanwhile=export
+                db,
+                db_path,
+                site,
+                writer,
+                entries,
+                objects,
+                jobs,
+                manifest,
+                meanwhile=export if download_info is None else lambda: None,
+                sources=sources,
             )
             quant_runs = write_quantitative_page(db, site, runs, entries, lens_shapes, objects, hit_rule)
             depth_count = write_depth_page(db, site, runs, quant_runs)  # depth.html: every run at relative depth
@@ -239,7 +277,128 @@ def build_site(
         lens_images=len(all_entries),
         lens_pages_reused=reused,
         files_kept=kept,
+        lens_modes=modes,
     )
+
+
+def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[str, tuple[str, str]]:
+    """run_id -> (lens data mode, why) for every run with lens pages, before the export
+    (a parquet run whose download keeps its token column falls back in `_lens_sources`)."""
+    pages: dict[str, int] = {}
+    for entry in entries:
+        pages[entry.run.run_id] = pages.get(entry.run.run_id, 0) + 1
+    reader, problem = hyparquet.find_hyparquet()
+    if mode == "parquet" and reader is None and pages:
+        raise ReportError(f"--lens-data parquet needs the vendored Parquet reader: {problem}")
+    out: dict[str, tuple[str, str]] = {}
+    for run_id, n in pages.items():
+        if mode == "inline":
+            out[run_id] = ("inline", "--lens-data inline")
+        elif mode == "parquet":
+            out[run_id] = ("parquet", "--lens-data parquet")
+        elif not downloads:
+            out[run_id] = ("inline", "no downloads to read the cells from")
+        elif n <= PARQUET_LENS_PAGES:
+            out[run_id] = ("inline", f"{n} lens pages, at most {PARQUET_LENS_PAGES}: pages open from file://")
+        elif reader is None:
+            out[run_id] = ("inline", f"no vendored Parquet reader ({problem})")
+        else:
+            out[run_id] = ("parquet", f"{n} lens pages, over {PARQUET_LENS_PAGES}: one copy of the cells")
+    return out
+
+
+# Parquet-mode pages read their other inputs (positions, views, ...) this many images at a time.
+INPUT_BATCH = 128
+
+
+def _with_inputs(
+    db: ResultsDB, entries: list[LensEntry], sources: dict[tuple[str, int], dict[str, Any]]
+) -> Iterator[tuple[LensEntry, dict[str, Any] | None]]:
+    """Each entry with its parquet-mode source (None: inline), the source completed with the
+    page's other inputs read INPUT_BATCH images at a time (queries.lens_page_inputs), so a
+    parquet-mode page makes no query of its own."""
+    for start in range(0, len(entries), INPUT_BATCH):
+        batch = entries[start : start + INPUT_BATCH]
+        inputs: dict[str, dict[int, queries.LensPageInputs]] = {}
+        pieces: dict[str, dict[int, str]] = {}
+        for run_id in dict.fromkeys(e.run.run_id for e in batch if (e.run.run_id, e.image_id) in sources):
+            image_ids = [e.image_id for e in batch if e.run.run_id == run_id and (run_id, e.image_id) in sources]
+            inputs[run_id] = queries.lens_page_inputs(db, run_id, image_ids)
+            wanted = {
+                int(token_id)
+                for page in inputs[run_id].values()
+                for token_id, position in zip(page.token_ids, page.positions)
+                if token_id is not None and position.kind == "text"
+            }
+            pieces[run_id] = queries.token_pieces(db, run_id, wanted)
+        for entry in batch:
+            source = sources.get((entry.run.run_id, entry.image_id))
+            page = inputs.get(entry.run.run_id, {}).get(entry.image_id)
+            if source is not None and page is not None:
+                source = {**source, "inputs": page, "pieces": pieces[entry.run.run_id]}
+            yield entry, source
+
+
+def _parquet_footer_bytes(path: Path) -> int:
+    """The bytes a reader fetches first from a Parquet file: its footer (the metadata, its
+    4-byte length and the 4-byte magic), so the page gets it in one request."""
+    with path.open("rb") as handle:
+        handle.seek(-8, 2)
+        tail = handle.read(8)
+    if tail[4:] != b"PAR1":
+        raise ReportError(f"{path.name} is not a Parquet file")
+    return int.from_bytes(tail[:4], "little") + 8
+
+
+def _lens_sources(
+    db: ResultsDB,
+    writer: Writer,
+    entries: list[LensEntry],
+    modes: dict[str, tuple[str, str]],
+    download_info: dict[str, Any] | None,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """(run_id, image_id) -> what its parquet-mode page reads (report/pages/lens.py `lens_data`):
+    the lens file (relative to the page), its bytes, the image's row range, the run's token
+    text and pieces files. A run whose lens download keeps its token column (or has no token
+    ids) is set back to inline in `modes`."""
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    layouts = (download_info or {}).get("lens_files", {})
+    facts: dict[str, dict[int, queries.LensImageFacts]] = {}
+    footers: dict[str, int] = {}
+    for entry in entries:
+        run_id = entry.run.run_id
+        if modes.get(run_id, ("inline", ""))[0] != "parquet":
+            continue
+        layout = layouts.get(run_id)
+        if layout is None:
+            modes[run_id] = ("inline", "its lens download keeps the token text (or has no token ids)")
+            continue
+        if run_id not in facts:
+            facts[run_id] = queries.lens_image_facts(db, run_id)
+        image_facts = facts[run_id].get(entry.image_id)
+        file = next((f for f in layout["files"] if entry.image_id in f["images"]), None)
+        if image_facts is None or file is None:
+            continue  # no lens rows: lens_data reports it
+        page = entry.page
+        start, end = file["images"][entry.image_id]
+        if file["href"] not in footers:
+            footers[file["href"]] = _parquet_footer_bytes(writer.path(file["href"]))
+        pieces = layout["pieces"]
+        out[(run_id, entry.image_id)] = {
+            "source": {
+                "reader": urls.href(page, hyparquet.MODULE_PATH),
+                "file": urls.href(page, file["href"]),
+                "bytes": file["bytes"],
+                "footer_bytes": footers[file["href"]],
+                "row_start": start,
+                "row_end": end,
+                "tokens": {"file": urls.href(page, layout["tokens"]["href"]), "bytes": layout["tokens"]["bytes"]},
+                "pieces": {"file": urls.href(page, pieces["href"]), "bytes": pieces["bytes"]} if pieces else None,
+                "prob_bits": PROB_SIGNIFICANT_BITS,
+            },
+            "facts": image_facts,
+        }
+    return out
 
 
 def _limit_pages(entries: list[LensEntry], per_run: int | None) -> list[LensEntry]:
@@ -267,13 +426,15 @@ def _write_lens_pages(
     jobs: int,
     manifest: incremental.Manifest,
     meanwhile: Callable[[], None] = lambda: None,
+    sources: dict[tuple[str, int], dict[str, Any]] | None = None,
 ) -> tuple[Shapes, int]:
     """Every lens page, one image at a time (in `jobs` processes when > 1); returns
     (run, image) -> (n_layers, grid_rows, grid_cols) and how many pages were reused: a
     page whose input digest matches the previous build's (report/incremental.py) is linked
     from the previous site, not rendered. `meanwhile` runs in this process while worker
     processes render (after the pages when there are none), so the downloads' export overlaps
-    the pages."""
+    the pages. `sources`: where each parquet-mode page reads its cells (absent: inline)."""
+    sources = sources or {}
     published = frozenset((entry.run.run_id, entry.image_id) for entry in entries)  # links only to these
     runs_of_image: dict[int, list[str]] = {}
     for run_id, image_id in sorted(published):
@@ -289,7 +450,9 @@ def _write_lens_pages(
     for entry in entries:
         key = (entry.run.run_id, entry.image_id)
         others = [runs_by_id[r] for r in runs_of_image.get(entry.image_id, []) if r != entry.run.run_id]
-        digest = incremental.page_digest(entry, rows.get(key), others, context, manifest.key["code"])
+        source = sources.get(key)
+        lens = {"mode": "parquet", **source["source"]} if source else {"mode": "inline"}
+        digest = incremental.page_digest(entry, rows.get(key), others, context, manifest.key["code"], lens=lens)
         record = manifest.reusable(entry, digest)
         if record is None:
             todo.append((entry, digest))
@@ -304,9 +467,10 @@ def _write_lens_pages(
     digests = {(entry.run.run_id, entry.image_id): digest for entry, digest in todo}
     pending = [entry for entry, _ in todo]
     if jobs <= 1 or len(pending) < 2 * jobs:
-        for entry in pending:
+        lens_runs = queries.runs(db, "lens")
+        for entry, source in _with_inputs(db, pending, sources):
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published)
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
             shape = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             shapes[(entry.run.run_id, entry.image_id)] = shape
             manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
@@ -319,7 +483,22 @@ def _write_lens_pages(
     context_mp = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
     with context_mp.Pool(jobs) as pool:
         pending_results = pool.starmap_async(
-            _lens_worker, [(db_path, writer.root, share, site.common, published) for share in shares]
+            _lens_worker,
+            [
+                (
+                    db_path,
+                    writer.root,
+                    share,
+                    site.common,
+                    published,
+                    {
+                        (e.run.run_id, e.image_id): sources[(e.run.run_id, e.image_id)]
+                        for e in share
+                        if (e.run.run_id, e.image_id) in sources
+                    },
+                )
+                for share in shares
+            ],
         )
         meanwhile()
         results = pending_results.get()
@@ -338,7 +517,12 @@ def _write_lens_pages(
 
 
 def _lens_worker(
-    db_path: Path, root: Path, entries: list[LensEntry], common: dict, published: frozenset[tuple[str, int]]
+    db_path: Path,
+    root: Path,
+    entries: list[LensEntry],
+    common: dict,
+    published: frozenset[tuple[str, int]],
+    sources: dict[tuple[str, int], dict[str, Any]],
 ) -> tuple:
     writer = LimitedWriter(root, None, None)  # the parent checks the limits on what comes back
     site = Site(writer, site_plumbing.environment(), common)
@@ -348,9 +532,10 @@ def _lens_worker(
         db.duck.execute(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
-        for entry in entries:
+        lens_runs = queries.runs(db, "lens")
+        for entry, source in _with_inputs(db, entries, sources):
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published)
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             written[(entry.run.run_id, entry.image_id)] = writer.written
     summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}

@@ -82,6 +82,16 @@ def report() -> None:
     help="When a lens token names an object: 'word' (the class word itself) or 'first_token' (the first "
     "token of the class name in the run's tokenizer, word pieces included).",
 )
+@click.option(
+    "--lens-data",
+    type=click.Choice(["auto", "inline", "parquet"]),
+    default="auto",
+    show_default=True,
+    help="Where lens pages get their cells: 'inline' in each page's data file (pages open from file://); "
+    "'parquet' from the lens Parquet downloads over HTTP range requests (one copy of the cells; needs the "
+    "downloads and http(s), e.g. `llava-interp report serve`); 'auto' parquet for runs with more than 200 "
+    "lens pages when downloads are on, else inline.",
+)
 def build(
     db_path: Path,
     out_dir: Path,
@@ -92,6 +102,7 @@ def build(
     max_site_mb: float,
     jobs: int,
     hit_rule: str,
+    lens_data: str,
 ) -> None:
     """Build the site and print what was written."""
     try:
@@ -105,6 +116,7 @@ def build(
             max_site_bytes=int(max_site_mb * 1e6),
             jobs=jobs,
             hit_rule=hit_rule,
+            lens_data=lens_data,
         )
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
@@ -126,6 +138,8 @@ def build(
             f"Unchanged since the last build, left in place: {summary.lens_pages_reused} lens pages, "
             f"{summary.files_kept} other files"
         )
+    for run_id, (mode, why) in summary.lens_modes.items():
+        click.echo(f"Lens data of run {run_id}: {mode} ({why})")
     if summary.lens_pages < summary.lens_images:
         click.echo(f"Lens pages for {summary.lens_pages} of {summary.lens_images} images (--lens-pages)")
     click.echo(

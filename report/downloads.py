@@ -278,6 +278,8 @@ class _Exporter:
     def __init__(self, db: ResultsDB, writer: Writer, tables: dict[str, set[str]], cache: ExportCache) -> None:
         self.db, self.writer, self.tables, self.cache = db, writer, tables, cache
         self.columns: dict[str, list[str]] = {}
+        # (table, run_id) -> per file: its first/last image and each image's [row start, row end)
+        self.image_rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
     def _exclude(self, table: str) -> tuple[str, ...]:
         if table in PNG_TABLES:
@@ -376,6 +378,14 @@ class _Exporter:
             files.append(file)
             if file["rows"]:
                 per_row = max(per_row or 0.0, _per_row(file["bytes"], file["rows"]))
+            offsets: dict[int, tuple[int, int]] = {}
+            start = 0
+            for image in batch:  # image_id order: the files' sort order
+                offsets[image[0]] = (start, start + image[1])
+                start += image[1]
+            self.image_rows.setdefault((table, run.run_id), []).append(
+                {**file, "first_image": first, "last_image": last, "images": offsets}
+            )
             remaining = remaining[len(batch) :]
             part += 1
         return files
@@ -471,6 +481,24 @@ def _entry(table: str, rows: int, parquet: list[dict[str, Any]], csv: dict[str, 
     }
 
 
+def _lens_files(exporter: _Exporter, run_id: str, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What a parquet-mode lens page reads: the run's lens files with each image's row range
+    (`files`: href, bytes, rows, first_image, last_image, images: image_id -> (start, end)),
+    its `lens_tokens` file (token_id -> text) and `token_pieces` file (None where absent), or
+    None when the run has no lens rows or its lens files keep their token column."""
+    files = exporter.image_rows.get((LENS_TABLE, run_id))
+    by_table = {entry["table"]: entry for entry in entries}
+    lens = by_table.get(LENS_TABLE)
+    if not files or lens is None or not lens["without_token"] or LENS_TOKENS not in by_table:
+        return None
+    pieces = by_table.get("token_pieces")
+    return {
+        "files": files,
+        "tokens": {k: by_table[LENS_TOKENS]["parquet"][0][k] for k in ("href", "bytes")},
+        "pieces": {k: pieces["parquet"][0][k] for k in ("href", "bytes")} if pieces else None,
+    }
+
+
 def write_downloads(
     db: ResultsDB,
     writer: Writer,
@@ -482,7 +510,9 @@ def write_downloads(
 ) -> dict[str, Any]:
     """Write every download; returns what the downloads page and the SQL console need:
     per run id its tables, the shared tables, the database copy (or None, with the reason
-    in `database_note`) and `parquet`: table -> every Parquet file of it (site paths).
+    in `database_note`), `parquet`: table -> every Parquet file of it (site paths), and
+    `lens_files`: run id -> where each image's lens rows are (see `_lens_files`; None where
+    the run's lens files keep their token column), for parquet-mode lens pages.
     With the build `manifest`, files whose inputs have not changed since the previous build
     are kept (ExportCache) and the manifest records this build's files."""
     if database_copy not in DATABASE_COPY_CHOICES:
@@ -506,6 +536,7 @@ def write_downloads(
         "lens_token_files": [],  # logit_lens files that keep their token column
         "prob_bits": PROB_SIGNIFICANT_BITS,
         "prob_error_pct": f"{100 * PROB_RELATIVE_ERROR:.2f}",
+        "lens_files": {},  # run_id -> where each image's lens rows are (parquet-mode lens pages)
     }
     lens_columns = queries.ordered_columns(db, LENS_TABLE) if LENS_TABLE in base_tables else []
     split_tokens = {"token", "token_id"} <= {name for name, _ in lens_columns}
@@ -547,6 +578,7 @@ def write_downloads(
             if tokens_entry is not None:
                 entries.append(tokens_entry)
         downloads["runs"][run.run_id] = entries
+        downloads["lens_files"][run.run_id] = _lens_files(exporter, run.run_id, entries)
     for table in SHARED_TABLES:
         if table in base_tables:
             total = queries.row_digest(db, table, exporter.exported_columns(table))

@@ -5,7 +5,8 @@ place (report/site.py `replace_owned`); this module keeps what did not change in
 
 - Lens pages (the bulk of a build): each (run, image) gets an input digest, the sha256 of
   the tool version, the digest of the report's code and templates (`code_digest`), the
-  run's recorded fields the page shows, the image's entry, a digest and row count of each
+  run's recorded fields the page shows, the image's entry, where it gets its cells
+  (inline, or parquet mode's lens file, its byte length and the image's row range), a digest and row count of each
   of its rows (logit_lens, positions, image_views, extra_views; annotations and images of
   the image), the other runs linking to it, the nav and whether downloads exist. The
   manifest (`MANIFEST`, in the site folder) records per page its digest, its files and the
@@ -100,15 +101,22 @@ def row_digests(db: ResultsDB, run_ids: Iterable[str]) -> dict[tuple[str, int], 
 
 
 def page_digest(
-    entry: LensEntry, rows: list[Any] | None, other_runs: list[Any], context: dict[str, Any], code: str
+    entry: LensEntry,
+    rows: list[Any] | None,
+    other_runs: list[Any],
+    context: dict[str, Any],
+    code: str,
+    lens: dict[str, Any] | None = None,
 ) -> str:
-    """The input digest of one lens page (see the module docstring)."""
+    """The input digest of one lens page (see the module docstring). `lens`: where the page
+    gets its cells (`{"mode": "inline"}`, or parquet mode's file, bytes and row range), so a
+    mode change or a rewritten lens Parquet file renders the page again."""
     run = asdict(entry.run)
     for unused in ("image_count", "skipped_count"):  # not on a lens page
         run.pop(unused, None)
     fields = {k: v for k, v in asdict(entry).items() if k not in ("summary", "run")}
     return _digest({"format": FORMAT, "code": code, "run": run, "entry": fields, "rows": rows,
-                    "other_runs": other_runs, "context": context})  # fmt: skip
+                    "other_runs": other_runs, "context": context, "lens": lens})  # fmt: skip
 
 
 class Manifest:

@@ -62,6 +62,25 @@ block fetch() on file://). The JSON object holds:
   Cell (layer l, row r, rank k >= 1) is at ``(l * n_positions + r) * top_k + (k - 1)``.
   The build refuses images with missing cells, so every cell is present.
 
+Parquet mode (`report build --lens-data parquet`, report/build.py): the data file has the
+same keys except ``packed``; instead ``parquet`` says where the page reads its cells (paths
+relative to the data file, which sits beside its page):
+
+- ``reader``: the vendored hyparquet bundle (report/hyparquet.py);
+- ``file``, ``bytes``, ``footer_bytes``: the run's lens Parquet file (report/downloads.py:
+  columns layer, position, rank, token_id, prob; sorted by image, layer, position, rank), its
+  length (no HEAD request) and its footer's length (read in one request);
+- ``row_start``, ``row_end``: the image's rows in it, [start, end), exactly ``n_cells`` rows;
+- ``tokens``: ``{"file", "bytes"}`` of the run's ``lens_tokens`` file (token_id -> text);
+- ``pieces``: ``{"file", "bytes"}`` of the run's ``token_pieces`` download (token_id -> piece),
+  or null where the run recorded none;
+- ``prob_bits``: the significant bits the file's probabilities keep.
+
+The page builds the packed format's arrays from those rows (a dictionary of the image's
+distinct token ids; each row's probability code as ``encode_probs`` computes it, and the
+probability itself) and refuses rows that miss or repeat a cell. It needs http(s); from
+file:// it shows how to serve the site instead.
+
 The JSON is escaped so no string can end the script or the line: ``<``, ``>``, ``&``,
 U+2028 and U+2029 are written as \\uXXXX escapes.
 

@@ -48,11 +48,17 @@ def _checked_positions(
 
 
 def _checked_extra_views(
-    db: ResultsDB, run_id: str, image_id: int, context: str, positions: dict[str, list[Any]], page: str
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    context: str,
+    positions: dict[str, list[Any]],
+    page: str,
+    views: list[queries.ExtraView] | None = None,
 ) -> list[dict[str, Any]]:
-    """The extra views of an image, each checked against the positions of its kind."""
+    """The extra views of an image (`views`, default: read here), each checked against the positions of its kind."""
     out = []
-    for index, view in enumerate(queries.extra_views(db, run_id, image_id)):
+    for index, view in enumerate(queries.extra_views(db, run_id, image_id) if views is None else views):
         if view.kind in ("image", "text"):
             raise ReportError(f"{context}: extra view {view.name!r} claims kind {view.kind!r}")
         seen: set[tuple[int, int]] = set()
@@ -116,8 +122,17 @@ def lens_data(
     objects: ObjectCells | None = None,
     top_k: int | None = None,
     summary: dict[str, Any] | None = None,
+    parquet: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
+
+    `parquet` (parquet mode, see report/lens_codec.py): ``{"source": ..., "facts":
+    queries.LensImageFacts}``; the object then holds ``parquet`` (where the page reads its
+    cells) instead of ``packed``, and the lens rows are checked through their aggregate
+    `facts` (count and bounds) instead of being read here (the page checks on load that
+    its rows cover every cell exactly once). With ``"inputs"`` (queries.LensPageInputs) and
+    ``"pieces"`` (token id -> piece of the input tokens) read for many images at once, the
+    page makes no query of its own.
 
     `objects` shares the object cells with the rest of the build (default: computed here);
     `top_k` is the run's configured top-k (default: read from the run). Raises ReportError
@@ -125,20 +140,27 @@ def lens_data(
     one patch, lens rows for unknown positions or layers or ranks beyond top-k, duplicate or
     missing (layer, position, rank) cells).
     """
-    marker = queries.image_marker(db, run_id, image_id)
+    inputs: queries.LensPageInputs | None = parquet.get("inputs") if parquet is not None else None
+    marker = inputs.marker if inputs is not None else queries.image_marker(db, run_id, image_id)
     if marker is None:
         raise ReportError(f"run {run_id!r} image {image_id}: not completely written")
     context = f"run {run_id!r} image {image_id}"
     grid_rows, grid_cols = int(marker.grid_rows or 0), int(marker.grid_cols or 0)
     page = urls.lens_page(urls.run_dir_name(run_id), image_id)
 
-    position_rows = queries.positions(db, run_id, image_id)
+    position_rows = inputs.positions if inputs is not None else queries.positions(db, run_id, image_id)
     if len(position_rows) != marker.n_positions:
         raise ReportError(f"{context}: {len(position_rows)} positions written, run_images says {marker.n_positions}")
     positions = _checked_positions(position_rows, grid_rows, grid_cols, context)
     position_numbers = positions["position"]
 
-    positions["token_id"] = queries.position_token_ids(db, run_id, image_id)
+    positions["token_id"] = (
+        list(inputs.token_ids) if inputs is not None else queries.position_token_ids(db, run_id, image_id)
+    )
+    if parquet is not None:
+        return _parquet_lens_data(
+            db, run_id, image_id, marker, positions, parquet, objects=objects, top_k=top_k, summary=summary, page=page
+        )
     lens = queries.lens_rows_with_ids(db, run_id, image_id)
     layer = lens.column("layer").to_numpy().astype(np.int64)
     position = lens.column("position").to_numpy().astype(np.int64)
@@ -228,20 +250,107 @@ def lens_data(
     }
 
 
+def _parquet_lens_data(
+    db: ResultsDB,
+    run_id: str,
+    image_id: int,
+    marker: Any,
+    positions: dict[str, list[Any]],
+    parquet: dict[str, Any],
+    *,
+    objects: ObjectCells | None,
+    top_k: int | None,
+    summary: dict[str, Any] | None,
+    page: str,
+) -> dict[str, Any]:
+    """lens_data's parquet mode: the non-cell data, and where the page reads its cells."""
+    context = f"run {run_id!r} image {image_id}"
+    facts: queries.LensImageFacts = parquet["facts"]
+    inputs: queries.LensPageInputs | None = parquet.get("inputs")
+    pieces_by_id = parquet.get("pieces")
+    if pieces_by_id is None:
+        pieces_by_id = queries.token_pieces(db, run_id, [i for i in positions["token_id"] if i is not None])
+    positions["piece"] = [
+        pieces_by_id.get(int(i)) if i is not None and kind == "text" else None
+        for i, kind in zip(positions["token_id"], positions["kind"])
+    ]
+    n_rows = len(positions["position"])
+    n_layers = int(marker.n_layers) if marker.n_layers is not None else facts.max_layer + 1
+    if top_k is None:
+        record = queries.run(db, run_id)
+        top_k = record.top_k if record is not None and record.top_k is not None else facts.max_rank
+    if facts.min_layer < 0 or facts.min_rank < 1:
+        raise ReportError(f"{context}: lens rows with a negative layer or a rank below 1")
+    if facts.max_layer >= n_layers:
+        raise ReportError(f"{context}: lens rows for layer {facts.max_layer}, run_images says {n_layers} layers")
+    if facts.max_rank > top_k:
+        raise ReportError(f"{context}: lens rows for rank {facts.max_rank}, the run's top-k is {top_k}")
+    known = set(positions["position"])
+    for position in (facts.min_position, facts.max_position):
+        if position not in known:
+            raise ReportError(f"{context}: lens rows for position {position}, which is not in positions")
+    n_cells = n_layers * n_rows * top_k
+    if n_cells == 0 or facts.rows != n_cells:
+        raise ReportError(
+            f"{context}: lens rows cover {facts.rows} of {n_layers} layers x {n_rows} positions "
+            f"x top-{top_k} = {n_cells} cells"
+        )
+    source = parquet["source"]
+    if source["row_end"] - source["row_start"] != n_cells:
+        raise ReportError(
+            f"{context}: the lens Parquet file holds {source['row_end'] - source['row_start']} rows of it"
+        )
+    if summary is not None:
+        prob = np.asarray([facts.next_prob if facts.next_prob is not None else 0.0])
+        summary.update(
+            {
+                "positions": n_rows,
+                "layers": n_layers,
+                "top_k": top_k,
+                "image_positions": sum(1 for k in positions["kind"] if k == "image"),
+                "next_token": facts.next_token,
+                "next_prob": float(lens_codec.decode_probs(lens_codec.encode_probs(prob))[0]),
+            }
+        )
+    view = inputs.view if inputs is not None else queries.view_size(db, run_id, image_id)
+    objects = ObjectCells.from_db(db) if objects is None else objects
+    extra = inputs.extra_views if inputs is not None else None
+    return {
+        "format": lens_codec.DATA_FORMAT,
+        "run_id": run_id,
+        "image_id": image_id,
+        "n_layers": n_layers,
+        "top_k": top_k,
+        "grid_rows": int(marker.grid_rows or 0),
+        "grid_cols": int(marker.grid_cols or 0),
+        "n_cells": n_cells,
+        "positions": positions,
+        "view": {"width": view[0], "height": view[1]} if view else None,
+        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page, extra),
+        "objects": objects.page_objects(run_id, image_id, int(marker.grid_rows or 0), int(marker.grid_cols or 0)),
+        "parquet": dict(source),
+    }
+
+
 def write_lens_page(
     db: ResultsDB,
     site: Site,
     entry: LensEntry,
     objects: ObjectCells,
     published: frozenset[tuple[str, int]] | None = None,
+    parquet: dict[str, Any] | None = None,
+    lens_runs: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Write one lens page with its data file and PNGs; returns its data object.
 
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
-    to the same image in other runs never point at a page left out (`--lens-pages`)."""
+    to the same image in other runs never point at a page left out (`--lens-pages`).
+    parquet: where the page reads its cells in parquet mode (see `lens_data`; None: inline).
+    lens_runs: queries.runs(db, "lens"), read once per build (None: read per page); with
+    `published` it names the other runs of the image without a query per page."""
     run = entry.run
     summary: dict[str, Any] = {}
-    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary)
+    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary, parquet=parquet)
     if entry.has_view:
         site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
     for index, view in enumerate(data["extra_views"]):
@@ -249,7 +358,7 @@ def write_lens_page(
             urls.lens_extra_png(run.dir_name, entry.image_id, index),
             queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]),
         )
-    other_runs = _other_runs(db, entry, published)
+    other_runs = _other_runs(db, entry, published, lens_runs)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
     site.writer.write(data_path, lens_codec.data_script(data))
     site.render(
@@ -265,7 +374,11 @@ def write_lens_page(
         extra_views=data["extra_views"],
         top_k=data["top_k"],
         has_objects=bool(data["objects"]),
-        has_pieces=bool(data["packed"].get("token_pieces_bytes")),
+        has_pieces=bool(data["packed"].get("token_pieces_bytes"))
+        if "packed" in data
+        else bool(data["parquet"]["pieces"]),
+        parquet_mode="parquet" in data,
+        prob_bits=data["parquet"]["prob_bits"] if "parquet" in data else None,
         other_runs=other_runs,
     )
     entry.summary = summary  # the index's per-image columns (as _summary(data) computes them)
@@ -303,13 +416,23 @@ def json_key(value: Any) -> str:
     return repr(value)
 
 
-def _other_runs(db: ResultsDB, entry: LensEntry, published: frozenset[tuple[str, int]] | None) -> list[dict[str, str]]:
+def _other_runs(
+    db: ResultsDB,
+    entry: LensEntry,
+    published: frozenset[tuple[str, int]] | None,
+    lens_runs: list[Any] | None = None,
+) -> list[dict[str, str]]:
     """Links to the same image in every other lens run whose page is written, each named by what differs."""
-    records = [
-        record
-        for record in queries.lens_runs_of_image(db, entry.image_id)
-        if published is None or (record.run_id, entry.image_id) in published
-    ]
+    if published is not None and lens_runs is not None:
+        # A published (run, image) is completely written and not skipped (catalogue.load_lens_entries),
+        # so this is lens_runs_of_image without its query.
+        records = [record for record in lens_runs if (record.run_id, entry.image_id) in published]
+    else:
+        records = [
+            record
+            for record in queries.lens_runs_of_image(db, entry.image_id)
+            if published is None or (record.run_id, entry.image_id) in published
+        ]
     if len(records) < 2:
         return []
     differing = differing_settings(records)

@@ -20,7 +20,9 @@
 
   function fail(error) {
     var box = byId("load-error");
-    box.textContent = "Could not load the lens data: " + (error && error.message ? error.message : String(error));
+    // A notice (parquet-mode data opened from file://) is the whole message: what to do instead.
+    box.textContent = error && error.notice ? error.message
+      : "Could not load the lens data: " + (error && error.message ? error.message : String(error));
     box.hidden = false;
   }
 
@@ -43,7 +45,10 @@
         script.onerror = function () { reject(new Error("could not read " + entry.data)); };
         document.head.appendChild(script);
       });
-    }).then(function (data) { return ns.LensModel.load(data); });
+    }).then(function (data) {
+      // A parquet-mode data file's paths are relative to it (the lens page's folder).
+      return ns.LensModel.load(data, { base: new URL(entry.data, global.location.href).href });
+    });
     return models[key];
   }
 

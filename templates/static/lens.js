@@ -13,11 +13,21 @@
 
   function showLoadError(error) {
     var box = document.getElementById("load-error");
+    var progress = document.getElementById("load-progress");
+    if (progress) progress.hidden = true;
     if (box) {
-      box.textContent = "Could not load the lens data: " + (error && error.message ? error.message : String(error));
+      // A notice (a parquet-mode page opened from file://) is the whole message: what to do instead.
+      box.textContent = error && error.notice ? error.message
+        : "Could not load the lens data: " + (error && error.message ? error.message : String(error));
       box.hidden = false;
     }
-    if (global.console) global.console.error(error);
+    document.body.setAttribute("data-lens-failed", error && error.notice ? "notice" : "error");
+    if (global.console && !(error && error.notice)) global.console.error(error);
+  }
+
+  function showProgress(message) {
+    var box = document.getElementById("load-progress");
+    if (box) box.textContent = "Reading this page\u2019s cells from the lens Parquet download: " + message + "\u2026";
   }
 
   function start(model) {
@@ -366,5 +376,10 @@
     document.body.setAttribute("data-lens-ready", "true");
   }
 
-  ns.LensModel.load(global.LENS_DATA).then(start).catch(showLoadError);
+  ns.LensModel.load(global.LENS_DATA, { onProgress: showProgress }).then(function (model) {
+    var progress = document.getElementById("load-progress");
+    if (progress) progress.hidden = true;
+    ns.model = model; // for tools and tests: the decoded cells of this page
+    start(model);
+  }).catch(showLoadError);
 })(typeof window !== "undefined" ? window : globalThis);
