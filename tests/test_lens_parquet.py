@@ -135,11 +135,22 @@ def test_a_run_whose_lens_download_keeps_its_token_text_stays_inline(
     assert not (out / "vendor" / "hyparquet").exists()
 
 
-def test_row_ranges_point_at_each_images_rows(scale_db: Path, tmp_path: Path, reader: Path) -> None:
-    """Each page's (file, row_start, row_end) holds exactly its image's rows, per DuckDB."""
+@pytest.mark.parametrize("rebuild", [False, True])
+def test_row_ranges_point_at_each_images_rows(scale_db: Path, tmp_path: Path, reader: Path, rebuild: bool) -> None:
+    """Each page's (file, row_start, row_end) holds exactly its image's rows, per DuckDB; also
+    after a rebuild that kept the lens files without exporting them (report/downloads.py)."""
     out = tmp_path / "site"
     run_id = _run_id(scale_db)
-    build_site(scale_db, out, lens_data="parquet")
+    summary = build_site(scale_db, out, lens_data="parquet")
+    if rebuild:
+        lens_file = next((out / "downloads").rglob("logit_lens-*.parquet"))
+        before = lens_file.stat()
+        shutil.rmtree(out / "lens")  # the pages are written again, from the kept files' ranges
+        summary = build_site(scale_db, out, lens_data="parquet")
+        assert summary.lens_pages_reused == 0
+        after = lens_file.stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # kept, not exported
+    assert summary.lens_modes[run_id][0] == "parquet"
     page_dir = out / "lens" / run_dir_name(run_id)
     for image_id in (1_000_000, 1_000_003, 1_000_005):
         source = _data(out, run_id, image_id)["parquet"]
