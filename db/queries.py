@@ -594,13 +594,23 @@ def count_rows(db: ResultsDB, table: str, run_id: str | None = None) -> int:
 
 
 def export_csv(
-    db: ResultsDB, table: str, path: Path, *, run_id: str | None = None, exclude: tuple[str, ...] = ()
+    db: ResultsDB,
+    table: str,
+    path: Path,
+    *,
+    run_id: str | None = None,
+    exclude: tuple[str, ...] = (),
+    where: str | None = None,
 ) -> None:
-    """Write a table (one run's rows, without the `exclude` columns) as gzipped CSV with a header."""
+    """Write a table (one run's rows, without the `exclude` columns, only those matching the
+    SQL condition `where`) as gzipped CSV with a header."""
     select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
     query = f"SELECT {select} FROM {_table_name(table, db)}"
-    if run_id is not None:
-        query += f" WHERE run_id = {_sql_literal(run_id)}"
+    conditions = [f"run_id = {_sql_literal(run_id)}"] if run_id is not None else []
+    if where is not None:
+        conditions.append(f"({where})")
+    if conditions:
+        query += " WHERE " + " AND ".join(conditions)
     db.duck.execute(f"COPY ({query}) TO {_sql_literal(str(path))} (HEADER, DELIMITER ',', COMPRESSION gzip)")
 
 
@@ -626,8 +636,10 @@ def export_parquet(
     order_by: tuple[str, ...] = (),
     row_group_size: int = 122_880,
     select: str | None = None,
+    where: str | None = None,
 ) -> int:
-    """Write a table (one run's rows, optionally only image_id in [lo, hi], without the
+    """Write a table (one run's rows, optionally only image_id in [lo, hi] and only rows
+    matching the SQL condition `where`, without the
     `exclude` columns, or the SQL select list `select`) as one zstd Parquet file, sorted by
     `order_by` so row-group min/max statistics prune; text columns are dictionary-encoded.
     Returns the rows written."""
@@ -639,6 +651,8 @@ def export_parquet(
         conditions.append(f"run_id = {_sql_literal(run_id)}")
     if image_range is not None:
         conditions.append(f"image_id BETWEEN {int(image_range[0])} AND {int(image_range[1])}")
+    if where is not None:
+        conditions.append(f"({where})")
     if conditions:
         query += " WHERE " + " AND ".join(conditions)
     columns = table_columns(db)[table]
@@ -689,15 +703,21 @@ def _hash_columns(columns: Iterable[str]) -> str:
 
 
 def image_row_digests(
-    db: ResultsDB, table: str, run_id: str, columns: list[str], token: tuple[str, str] | None = None
+    db: ResultsDB,
+    table: str,
+    run_id: str,
+    columns: list[str],
+    token: tuple[str, str] | None = None,
+    where: str | None = None,
 ) -> list[tuple[int, int, int, int]]:
     """(image_id, rows, sum of the rows' hashes over `columns`, sum of hash(token columns) or 0)
     of one run's rows of a table with an image_id column, by image: what a file of an image
     range holds, to tell whether an exported file is still current (report/downloads.py).
     A sum, not a xor, so that two equal rows do not cancel. On a read-only connection (nothing
     can write the file meanwhile) the answer is remembered: the build's lens page digests and
-    its downloads read the lens rows' digests once."""
-    key = (table, run_id, tuple(columns), token)
+    its downloads read the lens rows' digests once. `where`: only the rows matching this SQL
+    condition."""
+    key = (table, run_id, tuple(columns), token, where)
     memo = _ROW_DIGESTS.setdefault(db, {}) if db.read_only else {}
     if key not in memo:
         name = _table_name(table, db)
@@ -706,7 +726,7 @@ def image_row_digests(
             (int(i), int(n), int(h or 0), int(t or 0))
             for i, n, h, t in db.sql(
                 f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
-                "WHERE run_id = ? GROUP BY image_id ORDER BY image_id",
+                f"WHERE run_id = ? {'' if where is None else f'AND ({where}) '}GROUP BY image_id ORDER BY image_id",
                 (run_id,),
             )
         ]
@@ -849,12 +869,17 @@ def export_console_database(
 # Added by the lens-page work; kept together at the end of the file.
 
 
-def lens_rows_with_ids(db: ResultsDB, run_id: str, image_id: int) -> pa.Table:
-    """The image's logit-lens rows (layer, position, rank, token_id, token, prob) as Arrow, unordered."""
+def lens_rows_with_ids(db: ResultsDB, run_id: str, image_id: int, max_rank: int | None = None) -> pa.Table:
+    """The image's logit-lens rows (layer, position, rank, token_id, token, prob) as Arrow,
+    unordered; with `max_rank`, ranks 1..max_rank only."""
     return db.duck.sql(
-        "SELECT layer, position, rank, token_id, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ?",
-        params=[run_id, image_id],
+        "SELECT layer, position, rank, token_id, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ? "
+        "AND rank <= ?",
+        params=[run_id, image_id, _MAX_RANK if max_rank is None else int(max_rank)],
     ).to_arrow_table()
+
+
+_MAX_RANK = 2**31 - 1  # every rank
 
 
 def position_token_ids(db: ResultsDB, run_id: str, image_id: int) -> list[int | None]:
@@ -926,12 +951,13 @@ class LensImageFacts:
     next_prob: float | None
 
 
-def lens_image_facts(db: ResultsDB, run_id: str) -> dict[int, LensImageFacts]:
-    """image_id -> LensImageFacts of every image of a run's logit-lens rows, in two scans."""
+def lens_image_facts(db: ResultsDB, run_id: str, max_rank: int | None = None) -> dict[int, LensImageFacts]:
+    """image_id -> LensImageFacts of every image of a run's logit-lens rows (with `max_rank`,
+    of ranks 1..max_rank only), in two scans."""
     bounds = db.sql(
         "SELECT image_id, count(*), min(layer), max(layer), min(rank), max(rank), min(position), max(position) "
-        "FROM logit_lens WHERE run_id = ? GROUP BY image_id",
-        (run_id,),
+        "FROM logit_lens WHERE run_id = ? AND rank <= ? GROUP BY image_id",
+        (run_id, _MAX_RANK if max_rank is None else int(max_rank)),
     )
     last = {
         int(image_id): (token, prob)

@@ -152,6 +152,7 @@ def build_site(
     jobs: int = 1,
     hit_rule: str = "word",
     lens_data: str = "auto",
+    lens_top_k: int | None = None,
 ) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
@@ -168,7 +169,9 @@ def build_site(
     quantitative, depth and reproduction pages. `lens_data` (LENS_DATA_MODES) is where lens
     pages get their cells: "inline" in each page's data file (opens from file://), "parquet"
     from the lens Parquet downloads (needs http(s) and downloads), "auto" parquet for runs
-    with more than PARQUET_LENS_PAGES pages when downloads are on. Raises db.errors.DatabaseError for an unusable database file and
+    with more than PARQUET_LENS_PAGES pages when downloads are on. `lens_top_k` publishes ranks
+    1..lens_top_k of each lens cell only (pages and lens downloads; None: every rank collected);
+    the database and the pages computed from it (quantitative, depth, reproduction) keep all. Raises db.errors.DatabaseError for an unusable database file and
     ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
@@ -181,6 +184,8 @@ def build_site(
             "--lens-data parquet reads the lens cells from the Parquet downloads, which --no-downloads leaves out: "
             "drop --no-downloads or build with --lens-data inline"
         )
+    if lens_top_k is not None and lens_top_k < 1:
+        raise ReportError(f"--lens-top-k must be at least 1, not {lens_top_k}")
     generated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with ResultsDB(db_path, read_only=True) as db:
@@ -201,6 +206,7 @@ def build_site(
             common = site_plumbing.common_context(provenance, generated_at, catalogue.experiment_nav(experiment_pages))
             common["hit_rule"] = hit_rule  # the lens hit rule the pages name
             common["has_downloads"] = downloads  # every page's nav: no Downloads link without downloads
+            common["lens_top_k"] = lens_top_k  # ranks published per lens cell (None: all)
             site = Site(writer, site_plumbing.environment(), common)
             site_plumbing.copy_static(writer)
             writer.write(NOJEKYLL, "")
@@ -217,12 +223,13 @@ def build_site(
                         source_bytes=db_path.stat().st_size,
                         database_copy=database_copy,
                         manifest=manifest,
+                        lens_top_k=lens_top_k,
                     )
 
             sources: dict[tuple[str, int], dict[str, Any]] = {}
             if any(mode == "parquet" for mode, _ in modes.values()):
                 export()  # parquet-mode pages point into the files: their layout first
-                sources = _lens_sources(db, writer, entries, modes, download_info)
+                sources = _lens_sources(db, writer, entries, modes, download_info, lens_top_k)
                 if sources:
                     reader, _ = hyparquet.find_hyparquet()
                     assert reader is not None  # checked by _lens_modes
@@ -356,6 +363,7 @@ def _lens_sources(
     entries: list[LensEntry],
     modes: dict[str, tuple[str, str]],
     download_info: dict[str, Any] | None,
+    lens_top_k: int | None = None,
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """(run_id, image_id) -> what its parquet-mode page reads (report/pages/lens.py `lens_data`):
     the lens file (relative to the page), its bytes, the image's row range, the run's token
@@ -374,7 +382,7 @@ def _lens_sources(
             modes[run_id] = ("inline", "its lens download keeps the token text (or has no token ids)")
             continue
         if run_id not in facts:
-            facts[run_id] = queries.lens_image_facts(db, run_id)
+            facts[run_id] = queries.lens_image_facts(db, run_id, lens_top_k)
         image_facts = facts[run_id].get(entry.image_id)
         file = next((f for f in layout["files"] if entry.image_id in f["images"]), None)
         if image_facts is None or file is None:
@@ -442,7 +450,8 @@ def _write_lens_pages(
     runs_by_id = {entry.run.run_id: [entry.run.run_id, entry.run.config_json, entry.run.model_id] for entry in entries}
     rows = incremental.row_digests(db, sorted({entry.run.run_id for entry in entries}))
     context = {
-        key: site.common.get(key) for key in ("experiment_nav", "has_downloads", "demo_warning", "schema_latest")
+        key: site.common.get(key)
+        for key in ("experiment_nav", "has_downloads", "demo_warning", "schema_latest", "lens_top_k")
     }
     shapes: Shapes = {}
     todo: list[tuple[LensEntry, str]] = []

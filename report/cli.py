@@ -58,6 +58,15 @@ def report() -> None:
     "the downloads keep every image. Default: every image.",
 )
 @click.option(
+    "--lens-top-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Publish ranks 1..N of each logit-lens cell only, on the lens pages and in the lens downloads "
+    "(the SQL console's logit_lens); the database keeps every rank, and the quantitative, depth and "
+    "Reproduction pages count from it. About N/K of the lens bytes for a run collected with top-K. "
+    "Default: every rank collected.",
+)
+@click.option(
     "--max-file-mb",
     type=click.FloatRange(min=0, min_open=True),
     default=100.0,
@@ -98,6 +107,7 @@ def build(
     downloads: bool,
     database_copy: str,
     lens_pages: int | None,
+    lens_top_k: int | None,
     max_file_mb: float,
     max_site_mb: float,
     jobs: int,
@@ -112,6 +122,7 @@ def build(
             downloads=downloads,
             database_copy=database_copy,
             lens_pages=lens_pages,
+            lens_top_k=lens_top_k,
             max_file_bytes=int(max_file_mb * 1e6),
             max_site_bytes=int(max_site_mb * 1e6),
             jobs=jobs,

@@ -275,9 +275,17 @@ def _per_row(size: int, rows: int) -> float:
 
 
 class _Exporter:
-    def __init__(self, db: ResultsDB, writer: Writer, tables: dict[str, set[str]], cache: ExportCache) -> None:
+    def __init__(
+        self,
+        db: ResultsDB,
+        writer: Writer,
+        tables: dict[str, set[str]],
+        cache: ExportCache,
+        where: dict[str, str] | None = None,
+    ) -> None:
         self.db, self.writer, self.tables, self.cache = db, writer, tables, cache
         self.columns: dict[str, list[str]] = {}
+        self.where = where or {}  # table -> SQL condition on the rows published (the lens' rank cap)
         # (table, run_id) -> per file: its first/last image and each image's [row start, row end)
         self.image_rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
 
@@ -300,7 +308,9 @@ class _Exporter:
 
     def image_digests(self, table: str, run: RunInfo, token: bool = False) -> list[tuple[int, int, int, int]]:
         columns = self.exported_columns(table)
-        return queries.image_row_digests(self.db, table, run.run_id, columns, ("token_id", "token") if token else None)
+        return queries.image_row_digests(
+            self.db, table, run.run_id, columns, ("token_id", "token") if token else None, self.where.get(table)
+        )
 
     def _file(self, relative: str, rows: int) -> dict[str, Any]:
         size = self.writer.account(relative)
@@ -310,6 +320,7 @@ class _Exporter:
                 **more: Any) -> str:  # fmt: skip
         return _digest({"kind": kind, "href": relative, "table": table, "select": select,
                         "exclude": self._exclude(table), "order": self._order(table), "rows": rows, "hash": hashed,
+                        "where": self.where.get(table),
                         "key": self.cache.key, **more})  # fmt: skip
 
     def parquet(
@@ -339,6 +350,7 @@ class _Exporter:
                     order_by=order,
                     row_group_size=ROW_GROUP_SIZE,
                     select=select,
+                    where=self.where.get(table),
                 )
                 file = self._file(relative, rows)
                 self.cache.store(relative, digest, file)
@@ -372,6 +384,7 @@ class _Exporter:
                     order_by=order,
                     row_group_size=ROW_GROUP_SIZE,
                     select=select,
+                    where=self.where.get(table),
                 )
                 file = self._file(relative, rows)
                 self.cache.store(relative, digest, file)
@@ -400,7 +413,7 @@ class _Exporter:
         if file is None:
             queries.export_csv(
                 self.db, table, self.writer.path(relative), run_id=run.run_id if run else None,
-                exclude=self._exclude(table),
+                exclude=self._exclude(table), where=self.where.get(table),
             )  # fmt: skip
             file = self._file(relative, rows)
             self.cache.store(relative, digest, file)
@@ -507,6 +520,7 @@ def write_downloads(
     source_bytes: int = 0,
     database_copy: str = "auto",
     manifest: incremental.Manifest | None = None,
+    lens_top_k: int | None = None,
 ) -> dict[str, Any]:
     """Write every download; returns what the downloads page and the SQL console need:
     per run id its tables, the shared tables, the database copy (or None, with the reason
@@ -514,7 +528,8 @@ def write_downloads(
     `lens_files`: run id -> where each image's lens rows are (see `_lens_files`; None where
     the run's lens files keep their token column), for parquet-mode lens pages.
     With the build `manifest`, files whose inputs have not changed since the previous build
-    are kept (ExportCache) and the manifest records this build's files."""
+    are kept (ExportCache) and the manifest records this build's files. `lens_top_k`: the
+    lens files (and CSV) hold ranks 1..lens_top_k only (`report build --lens-top-k`)."""
     if database_copy not in DATABASE_COPY_CHOICES:
         raise ValueError(f"database_copy must be one of {DATABASE_COPY_CHOICES}")
     tables = queries.table_columns(db)
@@ -525,7 +540,10 @@ def write_downloads(
     )
     if manifest is not None:
         manifest.downloads = cache
-    exporter = _Exporter(db, writer, tables, cache)
+    if lens_top_k is not None and lens_top_k < 1:
+        raise ValueError("lens_top_k must be at least 1")
+    where = {LENS_TABLE: f"rank <= {int(lens_top_k)}"} if lens_top_k is not None else {}
+    exporter = _Exporter(db, writer, tables, cache, where)
     downloads: dict[str, Any] = {
         "runs": {},
         "shared": [],
@@ -535,6 +553,7 @@ def write_downloads(
         "csv_max_rows": CSV_MAX_ROWS,
         "lens_token_files": [],  # logit_lens files that keep their token column
         "prob_bits": PROB_SIGNIFICANT_BITS,
+        "lens_top_k": lens_top_k,  # the lens files' rank cap (None: every rank collected)
         "prob_error_pct": f"{100 * PROB_RELATIVE_ERROR:.2f}",
         "lens_files": {},  # run_id -> where each image's lens rows are (parquet-mode lens pages)
     }

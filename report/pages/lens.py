@@ -123,6 +123,7 @@ def lens_data(
     top_k: int | None = None,
     summary: dict[str, Any] | None = None,
     parquet: dict[str, Any] | None = None,
+    max_rank: int | None = None,
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
@@ -135,7 +136,9 @@ def lens_data(
     page makes no query of its own.
 
     `objects` shares the object cells with the rest of the build (default: computed here);
-    `top_k` is the run's configured top-k (default: read from the run). Raises ReportError
+    `top_k` is the run's configured top-k (default: read from the run), `max_rank` a cap on
+    the ranks published (`report build --lens-top-k`; `top_k` is then at most it, and the
+    parquet `facts` are of the capped rows). Raises ReportError
     when the rows cannot be mapped faithfully (patches outside the grid, two positions on
     one patch, lens rows for unknown positions or layers or ranks beyond top-k, duplicate or
     missing (layer, position, rank) cells).
@@ -158,10 +161,12 @@ def lens_data(
         list(inputs.token_ids) if inputs is not None else queries.position_token_ids(db, run_id, image_id)
     )
     if parquet is not None:
+        if top_k is not None and max_rank is not None:
+            top_k = min(top_k, max_rank)
         return _parquet_lens_data(
             db, run_id, image_id, marker, positions, parquet, objects=objects, top_k=top_k, summary=summary, page=page
         )
-    lens = queries.lens_rows_with_ids(db, run_id, image_id)
+    lens = queries.lens_rows_with_ids(db, run_id, image_id, max_rank)
     layer = lens.column("layer").to_numpy().astype(np.int64)
     position = lens.column("position").to_numpy().astype(np.int64)
     rank = lens.column("rank").to_numpy().astype(np.int64)
@@ -193,6 +198,8 @@ def lens_data(
         # Databases written before the run config recorded top_k: the deepest stored rank
         # is the only record of it.
         top_k = int(rank.max(initial=0))
+    if max_rank is not None:
+        top_k = min(top_k, max_rank)
     if len(rank) and rank.max() > top_k:
         raise ReportError(f"{context}: lens rows for rank {int(rank.max())}, the run's top-k is {top_k}")
 
@@ -350,7 +357,11 @@ def write_lens_page(
     `published` it names the other runs of the image without a query per page."""
     run = entry.run
     summary: dict[str, Any] = {}
-    data = lens_data(db, run.run_id, entry.image_id, objects=objects, top_k=run.top_k, summary=summary, parquet=parquet)
+    cap = site.common.get("lens_top_k")  # report build --lens-top-k: ranks 1..cap published
+    top_k = run.top_k if cap is None or run.top_k is None else min(run.top_k, cap)
+    data = lens_data(
+        db, run.run_id, entry.image_id, objects=objects, top_k=top_k, summary=summary, parquet=parquet, max_rank=cap
+    )
     if entry.has_view:
         site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
     for index, view in enumerate(data["extra_views"]):
@@ -373,6 +384,7 @@ def write_lens_page(
         grid=(data["grid_rows"], data["grid_cols"]),
         extra_views=data["extra_views"],
         top_k=data["top_k"],
+        collected_top_k=run.top_k,
         has_objects=bool(data["objects"]),
         has_pieces=bool(data["packed"].get("token_pieces_bytes"))
         if "packed" in data

@@ -292,6 +292,7 @@ def write_sql_page(
         runs_here=[],
         has_downloads=download_info is not None,
         prob_bits=(download_info or {}).get("prob_bits"),
+        lens_top_k=(download_info or {}).get("lens_top_k"),
         one_image=one_image,
     )
     return {
