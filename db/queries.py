@@ -315,6 +315,9 @@ def positions(db: ResultsDB, run_id: str, image_id: int) -> list[Position]:
     ]
 
 
+POSITION_BATCH = 256  # images whose positions are read at once (not the whole run's, ~600 rows/image)
+
+
 def positions_by_image(
     db: ResultsDB,
     run_id: str,
@@ -377,6 +380,41 @@ def object_hit_counts(
     `hit_rule` "first_token" counts instead the cells whose token id is the category's first
     token in the run's tokenizer (table `class_tokens`, rule 'first_token' of the view).
     """
+    final = """
+            SELECT h.image_id, h.category, h.layer,
+                   count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
+            FROM hits h
+            JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+            GROUP BY ALL"""
+    return [
+        (int(i), c, int(layer), int(n1), int(nk))
+        for i, c, layer, n1, nk in _object_hits(db, run_id, object_positions, hit_rule, final)
+    ]
+
+
+def object_first_top1_layers(
+    db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rule: str = "word"
+) -> dict[int, tuple[int, int]]:
+    """image_id -> (object positions whose top-1 token names their object at some layer, sum
+    of the first such layer over them), over the given object positions (columns image_id,
+    category, position), with object_hit_counts' hit rule and its one normalisation per
+    distinct token."""
+    final = """,
+            first AS (
+                SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer
+                FROM hits h
+                JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+                WHERE h.best_rank = 1
+                GROUP BY ALL
+            )
+            SELECT image_id, count(*), sum(first_layer) FROM first GROUP BY image_id"""
+    return {int(i): (int(n), int(s)) for i, n, s in _object_hits(db, run_id, object_positions, hit_rule, final)}
+
+
+def _object_hits(db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rule: str, final: str) -> list[tuple]:
+    """Rows of `final`, a query (or further CTEs then a query) over the CTEs `o` (the object
+    positions) and `hits` (image_id, layer, position, category, best_rank: the best rank at
+    which a cell of an object position names its object under `hit_rule`)."""
     if hit_rule not in HIT_RULES:
         raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
     if hit_rule == "first_token":
@@ -421,16 +459,11 @@ def object_hit_counts(
                 JOIN op ON op.image_id = l.image_id AND op.position = l.position
                 JOIN positions p ON p.run_id = l.run_id AND p.image_id = l.image_id AND p.position = l.position
                 WHERE l.run_id = ? AND p.run_id = ? AND p.kind = 'image'
-            ),{matched}
-            SELECT h.image_id, h.category, h.layer,
-                   count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
-            FROM hits h
-            JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
-            GROUP BY ALL
+            ),{matched}{final}
             """,
             params,
         )
-        return [(int(i), c, int(layer), int(n1), int(nk)) for i, c, layer, n1, nk in duck.fetchall()]
+        return duck.fetchall()
     finally:
         duck.close()
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 from db import queries
 from db.stats import bootstrap_ratio_ci, wilson_interval
 from db.store import ResultsDB
-from db.views import FIRST_TOKEN_HITS_SELECT, HIT_RULES, OBJECT_HITS_SELECT
+from db.views import HIT_RULES
 
 PAPER_IMAGE_TOKENS = 576
 PAPER_RANDOM_K = 40
@@ -213,14 +213,18 @@ def lens_object_positions(
             (run_id,),
         )
     }
-    positions = queries.positions_by_image(db, run_id, kind="image")
     columns: dict[str, list[Any]] = {"image_id": [], "category": [], "position": []}
     per_image: dict[int, int] = {}
     n_layers = 0
-    for image_id, (grid_rows, grid_cols, layers) in sorted(grids.items()):
-        if not objects.annotated(run_id, image_id):
-            continue
+    annotated = [image_id for image_id in sorted(grids) if objects.annotated(run_id, image_id)]
+    positions: dict[int, dict[int, queries.Position]] = {}
+    for at, image_id in enumerate(annotated):
+        grid_rows, grid_cols, layers = grids[image_id]
         n_layers = max(n_layers, layers)
+        if image_id not in positions:
+            # A batch of images at a time: a paper-scale run has millions of positions.
+            batch = annotated[at : at + queries.POSITION_BATCH]
+            positions = queries.positions_by_image(db, run_id, kind="image", image_ids=batch)
         cells = objects.cells(run_id, image_id, grid_rows, grid_cols)
         by_cell = {(p.patch_row, p.patch_col): number for number, p in positions.get(image_id, {}).items()}
         for category, grid in sorted(cells.items()):
@@ -247,31 +251,12 @@ def lens_image_hits(
     run's hidden-state count. `hit_rule` is the lens hit rule (db.views.HIT_RULES)."""
     if hit_rule not in HIT_RULES:
         raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
-    hits_select = FIRST_TOKEN_HITS_SELECT if hit_rule == "first_token" else OBJECT_HITS_SELECT
     table, per_image, n_layers = lens_object_positions(db, run_id, objects)
     if not per_image:
         return [], n_layers
-    duck = db.duck.cursor()
-    try:
-        duck.register("_object_positions", table)
-        duck.execute(
-            f"""
-            WITH hits AS ({hits_select}),
-            first AS (
-                SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer
-                FROM hits h
-                JOIN _object_positions o
-                  ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
-                WHERE h.run_id = ? AND h.best_rank = 1
-                GROUP BY ALL
-            )
-            SELECT image_id, count(*), sum(first_layer) FROM first GROUP BY image_id
-            """,
-            [run_id],
-        )
-        decoded = {int(i): (int(n), int(s)) for i, n, s in duck.fetchall()}
-    finally:
-        duck.close()
+    # The quantitative page's hit query: only the object positions' rows, each distinct token
+    # normalised once (the view's form normalises every lens row of the run).
+    decoded = queries.object_first_top1_layers(db, run_id, table, hit_rule)
     images = [
         LensImageHits(image_id, total, *decoded.get(image_id, (0, 0)))
         for image_id, total in sorted(per_image.items())

@@ -24,7 +24,7 @@ from report.object_cells import ObjectCells
 from report.pages.lens import differing_settings, run_label
 from report.site import Site
 
-POSITION_BATCH = 256  # images whose positions are read at once (not the whole run's, ~600 rows/image)
+POSITION_BATCH = queries.POSITION_BATCH
 
 
 @dataclass
