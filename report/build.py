@@ -458,6 +458,8 @@ def _write_lens_pages(
             todo.append((entry, digest))
             continue
         for relative in record["files"]:
+            if (writer.root / relative).exists():
+                continue  # a parquet run's shared positions file, already linked for another page
             incremental.link_previous(manifest.out_dir, writer.root, relative)
             writer.account(relative)
         entry.summary = record["summary"]
