@@ -111,6 +111,11 @@ class LimitedWriter(Writer):
         super().write(relative, content)
         self._check(relative, self.bytes - before)
 
+    def write_shared(self, relative: str, content: str | bytes) -> None:
+        before = self.bytes
+        super().write_shared(relative, content)
+        self._check(relative, self.bytes - before)
+
     def account(self, relative: str) -> int:
         size = super().account(relative)
         self._check(relative, size)
