@@ -111,6 +111,11 @@ class LimitedWriter(Writer):
         super().write(relative, content)
         self._check(relative, self.bytes - before)
 
+    def write_shared(self, relative: str, content: str | bytes) -> None:
+        before = self.bytes
+        super().write_shared(relative, content)
+        self._check(relative, self.bytes - before)
+
     def account(self, relative: str) -> int:
         size = super().account(relative)
         self._check(relative, size)
@@ -467,6 +472,8 @@ def _write_lens_pages(
             todo.append((entry, digest))
             continue
         for relative in record["files"]:
+            if (writer.root / relative).exists():
+                continue  # a parquet run's shared positions file, already linked for another page
             incremental.link_previous(manifest.out_dir, writer.root, relative)
             writer.account(relative)
         entry.summary = record["summary"]

@@ -76,6 +76,20 @@ relative to the data file, which sits beside its page):
   or null where the run recorded none;
 - ``prob_bits``: the significant bits the file's probabilities keep.
 
+Nor does a parquet-mode data file hold ``positions``: ``positions_file`` names the run's shared
+file holding them, ``{"file", "bytes", "sha256", "n_positions"}``: ``file`` relative to the data
+file, ``lens/<run>/positions-<first 20 hex digits of sha256>.json``, whose content is exactly the
+``positions`` object above as UTF-8 JSON (keys sorted, no whitespace; ``lens_codec.positions_file``),
+``bytes`` long with that ``sha256``, each array ``n_positions`` long. The name is content-addressed, so
+the images of a run with one layout (same prompt, fixed image span) share one file and an image
+with another layout (another prompt, a dynamic-resolution grid) gets its own. The page fetches it,
+checks its length, its sha256 (where the browser has ``crypto.subtle``: https, localhost) and
+its arrays' lengths, and then uses it as ``positions`` (so the patch <-> row mapping is the
+database's, as inline). The build writes each file once (report/site.py ``Writer.write_shared``:
+an existing file is kept, a new one renamed into place), lists it among the files of every page
+naming it (report/incremental.py), and a file no page of the build names is not staged, so the
+swap removes it.
+
 The page builds the packed format's arrays from those rows (a dictionary of the image's
 distinct token ids; each row's probability code as ``encode_probs`` computes it, and the
 probability itself) and refuses rows that miss or repeat a cell. It needs http(s); from
@@ -90,6 +104,7 @@ The browser side of this format is templates/static/lens-data.js.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import zlib
 from typing import Any
@@ -218,6 +233,26 @@ def unpack_token_ids(data: dict[str, Any]) -> list[int] | None:
 def data_script(data: dict[str, Any]) -> str:
     """The text of a lens data file (see the module docstring)."""
     return f"window.LENS_DATA = {script_json(data)};\n"
+
+
+def positions_file(positions: dict[str, Any]) -> tuple[bytes, str]:
+    """(content, sha256 hex) of a parquet-mode positions file: the ``positions`` object as
+    UTF-8 JSON (see the module docstring); equal objects give equal bytes."""
+    content = json.dumps(positions, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    return content, hashlib.sha256(content).hexdigest()
+
+
+def shared_positions_data(data: dict[str, Any], file: str, content: bytes, digest: str) -> dict[str, Any]:
+    """A parquet-mode data object with its ``positions`` replaced by ``positions_file``, the
+    reference to the run's shared file `file` (relative to the data file) holding `content`."""
+    out = {key: value for key, value in data.items() if key != "positions"}
+    out["positions_file"] = {
+        "file": file,
+        "bytes": len(content),
+        "sha256": digest,
+        "n_positions": len(data["positions"]["position"]),
+    }
+    return out
 
 
 def unpack_token_pieces(data: dict[str, Any]) -> list[str | None] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -110,6 +111,24 @@ class Writer:
         path.write_bytes(data)
         self.files += 1
         self.bytes += len(data)
+        if self.written is not None:
+            self.written.append(relative)
+
+    def write_shared(self, relative: str, content: str | bytes) -> None:
+        """Write a content-addressed file that many pages share (its name says its content):
+        once per build. Where the staging folder already holds it (written by another page or
+        worker, or linked from the previous site for a reused page) only its path is recorded;
+        otherwise it is written to a temporary name and renamed into place, so parallel workers
+        writing the same file never race and a hard-linked previous file is never written through."""
+        path = self.root / relative
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = content.encode("utf-8") if isinstance(content, str) else content
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+            self.files += 1
+            self.bytes += len(data)
         if self.written is not None:
             self.written.append(relative)
 

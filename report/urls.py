@@ -69,6 +69,15 @@ def lens_data(run_dir: str, image_id: int) -> str:
     return f"lens/{run_dir}/{image_id}.data.js"
 
 
+def lens_positions(run_dir: str, digest: str) -> str:
+    """A parquet-mode run's shared `positions` file (report/lens_codec.py), named by a prefix of
+    its content's sha256: one file per distinct layout, whatever number of pages refer to it."""
+    return f"lens/{run_dir}/positions-{digest[:POSITIONS_DIGEST_CHARS]}.json"
+
+
+POSITIONS_DIGEST_CHARS = 20
+
+
 def lens_png(run_dir: str, image_id: int) -> str:
     """The image as the model saw it, next to its lens page."""
     return f"lens/{run_dir}/{image_id}.png"

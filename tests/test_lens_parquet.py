@@ -11,6 +11,7 @@ says how to open it instead.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -195,6 +196,135 @@ def test_a_parquet_page_adds_a_few_kb_beyond_the_parquet(scale_db: Path, tmp_pat
     assert page < lens_parquet / 6 / 8
 
 
+# --- the shared positions files -------------------------------------------------------------------
+def _positions_of(out: Path, run_id: str, image_id: int) -> tuple[str, dict[str, Any]]:
+    """(the positions file a parquet-mode page names, its content), checked against its reference."""
+    ref = _data(out, run_id, image_id)["positions_file"]
+    path = out / "lens" / run_dir_name(run_id) / ref["file"]
+    content = path.read_bytes()
+    assert len(content) == ref["bytes"] and hashlib.sha256(content).hexdigest() == ref["sha256"]
+    assert ref["file"] == f"positions-{ref['sha256'][:20]}.json"
+    positions = json.loads(content)
+    assert all(len(values) == ref["n_positions"] for values in positions.values())
+    return ref["file"], positions
+
+
+def _db_positions(db: Path, run_id: str, image_id: int) -> dict[str, list[Any]]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT position, kind, label, patch_row, patch_col, token_id FROM positions "
+            "WHERE run_id = ? AND image_id = ? ORDER BY position",
+            [run_id, image_id],
+        ).fetchall()
+    finally:
+        con.close()
+    names = ("position", "kind", "label", "patch_row", "patch_col", "token_id")
+    return {name: [row[k] for row in rows] for k, name in enumerate(names)}
+
+
+def _swap_two_patches(db: Path, image_id: int) -> None:
+    """Another layout for one image (as a dynamic-resolution family's own grid would give):
+    its first two image positions, patches (0, 0) and (0, 1), trade places (again: back)."""
+    con = duckdb.connect(str(db))
+    first, second = con.execute(
+        "SELECT position FROM positions WHERE image_id = ? AND kind = 'image' ORDER BY position LIMIT 2", [image_id]
+    ).fetchall()
+    con.execute(
+        "UPDATE positions SET patch_col = 1 - patch_col WHERE image_id = ? AND position IN (?, ?)",
+        [image_id, first[0], second[0]],
+    )
+    con.close()
+
+
+def _position_files(out: Path, run_id: str) -> list[str]:
+    return sorted(p.name for p in (out / "lens" / run_dir_name(run_id)).glob("positions-*"))
+
+
+def test_a_run_whose_images_share_positions_gets_one_positions_file(
+    scale_db: Path, tmp_path: Path, reader: Path
+) -> None:
+    """One file per run, data files without positions arrays, a few KB each at LLaVA-1.5 shape;
+    the inline data file still holds its positions (it opens from file://)."""
+    run_id = _run_id(scale_db)
+    out = tmp_path / "site"
+    build_site(scale_db, out, lens_data="parquet", jobs=2)
+    files = _position_files(out, run_id)
+    assert len(files) == 1, files
+    for image_id in range(1_000_000, 1_000_006):
+        data_js = out / "lens" / run_dir_name(run_id) / f"{image_id}.data.js"
+        data = _data(out, run_id, image_id)
+        assert "positions" not in data and data_js.stat().st_size < 6_000, data_js.stat().st_size
+        name, positions = _positions_of(out, run_id, image_id)
+        assert name == files[0]
+        assert {k: positions[k] for k in _db_positions(scale_db, run_id, image_id)} == _db_positions(
+            scale_db, run_id, image_id
+        )
+    build_site(scale_db, tmp_path / "inline", lens_data="inline")
+    assert "positions" in _data(tmp_path / "inline", run_id, 1_000_000)
+    assert _position_files(tmp_path / "inline", run_id) == []
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_two_position_layouts_get_two_files_each_page_the_right_one(
+    scale_db: Path, tmp_path: Path, reader: Path, jobs: int
+) -> None:
+    db = tmp_path / "two-layouts.duckdb"
+    shutil.copyfile(scale_db, db)
+    _swap_two_patches(db, 1_000_002)
+    con = duckdb.connect(str(db))  # and another prompt for another image: a text label differs
+    con.execute(
+        "UPDATE positions SET label = label || 'x' WHERE image_id = 1000004 AND position = "
+        "(SELECT max(position) FROM positions WHERE image_id = 1000004)"
+    )
+    con.close()
+    run_id = _run_id(db)
+    out = tmp_path / "site"
+    build_site(db, out, lens_data="parquet", jobs=jobs)
+    assert len(_position_files(out, run_id)) == 3
+    names = {}
+    for image_id in range(1_000_000, 1_000_006):
+        names[image_id], positions = _positions_of(out, run_id, image_id)
+        want = _db_positions(db, run_id, image_id)
+        assert {k: positions[k] for k in want} == want, image_id
+    assert len({names[1_000_002], names[1_000_004], names[1_000_000]}) == 3
+    assert {names[i] for i in (1_000_000, 1_000_001, 1_000_003, 1_000_005)} == {names[1_000_000]}
+
+
+def test_a_rebuild_after_one_images_positions_change_rewrites_only_that_page(
+    scale_db: Path, tmp_path: Path, reader: Path
+) -> None:
+    db = tmp_path / "changing.duckdb"
+    shutil.copyfile(scale_db, db)
+    run_id = _run_id(db)
+    out = tmp_path / "site"
+    page_dir = out / "lens" / run_dir_name(run_id)
+    build_site(db, out, lens_data="parquet")
+    (shared,) = _position_files(out, run_id)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in page_dir.iterdir()}
+    _swap_two_patches(db, 1_000_003)
+    summary = build_site(db, out, lens_data="parquet")
+    assert summary.lens_pages_reused == 5
+    files = _position_files(out, run_id)
+    assert len(files) == 2 and shared in files
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in page_dir.iterdir()}
+    changed = {name for name in before if after.get(name) != before[name]}
+    assert changed == {"1000003.data.js", "1000003.html"}, changed
+    name, positions = _positions_of(out, run_id, 1_000_003)
+    assert name != shared and {k: positions[k] for k in _db_positions(db, run_id, 1_000_003)} == _db_positions(
+        db, run_id, 1_000_003
+    )
+    assert _positions_of(out, run_id, 1_000_002)[0] == shared
+    # the image's positions back as they were: the file no page names is gone
+    _swap_two_patches(db, 1_000_003)
+    assert build_site(db, out, lens_data="parquet").lens_pages_reused == 5
+    assert _position_files(out, run_id) == [shared]
+    assert _positions_of(out, run_id, 1_000_003)[0] == shared
+    # an inline build leaves no positions file behind
+    build_site(db, out, lens_data="inline")
+    assert _position_files(out, run_id) == []
+
+
 # --- in the browser -------------------------------------------------------------------------------
 browser_mark = pytest.mark.browser
 
@@ -231,6 +361,68 @@ def _model_cells(page: Any, picks: list[tuple[int, int]]) -> list[list[dict[str,
     )
 
 
+def _patch_mapping(page: Any) -> dict[str, Any]:
+    """The page model's patch -> row map (image positions), as {patch: LM position}, and its labels."""
+    return page.evaluate(
+        """() => { const m = window.LlavaLens.model, out = {};
+             m.rowOfPatch.forEach((row, patch) => { if (row >= 0) out[patch] = m.positions.position[row]; });
+             return {patches: out, labels: m.positions.label, rows: m.nRows}; }"""
+    )
+
+
+def _db_patch_mapping(db: Path, run_id: str, image_id: int) -> dict[str, Any]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        (grid_cols,) = con.execute(
+            "SELECT grid_cols FROM run_images WHERE run_id = ? AND image_id = ?", [run_id, image_id]
+        ).fetchone()
+        rows = con.execute(
+            "SELECT position, kind, label, patch_row, patch_col FROM positions WHERE run_id = ? AND image_id = ? "
+            "ORDER BY position",
+            [run_id, image_id],
+        ).fetchall()
+    finally:
+        con.close()
+    patches = {str(r * grid_cols + c): position for position, kind, _, r, c in rows if kind == "image"}
+    return {"patches": patches, "labels": [label for _, _, label, _, _ in rows], "rows": len(rows)}
+
+
+@browser_mark
+def test_pages_of_two_position_layouts_map_patches_as_the_database(
+    browser: Any,  # noqa: F811
+    scale_db: Path,
+    tmp_path: Path,
+    reader: Path,
+) -> None:
+    """Two images of one run with different layouts (two patches traded): each page fetches its
+    own positions file and maps patches to rows exactly as the database's positions say."""
+    db = tmp_path / "two-layouts.duckdb"
+    shutil.copyfile(scale_db, db)
+    _swap_two_patches(db, 1_000_002)
+    run_id = _run_id(db)
+    out = tmp_path / "site"
+    build_site(db, out, lens_data="parquet")
+    seen = {}
+    with serving(out) as base:
+        for image_id in (1_000_000, 1_000_002):
+            watched = Watched(browser, base)
+            try:
+                page = watched.goto(f"lens/{run_dir_name(run_id)}/{image_id}.html")
+                page.wait_for_selector("body[data-lens-ready]", timeout=30_000)
+                seen[image_id] = _patch_mapping(page)
+                name = _data(out, run_id, image_id)["positions_file"]["file"]
+                assert [u for u in watched.requests if "/positions-" in u] == [
+                    f"{base}lens/{run_dir_name(run_id)}/{name}"
+                ]
+                watched.check()
+            finally:
+                watched.context.close()
+    for image_id, got in seen.items():
+        assert got == _db_patch_mapping(db, run_id, image_id), image_id
+    assert seen[1_000_000]["patches"]["0"] == seen[1_000_002]["patches"]["1"]
+    assert seen[1_000_000]["patches"]["1"] == seen[1_000_002]["patches"]["0"]
+
+
 @browser_mark
 def test_parquet_page_shows_the_databases_cells(
     browser: Any,  # noqa: F811
@@ -248,7 +440,7 @@ def test_parquet_page_shows_the_databases_cells(
     ).fetchall()]  # fmt: skip
     picks = [(0, 0), (n_layers - 1, positions - 1), (n_layers // 2, positions // 2), (1, 3)]
     relative = f"lens/{run_dir_name(run_id)}/{image_id}.html"
-    shown = {}
+    shown, mapping = {}, {}
     for name, out in (("inline", inline_site), ("parquet", parquet_site)):
         with serving(out) as base:
             watched = Watched(browser, base)
@@ -256,6 +448,7 @@ def test_parquet_page_shows_the_databases_cells(
                 page = watched.goto(relative)
                 page.wait_for_selector("body[data-lens-ready]", timeout=20_000)
                 shown[name] = _model_cells(page, picks)
+                mapping[name] = _patch_mapping(page)
                 if name == "parquet":
                     assert page.locator("#load-progress").is_hidden()
                     # the top-k panel renders from the same model: the first cell's token is there
@@ -264,6 +457,9 @@ def test_parquet_page_shows_the_databases_cells(
             finally:
                 watched.context.close()
     assert _data(parquet_site, run_id, image_id)["parquet"]["pieces"] is not None  # the run recorded pieces
+    # the parquet page's positions come from the run's shared file: the patch <-> row mapping is the database's
+    assert "positions" not in _data(parquet_site, run_id, image_id)
+    assert mapping["parquet"] == mapping["inline"] == _db_patch_mapping(tiny_run, run_id, image_id)
     for (layer, row), got, inline in zip(picks, shown["parquet"], shown["inline"], strict=True):
         want = con.execute(
             "SELECT rank, token_id, token, prob FROM logit_lens WHERE run_id = ? AND image_id = ? AND layer = ? "
@@ -404,6 +600,8 @@ def test_compare_page_reads_parquet_mode_data(browser: Any, tmp_path: Path, read
     out = tmp_path / "site"
     summary = build_site(db_path, out, lens_data="parquet")
     assert {mode for mode, _ in summary.lens_modes.values()} == {"parquet"}, summary.lens_modes
+    # each run's positions in its shared file, fetched relative to the data file (not compare.html)
+    assert all("positions" not in _data(out, run, 102) and "positions_file" in _data(out, run, 102) for run in ids)
     con = duckdb.connect(str(db_path), read_only=True)
     top1 = {
         (run, layer, position): token

@@ -371,7 +371,13 @@ def write_lens_page(
         )
     other_runs = _other_runs(db, entry, published, lens_runs)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
-    site.writer.write(data_path, lens_codec.data_script(data))
+    written = data
+    if "parquet" in data:  # the positions once per distinct layout of the run, not in every data file
+        content, digest = lens_codec.positions_file(data["positions"])
+        positions_path = urls.lens_positions(run.dir_name, digest)
+        site.writer.write_shared(positions_path, content)
+        written = lens_codec.shared_positions_data(data, urls.href(data_path, positions_path), content, digest)
+    site.writer.write(data_path, lens_codec.data_script(written))
     site.render(
         "lens.html.j2",
         entry.page,

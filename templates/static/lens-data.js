@@ -3,7 +3,8 @@
 // decoded cells with lookups by (layer, row, rank) and by patch. A data file holds its cells
 // ("packed", inflated here) or, in parquet mode, says where they are in the run's lens Parquet
 // download ("parquet"): then they are read over HTTP range requests with the vendored
-// hyparquet bundle, into the same arrays.
+// hyparquet bundle, into the same arrays, and the positions arrays may sit in the run's shared
+// positions file (fetched first; the model then sees data.positions as if inline).
 // The lens page's scripts are classic scripts (ES module imports are blocked on file://)
 // sharing one namespace, window.LlavaLens; this one also exposes window.LensModel.
 (function (global) {
@@ -232,6 +233,37 @@
     };
   }
 
+  // Parquet mode: the positions arrays, from the run's shared file that the data file names
+  // (positions_file: file, bytes, sha256, n_positions) unless the data file holds them.
+  // The file is checked against its recorded length, digest (where the browser offers
+  // crypto.subtle: https and localhost) and number of positions before the page uses it.
+  var POSITION_ARRAYS = ["position", "kind", "label", "patch_row", "patch_col", "token_id", "piece"];
+  function loadPositions(data, url) {
+    if (data.positions) return Promise.resolve(data.positions);
+    var ref = data.positions_file;
+    if (!ref) return Promise.reject(new Error("lens data: no positions"));
+    return fetchBytes(url(ref.file)).then(function (buffer) {
+      if (buffer.byteLength !== ref.bytes) {
+        throw new Error("lens data: " + ref.file + " is " + buffer.byteLength + " bytes, the data file says " + ref.bytes);
+      }
+      var subtle = global.crypto && global.crypto.subtle;
+      var checked = subtle ? subtle.digest("SHA-256", buffer).then(function (hash) {
+        var hex = Array.prototype.map.call(new Uint8Array(hash), function (b) { return (b < 16 ? "0" : "") + b.toString(16); }).join("");
+        if (hex !== ref.sha256) throw new Error("lens data: " + ref.file + " does not have the recorded sha256");
+      }) : Promise.resolve();
+      return checked.then(function () {
+        var positions = JSON.parse(new global.TextDecoder("utf-8").decode(buffer));
+        POSITION_ARRAYS.forEach(function (name) {
+          var values = positions[name];
+          if (!Array.isArray(values) || values.length !== ref.n_positions) {
+            throw new Error("lens data: " + ref.file + " does not hold " + ref.n_positions + " " + name + " values");
+          }
+        });
+        return positions;
+      });
+    });
+  }
+
   // Parquet mode: the image's rows of the lens file (row range and byte length from the build,
   // so no HEAD request and only the row groups holding them), the run's token texts and pieces.
   function loadParquet(data, options) {
@@ -244,6 +276,8 @@
     }
     var base = options.base || (global.location && global.location.href);
     function url(path) { return new URL(path, base).href; }
+    var positions = loadPositions(data, url);
+    positions.catch(function () {});  // reported through Promise.all below, not as unhandled
     progress("loading the Parquet reader");
     var reader = options.hyparquet ? Promise.resolve(options.hyparquet) : import(url(source.reader));
     return reader.then(function (hp) {
@@ -280,8 +314,9 @@
       }
       var text = table(source.tokens, ["token_id", "token"]).then(step("token texts"));
       var pieces = table(source.pieces, ["token_id", "piece"]).then(step("token pieces"));
-      return Promise.all([rows, text, pieces]).then(function (parts) {
+      return Promise.all([rows, text, pieces, positions]).then(function (parts) {
         var found = parts[0], n = found.length;
+        data.positions = parts[3];
         var cells = { layer: new Int32Array(n), position: new Int32Array(n), rank: new Int32Array(n),
           tokenId: new Int32Array(n), prob: new Float32Array(n), text: parts[1], pieces: parts[2] };
         for (var i = 0; i < n; i++) {
