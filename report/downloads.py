@@ -333,28 +333,12 @@ class _Exporter:
     ) -> list[dict[str, Any]]:
         """The Parquet files of a table (of a run): `images` are its per-image digests
         (`image_digests`) where it has an image_id, `total` its (rows, hash sum) otherwise."""
-        exclude, order = self._exclude(table), self._order(table)
         if run is None or "image_id" not in self.tables[table]:
             relative = parquet_path(run.dir_name if run else None, table)
             if total is None:
                 total = queries.row_digest(self.db, table, self.exported_columns(table), run.run_id if run else None)
             digest = self._digest("parquet", relative, table, select, *total)
-            file = self.cache.reuse(relative, digest)
-            if file is None:
-                rows = queries.export_parquet(
-                    self.db,
-                    table,
-                    self.writer.path(relative),
-                    run_id=run.run_id if run else None,
-                    exclude=exclude,
-                    order_by=order,
-                    row_group_size=ROW_GROUP_SIZE,
-                    select=select,
-                    where=self.where.get(table),
-                )
-                file = self._file(relative, rows)
-                self.cache.store(relative, digest, file)
-            return [file]
+            return [self._parquet_file(table, relative, digest, run, None, select)]
         # Split at image boundaries: the first file FIRST_FILE_ROWS rows, the next ones
         # TARGET_FILE_BYTES at the largest bytes per row seen so far in this run (rounded up to
         # BYTES_PER_ROW_STEP). The same rows give the same split, so a rebuild finds the
@@ -372,22 +356,7 @@ class _Exporter:
                 "parquet", relative, table, select, sum(b[1] for b in batch), sum(b[2] for b in batch),
                 images=[first, last],
             )  # fmt: skip
-            file = self.cache.reuse(relative, digest)
-            if file is None:
-                rows = queries.export_parquet(
-                    self.db,
-                    table,
-                    self.writer.path(relative),
-                    run_id=run.run_id,
-                    image_range=(first, last),
-                    exclude=exclude,
-                    order_by=order,
-                    row_group_size=ROW_GROUP_SIZE,
-                    select=select,
-                    where=self.where.get(table),
-                )
-                file = self._file(relative, rows)
-                self.cache.store(relative, digest, file)
+            file = self._parquet_file(table, relative, digest, run, (first, last), select)
             files.append(file)
             if file["rows"]:
                 per_row = max(per_row or 0.0, _per_row(file["bytes"], file["rows"]))
@@ -402,6 +371,34 @@ class _Exporter:
             remaining = remaining[len(batch) :]
             part += 1
         return files
+
+    def _parquet_file(
+        self,
+        table: str,
+        relative: str,
+        digest: str,
+        run: RunInfo | None,
+        image_range: tuple[int, int] | None,
+        select: str | None,
+    ) -> dict[str, Any]:
+        """One Parquet file of `table`: the previous build's when its `digest` matches, else exported."""
+        file = self.cache.reuse(relative, digest)
+        if file is None:
+            rows = queries.export_parquet(
+                self.db,
+                table,
+                self.writer.path(relative),
+                run_id=run.run_id if run else None,
+                image_range=image_range,
+                exclude=self._exclude(table),
+                order_by=self._order(table),
+                row_group_size=ROW_GROUP_SIZE,
+                select=select,
+                where=self.where.get(table),
+            )
+            file = self._file(relative, rows)
+            self.cache.store(relative, digest, file)
+        return file
 
     def csv(self, table: str, run: RunInfo | None, total: tuple[int, int]) -> dict[str, Any] | None:
         rows = total[0]

@@ -13,13 +13,13 @@ leaving the site (test_site_browser.Watched).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.bench import bench_module
 from test_report import N_LAYERS, TOP_K, _load_data
 from test_site_browser import Watched, _open_lens, browser, site  # noqa: F401  (fixtures)
 
@@ -33,11 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_lens_page", ROOT / "bench" / "lens_page.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("lens_page")
 
 
 @pytest.fixture(scope="module")

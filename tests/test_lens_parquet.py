@@ -12,7 +12,6 @@ says how to open it instead.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import threading
@@ -22,6 +21,7 @@ from typing import Any
 import duckdb
 import pytest
 from click.testing import CliRunner
+from support.bench import site_scale
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
 from report import build as build_module
@@ -32,14 +32,6 @@ from report.downloads import PROB_RELATIVE_ERROR
 from report.serve import serving
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("site_scale", REPO / "bench" / "site_scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def reader() -> Path:
 def scale_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six LLaVA-1.5-shaped images (bench/site_scale.py): 97,845 lens rows each, one lens file."""
     db = tmp_path_factory.mktemp("lensparquet") / "scale.duckdb"
-    _bench().make_database(db, 6)
+    site_scale().make_database(db, 6)
     return db
 
 

@@ -9,7 +9,6 @@ different cap rebuilds what it changes while the same cap keeps everything.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -19,6 +18,7 @@ import duckdb
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from support.bench import site_scale
 
 from report import hyparquet, lens_codec
 from report.build import build_site, run_dir_name
@@ -28,19 +28,11 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGES = (1_000_000, 1_000_003)
 
 
-def _bench() -> Any:
-    spec = importlib.util.spec_from_file_location("site_scale", REPO / "bench" / "site_scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def scale_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four LLaVA-1.5-shaped images (bench/site_scale.py), top-5: 97,845 lens rows each."""
     db = tmp_path_factory.mktemp("lenstopk") / "scale.duckdb"
-    _bench().make_database(db, 4)
+    site_scale().make_database(db, 4)
     return db
 
 

@@ -229,19 +229,16 @@ def test_first_token_hit_rule_counts_the_class_token_ids(tmp_path: Path) -> None
     is the category's class token: checked against a count over the raw rows in Python, on
     bench/site_scale.py's LLaVA-1.5-shaped database with class tokens chosen by hand (the
     top-1 id at one object position of each image, so that hits exist)."""
-    import importlib.util
     from collections import defaultdict
 
     import duckdb
     import pyarrow as pa
+    from support.bench import site_scale
 
     from db import queries
     from db.store import ResultsDB
 
-    spec = importlib.util.spec_from_file_location("site_scale", Path(__file__).parents[1] / "bench" / "site_scale.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = site_scale()
     path = tmp_path / "synthetic.duckdb"
     bench.make_database(path, 2)
     with duckdb.connect(str(path)) as con:

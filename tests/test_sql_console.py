@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from support.bench import site_scale
 from test_report import HOSTILE, _make_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
@@ -467,10 +467,7 @@ def test_file_url_shows_the_http_notice(browser: Any, site: Path) -> None:  # no
 def scale_site(tmp_path_factory: pytest.TempPathFactory, wasm_dir: Path) -> tuple[Path, Path]:
     """Six LLaVA-1.5-shaped images (bench/site_scale.py's synthetic database: 97,845 lens
     rows each, about 15 row groups in one lens Parquet file), built with DuckDB-WASM."""
-    spec = importlib.util.spec_from_file_location("site_scale", REPO / "bench" / "site_scale.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = site_scale()
     root = tmp_path_factory.mktemp("scale")
     db = root / "lens.duckdb"
     bench.make_database(db, 6)
