@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from report import urls
+from report import urls, vendor
 from report.site import Writer, sha256_file
 
 # DuckDB-WASM 1.28.0 is DuckDB 0.9.1, the last release with the parquet extension built into
@@ -37,12 +36,11 @@ MODULE_FILE = "duckdb-browser.bundle.mjs"
 WORKER_FILE = "duckdb-browser-eh.worker.js"
 WASM_FILE = "duckdb-eh.wasm"
 REQUIRED_FILES = (MODULE_FILE, WORKER_FILE, WASM_FILE)
-MANIFEST = "VERSION.json"
+MANIFEST = vendor.MANIFEST
 FETCH_SCRIPT = "scripts/fetch-duckdb-wasm.sh"
 DEFAULT_CACHE = Path(".cache") / "duckdb-wasm" / "vendor"
 
 # The repository this module sits in (an editable install or a checkout).
-_REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -88,20 +86,11 @@ def find_duckdb_wasm(environ: Mapping[str, str] | None = None) -> WasmFiles:
     """The prepared DuckDB-WASM folder: ${LLAVA_INTERP_DUCKDB_WASM} when set (a prepared
     folder, or the DEST given to the fetch script), else `.cache/duckdb-wasm/vendor` in the
     current folder or in this repository. Unusable folders are reported in `problems`."""
-    environ = os.environ if environ is None else environ
-    configured = environ.get(ENV_VAR, "").strip()
-    if configured:
-        base = Path(configured)
-        candidates = [base / "vendor" if (base / "vendor" / MANIFEST).is_file() else base]
-    else:
-        candidates = [Path.cwd() / DEFAULT_CACHE, _REPO / DEFAULT_CACHE]
+    candidates, configured = vendor.candidate_folders(
+        os.environ if environ is None else environ, ENV_VAR, DEFAULT_CACHE
+    )
     problems: list[str] = []
-    seen: set[Path] = set()
     for candidate in candidates:
-        resolved = candidate.resolve()
-        if resolved in seen or (not configured and not candidate.exists()):
-            continue
-        seen.add(resolved)
         manifest, problem = _check_folder(candidate)
         if manifest is not None:
             return WasmFiles(candidate, str(manifest.get("@duckdb/duckdb-wasm", "")), manifest)
@@ -112,12 +101,4 @@ def find_duckdb_wasm(environ: Mapping[str, str] | None = None) -> WasmFiles:
 def copy_duckdb_wasm(wasm: WasmFiles, writer: Writer) -> int:
     """Copy the prepared files (and their licences) into the site's vendor folder; returns bytes."""
     assert wasm.path is not None
-    vendor_bytes = 0
-    for item in sorted(wasm.path.iterdir()):
-        if item.is_file() and (
-            item.name in REQUIRED_FILES or item.name == MANIFEST or item.name.startswith(("LICENSE", "NOTICE"))
-        ):
-            relative = f"{VENDOR_DIR}/{item.name}"
-            shutil.copyfile(item, writer.path(relative))  # 34 MB: copied, never read into memory
-            vendor_bytes += writer.account(relative)
-    return vendor_bytes
+    return vendor.copy_folder(wasm.path, writer, VENDOR_DIR, REQUIRED_FILES)

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from report import vendor
 from report.site import Writer, sha256_file
 
 HYPARQUET_VERSION = "1.33.0"  # keep equal to scripts/fetch-hyparquet.sh
 ENV_VAR = "LLAVA_INTERP_HYPARQUET"
 VENDOR_DIR = "vendor/hyparquet"
 MODULE_FILE = "hyparquet.bundle.mjs"
-MANIFEST = "VERSION.json"
+MANIFEST = vendor.MANIFEST
 FETCH_SCRIPT = "scripts/fetch-hyparquet.sh"
 DEFAULT_CACHE = Path(".cache") / "hyparquet" / "vendor"
 MODULE_PATH = f"{VENDOR_DIR}/{MODULE_FILE}"
-
-_REPO = Path(__file__).resolve().parents[1]
 
 
 def _check_folder(folder: Path) -> str | None:
@@ -54,17 +52,9 @@ def find_hyparquet(environ: Mapping[str, str] | None = None) -> tuple[Path | Non
     """(the prepared folder, "") or (None, why not): ${LLAVA_INTERP_HYPARQUET} when set (a
     prepared folder or the DEST given to the fetch script), else `.cache/hyparquet/vendor` in
     the current folder or in this repository."""
-    environ = os.environ if environ is None else environ
-    configured = environ.get(ENV_VAR, "").strip()
-    if configured:
-        base = Path(configured)
-        candidates = [base / "vendor" if (base / "vendor" / MANIFEST).is_file() else base]
-    else:
-        candidates = [Path.cwd() / DEFAULT_CACHE, _REPO / DEFAULT_CACHE]
+    candidates, _ = vendor.candidate_folders(os.environ if environ is None else environ, ENV_VAR, DEFAULT_CACHE)
     problems = []
     for candidate in candidates:
-        if not configured and not candidate.exists():
-            continue
         problem = _check_folder(candidate)
         if problem is None:
             return candidate, ""
@@ -74,10 +64,4 @@ def find_hyparquet(environ: Mapping[str, str] | None = None) -> tuple[Path | Non
 
 def copy_hyparquet(folder: Path, writer: Writer) -> int:
     """Copy the bundle, its manifest and licences into the site's vendor folder; returns bytes."""
-    total = 0
-    for item in sorted(folder.iterdir()):
-        if item.is_file() and (item.name in (MODULE_FILE, MANIFEST) or item.name.startswith(("LICENSE", "NOTICE"))):
-            relative = f"{VENDOR_DIR}/{item.name}"
-            shutil.copyfile(item, writer.path(relative))
-            total += writer.account(relative)
-    return total
+    return vendor.copy_folder(folder, writer, VENDOR_DIR, [MODULE_FILE])

@@ -33,7 +33,7 @@ from test_report import HOSTILE, _make_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
 from db.store import ResultsDB
-from report import duckdb_wasm
+from report import duckdb_wasm, vendor
 from report.build import build_site
 from report.pages import sql as sql_page
 from report.serve import serving
@@ -74,7 +74,7 @@ def _assert_links_resolve(site: Path, page: str) -> None:
 def _no_wasm(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """As on a machine where nobody prepared DuckDB-WASM."""
     monkeypatch.delenv(duckdb_wasm.ENV_VAR, raising=False)
-    monkeypatch.setattr(duckdb_wasm, "_REPO", tmp_path)
+    monkeypatch.setattr(vendor, "REPO", tmp_path)
     monkeypatch.chdir(tmp_path)
 
 
