@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import duckdb
 import pytest
 from click.testing import CliRunner
 from support.bench import site_scale
+from support.serving import ByteCounter
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
 from report import build as build_module
@@ -489,14 +489,8 @@ def test_a_parquet_page_reads_only_its_images_row_groups(
     lens_files = sorted(scale_site.glob("downloads/*/logit_lens-*.parquet"))
     lens_total = sum(f.stat().st_size for f in lens_files)
     assert len(lens_files) == 1 and lens_total > 1_500_000
-    moved: dict[str, int] = {}
-    responses: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def on_bytes(path: str, n: int) -> None:
-        with lock:
-            moved[path] = moved.get(path, 0) + n
-            responses[path] = responses.get(path, 0) + 1
+    on_bytes = ByteCounter()
+    moved, responses = on_bytes.moved, on_bytes.responses
 
     image_id = 1_000_003
     with serving(scale_site, on_bytes=on_bytes) as base:

@@ -29,6 +29,7 @@ from typing import Any
 import duckdb
 import pytest
 from support.bench import site_scale
+from support.serving import ByteCounter
 from test_report import HOSTILE, _make_db
 from test_site_browser import IN_CI, Watched, browser  # noqa: F401 - browser is a fixture
 
@@ -492,14 +493,8 @@ def test_one_image_query_reads_a_small_part_over_range_requests(
     lens_files = sorted(out.glob("downloads/*/logit_lens-*.parquet"))
     lens_total = sum(f.stat().st_size for f in lens_files)
     assert len(lens_files) == 1 and lens_total > 1_000_000
-    moved: dict[str, int] = {}
-    responses: dict[str, int] = {}
-    lock = threading.Lock()
-
-    def on_bytes(path: str, n: int) -> None:
-        with lock:
-            moved[path] = moved.get(path, 0) + n
-            responses[path] = responses.get(path, 0) + 1
+    on_bytes = ByteCounter()
+    moved, responses, lock = on_bytes.moved, on_bytes.responses, on_bytes.lock
 
     with serving(out, on_bytes=on_bytes) as base:
         watched = Watched(browser, base)
