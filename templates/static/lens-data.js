@@ -33,15 +33,7 @@
   function LensModel(data, raw, cells) {
     if (cells) return this.fromCells(data, cells);
     var packed = data.packed;
-    this.data = data;
-    this.nLayers = data.n_layers;
-    this.topK = data.top_k;
-    this.gridRows = data.grid_rows;
-    this.gridCols = data.grid_cols;
-    this.positions = data.positions;
-    this.nRows = data.positions.position.length;
-    var nCells = data.n_cells;
-    if (nCells !== this.nLayers * this.nRows * this.topK) throw new Error("lens data: cell count mismatch");
+    var nCells = this.shape(data);
     var ni = packed.token_ids_bytes || 0;
     var np = packed.token_pieces_bytes || 0;
     var nt = packed.tokens_bytes + ni + np;
@@ -116,12 +108,8 @@
     return this;
   };
 
-  // Parquet mode: `cells` = {layer, position, rank, tokenId, prob} (parallel arrays, one entry
-  // per lens row of the image), `text` token id -> text, `pieces` token id -> piece (or null).
-  // Builds the arrays the packed format decodes into: a dictionary of the image's distinct
-  // token ids (tokens, tokenIds, pieces), tokenIndex and probCodes per cell; each cell must be
-  // covered exactly once. probValues keeps the Parquet's probability (PROB_SIGNIFICANT_BITS).
-  LensModel.prototype.fromCells = function (data, cells) {
+  // The table's shape from the data object (both formats); returns its cell count, checked.
+  LensModel.prototype.shape = function (data) {
     this.data = data;
     this.nLayers = data.n_layers;
     this.topK = data.top_k;
@@ -129,8 +117,17 @@
     this.gridCols = data.grid_cols;
     this.positions = data.positions;
     this.nRows = data.positions.position.length;
-    var nCells = data.n_cells, n = cells.layer.length;
-    if (nCells !== this.nLayers * this.nRows * this.topK) throw new Error("lens data: cell count mismatch");
+    if (data.n_cells !== this.nLayers * this.nRows * this.topK) throw new Error("lens data: cell count mismatch");
+    return data.n_cells;
+  };
+
+  // Parquet mode: `cells` = {layer, position, rank, tokenId, prob} (parallel arrays, one entry
+  // per lens row of the image), `text` token id -> text, `pieces` token id -> piece (or null).
+  // Builds the arrays the packed format decodes into: a dictionary of the image's distinct
+  // token ids (tokens, tokenIds, pieces), tokenIndex and probCodes per cell; each cell must be
+  // covered exactly once. probValues keeps the Parquet's probability (PROB_SIGNIFICANT_BITS).
+  LensModel.prototype.fromCells = function (data, cells) {
+    var nCells = this.shape(data), n = cells.layer.length;
     if (n !== nCells) throw new Error("lens data: the Parquet rows cover " + n + " of " + nCells + " cells");
     var rowOfPosition = new Map();
     data.positions.position.forEach(function (position, row) { rowOfPosition.set(position, row); });
