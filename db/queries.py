@@ -13,6 +13,7 @@ schema) in one place; the functions share no state.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -658,6 +659,10 @@ def image_row_counts(db: ResultsDB, table: str, run_id: str) -> list[tuple[int, 
     ]
 
 
+# A sort key of export_parquet: a column, or `column // N`.
+_SORT_KEY = re.compile(r"(\w+)(?: // (\d+))?")
+
+
 def export_parquet(
     db: ResultsDB,
     table: str,
@@ -670,11 +675,18 @@ def export_parquet(
     row_group_size: int = 122_880,
     select: str | None = None,
     where: str | None = None,
+    compression_level: int | None = None,
+    dictionaries: bool = True,
 ) -> int:
     """Write a table (one run's rows, optionally only image_id in [lo, hi] and only rows
     matching the SQL condition `where`, without the
     `exclude` columns, or the SQL select list `select`) as one zstd Parquet file, sorted by
-    `order_by` so row-group min/max statistics prune; text columns are dictionary-encoded.
+    `order_by` so row-group min/max statistics prune. Each sort key is a column name or
+    `column // N` (N a positive integer: bands of N consecutive values, see
+    report/downloads.py's lens order). Text columns are dictionary-encoded unless
+    `dictionaries` is False, which turns dictionary encoding off for every column (then
+    integers are delta-encoded: the better choice for a column of numbers that repeat in
+    runs, not for text). `compression_level`: zstd's level (DuckDB's default, 3, when None).
     Returns the rows written."""
     if select is None:
         select = f"* EXCLUDE ({', '.join(exclude)})" if exclude else "*"
@@ -689,14 +701,22 @@ def export_parquet(
     if conditions:
         query += " WHERE " + " AND ".join(conditions)
     columns = table_columns(db)[table]
-    for column in order_by:
-        if column not in columns:
-            raise ValueError(f"no column {column!r} in {table!r}")
-    if order_by:
-        query += " ORDER BY " + ", ".join(f'"{c}"' for c in order_by)
+    keys = []
+    for key in order_by:
+        match = _SORT_KEY.fullmatch(key)
+        if match is None or match.group(1) not in columns or (match.group(2) is not None and int(match.group(2)) < 1):
+            raise ValueError(f"sort key {key!r} is not a column of {table!r} or `column // N`")
+        column, band = match.groups()
+        keys.append(f'"{column}"' if band is None else f'"{column}" // {int(band)}')
+    if keys:
+        query += " ORDER BY " + ", ".join(keys)
+    options = f"ROW_GROUP_SIZE {int(row_group_size)}, PARQUET_VERSION v2"
+    if compression_level is not None:
+        options += f", COMPRESSION_LEVEL {int(compression_level)}"
+    if not dictionaries:
+        options += ", DICTIONARY_SIZE_LIMIT 1"
     rows = db.duck.execute(
-        f"COPY ({query}) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, "
-        f"ROW_GROUP_SIZE {int(row_group_size)}, PARQUET_VERSION v2)"
+        f"COPY ({query}) TO {_sql_literal(str(path))} (FORMAT parquet, COMPRESSION zstd, {options})"
     ).fetchall()
     return int(rows[0][0]) if rows and rows[0] else 0
 

@@ -2,9 +2,12 @@
 
 - Every table as Parquet (zstd, PARQUET_VERSION v2: dictionary-encoded text), per run for
   the tables with a run_id, split at image boundaries into files of about
-  TARGET_FILE_BYTES and sorted (image, then layer/position/rank) so that row-group min/max
-  statistics let a reader skip everything but one run, image or layer. These files are
-  also what the SQL console queries, over HTTP range requests (report/pages/sql.py).
+  TARGET_FILE_BYTES and sorted (SORT_KEYS: image first) so that row-group min/max
+  statistics let a reader skip everything but one run or image, and for the lens rows
+  the layer bands other than one layer's (LENS_LAYER_BAND). The lens files without token
+  text are delta-encoded rather than dictionary-encoded (smaller for ids that repeat over
+  layers). These files are also what the SQL console queries, over HTTP range requests
+  (report/pages/sql.py).
 - The logit-lens rows without their token text: each run's distinct (token_id, token)
   pairs are a small `lens_tokens` file beside them (the SQL console's `logit_lens` view
   joins them back), unless a token id of the run has no text or two texts, when the rows
@@ -73,10 +76,22 @@ RUN_TABLES = (
 # Run tables whose PNG column is left out (the images sit next to the pages).
 PNG_TABLES = ("image_views", "extra_views")
 SHARED_TABLES = ("images", "annotations", "mean_vectors", "schema_migrations")
-# Sort order inside each file after (run_id, image_id): what a query on one image and
-# one layer filters on.
+# The lens rows of an image are ordered by bands of LENS_LAYER_BAND layers, then rank,
+# position and layer (lens_sort_keys): a cell's top-k tokens and probabilities tend to
+# persist over neighbouring layers, and the rows of one (rank, position) in consecutive
+# layers sit next to each other, where delta encoding and zstd find the repeats. A row
+# group's layer statistics span one or two bands, so a query on one layer of one image
+# can still skip the row groups of the image's other bands. With LENS_ROW_GROUP_SIZE and
+# LENS_COMPRESSION_LEVEL (zstd 7: 2 % smaller than the default 3 for ~10 % more export
+# time; higher levels cost several times the time) the lens files of bench/site_scale.py
+# came out 23 % smaller than in (layer, position, rank) order with dictionaries, row
+# groups of 40,960 rows and zstd 3 (bench/RESULTS.md).
+LENS_LAYER_BAND = 16
+LENS_ROW_GROUP_SIZE = 81_920  # ~0.84 of a LLaVA-1.5 image's 97,845 rows at top-5
+LENS_COMPRESSION_LEVEL = 7
+# Sort order inside each file after (run_id, image_id): what a query on one image filters
+# on. A key is a column or `column // N` (queries.export_parquet); logit_lens: lens_sort_keys.
 SORT_KEYS = {
-    "logit_lens": ("image_id", "layer", "position", "rank"),
     "positions": ("image_id", "position"),
     "run_images": ("image_id",),
     "image_views": ("image_id",),
@@ -89,8 +104,7 @@ SORT_KEYS = {
     "images": ("image_id",),
     "annotations": ("image_id", "annotation_id"),
 }
-# About one image's lens rows (593 positions x 33 layers x top-5 = 97,845) per row group,
-# two to three row groups per LLaVA-1.5 image, so a one-layer query reads a third of it.
+# Row groups of the other tables (the lens files: LENS_ROW_GROUP_SIZE).
 ROW_GROUP_SIZE = 40_960
 TARGET_FILE_BYTES = 48_000_000  # well under GitHub's 100 MB per file
 FIRST_FILE_ROWS = 1_000_000  # rows of the first file of a table, before its bytes per row are known
@@ -108,6 +122,11 @@ BYTES_PER_ROW_STEP = 1 / 64
 # Bump when a file written from the same rows with the same constants would differ (the
 # source of this module and of the export queries is part of the key too).
 EXPORT_FORMAT = "llava-interp-downloads/1"
+
+
+def lens_sort_keys() -> tuple[str, ...]:
+    """The lens files' sort order (see LENS_LAYER_BAND)."""
+    return ("image_id", f"layer // {LENS_LAYER_BAND}", "rank", "position", "layer")
 
 
 def parquet_path(run_dir: str | None, table: str, part: int | None = None) -> str:
@@ -197,7 +216,8 @@ def cache_key() -> dict[str, Any]:
         "writer": _writer_source(),
         "duckdb": duckdb.__version__,
         "constants": [ROW_GROUP_SIZE, TARGET_FILE_BYTES, FIRST_FILE_ROWS, CSV_MAX_ROWS, PROB_SIGNIFICANT_BITS,
-                      SITE_DB_STORAGE_VERSION, BYTES_PER_ROW_STEP],
+                      SITE_DB_STORAGE_VERSION, BYTES_PER_ROW_STEP, LENS_LAYER_BAND, LENS_ROW_GROUP_SIZE,
+                      LENS_COMPRESSION_LEVEL],
     }  # fmt: skip
 
 
@@ -297,7 +317,8 @@ class _Exporter:
         return ()
 
     def _order(self, table: str) -> tuple[str, ...]:
-        return tuple(c for c in SORT_KEYS.get(table, ()) if c in self.tables[table])
+        keys = lens_sort_keys() if table == LENS_TABLE else SORT_KEYS.get(table, ())
+        return tuple(key for key in keys if key.split(" // ")[0] in self.tables[table])
 
     def exported_columns(self, table: str) -> list[str]:
         """The columns a file of `table` is made of (the digest's row hash covers them)."""
@@ -330,15 +351,19 @@ class _Exporter:
         select: str | None = None,
         images: list[tuple[int, int, int, int]] | None = None,
         total: tuple[int, int] | None = None,
+        numbers_only: bool = False,
     ) -> list[dict[str, Any]]:
         """The Parquet files of a table (of a run): `images` are its per-image digests
-        (`image_digests`) where it has an image_id, `total` its (rows, hash sum) otherwise."""
+        (`image_digests`) where it has an image_id, `total` its (rows, hash sum) otherwise.
+        `numbers_only`: the select list has no text column but run_id (the lens rows without
+        their token): written without dictionaries, in LENS_ROW_GROUP_SIZE row groups at
+        LENS_COMPRESSION_LEVEL."""
         if run is None or "image_id" not in self.tables[table]:
             relative = parquet_path(run.dir_name if run else None, table)
             if total is None:
                 total = queries.row_digest(self.db, table, self.exported_columns(table), run.run_id if run else None)
             digest = self._digest("parquet", relative, table, select, *total)
-            return [self._parquet_file(table, relative, digest, run, None, select)]
+            return [self._parquet_file(table, relative, digest, run, None, select, numbers_only)]
         # Split at image boundaries: the first file FIRST_FILE_ROWS rows, the next ones
         # TARGET_FILE_BYTES at the largest bytes per row seen so far in this run (rounded up to
         # BYTES_PER_ROW_STEP). The same rows give the same split, so a rebuild finds the
@@ -356,7 +381,7 @@ class _Exporter:
                 "parquet", relative, table, select, sum(b[1] for b in batch), sum(b[2] for b in batch),
                 images=[first, last],
             )  # fmt: skip
-            file = self._parquet_file(table, relative, digest, run, (first, last), select)
+            file = self._parquet_file(table, relative, digest, run, (first, last), select, numbers_only)
             files.append(file)
             if file["rows"]:
                 per_row = max(per_row or 0.0, _per_row(file["bytes"], file["rows"]))
@@ -380,6 +405,7 @@ class _Exporter:
         run: RunInfo | None,
         image_range: tuple[int, int] | None,
         select: str | None,
+        numbers_only: bool = False,
     ) -> dict[str, Any]:
         """One Parquet file of `table`: the previous build's when its `digest` matches, else exported."""
         file = self.cache.reuse(relative, digest)
@@ -392,9 +418,11 @@ class _Exporter:
                 image_range=image_range,
                 exclude=self._exclude(table),
                 order_by=self._order(table),
-                row_group_size=ROW_GROUP_SIZE,
+                row_group_size=LENS_ROW_GROUP_SIZE if numbers_only else ROW_GROUP_SIZE,
                 select=select,
                 where=self.where.get(table),
+                compression_level=LENS_COMPRESSION_LEVEL if numbers_only else None,
+                dictionaries=not numbers_only,
             )
             file = self._file(relative, rows)
             self.cache.store(relative, digest, file)
@@ -550,6 +578,7 @@ def write_downloads(
         "csv_max_rows": CSV_MAX_ROWS,
         "lens_token_files": [],  # logit_lens files that keep their token column
         "prob_bits": PROB_SIGNIFICANT_BITS,
+        "lens_layer_band": LENS_LAYER_BAND,  # the lens files' sort: bands of this many layers first
         "lens_top_k": lens_top_k,  # the lens files' rank cap (None: every rank collected)
         "prob_error_pct": f"{100 * PROB_RELATIVE_ERROR:.2f}",
         "lens_files": {},  # run_id -> where each image's lens rows are (parquet-mode lens pages)
@@ -583,7 +612,8 @@ def write_downloads(
                         downloads["parquet"].setdefault(LENS_TOKENS, []).append(tokens["href"])
                         tokens_entry = _entry(LENS_TOKENS, tokens["rows"], [tokens], None)
                 select = lens_select(lens_columns, keep_token) if lens_columns else None
-            parquet = exporter.parquet(table, run, select, images, total)
+            numbers_only = table == LENS_TABLE and tokens_entry is not None
+            parquet = exporter.parquet(table, run, select, images, total, numbers_only)
             downloads["parquet"].setdefault(table, []).extend(f["href"] for f in parquet)
             if table == LENS_TABLE and select is not None and tokens_entry is None:
                 downloads["lens_token_files"].extend(f["href"] for f in parquet)

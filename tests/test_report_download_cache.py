@@ -203,7 +203,10 @@ def test_a_damaged_download_is_exported_again(
     _check_against_fresh(path, out, tmp_path)
 
 
-@pytest.mark.parametrize("constant", ["EXPORT_FORMAT", "ROW_GROUP_SIZE", "PROB_SIGNIFICANT_BITS"])
+@pytest.mark.parametrize(
+    "constant",
+    ["EXPORT_FORMAT", "ROW_GROUP_SIZE", "PROB_SIGNIFICANT_BITS", "LENS_LAYER_BAND", "LENS_COMPRESSION_LEVEL"],
+)
 def test_a_changed_writer_rewrites_every_download(
     db: tuple[Path, dict[str, str]],
     tmp_path: Path,

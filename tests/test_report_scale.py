@@ -60,6 +60,8 @@ def test_parquet_downloads_hold_every_row_sorted(
     # Small files, so the split at image boundaries is exercised on a tiny database.
     monkeypatch.setattr(downloads_module, "FIRST_FILE_ROWS", 150)
     monkeypatch.setattr(downloads_module, "TARGET_FILE_BYTES", 1)
+    # Bands of 2 layers, so the tiny model's 3 hidden states make two bands.
+    monkeypatch.setattr(downloads_module, "LENS_LAYER_BAND", 2)
     out = tmp_path / "site"
     build_site(path, out)
     hostile = run_dir_name(run_ids["hostile"])
@@ -101,9 +103,15 @@ def test_parquet_downloads_hold_every_row_sorted(
         f"SELECT count(*) FROM read_parquet([{listed}]) WHERE prob * 2048 % 1 != 0 AND prob > 0.5"
     ).fetchone()
     assert unrounded == (0,)  # at most 11 significant bits: p in [0.5, 1) is a multiple of 2^-11
-    # Unordered rows read in order: the files are sorted (image, layer, position, rank).
+    # Unordered rows read in order: the files are sorted (image, band of layers, rank, position, layer).
+    band = downloads_module.LENS_LAYER_BAND
     order = published.execute(f"SELECT image_id, layer, position, rank FROM read_parquet([{listed}])").fetchall()
-    assert order == sorted(order)
+    assert order == sorted(order, key=lambda r: (r[0], r[1] // band, r[3], r[2], r[1]))
+    assert max(layer for _, layer, _, _ in order) >= band  # more than one band: the order is tested
+    # Token ids without a dictionary (delta-encoded), text with one.
+    lens_meta = pq.ParquetFile(files[0]).metadata
+    token_column = next(i for i in range(lens_meta.num_columns) if lens_meta.schema.column(i).name == "token_id")
+    assert not any("DICTIONARY" in e for e in lens_meta.row_group(0).column(token_column).encodings)
     # Each file holds whole images, in order; text is dictionary-encoded, zstd-compressed.
     images = [published.execute(f"SELECT DISTINCT image_id FROM '{f}'").fetchall() for f in files]
     assert images == [[image] for image in lens_images]

@@ -107,8 +107,8 @@ def examples(db: ResultsDB) -> list[dict[str, str]]:
                 "needs": "run_images",
                 "scope": "one",
                 "description": f"The lens's top-k at the last input position (position {position}) in the middle "
-                f"layer ({layer}) of image {image_id}: constant filters, so only the row groups of that image and "
-                "layer are read.",
+                f"layer ({layer}) of image {image_id}: constant filters, so only the row groups of that image whose "
+                "layer range holds that layer are read.",
                 "sql": "SELECT run_id, image_id, layer, position, rank, token_id, token, round(prob, 4) AS prob\n"
                 f"FROM logit_lens\nWHERE run_id = {_sql_string(run_id)} AND image_id = {image_id}\n"
                 f"  AND layer = {layer} AND position = {position}\nORDER BY rank;",
@@ -259,7 +259,7 @@ def write_sql_page(
         one_image = (
             f"A query on one image of this site (the last example) needs about {needed / 1e6:.1f} MB of the "
             f"{lens_bytes / 1e6:.0f} MB of lens files: the {len(lens_files)} files' footers and that image's row "
-            "groups."
+            "groups (DuckDB-WASM reads ahead, so up to a few times that may cross the network)."
         )
     for example in shown:
         example["scope_note"] = ""
