@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 
 from db.geometry import ViewGeometry
@@ -381,15 +382,9 @@ def object_hit_counts(
     `hit_rule` "first_token" counts instead the cells whose token id is the category's first
     token in the run's tokenizer (table `class_tokens`, rule 'first_token' of the view).
     """
-    final = """
-            SELECT h.image_id, h.category, h.layer,
-                   count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
-            FROM hits h
-            JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
-            GROUP BY ALL"""
     return [
         (int(i), c, int(layer), int(n1), int(nk))
-        for i, c, layer, n1, nk in _object_hits(db, run_id, object_positions, hit_rule, final)
+        for i, c, layer, n1, nk in _object_hits(db, run_id, object_positions, hit_rule, "counts")
     ]
 
 
@@ -400,24 +395,79 @@ def object_first_top1_layers(
     of the first such layer over them), over the given object positions (columns image_id,
     category, position), with object_hit_counts' hit rule and its one normalisation per
     distinct token."""
-    final = """,
-            first AS (
-                SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer
-                FROM hits h
-                JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
-                WHERE h.best_rank = 1
-                GROUP BY ALL
-            )
-            SELECT image_id, count(*), sum(first_layer) FROM first GROUP BY image_id"""
-    return {int(i): (int(n), int(s)) for i, n, s in _object_hits(db, run_id, object_positions, hit_rule, final)}
+    return {int(i): (int(n), int(s)) for i, n, s in _object_hits(db, run_id, object_positions, hit_rule, "first_top1")}
+
+
+# What object_hit_counts ("counts") and object_first_top1_layers ("first_top1") compute
+# from the CTEs `o` (the object positions) and `hits` (see _object_hits).
+_HIT_FINALS = {
+    "counts": """
+        SELECT h.image_id, h.category, h.layer,
+               count(*) FILTER (WHERE h.best_rank = 1) AS top1, count(*) AS topk
+        FROM hits h
+        JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+        GROUP BY ALL""",
+    "first_top1": """,
+        first AS (
+            SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer
+            FROM hits h
+            JOIN o ON o.image_id = h.image_id AND o.category = h.category AND o.position = h.position
+            WHERE h.best_rank = 1
+            GROUP BY ALL
+        )
+        SELECT image_id, count(*), sum(first_layer) FROM first GROUP BY image_id""",
+}
+# Per read-only database: (run, hit rule, object positions, {final: rows}) of the answers
+# computed with another final's scan and not asked for yet. The quantitative and
+# Reproduction pages ask for the same object positions of a run, so a build scans the
+# lens rows for them once; an answer is dropped once given.
+_PENDING_HITS: weakref.WeakKeyDictionary[ResultsDB, list[tuple[str, str, pa.Table, dict[str, list[tuple]]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _object_hits(db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rule: str, final: str) -> list[tuple]:
-    """Rows of `final`, a query (or further CTEs then a query) over the CTEs `o` (the object
-    positions) and `hits` (image_id, layer, position, category, best_rank: the best rank at
-    which a cell of an object position names its object under `hit_rule`)."""
+    """Rows of _HIT_FINALS[final], a query (or further CTEs then a query) over the CTEs `o`
+    (the object positions) and `hits` (image_id, layer, position, category, best_rank: the
+    best rank at which a cell of an object position names its object under `hit_rule`).
+    On a read-only connection one scan answers every final: the others are kept for the
+    next call with the same run, hit rule and set of object positions."""
     if hit_rule not in HIT_RULES:
         raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
+    wanted = (
+        object_positions.select(["image_id", "category", "position"])
+        .cast(pa.schema([("image_id", pa.int64()), ("category", pa.string()), ("position", pa.int64())]))
+        .group_by(["image_id", "category", "position"])
+        .aggregate([])
+        .sort_by([("image_id", "ascending"), ("category", "ascending"), ("position", "ascending")])
+    )
+    pending = _PENDING_HITS.setdefault(db, []) if db.read_only else []
+    for at, (run, rule, positions, answers) in enumerate(pending):
+        if run == run_id and rule == hit_rule and final in answers and positions.equals(wanted):
+            rows = answers.pop(final)
+            if not answers:
+                del pending[at]
+            return rows
+    duck = db.duck.cursor()
+    try:
+        duck.register("_object_positions", wanted)
+        duck.register("_object_hits", _object_hits_rows(duck, run_id, hit_rule))
+        answers = {}
+        for name in [final, *(n for n in _HIT_FINALS if n != final and db.read_only)]:
+            duck.execute(
+                f"WITH o AS (SELECT * FROM _object_positions), hits AS (SELECT * FROM _object_hits){_HIT_FINALS[name]}"
+            )
+            answers[name] = duck.fetchall()
+    finally:
+        duck.close()
+    rows = answers.pop(final)
+    if answers:
+        pending.append((run_id, hit_rule, wanted, answers))
+    return rows
+
+
+def _object_hits_rows(duck: duckdb.DuckDBPyConnection, run_id: str, hit_rule: str) -> pa.Table:
+    """The `hits` rows (see _object_hits) of the object positions registered as `_object_positions`."""
     if hit_rule == "first_token":
         matched = """
             hits AS (
@@ -442,31 +492,26 @@ def _object_hits(db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rul
                 GROUP BY c.image_id, c.layer, c.position, a.category
             )"""
         params = [run_id, run_id]
-    duck = db.duck.cursor()
-    try:
-        duck.register("_object_positions", object_positions)
-        duck.execute(
-            f"""
-            WITH o AS (SELECT DISTINCT image_id, category, position FROM _object_positions),
-            op AS (SELECT DISTINCT image_id, position FROM o),
-            cats AS (
-                SELECT DISTINCT image_id, category, lower(category) AS name,
-                       replace(lower(category), ' ', '') AS joined
-                FROM annotations WHERE image_id IN (SELECT image_id FROM op)
-            ),
-            cells AS (
-                SELECT l.image_id, l.layer, l.position, l.rank, l.token, l.token_id
-                FROM logit_lens l
-                JOIN op ON op.image_id = l.image_id AND op.position = l.position
-                JOIN positions p ON p.run_id = l.run_id AND p.image_id = l.image_id AND p.position = l.position
-                WHERE l.run_id = ? AND p.run_id = ? AND p.kind = 'image'
-            ),{matched}{final}
-            """,
-            params,
-        )
-        return duck.fetchall()
-    finally:
-        duck.close()
+    return duck.sql(
+        f"""
+        WITH o AS (SELECT DISTINCT image_id, category, position FROM _object_positions),
+        op AS (SELECT DISTINCT image_id, position FROM o),
+        cats AS (
+            SELECT DISTINCT image_id, category, lower(category) AS name,
+                   replace(lower(category), ' ', '') AS joined
+            FROM annotations WHERE image_id IN (SELECT image_id FROM op)
+        ),
+        cells AS (
+            SELECT l.image_id, l.layer, l.position, l.rank, l.token, l.token_id
+            FROM logit_lens l
+            JOIN op ON op.image_id = l.image_id AND op.position = l.position
+            JOIN positions p ON p.run_id = l.run_id AND p.image_id = l.image_id AND p.position = l.position
+            WHERE l.run_id = ? AND p.run_id = ? AND p.kind = 'image'
+        ),{matched}
+        SELECT * FROM hits
+        """,
+        params=params,
+    ).to_arrow_table()
 
 
 # -- token ablation ----------------------------------------------------------------------

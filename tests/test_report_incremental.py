@@ -224,6 +224,52 @@ def test_object_hit_counts_equal_the_view_rule(
     assert compared > 0  # some hits were counted
 
 
+def test_first_top1_layers_from_the_shared_scan(tmp_path: Path) -> None:
+    """object_first_top1_layers after object_hit_counts on the same object positions (in
+    another order, with repeats) is answered from the first call's scan, and equals the
+    view rule's first top-1 layers over every row; other positions get their own answer."""
+    import pyarrow as pa
+    from support.bench import site_scale
+
+    from db import queries
+    from db.store import ResultsDB
+    from db.views import OBJECT_HITS_SELECT
+
+    path = tmp_path / "synthetic.duckdb"
+    site_scale().make_database(path, 3)
+
+    def reference(results: ResultsDB, run_id: str, images: tuple[int, ...]) -> dict[int, tuple[int, int]]:
+        rows = results.duck.execute(
+            f"""
+            WITH hits AS ({OBJECT_HITS_SELECT}),
+            o AS (SELECT DISTINCT p.image_id, a.category, p.position FROM positions p
+                  JOIN annotations a USING (image_id) WHERE p.run_id = ? AND p.kind = 'image'
+                  AND list_contains(?::BIGINT[], p.image_id)),
+            first AS (SELECT h.image_id, h.category, h.position, min(h.layer) AS first_layer FROM hits h
+                      JOIN o USING (image_id, category, position) WHERE h.run_id = ? AND h.best_rank = 1 GROUP BY ALL)
+            SELECT image_id, count(*), sum(first_layer) FROM first GROUP BY image_id
+            """,
+            [run_id, list(images), run_id],
+        ).fetchall()
+        return {int(i): (int(n), int(t)) for i, n, t in rows}
+
+    with ResultsDB(path, read_only=True) as results:
+        (run_id,) = results.sql("SELECT run_id FROM runs WHERE experiment = 'lens'")[0]
+        positions = results.duck.sql(
+            "SELECT DISTINCT p.image_id, a.category, p.position FROM positions p JOIN annotations a "
+            f"USING (image_id) WHERE p.run_id = '{run_id}' AND p.kind = 'image' ORDER BY ALL"
+        ).to_arrow_table()
+        queries.object_hit_counts(results, run_id, positions)
+        assert queries._PENDING_HITS[results]  # the first_top1 answer waits for its call
+        shuffled = pa.concat_tables([positions, positions]).take(list(range(2 * positions.num_rows))[::-1])
+        first = queries.object_first_top1_layers(results, run_id, shuffled)
+        assert not queries._PENDING_HITS[results]  # given once, then dropped
+        images = tuple(sorted({int(i) for i in positions.column("image_id").to_pylist()}))
+        assert first == reference(results, run_id, images) and sum(n for n, _ in first.values()) > 0
+        subset = positions.filter(pa.compute.equal(positions.column("image_id"), images[0]))
+        assert queries.object_first_top1_layers(results, run_id, subset) == reference(results, run_id, images[:1])
+
+
 def test_first_token_hit_rule_counts_the_class_token_ids(tmp_path: Path) -> None:
     """object_hit_counts(..., "first_token") counts the object positions whose lens token id
     is the category's class token: checked against a count over the raw rows in Python, on
