@@ -434,9 +434,11 @@ def _object_hits(db: ResultsDB, run_id: str, object_positions: pa.Table, hit_rul
     next call with the same run, hit rule and set of object positions."""
     if hit_rule not in HIT_RULES:
         raise ValueError(f"unknown lens hit rule {hit_rule!r} (one of {', '.join(HIT_RULES)})")
+    # The columns' types as in the lens table (a BIGINT position would make the join cast
+    # every lens row, and the build's memory limit was not enough for that plan).
     wanted = (
         object_positions.select(["image_id", "category", "position"])
-        .cast(pa.schema([("image_id", pa.int64()), ("category", pa.string()), ("position", pa.int64())]))
+        .cast(pa.schema([("image_id", pa.int64()), ("category", pa.string()), ("position", pa.int32())]))
         .group_by(["image_id", "category", "position"])
         .aggregate([])
         .sort_by([("image_id", "ascending"), ("category", "ascending"), ("position", "ascending")])
