@@ -2,7 +2,7 @@
 peak memory, on synthetic databases with LLaVA-1.5's real vocabulary and depth.
 
 Run: PYTHONPATH=. .venv/bin/python bench/site_scale.py [--images 200 1000 5000] [--jobs 1]
-     [--no-downloads] [--console] [--rebuild]
+     [--no-downloads] [--console] [--rebuild] [--photo]
 
 Each database is generated with DuckDB SQL (no model, seconds per thousand images): one
 lens run, 33 hidden states x 593 positions (576 patches on a 24x24 grid + 17 text
@@ -13,6 +13,9 @@ probabilities descending along rank, one COCO-style annotation per image and a s
 PNG, and the run's `token_pieces` rows (schema 9; databases generated before them have
 none: the lens_tokens file then comes from the lens rows). Databases are cached under
 --cache (default /tmp/llava-interp-bench).
+
+With --photo every view is a real photo (the COCO sample, 336x336 PNG, ~225 KB) instead of
+a flat 1 KB PNG, in a copy of the database: what the pictures cost (`report build --views`).
 
 Printed per size: database size, site size, bytes per image (all included, and without
 the pictures), the largest file, `report build` wall time and peak RSS of the build
@@ -155,6 +158,33 @@ def make_database(path: Path, n_images: int) -> None:
         con.execute("CHECKPOINT")
     finally:
         con.close()
+
+
+PHOTO = REPO.parent / "shared" / "data" / "coco_sample" / "images" / "000000039769.png"
+
+
+def with_photo_views(db_path: Path, photo_path: Path) -> Path:
+    """A copy of the database whose every view is the COCO sample photo at 336x336 (PNG),
+    the size a real run's views have; made once, then reused."""
+    if photo_path.exists():
+        return photo_path
+    if not PHOTO.is_file():
+        sys.exit(f"--photo needs {PHOTO} (the project's ../shared/data)")
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(PHOTO) as image:
+        image.convert("RGB").resize((336, 336)).save(buffer, format="PNG")
+    partial = photo_path.with_suffix(".partial")
+    subprocess.run(["cp", str(db_path), str(partial)], check=True)
+    con = duckdb.connect(str(partial))
+    try:
+        con.execute("UPDATE image_views SET png = ?", [buffer.getvalue()])
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    partial.rename(photo_path)
+    return photo_path
 
 
 def add_token_pieces(con: duckdb.DuckDBPyConnection) -> None:
@@ -414,6 +444,12 @@ def main() -> None:
         "--rebuild", action="store_true", help="then build again into the same folder, nothing changed, and measure it"
     )
     parser.add_argument("--lens-page", action="store_true", help="also measure the bytes one lens page view moves")
+    parser.add_argument(
+        "--photo",
+        action="store_true",
+        help="every view a real photo (the COCO sample in ../shared/data, 336x336 PNG, ~225 KB) instead of a "
+        "flat 1 KB PNG: a copy of the database, lens-N-photo.duckdb",
+    )
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results = []
@@ -426,9 +462,11 @@ def main() -> None:
                 f"generated {db_path} ({db_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - started:.0f} s",
                 flush=True,
             )
+        if args.photo:
+            db_path = with_photo_views(db_path, args.cache / f"lens-{n}-photo.duckdb")
         if args.only_db:
             continue
-        out = args.cache / f"site-{n}"
+        out = args.cache / f"site-{n}{'-photo' if args.photo else ''}"
         if args.keep and out.exists():
             print(json.dumps({"images": n, "kb_per_image": file_kinds(out, n)}), flush=True)
             if args.console:

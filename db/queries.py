@@ -217,6 +217,47 @@ def extra_views(db: ResultsDB, run_id: str, image_id: int) -> list[ExtraView]:
     ]
 
 
+# Rows per query when reading pictures (PICTURE_TABLES) of many images: a scan reads
+# DuckDB's rows 2,048 at a time with every picture among them, so one image's PNG costs
+# as much as a whole vector's (~0.2 s for 1,000 photos); a rowid range bounds what one
+# query holds (128 photos of ~225 KB: ~29 MB).
+PICTURE_SPAN = 128
+PICTURE_TABLES = ("image_views", "extra_views")
+
+
+def pictures(db: ResultsDB, table: str, run_id: str, image_ids: list[int]) -> dict[tuple[int, str], bytes]:
+    """The PNGs of those images of a run in `table` (image_views: key (image_id, ""),
+    extra_views: (image_id, name)), read in rowid ranges of at most PICTURE_SPAN rows: a
+    batch of consecutive images costs a few queries, not one per image."""
+    if table not in PICTURE_TABLES:
+        raise ValueError(f"no pictures in {table!r}")
+    if table not in relations(db) or not image_ids:
+        return {}
+    name = "name" if table == "extra_views" else "''"
+    located = {
+        int(rowid): (int(image_id), str(key))
+        for rowid, image_id, key in db.sql(
+            f"SELECT rowid, image_id, {name} FROM {table} WHERE run_id = ? AND list_contains(?::BIGINT[], image_id)",
+            (run_id, [int(i) for i in image_ids]),
+        )
+    }
+    out: dict[tuple[int, str], bytes] = {}
+    wanted = set(located.values())
+    rowids = sorted(located)
+    while rowids:
+        first = rowids[0]
+        span = [r for r in rowids if r < first + PICTURE_SPAN]
+        rowids = rowids[len(span) :]
+        # A constant rowid range bounds the scan itself (a parameter would not), as long as
+        # rowid is not also read: then every row of the vector is fetched.
+        for run, image_id, key, png in db.sql(
+            f"SELECT run_id, image_id, {name}, png FROM {table} WHERE rowid BETWEEN {first} AND {span[-1]}"
+        ):
+            if run == run_id and (int(image_id), str(key)) in wanted:
+                out[(int(image_id), str(key))] = bytes(png)
+    return out
+
+
 def extra_view_png(db: ResultsDB, run_id: str, image_id: int, name: str) -> bytes:
     (png,) = db.sql(
         "SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?", (run_id, image_id, name)
@@ -822,22 +863,47 @@ def image_row_digests(
     if key not in memo:
         name = _table_name(table, db)
         tokens = f"sum({_hash_columns(token)}::HUGEINT)" if token else "0"
-        memo[key] = [
-            (int(i), int(n), int(h or 0), int(t or 0))
-            for i, n, h, t in db.sql(
-                f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
-                f"WHERE run_id = ? {'' if where is None else f'AND ({where}) '}GROUP BY image_id ORDER BY image_id",
-                (run_id,),
-            )
-        ]
+        query = (
+            f"SELECT image_id, count(*), sum({_hash_columns(columns)}::HUGEINT), {tokens} FROM {name} "
+            f"WHERE run_id = ? {'' if where is None else f'AND ({where}) '}"
+        )
+        by_image: dict[int, tuple[int, int, int]] = {}
+        for condition in _row_batches(db, table, columns):  # an image's rows may span batches
+            for i, n, h, t in db.sql(f"{query}{condition}GROUP BY image_id", (run_id,)):
+                before = by_image.get(int(i), (0, 0, 0))
+                by_image[int(i)] = (before[0] + int(n), before[1] + int(h or 0), before[2] + int(t or 0))
+        memo[key] = [(i, *by_image[i]) for i in sorted(by_image)]
     return memo[key]
 
 
+# Rows per query when a hashed column is a BLOB (the views' PNGs): DuckDB scans 2,048 rows
+# at a time, and 2,048 photos of ~225 KB (~1 MB for a 672-pixel view) are more than the
+# report build's DuckDB memory limit. A rowid range limits the scan itself; a filter on
+# image_id does not when image_id is also read (then every row of the vector is fetched).
+BLOB_ROW_BATCH = 64
+
+
+def _row_batches(db: ResultsDB, table: str, columns: list[str]) -> list[str]:
+    """ "AND rowid BETWEEN first AND last" per BLOB_ROW_BATCH rows when a column of
+    `columns` is a BLOB, else [""]: the conditions that split a hash over `columns` into
+    queries that fit in memory."""
+    types = dict(ordered_columns(db, table))
+    if not any(types.get(c) == "BLOB" for c in columns):
+        return [""]
+    ((last,),) = db.sql(f"SELECT coalesce(max(rowid), -1) FROM {_table_name(table, db)}")
+    return [f"AND rowid BETWEEN {at} AND {at + BLOB_ROW_BATCH - 1} " for at in range(0, int(last) + 1, BLOB_ROW_BATCH)]
+
+
 def row_digest(db: ResultsDB, table: str, columns: list[str], run_id: str | None = None) -> tuple[int, int]:
-    """(rows, sum of the rows' hashes over `columns`) of a table (of one run)."""
-    query = f"SELECT count(*), sum({_hash_columns(columns)}::HUGEINT) FROM {_table_name(table, db)}"
-    rows = db.sql(query, ()) if run_id is None else db.sql(query + " WHERE run_id = ?", (run_id,))
-    return int(rows[0][0]), int(rows[0][1] or 0)
+    """(rows, sum of the rows' hashes over `columns`) of a table (of one run), in batches of
+    rows where a column is a BLOB (_row_batches)."""
+    query = f"SELECT count(*), sum({_hash_columns(columns)}::HUGEINT) FROM {_table_name(table, db)} WHERE true "
+    rows, hashed = 0, 0
+    for condition in _row_batches(db, table, columns):
+        run_filter = "" if run_id is None else "AND run_id = ? "
+        ((n, h),) = db.sql(query + run_filter + condition, () if run_id is None else (run_id,))
+        rows, hashed = rows + int(n), hashed + int(h or 0)
+    return rows, hashed
 
 
 def schema_statements(db: ResultsDB) -> list[str]:

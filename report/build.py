@@ -26,7 +26,7 @@ from typing import Any
 from db import queries
 from db.store import ResultsDB
 from db.views import HIT_RULES
-from report import catalogue, hyparquet, incremental, urls
+from report import catalogue, hyparquet, incremental, urls, views
 from report import site as site_plumbing
 from report.catalogue import LensEntry
 from report.downloads import PROB_SIGNIFICANT_BITS, write_downloads
@@ -59,7 +59,7 @@ DUCKDB_MEMORY_LIMIT = "256MB"
 # "parquet" from the lens Parquet downloads over HTTP range requests, "auto" per run.
 LENS_DATA_MODES = ("auto", "inline", "parquet")
 # auto: parquet for a run with more lens pages than this. A LLaVA-1.5 page's cells are about
-# 0.28 MB inline and 0.37 MB in the Parquet download, so at 200 pages the duplicate costs
+# 0.28 MB inline and 0.28 MB in the Parquet download, so at 200 pages the duplicate costs
 # about 55 MB (a twentieth of GitHub Pages' 1 GB) and the build seconds; below that, pages
 # that open from file:// (no server) are worth more than the bytes.
 PARQUET_LENS_PAGES = 200
@@ -80,6 +80,7 @@ class SiteSummary:
     lens_pages_reused: int = 0  # lens pages whose inputs had not changed since the last build: not rewritten
     files_kept: int = 0  # files identical to the previous build's: left in place
     lens_modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (lens data mode, why)
+    view_formats: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (view format, why)
 
 
 class LimitedWriter(Writer):
@@ -158,6 +159,7 @@ def build_site(
     hit_rule: str = "word",
     lens_data: str = "auto",
     lens_top_k: int | None = None,
+    view_format: str = "auto",
 ) -> SiteSummary:
     """Render the database at `db_path` into `out_dir`.
 
@@ -176,7 +178,8 @@ def build_site(
     from the lens Parquet downloads (needs http(s) and downloads), "auto" parquet for runs
     with more than PARQUET_LENS_PAGES pages when downloads are on. `lens_top_k` publishes ranks
     1..lens_top_k of each lens cell only (pages and lens downloads; None: every rank collected);
-    the database and the pages computed from it (quantitative, depth, reproduction) keep all. Raises db.errors.DatabaseError for an unusable database file and
+    the database and the pages computed from it (quantitative, depth, reproduction) keep all.
+    `view_format` (report/views.py VIEW_FORMATS) is how each run's pictures are published. Raises db.errors.DatabaseError for an unusable database file and
     ReportError for results that cannot be rendered faithfully.
     """
     db_path, out_dir = Path(db_path), Path(out_dir)
@@ -191,6 +194,8 @@ def build_site(
         )
     if lens_top_k is not None and lens_top_k < 1:
         raise ReportError(f"--lens-top-k must be at least 1, not {lens_top_k}")
+    if view_format not in views.VIEW_FORMATS:
+        raise ReportError(f"unknown view format {view_format!r} (one of {', '.join(views.VIEW_FORMATS)})")
     generated_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     with ResultsDB(db_path, read_only=True) as db:
@@ -202,6 +207,7 @@ def build_site(
         all_entries = catalogue.load_lens_entries(db, runs)
         entries = _limit_pages(all_entries, lens_pages)
         modes = _lens_modes(entries, lens_data, downloads)
+        view_formats = _view_formats(runs, entries, view_format)
         experiment_pages = catalogue.experiment_pages(runs)
         objects = ObjectCells.from_db(db)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +296,26 @@ def build_site(
         lens_pages_reused=reused,
         files_kept=kept,
         lens_modes=modes,
+        view_formats=view_formats,
     )
+
+
+def _view_formats(
+    runs: list[catalogue.RunInfo], entries: list[LensEntry], view_format: str
+) -> dict[str, tuple[str, str]]:
+    """run_id -> (view format, why) for every run whose pages show views, set on the runs
+    (RunInfo.view_format) for the pages: a lens run counts its lens pages, an ablation or
+    blocking run its images (one page each)."""
+    pages: dict[str, int] = {}
+    for entry in entries:
+        pages[entry.run.run_id] = pages.get(entry.run.run_id, 0) + 1
+    chosen = {}
+    for run in runs:
+        count = pages.get(run.run_id, 0) if run.experiment == "lens" else run.image_count
+        if count:
+            run.view_format, why = views.choose(view_format, count)
+            chosen[run.run_id] = (run.view_format, why)
+    return chosen
 
 
 def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[str, tuple[str, str]]:
@@ -325,12 +350,19 @@ INPUT_BATCH = 128
 
 def _with_inputs(
     db: ResultsDB, entries: list[LensEntry], sources: dict[tuple[str, int], dict[str, Any]]
-) -> Iterator[tuple[LensEntry, dict[str, Any] | None]]:
+) -> Iterator[tuple[LensEntry, dict[str, Any] | None, dict[tuple[str, int, str], bytes]]]:
     """Each entry with its parquet-mode source (None: inline), the source completed with the
     page's other inputs read INPUT_BATCH images at a time (queries.lens_page_inputs), so a
-    parquet-mode page makes no query of its own."""
+    parquet-mode page makes no query of its own, and the batch's pictures ((table, image_id,
+    name) -> PNG; queries.pictures: a query per image would read a whole vector of them)."""
     for start in range(0, len(entries), INPUT_BATCH):
         batch = entries[start : start + INPUT_BATCH]
+        pictures: dict[tuple[str, int, str], bytes] = {}
+        for run_id in dict.fromkeys(e.run.run_id for e in batch):
+            image_ids = [e.image_id for e in batch if e.run.run_id == run_id]
+            for table in queries.PICTURE_TABLES:
+                for (image_id, name), png in queries.pictures(db, table, run_id, image_ids).items():
+                    pictures[(table, image_id, name)] = png
         inputs: dict[str, dict[int, queries.LensPageInputs]] = {}
         pieces: dict[str, dict[int, str]] = {}
         for run_id in dict.fromkeys(e.run.run_id for e in batch if (e.run.run_id, e.image_id) in sources):
@@ -348,7 +380,7 @@ def _with_inputs(
             page = inputs.get(entry.run.run_id, {}).get(entry.image_id)
             if source is not None and page is not None:
                 source = {**source, "inputs": page, "pieces": pieces[entry.run.run_id]}
-            yield entry, source
+            yield entry, source, {k: v for k, v in pictures.items() if k[1] == entry.image_id}
 
 
 def _parquet_footer_bytes(path: Path) -> int:
@@ -484,9 +516,9 @@ def _write_lens_pages(
     pending = [entry for entry, _ in todo]
     if jobs <= 1 or len(pending) < 2 * jobs:
         lens_runs = queries.runs(db, "lens")
-        for entry, source in _with_inputs(db, pending, sources):
+        for entry, source, pictures in _with_inputs(db, pending, sources):
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs, pictures)
             shape = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             shapes[(entry.run.run_id, entry.image_id)] = shape
             manifest.record(entry, digests[(entry.run.run_id, entry.image_id)], writer.written, shape)
@@ -495,7 +527,8 @@ def _write_lens_pages(
         return shapes, reused
     import multiprocessing
 
-    shares = [pending[i::jobs] for i in range(jobs)]
+    # Consecutive images per worker: their pictures sit next to each other (queries.pictures).
+    shares = [pending[i * len(pending) // jobs : (i + 1) * len(pending) // jobs] for i in range(jobs)]
     context_mp = multiprocessing.get_context("spawn")  # never fork an open DuckDB connection
     with context_mp.Pool(jobs) as pool:
         pending_results = pool.starmap_async(
@@ -549,9 +582,9 @@ def _lens_worker(
         db.duck.execute("SET threads = 1")
         objects = ObjectCells.from_db(db)
         lens_runs = queries.runs(db, "lens")
-        for entry, source in _with_inputs(db, entries, sources):
+        for entry, source, pictures in _with_inputs(db, entries, sources):
             writer.written = []
-            data = write_lens_page(db, site, entry, objects, published, source, lens_runs)
+            data = write_lens_page(db, site, entry, objects, published, source, lens_runs, pictures)
             shapes[(entry.run.run_id, entry.image_id)] = (data["n_layers"], data["grid_rows"], data["grid_cols"])
             written[(entry.run.run_id, entry.image_id)] = writer.written
     summaries = {(entry.run.run_id, entry.image_id): entry.summary for entry in entries}

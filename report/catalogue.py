@@ -10,7 +10,7 @@ from typing import Any
 
 from db import queries
 from db.store import ResultsDB
-from report import urls
+from report import urls, views
 from report.site import DEMO_WARNING, ORGANISM_WARNING, ReportError, format_time, readable_json
 
 LENS_EXPERIMENT = "lens"
@@ -40,6 +40,12 @@ class RunInfo:
     top_k: int | None = None
     image_count: int = 0
     skipped_count: int = 0
+    # How its pages publish the views: "png" or "jpeg" (report/views.py; set by the build).
+    view_format: str = "png"
+
+    @property
+    def view_ext(self) -> str:
+        return views.EXTENSIONS[self.view_format]
 
 
 @dataclass
@@ -60,9 +66,9 @@ class LensEntry:
     summary: dict[str, Any] | None = None  # the index's per-image columns, set when its page is written
 
     @property
-    def png(self) -> str:
-        """Site path of the view PNG, "" without a recorded view."""
-        return urls.lens_png(self.run.dir_name, self.image_id) if self.has_view else ""
+    def view(self) -> str:
+        """Site path of the view picture, "" without a recorded view."""
+        return urls.lens_view(self.run.dir_name, self.image_id, self.run.view_ext) if self.has_view else ""
 
 
 @dataclass

@@ -101,6 +101,16 @@ def report() -> None:
     "downloads and http(s), e.g. `llava-interp report serve`); 'auto' parquet for runs with more than 200 "
     "lens pages when downloads are on, else inline.",
 )
+@click.option(
+    "--views",
+    "view_format",
+    type=click.Choice(["auto", "png", "jpeg"]),
+    default="auto",
+    show_default=True,
+    help="How the pages publish each image as the model saw it: 'png' the database's PNG as it is (about "
+    "225 KB for a photo), 'jpeg' re-encoded at quality 85 (about 30 KB); 'auto' jpeg for runs with more "
+    "than 200 image pages, else png. The database keeps the PNGs.",
+)
 def build(
     db_path: Path,
     out_dir: Path,
@@ -113,6 +123,7 @@ def build(
     jobs: int,
     hit_rule: str,
     lens_data: str,
+    view_format: str,
 ) -> None:
     """Build the site and print what was written."""
     try:
@@ -128,6 +139,7 @@ def build(
             jobs=jobs,
             hit_rule=hit_rule,
             lens_data=lens_data,
+            view_format=view_format,
         )
     except (DatabaseError, ReportError) as error:
         raise click.ClickException(str(error)) from None
@@ -151,6 +163,9 @@ def build(
         )
     for run_id, (mode, why) in summary.lens_modes.items():
         click.echo(f"Lens data of run {run_id}: {mode} ({why})")
+    for run_id, (view_format, why) in summary.view_formats.items():
+        if view_format != "png":  # the database's own bytes need no word
+            click.echo(f"Views of run {run_id}: {view_format} ({why})")
     if summary.lens_pages < summary.lens_images:
         click.echo(f"Lens pages for {summary.lens_pages} of {summary.lens_images} images (--lens-pages)")
     click.echo(

@@ -78,14 +78,14 @@ def lens_positions(run_dir: str, digest: str) -> str:
 POSITIONS_DIGEST_CHARS = 20
 
 
-def lens_png(run_dir: str, image_id: int) -> str:
-    """The image as the model saw it, next to its lens page."""
-    return f"lens/{run_dir}/{image_id}.png"
+def lens_view(run_dir: str, image_id: int, ext: str = "png") -> str:
+    """The image as the model saw it, next to its lens page (`ext`: report/views.py EXTENSIONS)."""
+    return f"lens/{run_dir}/{image_id}.{ext}"
 
 
-def lens_extra_png(run_dir: str, image_id: int, index: int) -> str:
-    """The index-th extra view's PNG, next to the lens page."""
-    return f"lens/{run_dir}/{image_id}.extra{index}.png"
+def lens_extra_view(run_dir: str, image_id: int, index: int, ext: str = "png") -> str:
+    """The index-th extra view's picture, next to the lens page."""
+    return f"lens/{run_dir}/{image_id}.extra{index}.{ext}"
 
 
 def compare_fragment(a: tuple[str, int], b: tuple[str, int] | None = None) -> str:
@@ -102,8 +102,8 @@ def experiment_image_page(experiment: str, run_dir: str, image_id: int) -> str:
     return f"experiments/{experiment}-{run_dir}/{image_id}.html"
 
 
-def experiment_image_png(experiment: str, run_dir: str, image_id: int) -> str:
-    return f"experiments/{experiment}-{run_dir}/{image_id}.png"
+def experiment_image_view(experiment: str, run_dir: str, image_id: int, ext: str = "png") -> str:
+    return f"experiments/{experiment}-{run_dir}/{image_id}.{ext}"
 
 
 def run_download(run_dir: str, table: str) -> str:

@@ -218,3 +218,6 @@ def test_collect_lens_cli_end_to_end(llava_next, demo_images, tmp_path):
         cells = [(r, c) for k, r, c in zip(pos["kind"], pos["patch_row"], pos["patch_col"]) if k == "image_hr"]
         assert sorted(cells) == [(r, c) for r in range(view["grid_rows"]) for c in range(view["grid_cols"])]
         assert 'id="extra-grid-0"' in (folder / f"{image_id}.html").read_text(encoding="utf-8")
+        # The picture beside the page is the database's high-resolution PNG (read with the
+        # batch's others: queries.pictures).
+        assert (folder / f"{image_id}.extra0.png").read_bytes() == bytes(image["extra"][0][-1])

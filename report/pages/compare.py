@@ -39,7 +39,7 @@ def write_compare_page(db: ResultsDB, site: Site, entries: list[LensEntry]) -> N
                 "top_k": entry.run.top_k,
                 "data": urls.href(urls.COMPARE, urls.lens_data(entry.run.dir_name, entry.image_id)),
                 "page": urls.href(urls.COMPARE, entry.page),
-                "png": urls.href(urls.COMPARE, entry.png) if entry.png else "",
+                "png": urls.href(urls.COMPARE, entry.view) if entry.view else "",  # the picture (PNG or JPEG)
             }
         )
     site.render(

@@ -9,7 +9,7 @@ from typing import Any
 
 from db import queries
 from db.store import ResultsDB
-from report import urls
+from report import urls, views
 from report.catalogue import ExperimentPage
 from report.site import Site, script_json
 
@@ -29,17 +29,23 @@ def write_experiment_pages(
     images: list[dict[str, Any]],
 ) -> None:
     """Write the run page and, per item of `images` (each with `image`, `grid_rows`,
-    `grid_cols`, `overlays`), its image page and the view PNG."""
+    `grid_cols`, `overlays`), its image page and the view picture (report/views.py)."""
     run, experiment = page.run, page.experiment
-    views = queries.view_sizes(db, run.run_id)
+    sizes = queries.view_sizes(db, run.run_id)
     image_pages = {}
-    for item in images:
+    pictures: dict[tuple[int, str], bytes] = {}
+    for at, item in enumerate(images):
         image_id = item["image"]["image_id"]
+        if (image_id, "") not in pictures and image_id in sizes:
+            # The next images' pictures in one read (queries.pictures), not a query per image.
+            batch = [i["image"]["image_id"] for i in images[at : at + queries.PICTURE_SPAN]]
+            pictures = queries.pictures(db, "image_views", run.run_id, batch)
         image_page = urls.experiment_image_page(experiment, run.dir_name, image_id)
-        png = urls.experiment_image_png(experiment, run.dir_name, image_id)
-        view = views.get(image_id)
+        picture = urls.experiment_image_view(experiment, run.dir_name, image_id, run.view_ext)
+        view = sizes.get(image_id)
         if view is not None:
-            site.writer.write(png, queries.view_png(db, run.run_id, image_id))
+            png = pictures.get((image_id, "")) or queries.view_png(db, run.run_id, image_id)
+            site.writer.write(picture, views.encode(png, run.view_format))
         image_pages[image_id] = image_page
         site.render(
             template,
@@ -52,7 +58,7 @@ def write_experiment_pages(
             item=item,
             overlay_json=overlay_json(item["grid_rows"], item["grid_cols"], item["overlays"]),
             view=view,
-            png=png if view else "",
+            picture=picture if view else "",
             **context,
         )
     site.render(

@@ -10,7 +10,7 @@ import numpy as np
 
 from db import queries
 from db.store import ResultsDB
-from report import lens_codec, urls
+from report import lens_codec, urls, views
 from report.catalogue import LensEntry
 from report.object_cells import ObjectCells
 from report.site import ReportError, Site
@@ -55,8 +55,10 @@ def _checked_extra_views(
     positions: dict[str, list[Any]],
     page: str,
     views: list[queries.ExtraView] | None = None,
+    view_ext: str = "png",
 ) -> list[dict[str, Any]]:
-    """The extra views of an image (`views`, default: read here), each checked against the positions of its kind."""
+    """The extra views of an image (`views`, default: read here), each checked against the
+    positions of its kind; `view_ext` is the published pictures' extension."""
     out = []
     for index, view in enumerate(queries.extra_views(db, run_id, image_id) if views is None else views):
         if view.kind in ("image", "text"):
@@ -86,7 +88,8 @@ def _checked_extra_views(
                 "height": view.height,
                 "grid_rows": view.grid_rows,
                 "grid_cols": view.grid_cols,
-                "png": urls.href(page, urls.lens_extra_png(urls.run_dir_name(run_id), image_id, index)),
+                # the picture's URL (PNG or JPEG: report/views.py); the key is the data format's
+                "png": urls.href(page, urls.lens_extra_view(urls.run_dir_name(run_id), image_id, index, view_ext)),
             }
         )
     return out
@@ -124,6 +127,7 @@ def lens_data(
     summary: dict[str, Any] | None = None,
     parquet: dict[str, Any] | None = None,
     max_rank: int | None = None,
+    view_ext: str = "png",
 ) -> dict[str, Any]:
     """The lens data object of one completely written (run, image), validated.
 
@@ -164,8 +168,9 @@ def lens_data(
         if top_k is not None and max_rank is not None:
             top_k = min(top_k, max_rank)
         return _parquet_lens_data(
-            db, run_id, image_id, marker, positions, parquet, objects=objects, top_k=top_k, summary=summary, page=page
-        )
+            db, run_id, image_id, marker, positions, parquet, objects=objects, top_k=top_k, summary=summary, page=page,
+            view_ext=view_ext,
+        )  # fmt: skip
     lens = queries.lens_rows_with_ids(db, run_id, image_id, max_rank)
     layer = lens.column("layer").to_numpy().astype(np.int64)
     position = lens.column("position").to_numpy().astype(np.int64)
@@ -251,7 +256,7 @@ def lens_data(
         "n_cells": n_cells,
         "positions": positions,
         "view": {"width": view[0], "height": view[1]} if view else None,
-        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page),
+        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page, view_ext=view_ext),
         "objects": objects.page_objects(run_id, image_id, grid_rows, grid_cols),
         "packed": lens_codec.pack_cells(tokens, token_codes, prob, flat, n_cells, token_ids, token_pieces),
     }
@@ -269,6 +274,7 @@ def _parquet_lens_data(
     top_k: int | None,
     summary: dict[str, Any] | None,
     page: str,
+    view_ext: str,
 ) -> dict[str, Any]:
     """lens_data's parquet mode: the non-cell data, and where the page reads its cells."""
     context = f"run {run_id!r} image {image_id}"
@@ -333,7 +339,7 @@ def _parquet_lens_data(
         "n_cells": n_cells,
         "positions": positions,
         "view": {"width": view[0], "height": view[1]} if view else None,
-        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page, extra),
+        "extra_views": _checked_extra_views(db, run_id, image_id, context, positions, page, extra, view_ext),
         "objects": objects.page_objects(run_id, image_id, int(marker.grid_rows or 0), int(marker.grid_cols or 0)),
         "parquet": dict(source),
     }
@@ -347,27 +353,35 @@ def write_lens_page(
     published: frozenset[tuple[str, int]] | None = None,
     parquet: dict[str, Any] | None = None,
     lens_runs: list[Any] | None = None,
+    pictures: dict[tuple[str, int, str], bytes] | None = None,
 ) -> dict[str, Any]:
-    """Write one lens page with its data file and PNGs; returns its data object.
+    """Write one lens page with its data file and pictures; returns its data object.
 
     published: the (run_id, image_id) lens pages this build writes (None: all), so the links
     to the same image in other runs never point at a page left out (`--lens-pages`).
     parquet: where the page reads its cells in parquet mode (see `lens_data`; None: inline).
     lens_runs: queries.runs(db, "lens"), read once per build (None: read per page); with
-    `published` it names the other runs of the image without a query per page."""
+    `published` it names the other runs of the image without a query per page.
+    pictures: the image's PNGs read with others' (queries.pictures; (table, image_id, name)
+    -> bytes), else read here."""
+    pictures = pictures or {}
     run = entry.run
     summary: dict[str, Any] = {}
     cap = site.common.get("lens_top_k")  # report build --lens-top-k: ranks 1..cap published
     top_k = run.top_k if cap is None or run.top_k is None else min(run.top_k, cap)
     data = lens_data(
-        db, run.run_id, entry.image_id, objects=objects, top_k=top_k, summary=summary, parquet=parquet, max_rank=cap
-    )
+        db, run.run_id, entry.image_id, objects=objects, top_k=top_k, summary=summary, parquet=parquet,
+        max_rank=cap, view_ext=run.view_ext,
+    )  # fmt: skip
     if entry.has_view:
-        site.writer.write(entry.png, queries.view_png(db, run.run_id, entry.image_id))
+        png = pictures.get(("image_views", entry.image_id, "")) or queries.view_png(db, run.run_id, entry.image_id)
+        site.writer.write(entry.view, views.encode(png, run.view_format))
     for index, view in enumerate(data["extra_views"]):
+        png = pictures.get(("extra_views", entry.image_id, view["name"])) or queries.extra_view_png(
+            db, run.run_id, entry.image_id, view["name"]
+        )
         site.writer.write(
-            urls.lens_extra_png(run.dir_name, entry.image_id, index),
-            queries.extra_view_png(db, run.run_id, entry.image_id, view["name"]),
+            urls.lens_extra_view(run.dir_name, entry.image_id, index, run.view_ext), views.encode(png, run.view_format)
         )
     other_runs = _other_runs(db, entry, published, lens_runs)
     data_path = urls.lens_data(run.dir_name, entry.image_id)
