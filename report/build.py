@@ -104,7 +104,8 @@ class LimitedWriter(Writer):
         if self.max_site is not None and self.bytes > self.max_site:
             raise ReportError(
                 f"the site would pass {human_size(self.max_site)} (GitHub Pages' limit is 1 GB) at {relative}; "
-                "publish less (--lens-top-k N, --lens-pages N, --no-downloads) or raise the limit with --max-site-mb"
+                "publish less (--lens-top-k N, --lens-pages N, --views jpeg, --no-downloads) or raise the limit with "
+                "--max-site-mb"
             )
 
     def write(self, relative: str, content: str | bytes) -> None:

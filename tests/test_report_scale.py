@@ -207,6 +207,8 @@ def test_limits_refuse_with_one_line(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and what in lines[0], result.output
     assert option in lines[0] and "--no-downloads" in lines[0]
+    if option == "--max-site-mb":  # every way to publish less is named
+        assert all(fix in lines[0] for fix in ("--lens-top-k N", "--lens-pages N", "--views jpeg"))
     assert (out / "index.html").read_text() == "previous site"  # nothing replaced
     assert not any(p.name.startswith(".report-build-") for p in out.iterdir())
 
