@@ -347,6 +347,7 @@ def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[st
 
 # Parquet-mode pages read their other inputs (positions, views, ...) this many images at a time.
 INPUT_BATCH = 128
+PICTURE_BATCH = 32  # lens pages whose pictures are read together (queries.pictures)
 
 
 def _with_inputs(
@@ -358,12 +359,6 @@ def _with_inputs(
     name) -> PNG; queries.pictures: a query per image would read a whole vector of them)."""
     for start in range(0, len(entries), INPUT_BATCH):
         batch = entries[start : start + INPUT_BATCH]
-        pictures: dict[tuple[str, int, str], bytes] = {}
-        for run_id in dict.fromkeys(e.run.run_id for e in batch):
-            image_ids = [e.image_id for e in batch if e.run.run_id == run_id]
-            for table in queries.PICTURE_TABLES:
-                for (image_id, name), png in queries.pictures(db, table, run_id, image_ids).items():
-                    pictures[(table, image_id, name)] = png
         inputs: dict[str, dict[int, queries.LensPageInputs]] = {}
         pieces: dict[str, dict[int, str]] = {}
         for run_id in dict.fromkeys(e.run.run_id for e in batch if (e.run.run_id, e.image_id) in sources):
@@ -376,12 +371,35 @@ def _with_inputs(
                 if token_id is not None and position.kind == "text"
             }
             pieces[run_id] = queries.token_pieces(db, run_id, wanted)
-        for entry in batch:
+        pictures: dict[tuple[str, str, int, str], bytes] = {}
+        for at, entry in enumerate(batch):
+            if at % PICTURE_BATCH == 0:  # fewer at a time than the other inputs: a picture can be MBs
+                pictures = _pictures(db, batch[at : at + PICTURE_BATCH])
             source = sources.get((entry.run.run_id, entry.image_id))
             page = inputs.get(entry.run.run_id, {}).get(entry.image_id)
             if source is not None and page is not None:
                 source = {**source, "inputs": page, "pieces": pieces[entry.run.run_id]}
-            yield entry, source, {k: v for k, v in pictures.items() if k[1] == entry.image_id}
+            yield (
+                entry,
+                source,
+                {
+                    (table, image_id, name): png
+                    for (run_id, table, image_id, name), png in pictures.items()
+                    if run_id == entry.run.run_id and image_id == entry.image_id
+                },
+            )
+
+
+def _pictures(db: ResultsDB, entries: list[LensEntry]) -> dict[tuple[str, str, int, str], bytes]:
+    """(run_id, table, image_id, name) -> PNG of the entries' views and extra views
+    (queries.pictures). Two runs of one image have pictures of their own."""
+    out: dict[tuple[str, str, int, str], bytes] = {}
+    for run_id in dict.fromkeys(e.run.run_id for e in entries):
+        image_ids = [e.image_id for e in entries if e.run.run_id == run_id]
+        for table in queries.PICTURE_TABLES:
+            for (image_id, name), png in queries.pictures(db, table, run_id, image_ids).items():
+                out[(run_id, table, image_id, name)] = png
+    return out
 
 
 def _parquet_footer_bytes(path: Path) -> int:

@@ -198,3 +198,21 @@ def test_pictures_read_in_ranges_equal_the_one_image_reads(
         assert queries.pictures(db, "extra_views", run_ids["hostile"], [101, 102]) == {}
         with pytest.raises(ValueError):
             queries.pictures(db, "logit_lens", run_ids["hostile"], [101])
+
+
+def test_two_runs_of_one_image_publish_their_own_pictures(lens_db: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Image 102 is in both lens runs; with different views, each run's page shows its own
+    (the build reads the pictures of a batch of pages together), in one process and in two."""
+    path, run_ids = lens_db
+    buffer = io.BytesIO()
+    Image.new("RGB", (28, 28), (10, 200, 30)).save(buffer, format="PNG")
+    with duckdb.connect(str(path)) as con:
+        con.execute("UPDATE image_views SET png = ? WHERE run_id = ?", [buffer.getvalue(), run_ids["clean"]])
+    stored = _db_views(path)
+    assert stored[(run_ids["clean"], 102)] != stored[(run_ids["hostile"], 102)]
+    for jobs in (1, 2):
+        out = tmp_path / f"site-{jobs}"
+        build_site(path, out, jobs=jobs)
+        for key in ("hostile", "clean"):
+            picture = out / "lens" / run_dir_name(run_ids[key]) / "102.png"
+            assert picture.read_bytes() == stored[(run_ids[key], 102)], (key, jobs)
