@@ -25,8 +25,8 @@ block fetch() on file://). The JSON object holds:
 - ``view``: ``{"width", "height"}`` of the model's input view in pixels, or null.
 - ``extra_views``: one entry per further view of the image (table ``extra_views``, e.g.
   LLaVA-NeXT's high-resolution view; empty for most families): ``name``, ``kind``,
-  ``width``, ``height``, ``grid_rows``, ``grid_cols`` and ``png`` (the image file, relative
-  to the page). Positions of that ``kind`` are its cells, through their
+  ``width``, ``height``, ``grid_rows``, ``grid_cols`` and ``png`` (the picture's file,
+  relative to the page: PNG, or JPEG under ``report build --views``; the key keeps its name). Positions of that ``kind`` are its cells, through their
   (patch_row, patch_col), each cell at most once.
 - ``objects``: one entry per annotated category of the image: ``category``,
   ``cells`` (flat patch indices ``patch_row * grid_cols + patch_col`` overlapping the
