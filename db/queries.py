@@ -217,10 +217,11 @@ def extra_views(db: ResultsDB, run_id: str, image_id: int) -> list[ExtraView]:
     ]
 
 
-# Rows per query when reading pictures (PICTURE_TABLES) of many images: a scan reads
-# DuckDB's rows 2,048 at a time with every picture among them, so one image's PNG costs
-# as much as a whole vector's (~0.2 s for 1,000 photos); a rowid range bounds what one
-# query holds (128 photos of ~225 KB: ~29 MB).
+# Rows per query when reading pictures (PICTURE_TABLES) of many images. DuckDB scans rows
+# 2,048 at a time and materialises every PNG of those rows, outside its buffer pool, even
+# for one row: one image's PNG costs as much time and memory as the whole vector's (~0.37 s
+# and ~460 MB for 336-pixel photos). Reading many images per query pays that once for
+# them; a rowid range keeps the result to the rows asked for (128 photos: ~29 MB).
 PICTURE_SPAN = 128
 PICTURE_TABLES = ("image_views", "extra_views")
 

@@ -347,7 +347,6 @@ def _lens_modes(entries: list[LensEntry], mode: str, downloads: bool) -> dict[st
 
 # Parquet-mode pages read their other inputs (positions, views, ...) this many images at a time.
 INPUT_BATCH = 128
-PICTURE_BATCH = 32  # lens pages whose pictures are read together (queries.pictures)
 
 
 def _with_inputs(
@@ -371,10 +370,10 @@ def _with_inputs(
                 if token_id is not None and position.kind == "text"
             }
             pieces[run_id] = queries.token_pieces(db, run_id, wanted)
-        pictures: dict[tuple[str, str, int, str], bytes] = {}
-        for at, entry in enumerate(batch):
-            if at % PICTURE_BATCH == 0:  # fewer at a time than the other inputs: a picture can be MBs
-                pictures = _pictures(db, batch[at : at + PICTURE_BATCH])
+        # Each read of pictures holds the 2,048 stored around them (queries.PICTURE_SPAN): the
+        # batch's own 128 are a small part of that, and fewer reads cost less.
+        pictures = _pictures(db, batch)
+        for entry in batch:
             source = sources.get((entry.run.run_id, entry.image_id))
             page = inputs.get(entry.run.run_id, {}).get(entry.image_id)
             if source is not None and page is not None:
