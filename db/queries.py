@@ -186,11 +186,6 @@ def view_size(db: ResultsDB, run_id: str, image_id: int) -> tuple[int, int] | No
     return (int(rows[0][0]), int(rows[0][1])) if rows else None
 
 
-def view_png(db: ResultsDB, run_id: str, image_id: int) -> bytes:
-    (png,) = db.sql("SELECT png FROM image_views WHERE run_id = ? AND image_id = ?", (run_id, image_id))[0]
-    return bytes(png)
-
-
 @dataclass(frozen=True)
 class ExtraView:
     """One row of `extra_views` without its PNG."""
@@ -259,11 +254,14 @@ def pictures(db: ResultsDB, table: str, run_id: str, image_ids: list[int]) -> di
     return out
 
 
-def extra_view_png(db: ResultsDB, run_id: str, image_id: int, name: str) -> bytes:
-    (png,) = db.sql(
-        "SELECT png FROM extra_views WHERE run_id = ? AND image_id = ? AND name = ?", (run_id, image_id, name)
-    )[0]
-    return bytes(png)
+def image_pictures(db: ResultsDB, run_id: str, image_ids: list[int]) -> dict[tuple[str, int, str], bytes]:
+    """(table, image_id, name) -> PNG of every view and extra view of those images of a run
+    (`pictures` of each PICTURE_TABLES table; name "" for image_views)."""
+    return {
+        (table, image_id, name): png
+        for table in PICTURE_TABLES
+        for (image_id, name), png in pictures(db, table, run_id, image_ids).items()
+    }
 
 
 # -- completely written images and their lens rows ---------------------------------------

@@ -395,9 +395,8 @@ def _pictures(db: ResultsDB, entries: list[LensEntry]) -> dict[tuple[str, str, i
     out: dict[tuple[str, str, int, str], bytes] = {}
     for run_id in dict.fromkeys(e.run.run_id for e in entries):
         image_ids = [e.image_id for e in entries if e.run.run_id == run_id]
-        for table in queries.PICTURE_TABLES:
-            for (image_id, name), png in queries.pictures(db, table, run_id, image_ids).items():
-                out[(run_id, table, image_id, name)] = png
+        for (table, image_id, name), png in queries.image_pictures(db, run_id, image_ids).items():
+            out[(run_id, table, image_id, name)] = png
     return out
 
 

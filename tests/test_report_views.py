@@ -181,7 +181,7 @@ def test_pictures_read_in_ranges_equal_the_one_image_reads(
     lens_db: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """queries.pictures (rowid ranges of PICTURE_SPAN rows) gives each run's own PNG of an
-    image two runs share, the same bytes as queries.view_png, with spans of one row too."""
+    image two runs share, the database's bytes, with spans of one row too."""
     from db import queries
     from db.store import ResultsDB
 
@@ -193,8 +193,7 @@ def test_pictures_read_in_ranges_equal_the_one_image_reads(
             for run_id in run_ids.values():
                 ids = sorted(i for r, i in stored if r == run_id)
                 got = queries.pictures(db, "image_views", run_id, [*ids, 999])  # 999: no view
-                assert got == {(i, ""): queries.view_png(db, run_id, i) for i in ids}
-                assert all(got[(i, "")] == stored[(run_id, i)] for i in ids)
+                assert got == {(i, ""): stored[(run_id, i)] for i in ids}
         assert queries.pictures(db, "extra_views", run_ids["hostile"], [101, 102]) == {}
         with pytest.raises(ValueError):
             queries.pictures(db, "logit_lens", run_ids["hostile"], [101])

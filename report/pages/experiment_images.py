@@ -44,8 +44,7 @@ def write_experiment_pages(
         picture = urls.experiment_image_view(experiment, run.dir_name, image_id, run.view_ext)
         view = sizes.get(image_id)
         if view is not None:
-            png = pictures.get((image_id, "")) or queries.view_png(db, run.run_id, image_id)
-            site.writer.write(picture, views.encode(png, run.view_format))
+            site.writer.write(picture, views.encode(pictures[(image_id, "")], run.view_format))
         image_pages[image_id] = image_page
         site.render(
             template,

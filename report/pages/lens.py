@@ -362,10 +362,10 @@ def write_lens_page(
     parquet: where the page reads its cells in parquet mode (see `lens_data`; None: inline).
     lens_runs: queries.runs(db, "lens"), read once per build (None: read per page); with
     `published` it names the other runs of the image without a query per page.
-    pictures: the image's PNGs read with others' (queries.pictures; (table, image_id, name)
-    -> bytes), else read here."""
-    pictures = pictures or {}
+    pictures: the image's PNGs read with others' (queries.image_pictures), else read here."""
     run = entry.run
+    if pictures is None:
+        pictures = queries.image_pictures(db, run.run_id, [entry.image_id])
     summary: dict[str, Any] = {}
     cap = site.common.get("lens_top_k")  # report build --lens-top-k: ranks 1..cap published
     top_k = run.top_k if cap is None or run.top_k is None else min(run.top_k, cap)
@@ -374,12 +374,10 @@ def write_lens_page(
         max_rank=cap, view_ext=run.view_ext,
     )  # fmt: skip
     if entry.has_view:
-        png = pictures.get(("image_views", entry.image_id, "")) or queries.view_png(db, run.run_id, entry.image_id)
+        png = pictures[("image_views", entry.image_id, "")]
         site.writer.write(entry.view, views.encode(png, run.view_format))
     for index, view in enumerate(data["extra_views"]):
-        png = pictures.get(("extra_views", entry.image_id, view["name"])) or queries.extra_view_png(
-            db, run.run_id, entry.image_id, view["name"]
-        )
+        png = pictures[("extra_views", entry.image_id, view["name"])]
         site.writer.write(
             urls.lens_extra_view(run.dir_name, entry.image_id, index, run.view_ext), views.encode(png, run.view_format)
         )
